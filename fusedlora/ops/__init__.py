@@ -1,0 +1,11 @@
+"""The op surface: backend selection, the implementation table, and the ops themselves.
+
+Each op module registers its reference implementation here and its kernel implementations (Triton,
+CUDA) lazily, so that importing fusedlora never compiles or loads a kernel.
+"""
+
+from .backend import backend
+from .lora import lora_linear
+from .registry import implementations, register, select
+
+__all__ = ["backend", "implementations", "lora_linear", "register", "select"]

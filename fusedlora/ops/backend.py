@@ -1,0 +1,75 @@
+"""Backend families and how one is chosen for a device.
+
+- ``reference``: plain torch; every op has one; the default for CPU tensors.
+- ``triton``: the Triton kernels; on CPU tensors only when forced under ``TRITON_INTERPRET=1``.
+- ``cuda``: the compiled extension where it has a kernel, the Triton kernels for the rest; the default on
+  a GPU when ``fusedlora._C`` is built, else ``triton`` is.
+
+``FUSEDLORA_BACKEND=cuda|triton|reference`` forces a family. Forcing one that cannot run on the device is
+an error, never a silent fallback. float64 inputs always run the reference (the kernels have no fp64 path).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .._ext import EXTENSION_ERROR, extension_loaded
+
+FAMILIES = ("cuda", "triton", "reference")
+ENV_VAR = "FUSEDLORA_BACKEND"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def why_not(family: str, device: torch.device) -> str | None:
+    """None when ``family`` can run tensors on ``device``, else the reason it cannot."""
+    if family == "reference":
+        return None
+    if family == "triton":
+        if not _triton_available():
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreted():
+            return None
+        return f"Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got device {device}"
+    if family == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA extension runs on CUDA tensors, got device {device}"
+        if not extension_loaded():
+            return f"the CUDA extension fusedlora._C is not loaded ({EXTENSION_ERROR})"
+        return None
+    raise ValueError(f"{ENV_VAR}: expected one of {FAMILIES}, got {family!r}")
+
+
+def backend(device=None) -> str:
+    """The backend family that runs ops on ``device`` (default: the current CUDA device, else CPU)."""
+    device = _resolve_device(device)
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced:
+        if forced not in FAMILIES:
+            raise ValueError(f"{ENV_VAR}: expected one of {FAMILIES}, got {forced!r}")
+        reason = why_not(forced, device)
+        if reason is not None:
+            raise RuntimeError(f"{ENV_VAR}={forced} cannot run on {device}: {reason}")
+        return forced
+    if device.type == "cuda":
+        return "cuda" if extension_loaded() else "triton"
+    return "reference"
