@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, GPU, whether the CUDA extension is built, the backend")
     p.set_defaults(func=_info)
+    from .bench.suite import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 

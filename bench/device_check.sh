@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (H100/H200, torch 2.11+cu130, triton 3.6, Python 3.12, no network):
+#   build fusedlora._C for sm_90 only, assert it loaded, run the `gpu` tests (none may skip), run the
+#   benchmark matrix, print a short table last. Everything lands under $OUT (at most 8 files come back).
+# Bitsandbytes is not on that machine: carry its wheel in .whl/ (see bench/README.md) for the bnb baselines.
+# Budget: under 5 minutes. Each stage has its own timeout so one slow stage cannot eat the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device-out}
+LOGS=$(mktemp -d)  # per-stage files; only a few come back (the device returns at most 8 files from $OUT)
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+t0=$(date +%s)
+stage() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
+status=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  stage "installing carried wheels"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+stage "build fusedlora._C for sm_90 (MAX_JOBS=16)"
+if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 150 $PY setup.py build_ext --inplace >"$LOGS/build.log" 2>&1; then
+  cp "$LOGS/build.log" "$OUT/"; tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1
+fi
+grep -i "spill" "$LOGS/build.log" | grep -v " 0 bytes spill" | head -5
+$PY -c "import fusedlora, sys; sys.exit(0 if fusedlora.extension_loaded() else 'fusedlora._C did not load: ' + str(fusedlora._ext.EXTENSION_ERROR))" || exit 1
+$PY -m fusedlora.cli info | tee "$OUT/info.txt"
+
+stage "gpu tests (none may be skipped)"
+FUSEDLORA_REQUIRE_GPU=1 timeout 120 $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests >"$OUT/gpu_tests.log" 2>&1
+rc=$?
+tail -25 "$OUT/gpu_tests.log"
+if [ $rc -ne 0 ]; then echo "GPU TESTS FAILED (rc=$rc)"; status=1; fi
+if grep -qE "[0-9]+ skipped" "$OUT/gpu_tests.log"; then echo "GPU TESTS SKIPPED SOME"; status=1; fi
+
+stage "benchmarks"
+for script in bench/bench_*.py; do
+  name=$(basename "$script" .py)
+  echo "--- $name" >>"$OUT/bench.log"
+  timeout 75 $PY "$script" --out "$LOGS/$name.json" >>"$OUT/bench.log" 2>&1 || { echo "$name failed"; status=1; }
+done
+tail -40 "$OUT/bench.log"
+$PY bench/merge_results.py "$LOGS"/bench_*.json --out "$OUT/results.json" >"$OUT/table.md" 2>&1 || status=1
+
+stage "summary"
+cat "$OUT/table.md"
+echo "device_check status: $status  ($(( $(date +%s) - t0 ))s)"
+exit $status

@@ -1,0 +1,1 @@
+"""The benchmark harness behind ``fusedlora bench``: timing, ceilings, baselines, results, rendering."""

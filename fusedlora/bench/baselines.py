@@ -1,0 +1,87 @@
+"""The baselines ours is measured against. Each returns y for the same inputs as ``fl.lora_linear``.
+
+All but the two speed-of-light baselines compute exactly our function (tests/test_bench.py checks it):
+- ``dequant_cublas_lora``: dequantize W into a temporary, cuBLAS matmul, then separate LoRA matmuls added
+  with addmm; the backward dequantizes again instead of keeping the weight (the Unsloth technique).
+- ``peft_bf16`` / ``peft_bnb``: PEFT LoRA over a dense nn.Linear / a bitsandbytes Linear4bit.
+- ``torch_compile``: the reference op under torch.compile.
+- ``cublas_bf16`` (forward) and ``cublas_bf16_dense`` (forward + dX): F.linear on the dense weight, no LoRA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.lora import draw_dropout_mask_reference, lora_linear_reference
+from ..quantized import QuantizedWeight
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """x·deq(W)ᵀ with the dequantized weight dropped after use and rebuilt for dX."""
+
+    @staticmethod
+    def forward(ctx, x, qw):
+        ctx.qw = qw
+        return x @ qw.dequantize(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.qw.dequantize(dy.dtype), None
+
+
+def dequant_cublas_lora(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=False,
+                        dropout_mask=None):
+    y = _DequantMatmul.apply(x, weight) if isinstance(weight, QuantizedWeight) else x @ weight.t()
+    xd = x
+    if training and dropout_p > 0:
+        mask = dropout_mask if dropout_mask is not None else draw_dropout_mask_reference(x, dropout_p)
+        xd = x * mask.to(x.dtype) / (1.0 - dropout_p)
+    xa = xd @ lora_A.t()
+    y2 = y.reshape(-1, y.shape[-1])
+    y2 = torch.addmm(y2, xa.reshape(-1, xa.shape[-1]), lora_B.t(), alpha=scale)
+    y = y2.reshape(y.shape)
+    return y if bias is None else y + bias
+
+
+def cublas_dense(x, dense_weight):
+    return F.linear(x, dense_weight)
+
+
+def peft_available() -> bool:
+    return importlib.util.find_spec("peft") is not None
+
+
+def bnb_available() -> bool:
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        return False
+    return True
+
+
+def peft_lora_layer(base: torch.nn.Module, lora_A, lora_B, alpha: float, dropout_p: float):
+    """A PEFT LoRA wrapper around ``base`` (nn.Linear or bnb Linear4bit) holding our A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    class _Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x):
+            return self.proj(x)
+
+    r = lora_A.shape[0]
+    model = get_peft_model(_Holder(), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout_p,
+                                                 target_modules=["proj"], bias="none"))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_A)
+        layer.lora_B["default"].weight.copy_(lora_B)
+    model.train()
+    return model
+
+
+def compiled_reference():
+    return torch.compile(lora_linear_reference, dynamic=False)

@@ -1,0 +1,55 @@
+"""``fusedlora bench``: runs the bench matrix (or re-renders saved rows) and writes table, JSON and plots."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from tqdm import tqdm
+
+from . import report, results
+from .layer import run_layer
+from .timing import ceilings as measure_ceilings
+
+# Llama-3-8B projections (K -> N), DESIGN.md's performance targets.
+LLAMA3_8B = [(4096, 4096), (4096, 14336), (14336, 4096)]
+
+
+def matrix(quick: bool, gpu: bool):
+    if not gpu:  # small sizes so the harness runs anywhere; the numbers are CPU timings of the reference
+        return dict(shapes=[(256, 384)], ms=[16, 64], quants=("nf4", "none"), dtype=torch.float32)
+    if quick:
+        return dict(shapes=[(4096, 4096)], ms=[1024, 4096], quants=("nf4",), dtype=torch.bfloat16)
+    return dict(shapes=LLAMA3_8B, ms=[512, 1024, 2048, 4096, 8192], quants=("nf4", "none"), dtype=torch.bfloat16)
+
+
+def run(quick: bool, out_dir: str) -> dict:
+    gpu = torch.cuda.is_available()
+    cfg = matrix(quick, gpu)
+    ceil = measure_ceilings()
+    print(f"ceilings: copy {ceil['copy_gbs']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s")
+    total = len(cfg["shapes"]) * len(cfg["ms"]) * len(cfg["quants"])
+    with tqdm(total=total, desc="layer bench", unit="case") as bar:
+        rows = run_layer(cfg["shapes"], cfg["ms"], dtype=cfg["dtype"], quants=cfg["quants"], ceilings=ceil,
+                         progress=bar)
+    os.makedirs(out_dir, exist_ok=True)
+    env = results.environment()
+    env["ceilings"] = ceil
+    return results.save(rows, os.path.join(out_dir, "results.json"), env)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="kernel and layer benchmarks against the baselines; table, JSON, plots")
+    p.add_argument("--quick", action="store_true", help="a small matrix (on CPU the matrix is always small)")
+    p.add_argument("--out", default="bench-out", help="output folder (default: ./bench-out)")
+    p.add_argument("--from", dest="from_file", metavar="FILE.json", help="render saved rows instead of running")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    doc = results.load(args.from_file) if args.from_file else run(args.quick, args.out)
+    written = report.render(doc, args.out)
+    print(report.markdown(doc))
+    print("wrote", ", ".join([os.path.join(args.out, "results.json")] * (not args.from_file) + written))
+    return 0

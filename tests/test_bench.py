@@ -1,0 +1,77 @@
+"""The bench harness: results schema, rendering, and that every baseline claiming our function computes it."""
+
+import json
+
+import pytest
+import torch
+
+import fusedlora as fl
+from fusedlora.bench import baselines, report, results
+from fusedlora.bench.layer import LayerCase
+from fusedlora.ops.lora import draw_dropout_mask_reference, lora_linear_reference
+
+
+def _rows():
+    return [results.make_row(bench="layer", shape=(64, 96), m=m, r=4, dropout=0.1, dtype="fp32", quant="nf4",
+                             ours_ms=1.0 + m / 100, baseline=b, baseline_ms=2.0, pct_roofline=50.0)
+            for m in (16, 64) for b in ("dequant_cublas_lora", "cublas_bf16_dense")]
+
+
+def test_schema_round_trip_and_render(tmp_path):
+    doc = results.save(_rows(), str(tmp_path / "r.json"))
+    assert set(("gpu", "date", "commit", "torch", "triton", "rows")) <= set(doc)
+    loaded = results.load(str(tmp_path / "r.json"))
+    assert loaded["rows"] == json.loads(json.dumps(doc["rows"]))
+    assert loaded["rows"][0]["speedup"] == pytest.approx(2.0 / 1.16)
+    written = report.render(loaded, str(tmp_path / "out"))
+    md = open(written[0]).read()
+    assert "cublas_bf16_dense (computes less)" in md and "| 16 |" in md
+    assert all(p.endswith((".md", ".png")) for p in written) and len(written) == 2
+
+
+@pytest.mark.parametrize("bad,msg", [({"bench": "nope"}, "bench expected"), ({"baseline": "x"}, "baseline expected"),
+                                     ({"ours_ms": 0.0}, "positive")])
+def test_schema_rejects_bad_rows(bad, msg):
+    row = {**_rows()[0], **bad}
+    with pytest.raises(ValueError, match=msg):
+        results.check_row(row)
+
+
+def _grads(run, case):
+    run()
+    return [t.grad.clone() for t in (case.x, case.A, case.B)]
+
+
+@pytest.mark.parametrize("quant", ["nf4", "nf4-dq", "int4", "none"])
+def test_dequant_cublas_lora_computes_our_function(quant):
+    # fp32 everywhere: both sides are fp32 matmuls of the same values; 1e-5 relative covers summation order.
+    case = LayerCase(33, 128, 96, 8, torch.float32, quant, 0.2, "cpu")
+    mask = draw_dropout_mask_reference(case.x, 0.2)
+    w = case.weight.packed if isinstance(case.weight, fl.QuantizedWeight) else case.weight
+    ref = lora_linear_reference(case.x, w, case.A, case.B, case.scale, None, 0.2, True, mask)
+    got = baselines.dequant_cublas_lora(case.x, case.weight, case.A, case.B, case.scale, None, 0.2, True, mask)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    g_ref = torch.autograd.grad(ref, (case.x, case.A, case.B), case.dy)
+    g_got = torch.autograd.grad(got, (case.x, case.A, case.B), case.dy)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not baselines.peft_available(), reason="peft not installed")
+def test_peft_bf16_computes_our_function():
+    # Dropout off: PEFT draws its own mask, so equality is checked without it (same fp32 tolerance as above).
+    case = LayerCase(21, 64, 48, 4, torch.float32, "none", 0.0, "cpu")
+    model = baselines.peft_lora_layer(torch.nn.Linear(64, 48, bias=False), case.A.detach(), case.B.detach(),
+                                      case.alpha, 0.0)
+    with torch.no_grad():
+        model.base_model.model.proj.base_layer.weight.copy_(case.dense)
+    ref = lora_linear_reference(case.x, case.dense, case.A, case.B, case.scale, None, 0.0, True, None)
+    torch.testing.assert_close(model(case.x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_speed_of_light_baseline_computes_less():
+    case = LayerCase(9, 64, 32, 4, torch.float32, "none", 0.0, "cpu")
+    full = lora_linear_reference(case.x, case.dense, case.A, case.B, case.scale, None, 0.0, False, None)
+    sol = baselines.cublas_dense(case.x, case.dense)
+    assert not torch.allclose(sol, full)  # no LoRA term: labelled "computes less" in every table
+    torch.testing.assert_close(sol + case.scale * (case.x @ case.A.T) @ case.B.T, full, rtol=1e-5, atol=1e-5)
