@@ -1,0 +1,203 @@
+// Decode-time fused 4-bit linear + LoRA for small M (plain CUDA, no torch headers).
+//
+//   xa = x·Aᵀ                                    [M, r] fp32   (pre-pass: M·r dot products of length K)
+//   y  = x·deq(W)ᵀ + scale·xa·Bᵀ (+ bias)        [M, N]        (main kernel)
+//
+// The main kernel is memory-bound on W: each block owns kRows rows of W, each thread streams 16-byte
+// chunks (32 codes) of all kRows rows per step, so kRows independent 16-byte loads are in flight per
+// thread; W bypasses L1 (read once), x stays cached (every block re-reads it). Scales (NF4 absmax, plain
+// or double-quantized, or INT4 scale + zero) are decoded in the same pass. Accumulation is fp32.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "decode_lora.h"
+#include "decode_math.cuh"
+
+namespace fusedlora {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = 4;
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+
+__device__ __forceinline__ float2 pair_to_float2(uint32_t v, const __nv_bfloat16*) {
+  __nv_bfloat162 h;
+  *reinterpret_cast<uint32_t*>(&h) = v;
+  return __bfloat1622float2(h);
+}
+__device__ __forceinline__ float2 pair_to_float2(uint32_t v, const __half*) {
+  __half2 h;
+  *reinterpret_cast<uint32_t*>(&h) = v;
+  return __half22float2(h);
+}
+
+// W is read exactly once: keep it out of L1 so x and the scales stay there.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) xa_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ A,
+                                                 float* __restrict__ xa, int K, int r) {
+  __shared__ float partial[8];
+  const int j = blockIdx.x, m = blockIdx.y;
+  const T* xr = x + m * ldx;
+  const T* ar = A + static_cast<int64_t>(j) * K;
+  float acc = 0.f;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) acc += to_float(xr[k]) * to_float(ar[k]);
+  acc = warp_sum(acc);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.f;
+    v = warp_sum(v);
+    if (threadIdx.x == 0) xa[m * r + j] = v;
+  }
+}
+
+template <typename T, Scheme S, int MT>
+__global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a) {
+  __shared__ float code_s[16];
+  __shared__ float red[kWarps][kRows * MT];
+  if (S == Scheme::kNF4 && threadIdx.x < 16) code_s[threadIdx.x] = a.code[threadIdx.x];
+  __syncthreads();
+
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  const int64_t K = a.K;
+  const int chunks = a.K / 32;
+  const int n0 = blockIdx.x * kRows;
+  float acc[kRows][MT];
+#pragma unroll
+  for (int rr = 0; rr < kRows; ++rr)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[rr][m] = 0.f;
+
+  for (int c = threadIdx.x; c < chunks; c += kThreads) {
+    uint4 wv[kRows];
+    float sc[kRows], zp[kRows];
+#pragma unroll
+    for (int rr = 0; rr < kRows; ++rr) {
+      // Rows past N (last block) read row N-1 again; their sums are never stored.
+      const int64_t n = min(n0 + rr, a.N - 1);
+      wv[rr] = load_stream(a.w + chunk_byte_offset(n, c, K));
+      if constexpr (S == Scheme::kNF4) {
+        const int64_t b = nf4_block(n, 32 * static_cast<int64_t>(c), K, a.block);
+        sc[rr] = a.absmax != nullptr ? __ldg(a.absmax + b)
+                                     : dq_absmax(a.absmax_q, a.nested_absmax, a.nested_code, a.nested_offset, b);
+        zp[rr] = 0.f;
+      } else {
+        const int64_t g = n * (K / a.block) + (32 * static_cast<int64_t>(c)) / a.block;
+        sc[rr] = __ldg(a.scales + g);
+        zp[rr] = static_cast<float>(__ldg(a.zeros + g));
+      }
+    }
+#pragma unroll
+    for (int wd = 0; wd < 4; ++wd) {
+      float wf[kRows][8];
+#pragma unroll
+      for (int rr = 0; rr < kRows; ++rr) {
+        const uint32_t word = (&wv[rr].x)[wd];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const uint32_t q = word_code(word, e);
+          wf[rr][e] = S == Scheme::kNF4 ? code_s[q] * sc[rr] : (static_cast<float>(q) - zp[rr]) * sc[rr];
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m < a.M) {
+          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * a.ldx + 32 * static_cast<int64_t>(c) + 8 * wd));
+          float xf[8];
+#pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            const float2 f = pair_to_float2((&xv.x)[p], x);
+            xf[2 * p] = f.x;
+            xf[2 * p + 1] = f.y;
+          }
+#pragma unroll
+          for (int rr = 0; rr < kRows; ++rr)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[rr][m] = fmaf(wf[rr][e], xf[e], acc[rr][m]);
+        }
+      }
+    }
+  }
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int rr = 0; rr < kRows; ++rr)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float v = warp_sum(acc[rr][m]);
+      if (lane == 0) red[warp][rr * MT + m] = v;
+    }
+  __syncthreads();
+
+  const T* __restrict__ B = static_cast<const T*>(a.B);
+  const T* __restrict__ bias = static_cast<const T*>(a.bias);
+  T* __restrict__ y = static_cast<T*>(a.y);
+  for (int i = threadIdx.x; i < kRows * MT; i += kThreads) {
+    const int rr = i / MT, m = i % MT;
+    const int n = n0 + rr;
+    if (n >= a.N || m >= a.M) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += red[w][i];
+    float lora = 0.f;
+    for (int j = 0; j < a.r; ++j) lora = fmaf(a.xa[m * a.r + j], to_float(B[static_cast<int64_t>(n) * a.r + j]), lora);
+    v = fmaf(a.scale, lora, v);
+    if (bias != nullptr) v += to_float(bias[n]);
+    store(y + static_cast<int64_t>(m) * a.N + n, v);
+  }
+}
+
+template <typename T, Scheme S, int MT>
+cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
+  const dim3 grid((a.N + kRows - 1) / kRows);
+  gemv_lora_kernel<T, S, MT><<<grid, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, Scheme S>
+cudaError_t launch_for_m(const DecodeArgs& a, cudaStream_t stream) {
+  // One instantiation per power-of-two bucket of M: the accumulators live in registers, sized at compile time.
+  if (a.M <= 1) return launch_main<T, S, 1>(a, stream);
+  if (a.M <= 2) return launch_main<T, S, 2>(a, stream);
+  if (a.M <= 4) return launch_main<T, S, 4>(a, stream);
+  if (a.M <= 8) return launch_main<T, S, 8>(a, stream);
+  return launch_main<T, S, 16>(a, stream);
+}
+
+template <typename T>
+cudaError_t launch_typed(const DecodeArgs& a, Scheme scheme, cudaStream_t stream) {
+  xa_kernel<T><<<dim3(a.r, a.M), 256, 0, stream>>>(static_cast<const T*>(a.x), a.ldx, static_cast<const T*>(a.A),
+                                                   a.xa, a.K, a.r);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return scheme == Scheme::kNF4 ? launch_for_m<T, Scheme::kNF4>(a, stream) : launch_for_m<T, Scheme::kINT4>(a, stream);
+}
+
+}  // namespace
+
+cudaError_t decode_lora(const DecodeArgs& args, Act act, Scheme scheme, cudaStream_t stream) {
+  if (args.M < 1 || args.M > kDecodeMaxM || args.K % 32 != 0 || args.r < 1) return cudaErrorInvalidValue;
+  return act == Act::kBF16 ? launch_typed<__nv_bfloat16>(args, scheme, stream)
+                           : launch_typed<__half>(args, scheme, stream);
+}
+
+}  // namespace fusedlora

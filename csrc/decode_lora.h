@@ -1,0 +1,41 @@
+// Decode-time fused 4-bit linear + LoRA (plain CUDA, no torch headers): y = x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace fusedlora {
+
+enum class Act { kBF16 = 0, kFP16 = 1 };
+enum class Scheme { kNF4 = 0, kINT4 = 1 };
+
+struct DecodeArgs {
+  const void* x;        // [M, K] activations, row stride ldx elements
+  int64_t ldx;
+  const uint8_t* w;     // packed codes; row n starts at byte n*K/2 (NF4 flat layout and INT4 rows agree)
+  // NF4: absmax fp32 [n_blocks], or (double quant) absmax_q uint8 [n_blocks] + nested_* (absmax == null)
+  const float* absmax;
+  const uint8_t* absmax_q;
+  const float* nested_absmax;
+  const float* nested_code;
+  float nested_offset;
+  const float* code;    // NF4 code table, 16 fp32 values
+  // INT4: scales fp32 [N, K/group], zeros uint8 [N, K/group]
+  const float* scales;
+  const uint8_t* zeros;
+  int block;            // NF4 blocksize or INT4 group size
+  const void* A;        // [r, K] in the activation dtype
+  const void* B;        // [N, r]
+  const void* bias;     // [N] or null
+  float* xa;            // [M, r] fp32 workspace (written by the pre-pass)
+  void* y;              // [M, N]
+  int M, N, K, r;
+  float scale;
+};
+
+// Largest M the kernel is built for; larger M goes to the Triton GEMM.
+constexpr int kDecodeMaxM = 16;
+
+// Launches the x·Aᵀ pre-pass and the fused GEMV on ``stream``; returns the first launch error.
+cudaError_t decode_lora(const DecodeArgs& args, Act act, Scheme scheme, cudaStream_t stream);
+
+}  // namespace fusedlora
