@@ -4,6 +4,7 @@ Each op module registers its reference implementation here and its kernel implem
 CUDA) lazily, so that importing fusedlora never compiles or loads a kernel.
 """
 
+from . import lora_triton  # noqa: F401  (registers the triton family's lora_linear and its torch ops)
 from .backend import backend
 from .lora import lora_linear
 from .registry import implementations, register, select

@@ -1,0 +1,338 @@
+"""Fused LoRA forward: y = x·deq(W)ᵀ + s·xa·Bᵀ (+ bias), with xa = drop(x)·Aᵀ.
+
+Shapes: x [M, K] (row stride ``stride_xm``, unit column stride), W [N, K] dense or 4-bit (see
+``weight_tile``), A [r, K], B [N, r], bias [N], y [M, N]; xa [M, r] is fp32.
+
+Two launches:
+1. ``_lowrank_kernel``: out = drop(x)·Vᵀ for a thin V [r, K] (strides given, so the backward reuses it for
+   g = dY·B with V = Bᵀ). Dropout keeps x[m, k] iff ``keep(seed, m*K + k, p)`` and scales the fp32 result by
+   1/(1-p). One program owns BLOCK_M rows and streams them once; V is tiny and stays in cache.
+2. ``_lora_fwd_kernel``: one GEMM over tiles of y whose K loop dequantizes W tiles in registers (no
+   dequantized W is ever written to memory), followed by r extra K-steps: y_tile += (s·xa_tile)·B_tileᵀ,
+   i.e. y = [x | s·xa]·[W | B]ᵀ, then bias, then one store. Accumulation is fp32; operands of the tensor
+   core dots are x's dtype (fp32 inputs run tf32 dots on GPUs). Tiles are visited in GROUP_M-row bands so
+   consecutive programs share W tiles in L2.
+
+Offsets that scale with M·K, M·N or N·K are built in int64 once per row; per-element offsets stay int32.
+
+``decode_absmax`` turns double-quantized NF4 absmax codes into fp32 (one small launch over n_blocks
+elements, ≈ N·K/64): absmax[i] = nested_code[qa[i]] · nested_absmax[i // 256] + nested_offset.
+
+Launch configs: the GEMM is autotuned over a short list keyed on M rounded up to a power of two (so a new
+token count inside a bucket does not retune), N and K; under TRITON_INTERPRET=1 a single small config.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreted
+from .dropout import keep
+from .weight_tile import FORMATS, load_w_tile
+
+
+@triton.jit
+def _decode_absmax_kernel(
+    # pointers
+    qa_ptr, code_ptr, nested_absmax_ptr, out_ptr,
+    # sizes
+    n_blocks, offset,
+    # meta-parameters
+    NESTED_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n_blocks
+    qa = tl.load(qa_ptr + i, mask=mask, other=0).to(tl.int32)
+    code = tl.load(code_ptr + qa, mask=mask, other=0.0)
+    nested = tl.load(nested_absmax_ptr + i // NESTED_BLOCK, mask=mask, other=0.0)
+    tl.store(out_ptr + i, code * nested + offset, mask=mask)
+
+
+@triton.jit
+def _lowrank_kernel(
+    # pointers: x [M, K]; V element (j, k) at v_ptr + j*stride_vj + k*stride_vk; out fp32 [M, R]
+    x_ptr, v_ptr, seed_ptr, out_ptr,
+    # sizes
+    M, K, R,
+    # strides
+    stride_xm, stride_vj, stride_vk,
+    # dropout: drop probability, 1/(1-p)
+    p, inv_keep,
+    # meta-parameters
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    rj = tl.arange(0, BLOCK_R)
+    m_mask = rm < M
+    j_mask = rj < R
+    rm64 = rm.to(tl.int64)
+    x_rows = x_ptr + rm64[:, None] * stride_xm
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_mask = k < K
+        xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if DROPOUT:
+            xt = tl.where(keep(seed, rm64[:, None] * K + k[None, :], p), xt, 0.0)
+        vt = tl.load(v_ptr + k[:, None] * stride_vk + rj[None, :] * stride_vj,
+                     mask=k_mask[:, None] & j_mask[None, :], other=0.0)
+        acc = tl.dot(xt, vt, acc)
+    if DROPOUT:
+        acc = acc * inv_keep
+    tl.store(out_ptr + rm64[:, None] * R + rj[None, :], acc, mask=m_mask[:, None] & j_mask[None, :])
+
+
+@triton.jit
+def _lora_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, ws_ptr, wz_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
+    M, N, K, R, M_BUCKET,
+    # strides
+    stride_xm, stride_ym,
+    # LoRA scale s
+    scale,
+    # meta-parameters
+    WFMT: tl.constexpr, QBLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * num_n
+    first_m = (pid // band) * GROUP_M
+    band_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % band_m
+    pid_n = (pid % band) // band_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    rm64 = rm.to(tl.int64)
+    x_rows = x_ptr + rm64[:, None] * stride_xm
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_mask = k < K
+        xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = load_w_tile(w_ptr, ws_ptr, wz_ptr, rn[None, :], k[:, None], k0, n_mask[None, :], k_mask[:, None],
+                         K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
+        acc = tl.dot(xt, wt.to(xt.dtype), acc)
+
+    # the LoRA term as r extra K-steps of the same accumulator
+    rj = tl.arange(0, BLOCK_R)
+    j_mask = rj < R
+    xa = tl.load(xa_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
+    bt = tl.load(b_ptr + rn.to(tl.int64)[None, :] * R + rj[:, None], mask=j_mask[:, None] & n_mask[None, :],
+                 other=0.0)
+    acc = tl.dot((xa * scale).to(bt.dtype), bt, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launch configs
+
+def _cfg(bm, bn, bk, warps, stages, group_m=8):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
+            "num_warps": warps, "num_stages": stages}
+
+
+# BLOCK_K stays 64 so that every NF4/INT4 block size (64, 128, 256) is a multiple of it: one scale per row
+# per K tile (the ROWS_ALIGNED path) instead of a gather per element.
+GEMM_CONFIGS = [
+    # large M (>= 2048 tokens): the classic 128x128 tile; 8 warps = two warpgroups, each a 64-row wgmma
+    # (sm_90) or 4 mma.sync warps (sm_80); 3 stages of x and W tiles (48 KiB in bf16) fit both chips.
+    _cfg(128, 128, 64, 8, 3),
+    # medium M (256-2048): half the rows per tile doubles the tile count (4096x4096 at M=512 gives 256
+    # tiles for 132 SMs); one warpgroup, a deeper pipeline to hide the 4-bit loads and decode.
+    _cfg(64, 128, 64, 4, 4),
+    # small M (1-128): tokens pad a 16/32-row MMA less than a 64-row one, and narrow N tiles give
+    # N/64 programs so the weight stream (the bound at small M) is spread over all SMs.
+    _cfg(32, 64, 64, 4, 4),
+]
+# the interpreter runs one config; 32-wide tiles make small test shapes cover several tiles and masks
+INTERPRET_CONFIG = _cfg(32, 32, 32, 4, 1, group_m=2)
+# the thin r-wide GEMMs (pre-kernel, dY·B): memory-bound streams of x or dY; 32 rows per program gives
+# M/32 programs (128 at M=4096) and a 32x128 tile keeps one warpgroup's loads 16 bytes wide.
+LOWRANK_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+LOWRANK_SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+INTERPRET_LOWRANK_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+M_BUCKET_CAP = 16384
+
+
+def m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), M_BUCKET_CAP)
+
+
+def block_r(r: int) -> int:
+    """tl.dot needs every dimension >= 16; r pads up to a power of two."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def gemm_configs() -> list[dict]:
+    return [INTERPRET_CONFIG] if interpreted() else GEMM_CONFIGS
+
+
+def lowrank_config(m: int) -> dict:
+    if interpreted():
+        return INTERPRET_LOWRANK_CONFIG
+    return LOWRANK_SMALL_M_CONFIG if m <= 1024 else LOWRANK_CONFIG
+
+
+def autotuned(kernel, configs: list[dict]):
+    """``kernel`` autotuned over ``configs``, keyed on the M bucket, N and K."""
+    tconfigs = [
+        triton.Config({k: v for k, v in c.items() if not k.startswith("num_")},
+                      num_warps=c["num_warps"], num_stages=c["num_stages"])
+        for c in configs
+    ]
+    return triton.autotune(configs=tconfigs, key=["M_BUCKET", "N", "K"])(kernel)
+
+
+_fwd_autotuned = None
+
+
+def _fwd_kernel():
+    global _fwd_autotuned
+    if _fwd_autotuned is None:
+        _fwd_autotuned = autotuned(_lora_fwd_kernel, gemm_configs())
+    return _fwd_autotuned
+
+
+def _grid_2d(rows: int, cols: int, rows_key: str, cols_key: str):
+    return lambda meta: (triton.cdiv(rows, meta[rows_key]) * triton.cdiv(cols, meta[cols_key]),)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launchers
+
+def decode_absmax(qa: torch.Tensor, nested_code: torch.Tensor, nested_absmax: torch.Tensor,
+                  offset: float, nested_block: int = 256) -> torch.Tensor:
+    """fp32 absmax of double-quantized NF4: nested_code[qa[i]] · nested_absmax[i // 256] + offset."""
+    out = torch.empty(qa.numel(), dtype=torch.float32, device=qa.device)
+    block = 1024
+    _decode_absmax_kernel[(triton.cdiv(qa.numel(), block),)](
+        qa, nested_code.float().contiguous(), nested_absmax.float().contiguous(), out, qa.numel(),
+        float(offset), NESTED_BLOCK=nested_block, BLOCK=block, num_warps=4,
+    )
+    return out
+
+
+def lowrank(x: torch.Tensor, v: torch.Tensor, stride_vj: int, stride_vk: int, r: int,
+            p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 [M, r] = drop(x)·Vᵀ, V element (j, k) at offset j*stride_vj + k*stride_vk of ``v``."""
+    m, k = x.shape
+    out = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return out
+    cfg = lowrank_config(m)
+    dropout = p > 0.0
+    _lowrank_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        x, v, seed if dropout else out, out, m, k, r, x.stride(0), stride_vj, stride_vk,
+        float(p), 1.0 / (1.0 - p), DROPOUT=dropout, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=block_r(r), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def lora_forward(
+    x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor | None, w_zeros: torch.Tensor | None,
+    fmt: str, n: int, block: int, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
+    scale: float, p: float, seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [M, N] in x's dtype, xa [M, r] fp32). x [M, K] with unit column stride; all else contiguous.
+
+    ``fmt`` is "dense" (w [N, K]), "nf4" (w the packed bytes, w_scales fp32 absmax) or "int4" (w bytes
+    [N, K/2], w_scales fp32 [N, K/block], w_zeros uint8); ``seed`` a 1-element int64 tensor when p > 0.
+    """
+    m, k = x.shape
+    r = lora_A.shape[0]
+    xa = lowrank(x, lora_A, lora_A.stride(0), lora_A.stride(1), r, p, seed)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y, xa
+    wfmt = FORMATS[fmt]
+    dummy = xa
+    _fwd_kernel()[_grid_2d(m, n, "BLOCK_M", "BLOCK_N")](
+        x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
+        xa, lora_B, bias if bias is not None else dummy, y,
+        m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale),
+        WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=(wfmt != 0 and k % block == 0),
+        HAS_BIAS=bias is not None, BLOCK_R=block_r(r),
+    )
+    return y, xa
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ahead-of-time compilation specs
+
+DTYPES = {"fp16": "*fp16", "bf16": "*bf16"}
+# (format name, WFMT, QBLOCK, ROWS_ALIGNED): the aligned path for every config; the per-element scale
+# gather (NF4 with K % blocksize != 0) for one config per dtype.
+SPEC_FORMATS = [("dense", 0, 64, False), ("nf4", 1, 64, True), ("int4", 2, 128, True)]
+AOT_R = 16
+
+
+def weight_signature(fmt_id: int, dtype_ptr: str) -> dict:
+    """Signature entries of (w_ptr, ws_ptr, wz_ptr) for a weight format."""
+    if fmt_id == 0:
+        return {"w_ptr": dtype_ptr, "ws_ptr": "*fp32", "wz_ptr": "*fp32"}
+    return {"w_ptr": "*u8", "ws_ptr": "*fp32", "wz_ptr": "*u8" if fmt_id == 2 else "*fp32"}
+
+
+def spec(name, fn, signature, constexprs, num_warps, num_stages, large_m_gemm=False) -> dict:
+    sig = dict(signature)
+    for c in constexprs:
+        sig[c] = "constexpr"
+    return {"name": name, "fn": fn, "signature": sig, "constexprs": dict(constexprs), "num_warps": num_warps,
+            "num_stages": num_stages, "large_m_gemm": large_m_gemm}
+
+
+def gemm_spec_variants():
+    """(dtype name, pointer type, format name, WFMT, QBLOCK, ROWS_ALIGNED, config) to compile."""
+    for dname, dptr in DTYPES.items():
+        for fname, fid, qblock, aligned in SPEC_FORMATS:
+            for cfg in GEMM_CONFIGS:
+                yield dname, dptr, fname, fid, qblock, aligned, cfg
+        yield dname, dptr, "nf4-unaligned", 1, 64, False, GEMM_CONFIGS[0]
+
+
+def aot_specs() -> list[dict]:
+    specs = [spec("decode_absmax", _decode_absmax_kernel,
+                  {"qa_ptr": "*u8", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32", "out_ptr": "*fp32",
+                   "n_blocks": "i32", "offset": "fp32"},
+                  {"NESTED_BLOCK": 256, "BLOCK": 1024}, 4, 1)]
+    for dname, dptr in DTYPES.items():
+        for cname, cfg in (("small_m", LOWRANK_SMALL_M_CONFIG), ("large_m", LOWRANK_CONFIG)):
+            for dropout in (False, True):
+                specs.append(spec(
+                    f"lowrank_{dname}_{cname}{'_dropout' if dropout else ''}", _lowrank_kernel,
+                    {"x_ptr": dptr, "v_ptr": dptr, "seed_ptr": "*i64", "out_ptr": "*fp32", "M": "i32",
+                     "K": "i32", "R": "i32", "stride_xm": "i32", "stride_vj": "i32", "stride_vk": "i32",
+                     "p": "fp32", "inv_keep": "fp32"},
+                    {"DROPOUT": dropout, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"],
+                     "BLOCK_R": block_r(AOT_R)},
+                    cfg["num_warps"], cfg["num_stages"]))
+    for dname, dptr, fname, fid, qblock, aligned, cfg in gemm_spec_variants():
+        sig = {"x_ptr": dptr, **weight_signature(fid, dptr), "xa_ptr": "*fp32", "b_ptr": dptr,
+               "bias_ptr": dptr, "y_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+               "M_BUCKET": "i32", "stride_xm": "i32", "stride_ym": "i32", "scale": "fp32"}
+        meta = {k: v for k, v in cfg.items() if not k.startswith("num_")}
+        specs.append(spec(
+            f"lora_fwd_{dname}_{fname}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}", _lora_fwd_kernel,
+            sig, {"WFMT": fid, "QBLOCK": qblock, "ROWS_ALIGNED": aligned, "HAS_BIAS": True, **meta,
+                  "BLOCK_R": block_r(AOT_R)},
+            cfg["num_warps"], cfg["num_stages"], large_m_gemm=cfg["BLOCK_M"] >= 64))
+    return specs

@@ -1,0 +1,183 @@
+"""The "triton" implementation of lora_linear: torch.library ops around the fused Triton kernels.
+
+Ops (namespace ``fusedlora``), opaque to torch.compile, with fake impls and a registered autograd formula:
+- ``fusedlora::lora_fwd(x2, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, bias, seed,
+  scale, dropout_p, fmt, n, block, nested_offset) -> (y2 [M, N], xa [M, r] fp32)``
+- ``fusedlora::lora_bwd(dy2, x2, xa, seed, w, ..., need_dx, need_da, need_db) -> (dx2, dA, dB)``; an output
+  that is not needed comes back as an empty [0] tensor.
+
+The weight travels as its tensors: ``fmt`` "dense" (w = W [N, K]), "nf4" (w = packed bytes, w_scales =
+absmax as fp32, or uint8 codes with nested_absmax/nested_code/nested_offset for double quantization, decoded
+to fp32 by one small kernel before each GEMM) or "int4" (w = bytes [N, K/2], w_scales fp32, w_zeros uint8).
+
+Saved for backward: x, xa and the seed (plus the weight and LoRA tensors, which are parameters or buffers);
+no dropout mask, no dropped-out x, no dequantized weight. The backward returns dX, dA, dB, dbias and, for a
+dense weight that requires grad, dW = dYᵀ·x (plain torch).
+
+Dropout: the seed is one draw from torch's default generator of x's device, kept as a 1-element int64 tensor
+on that device (no host sync; torch.manual_seed reproduces a run). The kernels regenerate the mask from it
+(``fusedlora.kernels.dropout.dropout_mask`` materializes it). An explicit ``dropout_mask`` is refused with a
+ValueError: the kernels only draw masks from seeds; the reference backend is the one that takes masks.
+
+Inputs: leading batch dimensions are flattened into M. x needs a unit stride along K (row strides are
+passed to the kernels); otherwise it is copied to a contiguous tensor. W, A, B, bias are made contiguous
+(a no-op for parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..formats.packed import Packed4bit
+from .registry import register
+
+_EMPTY = (0,)
+
+
+def _impl_scales(w_scales, nested_absmax, nested_code, nested_offset):
+    if nested_absmax is None:
+        return w_scales
+    from ..kernels.lora_fwd import decode_absmax
+
+    return decode_absmax(w_scales, nested_code, nested_absmax, nested_offset)
+
+
+@torch.library.custom_op("fusedlora::lora_fwd", mutates_args=())
+def lora_fwd(
+    x: Tensor, w: Tensor, w_scales: Tensor | None, w_zeros: Tensor | None, nested_absmax: Tensor | None,
+    nested_code: Tensor | None, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, seed: Tensor | None,
+    scale: float, dropout_p: float, fmt: str, n: int, block: int, nested_offset: float,
+) -> tuple[Tensor, Tensor]:
+    from ..kernels.lora_fwd import lora_forward
+
+    scales = _impl_scales(w_scales, nested_absmax, nested_code, nested_offset)
+    return lora_forward(x, w, scales, w_zeros, fmt, n, block, lora_A, lora_B, bias, scale, dropout_p, seed)
+
+
+@lora_fwd.register_fake
+def _(x, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, bias, seed, scale, dropout_p, fmt,
+      n, block, nested_offset):
+    m = x.shape[0]
+    return x.new_empty((m, n)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedlora::lora_bwd", mutates_args=())
+def lora_bwd(
+    dy: Tensor, x: Tensor, xa: Tensor, seed: Tensor | None, w: Tensor, w_scales: Tensor | None,
+    w_zeros: Tensor | None, nested_absmax: Tensor | None, nested_code: Tensor | None, lora_A: Tensor,
+    lora_B: Tensor, scale: float, dropout_p: float, fmt: str, block: int, nested_offset: float,
+    need_dx: bool, need_da: bool, need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels.lora_bwd import lora_backward
+
+    scales = _impl_scales(w_scales, nested_absmax, nested_code, nested_offset) if need_dx else w_scales
+    dx, da, db = lora_backward(dy, x, xa, seed, w, scales, w_zeros, fmt, block, lora_A, lora_B, scale,
+                               dropout_p, need_dx, need_da, need_db)
+    empty = dy.new_empty(_EMPTY)
+    return (
+        dx if dx is not None else empty,
+        da.to(lora_A.dtype) if da is not None else lora_A.new_empty(_EMPTY),
+        db.to(lora_B.dtype) if db is not None else lora_B.new_empty(_EMPTY),
+    )
+
+
+@lora_bwd.register_fake
+def _(dy, x, xa, seed, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, scale, dropout_p,
+      fmt, block, nested_offset, need_dx, need_da, need_db):
+    return (
+        dy.new_empty((dy.shape[0], x.shape[1]) if need_dx else _EMPTY),
+        lora_A.new_empty(lora_A.shape if need_da else _EMPTY),
+        lora_B.new_empty(lora_B.shape if need_db else _EMPTY),
+    )
+
+
+# inputs of lora_fwd, by position
+_X, _W, _A, _B, _BIAS = 0, 1, 6, 7, 8
+_N_INPUTS = 16
+
+
+def _setup_context(ctx, inputs, output):
+    (x, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, bias, seed, scale, dropout_p, fmt,
+     n, block, nested_offset) = inputs
+    _, xa = output
+    ctx.save_for_backward(x, xa, seed, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B)
+    ctx.args = (scale, dropout_p, fmt, block, nested_offset)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, dxa):
+    # xa is an internal output (saved for backward, never returned to the user): its gradient is ignored
+    x, xa, seed, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B = ctx.saved_tensors
+    scale, dropout_p, fmt, block, nested_offset = ctx.args
+    need = ctx.needs_input_grad
+    dy = dy.contiguous()  # autograd may hand over expanded (stride-0) gradients
+    dx, da, db = torch.ops.fusedlora.lora_bwd(
+        dy, x, xa, seed, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, scale, dropout_p,
+        fmt, block, nested_offset, need[_X], need[_A], need[_B],
+    )
+    grads = [None] * _N_INPUTS
+    grads[_X] = dx if need[_X] else None
+    grads[_A] = da if need[_A] else None
+    grads[_B] = db if need[_B] else None
+    if need[_W] and fmt == "dense":
+        grads[_W] = dy.t().mm(x)
+    if ctx.has_bias and need[_BIAS]:
+        grads[_BIAS] = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return tuple(grads)
+
+
+torch.library.register_autograd("fusedlora::lora_fwd", _backward, setup_context=_setup_context)
+
+
+def weight_args(weight) -> tuple:
+    """(w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset) for the ops."""
+    if not isinstance(weight, Packed4bit):
+        return weight.contiguous(), None, None, None, None, "dense", 0, 0.0
+    if weight.scheme == "nf4":
+        if weight.absmax is None:
+            raise ValueError("weight: an NF4 Packed4bit needs absmax, got None")
+        if weight.double_quant:
+            if weight.absmax.dtype != torch.uint8 or weight.nested_code is None:
+                raise ValueError(
+                    "weight: a double-quantized NF4 Packed4bit needs uint8 absmax codes and nested_code, got "
+                    f"absmax {weight.absmax.dtype} and nested_code {type(weight.nested_code).__name__}")
+            return (weight.data.contiguous(), weight.absmax.contiguous(), None,
+                    weight.nested_absmax.float().contiguous(), weight.nested_code.float().contiguous(), "nf4",
+                    weight.block, float(weight.nested_offset))
+        return (weight.data.contiguous(), weight.absmax.float().contiguous(), None, None, None, "nf4",
+                weight.block, 0.0)
+    if weight.scheme == "int4":
+        if weight.scales is None or weight.zeros is None:
+            raise ValueError("weight: an INT4 Packed4bit needs scales and zeros, got None")
+        return (weight.data.contiguous(), weight.scales.float().contiguous(), weight.zeros.contiguous(), None,
+                None, "int4", weight.block, 0.0)
+    raise ValueError(f"weight: expected scheme 'nf4' or 'int4', got {weight.scheme!r}")
+
+
+def draw_seed(device: torch.device) -> Tensor:
+    """One draw from torch's default generator of ``device``, as a 1-element int64 tensor there."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+@register("lora_linear", "triton")
+def lora_linear_triton(x, weight, lora_A, lora_B, scale, bias, dropout_p, training, dropout_mask):
+    """Fused Triton forward (and backward through autograd); arguments as ``ops.lora.lora_linear``."""
+    if dropout_mask is not None:
+        raise ValueError(
+            "dropout_mask: the triton backend draws dropout masks from a seed and cannot take an explicit "
+            "mask (fusedlora.kernels.dropout.dropout_mask materializes its masks); use the reference backend "
+            "to pass a mask")
+    n, k = weight.shape if isinstance(weight, Packed4bit) else tuple(weight.shape)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    p = float(dropout_p) if training and dropout_p > 0 else 0.0
+    seed = draw_seed(x.device) if p > 0 else None
+    w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
+    y2, _ = torch.ops.fusedlora.lora_fwd(
+        x2, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A.contiguous(), lora_B.contiguous(),
+        None if bias is None else bias.contiguous(), seed, float(scale), p, fmt, n, block, nested_offset,
+    )
+    return y2.reshape(*lead, n)
