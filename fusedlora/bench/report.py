@@ -54,7 +54,8 @@ def plots(doc: dict, out_dir: str) -> list[str]:
             if pts[0][2] is not None:
                 axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
         axes[0].axhline(1.0, color="grey", lw=0.8)
-        axes[0].set(xscale="log", xlabel="M (tokens)", ylabel="speedup (baseline ms / ours ms)", title=f"{bench}: speedup")
+        axes[0].set(xscale="log", xlabel="M (tokens)", ylabel="speedup (baseline ms / ours ms)",
+                    title=f"{bench}: speedup")
         axes[1].set(xscale="log", xlabel="M (tokens)", ylabel="% of measured roofline", title=f"{bench}: % roofline")
         axes[0].legend(fontsize=6)
         fig.suptitle(f"{doc['gpu']} · {doc['date']} · {doc['commit'][:12]}")

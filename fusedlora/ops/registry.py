@@ -42,5 +42,13 @@ def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> t
     raise NotImplementedError(f"op {op!r} has no implementation in the {family!r} backend family")
 
 
+def implementation(op: str, family: str) -> Callable:
+    """The implementation ``family`` registered for ``op`` (no fallback)."""
+    try:
+        return _IMPLS[op][family]
+    except KeyError:
+        raise NotImplementedError(f"op {op!r} has no {family!r} implementation") from None
+
+
 def implementations(op: str) -> tuple[str, ...]:
     return tuple(_IMPLS.get(op, {}))

@@ -1,0 +1,99 @@
+"""The decode bench: inference at small M (no grad), 4-bit weight + LoRA, against bf16 cuBLAS and bnb."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import lora_linear
+from ..quantized import quantize
+from .results import make_row
+from .timing import time_ms
+
+# Llama-3-8B projections and the 70B-class MLP input (K -> N).
+DECODE_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+DECODE_MS = [1, 2, 4, 8, 16, 32, 64]
+
+
+def decode_bytes(m, k, n, r, quant, block) -> int:
+    """Bytes that must move: packed weight, its scales, x, A, B, y (bf16 activations)."""
+    weight = n * k // 2
+    if quant == "nf4-dq":
+        scales = n * k // block + 4 * (n * k // block // 256) + 4 * 256
+    elif quant == "nf4":
+        scales = 4 * n * k // block
+    else:  # int4: fp32 scale + uint8 zero per group
+        scales = 5 * n * k // block
+    return weight + scales + 2 * (m * k + r * k + n * r + m * n)
+
+
+def _bnb_matmul():
+    try:
+        import bitsandbytes as bnb  # noqa: F401
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return None
+    return bnb, bnbf
+
+
+def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *, r=16, ceilings=None,
+               progress=None):
+    if not torch.cuda.is_available():
+        raise RuntimeError("the decode bench needs a CUDA GPU")
+    dtype, rows = torch.bfloat16, []
+    bnb = _bnb_matmul()
+    for k, n in shapes:
+        dense = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
+        A = torch.randn(r, k, device="cuda", dtype=dtype) * k**-0.5
+        B = torch.randn(n, r, device="cuda", dtype=dtype) * r**-0.5
+        for quant in quants:
+            if quant == "int4":
+                qw, block = quantize(dense, scheme="int4", group_size=128), 128
+            else:
+                qw, block = quantize(dense, scheme="nf4", blocksize=64, double_quant=quant == "nf4-dq"), 64
+            bnb_w = None
+            if bnb is not None and quant.startswith("nf4"):
+                bnb_w = bnb[1].quantize_4bit(dense, blocksize=64, quant_type="nf4",
+                                             compress_statistics=quant == "nf4-dq")
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                with torch.no_grad():
+                    ours = time_ms(lambda: lora_linear(x, qw, A, B, 2.0))  # noqa: B023
+                    pct = None
+                    if ceilings:
+                        floor_ms = decode_bytes(m, k, n, r, quant, block) / (ceilings["copy_gbs"] * 1e9) * 1e3
+                        pct = 100.0 * floor_ms / ours
+                    common = dict(bench="decode", shape=(k, n), m=m, r=r, dropout=0.0, dtype="bf16", quant=quant,
+                                  ours_ms=ours, pct_roofline=pct)
+                    rows.append(make_row(**common, baseline="cublas_bf16",
+                                         baseline_ms=time_ms(lambda: F.linear(x, dense))))  # noqa: B023
+                    if bnb_w is not None:
+                        packed, state = bnb_w
+
+                        def bnb_lora():
+                            y = bnb[0].matmul_4bit(x, packed.t(), quant_state=state)  # noqa: B023
+                            return y + 2.0 * (x @ A.t()) @ B.t()  # noqa: B023
+
+                        rows.append(make_row(**common, baseline="bnb", baseline_ms=time_ms(bnb_lora)))
+                # Not a schema baseline: the Triton path on the same call, to place the CUDA/Triton cut-over.
+                tri = triton_decode_ms(x, qw, A, B)
+                print(f"cutover {k}->{n} {quant} M={m}: default {ours:.4f} ms, triton {tri:.4f} ms")
+                if progress is not None:
+                    progress.update(1)
+    return rows
+
+
+def triton_decode_ms(x, qw, A, B) -> float:
+    """The same call forced onto the Triton family: where the CUDA/Triton cut-over in M lies."""
+    old = os.environ.get("FUSEDLORA_BACKEND")
+    os.environ["FUSEDLORA_BACKEND"] = "triton"
+    try:
+        with torch.no_grad():
+            return time_ms(lambda: lora_linear(x, qw, A, B, 2.0))
+    finally:
+        if old is None:
+            del os.environ["FUSEDLORA_BACKEND"]
+        else:
+            os.environ["FUSEDLORA_BACKEND"] = old

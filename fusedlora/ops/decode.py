@@ -1,0 +1,75 @@
+"""The ``cuda`` family's LoRA linear: the hand-written decode kernel where it applies, Triton elsewhere.
+
+The decode kernel (csrc/decode_lora.cu) is a memory-bound 4-bit GEMV fused with the LoRA products. It
+runs when all of these hold, and the Triton kernels run otherwise (training always uses Triton, so the
+forward that saved tensors and the backward agree on dropout and layout):
+- the weight is 4-bit (a ``Packed4bit``) and x is bf16 or fp16;
+- no gradient is needed (inference, or torch.no_grad) and dropout is off;
+- M = x.numel() / K <= DECODE_MAX_M, and K is a multiple of 32 (16-byte loads never straddle rows).
+DECODE_MAX_M is where the GEMV stops beating the Triton GEMM; 16 is the starting point of DESIGN.md and
+is to be replaced by the cut-over measured by bench/bench_decode.py on each GPU generation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.nf4 import nf4_code
+from ..formats.packed import Packed4bit
+from .registry import implementation, register
+
+DECODE_MAX_M = 16
+_SCHEME_ID = {"nf4": 0, "int4": 1}
+
+
+def decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training) -> bool:
+    if not isinstance(weight, Packed4bit) or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if training and dropout_p > 0:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
+        return False
+    k = weight.shape[1]
+    return k % 32 == 0 and x.numel() // k <= DECODE_MAX_M
+
+
+_CODE_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def _code_on(device: torch.device) -> torch.Tensor:
+    if device not in _CODE_CACHE:
+        _CODE_CACHE[device] = nf4_code(device)
+    return _CODE_CACHE[device]
+
+
+def decode_lora_linear(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    dq = weight.double_quant
+    y = torch.ops.fusedlora.decode_lora_cuda(
+        x2, weight.data,
+        None if dq else weight.absmax, weight.absmax if dq else None,
+        weight.nested_absmax, weight.nested_code, float(weight.nested_offset),
+        _code_on(x.device) if weight.scheme == "nf4" else None,
+        weight.scales, weight.zeros, _SCHEME_ID[weight.scheme], weight.block, n, k,
+        lora_A.contiguous(), lora_B.contiguous(), bias, float(scale),
+    )
+    return y.reshape(*x.shape[:-1], n)
+
+
+@register("lora_linear", "cuda")
+def lora_linear_cuda(x, weight, lora_A, lora_B, scale, bias, dropout_p, training, dropout_mask):
+    if decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training):
+        return decode_lora_linear(x, weight, lora_A, lora_B, scale, bias)
+    triton_impl = implementation("lora_linear", "triton")
+    return triton_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, training, dropout_mask)
+
+
+def register_fake() -> None:
+    """Shape function of the extension's op, for torch.compile and meta tensors (called once it is loaded)."""
+
+    @torch.library.register_fake("fusedlora::decode_lora_cuda")
+    def _(x, w, absmax, absmax_q, nested_absmax, nested_code, nested_offset, code, scales, zeros, scheme, block,
+          n, k, lora_A, lora_B, bias, scale):
+        return x.new_empty(x.shape[0], n)
+
