@@ -1,0 +1,64 @@
+"""The hand-written CUDA decode kernel (4-bit GEMV + LoRA, M <= 16) against the reference, on a GPU."""
+
+import pytest
+import torch
+
+import fusedlora as fl
+from fusedlora.formats import dequantize_reference
+
+pytestmark = pytest.mark.gpu
+
+
+def _poison_allocator():
+    # The kernel's output comes from torch's caching allocator: fill a freed block with NaN first so an
+    # element the kernel fails to write shows up as NaN instead of a lucky zero.
+    torch.full((64 << 20,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant", ["nf4", "nf4-dq", "int4"])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (384, 97), (1024, 1029)])
+def test_decode_matches_reference(dtype, quant, m, k, n):
+    torch.manual_seed(m * 1000 + n)
+    r = 16
+    w = torch.randn(n, k, device="cuda", dtype=dtype)
+    if quant == "int4":
+        qw = fl.quantize(w, scheme="int4", group_size=128 if k % 128 == 0 else 64)
+    else:
+        qw = fl.quantize(w, scheme="nf4", blocksize=64, double_quant=quant == "nf4-dq")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    A = torch.randn(r, k, device="cuda", dtype=dtype) * k**-0.5
+    B = torch.randn(n, r, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    _poison_allocator()
+    with torch.no_grad():
+        y = fl.lora_linear(x, qw, A, B, 1.5, bias)
+    assert fl.backend() == "cuda"
+    assert torch.isfinite(y).all()
+    wd = dequantize_reference(qw.packed, torch.float64)
+    exact = x.double() @ wd.T + 1.5 * (x.double() @ A.double().T) @ B.double().T + bias.double()
+    # Bound: twice the error of torch computing the same dense math in this dtype (flash-attention's rule).
+    naive = x @ wd.to(dtype).T + 1.5 * (x @ A.T) @ B.T + bias
+    assert _rel(y, exact) <= 2 * _rel(naive, exact)
+
+
+def test_decode_is_the_path_taken_and_training_is_not():
+    from fusedlora.ops.decode import decode_applies
+
+    k, n = 256, 64
+    qw = fl.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), scheme="nf4")
+    x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(8, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    B = torch.randn(n, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():
+        assert decode_applies(x, qw.packed, A, B, None, 0.0, False)
+        assert not decode_applies(x, qw.packed, A, B, None, 0.1, True)  # dropout: training path
+        assert not decode_applies(torch.randn(17, k, device="cuda", dtype=torch.bfloat16), qw.packed, A, B, None,
+                                  0.0, False)
+    assert not decode_applies(x, qw.packed, A, B, None, 0.0, False)  # grads needed: Triton forward/backward
