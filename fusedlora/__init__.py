@@ -2,17 +2,31 @@
 
 from . import ops
 from ._ext import extension_loaded
+from .adapters import load_adapter, save_adapter
 from .functional import lora_linear
+from .inject import inject, merge, print_trainable_parameters, trainable_parameters
+from .loading import load_quantized
+from .modules import LoRALinear
 from .ops.backend import backend
+from .peft import from_peft
 from .quantized import QuantizedWeight, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRALinear",
     "QuantizedWeight",
     "backend",
     "extension_loaded",
+    "from_peft",
+    "inject",
+    "load_adapter",
+    "load_quantized",
     "lora_linear",
+    "merge",
     "ops",
+    "print_trainable_parameters",
     "quantize",
+    "save_adapter",
+    "trainable_parameters",
 ]

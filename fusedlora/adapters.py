@@ -1,0 +1,263 @@
+"""Adapters on disk in PEFT's format, both ways: what PEFT saves loads here, what is saved here loads in PEFT.
+
+    <dir>/adapter_config.json        PEFT's LoraConfig fields (peft_type "LORA", r, lora_alpha, lora_dropout,
+                                     target_modules, use_rslora, rank_pattern, alpha_pattern, task_type,
+                                     base_model_name_or_path, ...)
+    <dir>/adapter_model.safetensors  base_model.model.<module name>.lora_A.weight  [r, K]
+                                     base_model.model.<module name>.lora_B.weight  [N, r]
+
+Both files are written to a temporary name in the target folder and renamed into place (the config last),
+so a reader never sees half a file. Only JSON and safetensors are read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .inject import CONFIG_ATTR, find_targets, freeze_all_but_adapters, inject, layer_settings, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+# Config fields with no fused equivalent: loading an adapter that sets them would change its function.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "fan_in_fan_out": (False, None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "target_parameters": (None, []),
+    "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "use_qalora": (False, None),
+}
+
+
+def adapter_keys(name: str) -> tuple[str, str]:
+    """PEFT's safetensors keys of the A and B of module ``name``."""
+    return f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _settings_hold(stored: dict, model: nn.Module, layers: dict) -> bool:
+    """Whether the settings inject()/from_peft recorded still describe the model's adapters exactly."""
+    try:
+        chosen = find_targets(model, stored["target_modules"], stored.get("exclude_modules"))
+    except (ValueError, TypeError):
+        return False
+    if set(chosen) != set(layers):
+        return False
+    for name, layer in layers.items():
+        r, alpha = layer_settings(name, stored["r"], stored["lora_alpha"], stored["rank_pattern"],
+                                  stored["alpha_pattern"])
+        if (r, alpha) != (layer.r, layer.alpha) or layer.dropout != stored["lora_dropout"]:
+            return False
+        if layer.use_rslora != stored["use_rslora"]:
+            return False
+    return True
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """The adapter_config.json that describes ``model``'s adapters (PEFT's field names)."""
+    layers = {n: m for n, m in lora_layers(model).items() if m.r}
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRALinear layer with an adapter (inject first)")
+    rslora = {m.use_rslora for m in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("save_adapter: layers mix use_rslora True and False; PEFT's config has one flag")
+    stored = getattr(model, CONFIG_ATTR, None) or {}
+    if stored and _settings_hold(stored, model, layers):
+        target, exclude = stored["target_modules"], stored.get("exclude_modules")
+        r, alpha, dropout = stored["r"], stored["lora_alpha"], stored["lora_dropout"]
+        rank_pattern, alpha_pattern = dict(stored["rank_pattern"]), dict(stored["alpha_pattern"])
+        if isinstance(target, str) and target.lower() == "all-linear":
+            target = sorted(layers)  # what PEFT itself writes for "all-linear"
+    else:
+        # Described from the layers themselves: full names, the most common r / alpha, exact-name patterns.
+        dropouts = {m.dropout for m in layers.values()}
+        if len(dropouts) > 1:
+            raise ValueError(f"save_adapter: layers use different dropouts {sorted(dropouts)}; PEFT's config has one")
+        target, exclude, dropout = sorted(layers), None, dropouts.pop()
+        r = _most_common(m.r for m in layers.values())
+        alpha = _most_common(m.alpha for m in layers.values())
+        rank_pattern = {re.escape(n): m.r for n, m in layers.items() if m.r != r}
+        alpha_pattern = {re.escape(n): m.alpha for n, m in layers.items() if m.alpha != alpha}
+    name_or_path = stored.get("base_model_name_or_path")
+    if name_or_path is None:
+        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": stored.get("task_type"),
+        "base_model_name_or_path": name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": target,
+        "exclude_modules": exclude,
+        "use_rslora": rslora.pop(),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "init_lora_weights": True,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def save_adapter(model: nn.Module, out_dir, task_type: str | None = None,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write ``model``'s adapters to ``out_dir`` in PEFT's format; returns the folder."""
+    layers = {n: m for n, m in lora_layers(model).items() if m.r}
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(f"save_adapter: adapters merged into their bases cannot be saved: {', '.join(merged)}")
+    config = adapter_config(model)
+    if task_type is not None:
+        config["task_type"] = task_type
+    if base_model_name_or_path is not None:
+        config["base_model_name_or_path"] = base_model_name_or_path
+    tensors = {}
+    for name, layer in layers.items():
+        key_a, key_b = adapter_keys(name)
+        tensors[key_a] = layer.lora_A.detach().to("cpu", copy=True).contiguous()
+        tensors[key_b] = layer.lora_B.detach().to("cpu", copy=True).contiguous()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    return out
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    """adapter_config.json of ``adapter_dir``, checked for what a fused LoRA can represent."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"load_adapter: {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"load_adapter: {path} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"load_adapter: {path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"load_adapter: {path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise ValueError(f"load_adapter: {path}: the field {key!r} is missing")
+    if not isinstance(config["r"], int) or isinstance(config["r"], bool) or config["r"] < 1:
+        raise ValueError(f"load_adapter: {path}: 'r' must be a positive int, got {config['r']!r}")
+    for key, neutral in _UNSUPPORTED.items():
+        if config.get(key, neutral[0]) not in neutral:
+            raise ValueError(f"load_adapter: {path}: {key}={config[key]!r} is not supported by fused layers")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"load_adapter: {path}: bias={config['bias']!r} is not supported (only 'none')")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise ValueError(f"load_adapter: {path}: {key!r} must be an object, got {config[key]!r}")
+    return config
+
+
+def _read_tensors(adapter_dir) -> tuple[Path, dict[str, torch.Tensor]]:
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        other = [p.name for p in Path(adapter_dir).glob("adapter_model.*")]
+        hint = f" (found {other}; only safetensors is read)" if other else ""
+        raise FileNotFoundError(f"load_adapter: {path} does not exist{hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return path, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"load_adapter: {path} is not a readable safetensors file ({exc})") from exc
+
+
+def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
+    """Load a PEFT LoRA adapter into ``model``, in place; returns ``model``.
+
+    A model without adapters first gets LoRALinear layers where the config's target_modules say
+    (``fusedlora.inject`` with its r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern);
+    an injected model must have exactly those layers with those ranks, and takes the config's alpha,
+    rsLoRA and dropout. Every key of the file must be used and every layer must find its keys.
+    """
+    config = read_adapter_config(adapter_dir)
+    weights_path, tensors = _read_tensors(adapter_dir)
+    r, alpha = config["r"], config["lora_alpha"]
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    dropout, rslora = float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora", False))
+    targets, exclude = config["target_modules"], config.get("exclude_modules")
+    layers = {n: m for n, m in lora_layers(model).items() if m.r}
+    if not layers:
+        inject(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora,
+               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, exclude_modules=exclude)
+        layers = lora_layers(model)
+    else:
+        chosen = set(find_targets(model, targets, exclude))
+        if chosen != set(layers):
+            extra, missing = sorted(set(layers) - chosen), sorted(chosen - set(layers))
+            raise ValueError(
+                f"load_adapter: the model's adapter layers differ from those {CONFIG_NAME} targets "
+                f"(adapters the config does not name: {extra}; named layers without an adapter: {missing})"
+            )
+        for name, layer in layers.items():
+            r_i, alpha_i = layer_settings(name, r, alpha, rank_pattern, alpha_pattern)
+            if layer.r != r_i:
+                raise ValueError(f"load_adapter: layer {name} has r={layer.r}, {CONFIG_NAME} gives r={r_i}")
+            layer.set_scaling(alpha_i, rslora)
+            layer.dropout = dropout
+        freeze_all_but_adapters(model)
+    used = set()
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for key, param in zip(adapter_keys(name), (layer.lora_A, layer.lora_B), strict=True):
+                if key not in tensors:
+                    raise KeyError(f"load_adapter: {weights_path} has no tensor {key!r} (needed by layer {name})")
+                t = tensors[key]
+                if tuple(t.shape) != tuple(param.shape) or not t.is_floating_point():
+                    raise ValueError(
+                        f"load_adapter: {weights_path}: {key!r} is {t.dtype} of shape {tuple(t.shape)}, "
+                        f"expected a floating-point tensor of shape {tuple(param.shape)}"
+                    )
+                param.copy_(t)
+                used.add(key)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"load_adapter: {weights_path} has tensors no layer takes: {unused[:8]}"
+                         f"{' ...' if len(unused) > 8 else ''}")
+    setattr(model, CONFIG_ATTR, {
+        "target_modules": targets, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
+        "rank_pattern": dict(rank_pattern), "alpha_pattern": dict(alpha_pattern), "exclude_modules": exclude,
+        "base_model_name_or_path": config.get("base_model_name_or_path"), "task_type": config.get("task_type"),
+    })
+    return model
