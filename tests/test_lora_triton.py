@@ -1,0 +1,439 @@
+"""The fused Triton LoRA kernels (forward, dX, dA, dB, dbias) against the reference op.
+
+On CPU they run under TRITON_INTERPRET=1 with FUSEDLORA_BACKEND=triton (fp16 and fp32: the interpreter has
+no bf16 dot); the ``gpu`` tests add bf16 and sizes whose offsets cross 2^31.
+
+Tolerance rule (flash-attention's): for every output and gradient, the kernel's max error against the
+float64 oracle (the reference op run in fp64 on the same, exactly decoded weight) is at most twice the
+error of plain torch doing the same math in the input dtype, plus a floor of one ulp of the dtype at the
+result's scale (guards the rare case where torch's own error happens to be near zero). The kernels
+accumulate in fp32 like torch does, but round different intermediates (the decoded weight and s·xa go to
+the input dtype before the tensor-core dots, and the sums run in a different order), so bit equality is
+not expected; a wrong mask, index or scale shows up as errors orders of magnitude above the bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusedlora.formats.packed import Packed4bit
+from fusedlora.ops.lora import lora_linear_reference
+
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    from fusedlora.ops.backend import triton_interpreted
+
+    if not torch.cuda.is_available() and not triton_interpreted():
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------------------------------
+# 4-bit weights built by hand from the layouts (common to every kernel), decoded exactly in float64
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes, flat -> bytes with the first element of each pair in the HIGH nibble."""
+    q = q.reshape(-1).to(torch.uint8)
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_zeros(1)])
+    return (q[0::2] << 4) | q[1::2]
+
+
+def nf4_weight(n, k, block=64, double_quant=False, device="cpu"):
+    """(Packed4bit, W float64) with random codes and random scales (never a trivial all-equal pattern)."""
+    numel = n * k
+    nb = -(-numel // block)
+    q = torch.randint(0, 16, (numel,))
+    data = _pack(q).reshape(-1, 1)
+    if double_quant:
+        qa = torch.randint(0, 256, (nb,), dtype=torch.uint8)
+        code = torch.sort(torch.rand(256) * 2 - 1).values
+        nested = torch.rand(-(-nb // 256)) * 0.02 + 0.01
+        offset = 0.03
+        absmax = (code[qa.long()] * nested.repeat_interleave(256)[:nb] + offset).double()
+        packed = Packed4bit("nf4", data.to(device), (n, k), block, absmax=qa.to(device),
+                            nested_absmax=nested.to(device), nested_code=code.to(device), nested_offset=offset)
+    else:
+        absmax32 = torch.rand(nb) * 0.05 + 0.01
+        absmax = absmax32.double()
+        packed = Packed4bit("nf4", data.to(device), (n, k), block, absmax=absmax32.to(device))
+    w = NF4_CODE.double()[q] * absmax.repeat_interleave(block)[:numel]
+    return packed, w.reshape(n, k)
+
+
+def int4_weight(n, k, group=64, device="cpu"):
+    q = torch.randint(0, 16, (n, k))
+    scales = torch.rand(n, k // group) * 0.01 + 0.002
+    zeros = torch.randint(0, 16, (n, k // group), dtype=torch.uint8)
+    data = _pack(q).reshape(n, k // 2)
+    packed = Packed4bit("int4", data.to(device), (n, k), group, scales=scales.to(device), zeros=zeros.to(device))
+    w = (q.double() - zeros.double().repeat_interleave(group, 1)) * scales.double().repeat_interleave(group, 1)
+    return packed, w
+
+
+def make_weight(kind, n, k, dtype, device="cpu"):
+    """(weight the op takes, W float64, W in the dtype torch's plain path would use)."""
+    if kind == "dense":
+        w = (torch.randn(n, k) / k**0.5).to(dtype).to(device)
+        return w, w.double(), w
+    if kind == "int4":
+        packed, w64 = int4_weight(n, k, device=device)
+    else:
+        packed, w64 = nf4_weight(n, k, double_quant=kind == "nf4-dq", device=device)
+    w64 = w64.to(device)
+    return packed, w64, w64.float().to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers
+
+def lora_inputs(m, k, n, r, dtype, bias=True, lead=(), device="cpu"):
+    x = torch.randn(*lead, m, k, dtype=dtype, device=device)
+    a = (torch.randn(r, k) / k**0.5).to(dtype).to(device)
+    b = torch.randn(n, r, dtype=dtype, device=device)  # random: a zero B (PEFT's init) hides the LoRA term
+    bias_t = torch.randn(n, dtype=dtype, device=device) if bias else None
+    return x, a, b, bias_t
+
+
+def run(fn, x, a, b, bias, dy):
+    """(y, dx, dA, dB, dbias) of fn(x, a, b, bias) with upstream gradient dy."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, a, b, bias)]
+    y = fn(*leaves)
+    y.backward(dy.to(y.dtype))
+    return [y.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def plain(w, scale, p=0.0, mask=None):
+    """torch doing the same math in the inputs' dtype (the error yardstick)."""
+
+    def fn(x, a, b, bias):
+        xd = x if mask is None else x * mask.to(x.dtype) / (1 - p)
+        return F.linear(x, w, bias) + scale * F.linear(F.linear(xd, a), b)
+
+    return fn
+
+
+def oracle(w64, scale, p=0.0, mask=None):
+    def fn(x, a, b, bias):
+        return lora_linear_reference(x.double(), w64, a.double(), b.double(), scale,
+                                     None if bias is None else bias.double(), p, mask is not None, mask)
+
+    return fn
+
+
+def assert_within(ours, ref64, lowp, what, dtype):
+    floor = torch.finfo(dtype).eps * ref64.abs().max().item()
+    err = (ours.double() - ref64).abs().max().item()
+    bound = 2 * (lowp.double() - ref64).abs().max().item() + floor
+    assert err <= bound, f"{what}: max error {err:.3e} above the bound {bound:.3e}"
+
+
+def check_all(ours, ref64, lowp, dtype):
+    for name, o, r, lp in zip(("y", "dx", "dA", "dB", "dbias"), ours, ref64, lowp, strict=True):
+        if r is None:
+            assert o is None, name
+            continue
+        assert o.dtype == dtype and o.shape == r.shape, name
+        assert torch.isfinite(o).all(), f"{name}: non-finite values (an unwritten or poisoned element)"
+        assert_within(o, r, lp, name, dtype)
+
+
+def triton_fn(weight, scale, p=0.0, training=False):
+    import fusedlora as fl
+
+    return lambda x, a, b, bias: fl.lora_linear(x, weight, a, b, scale, bias, p, training)
+
+
+# ------------------------------------------------------------------------------------------------------
+# forward and gradients, every weight format
+
+SHAPES = [
+    # (M, K, N, r, bias): several 32-wide tiles with ragged edges; M = 1; odd K (NF4 rows start mid-byte,
+    # blocks cross rows: the per-element scale path); r not a power of two
+    (37, 192, 97, 4, True),
+    (1, 64, 48, 16, False),
+    (21, 59, 33, 5, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["dense", "nf4", "nf4-dq", "int4"])
+@pytest.mark.parametrize("m,k,n,r,bias", SHAPES)
+def test_matches_reference(dtype, kind, m, k, n, r, bias):
+    if kind == "int4" and k % 64:
+        pytest.skip("INT4 needs K to be a multiple of the group size")
+    torch.manual_seed(m * 1000 + k + n)
+    weight, w64, wlow = make_weight(kind, n, k, dtype)
+    x, a, b, bias_t = lora_inputs(m, k, n, r, dtype, bias)
+    dy = torch.randn(m, n, dtype=dtype)
+    scale = 1.75
+    ours = run(triton_fn(weight, scale), x, a, b, bias_t, dy)
+    check_all(ours, run(oracle(w64, scale), x, a, b, bias_t, dy), run(plain(wlow, scale), x, a, b, bias_t, dy),
+              dtype)
+
+
+def test_dense_weight_gradient():
+    # a dense weight that requires grad gets dW = dYᵀ·x (frozen bases never ask for it)
+    torch.manual_seed(3)
+    import fusedlora as fl
+
+    x, a, b, _ = lora_inputs(19, 40, 24, 4, torch.float32)
+    w = (torch.randn(24, 40) / 40**0.5).requires_grad_(True)
+    fl.lora_linear(x, w, a, b, 0.5).sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones(19, 24).t() @ x, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# dropout
+
+def _seed_drawn_after(manual_seed: int) -> int:
+    from fusedlora.ops.lora_triton import draw_seed
+
+    torch.manual_seed(manual_seed)
+    return int(draw_seed(torch.device(_device())).item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_dropout_matches_reference_given_the_mask(dtype, kind):
+    from fusedlora.kernels.dropout import dropout_mask
+
+    m, k, n, r, p, scale = 37, 192, 97, 8, 0.3, 2.0
+    torch.manual_seed(11)
+    weight, w64, wlow = make_weight(kind, n, k, dtype)
+    x, a, b, bias = lora_inputs(m, k, n, r, dtype)
+    dy = torch.randn(m, n, dtype=dtype)
+    seed = _seed_drawn_after(1234)
+    torch.manual_seed(1234)  # the op draws the same seed
+    ours = run(triton_fn(weight, scale, p, True), x, a, b, bias, dy)
+    mask = dropout_mask(seed, x.shape, p, "cpu")
+    # forward and backward agree with the reference given the mask: dX and dA would differ at O(1)
+    # relative error if the backward regenerated another mask than the forward used
+    check_all(ours, run(oracle(w64, scale, p, mask), x, a, b, bias, dy),
+              run(plain(wlow, scale, p, mask), x, a, b, bias, dy), dtype)
+
+
+def test_dropout_seed_reproduces_and_changes():
+    m, k, n, r, p = 33, 64, 40, 4, 0.5
+    torch.manual_seed(5)
+    weight, _, _ = make_weight("nf4", n, k, torch.float32)
+    x, a, b, bias = lora_inputs(m, k, n, r, torch.float32)
+    dy = torch.randn(m, n)
+    outs = []
+    for s in (7, 7, 8):
+        torch.manual_seed(s)
+        outs.append(run(triton_fn(weight, 1.0, p, True), x, a, b, bias, dy))
+    for t1, t2 in zip(outs[0], outs[1], strict=True):
+        if t1 is None:
+            continue
+        assert torch.equal(t1, t2)
+    for i in (0, 1, 2):  # y, dx, dA depend on the mask; dB sees it through xa
+        assert not torch.allclose(outs[0][i], outs[2][i])
+    # eval mode and p = 0 draw nothing and ignore dropout
+    y_eval = triton_fn(weight, 1.0, p, False)(x, a, b, bias)
+    y_p0 = triton_fn(weight, 1.0, 0.0, True)(x, a, b, bias)
+    assert torch.equal(y_eval, y_p0)
+
+
+def test_dropout_mask_statistics_and_layout():
+    from fusedlora.kernels.dropout import dropout_mask
+
+    p = 0.3
+    mask = dropout_mask(99, (512, 256), p, "cpu")
+    assert mask.dtype == torch.bool and mask.shape == (512, 256)
+    # 131072 Bernoulli(0.7) draws: standard deviation of the mean 0.0013; 0.007 is over 5 sigma
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.007
+    # rows are not copies of each other and seeds give different masks
+    assert not torch.equal(mask[0], mask[1])
+    assert (mask != dropout_mask(100, (512, 256), p, "cpu")).float().mean() > 0.2
+    # leading dimensions keep the flat index: the same mask as the flattened 2-D shape
+    assert torch.equal(dropout_mask(99, (4, 128, 256), p, "cpu").reshape(512, 256), mask)
+    # p = 0 keeps everything (rand is in [0, 1))
+    assert dropout_mask(1, (64, 64), 0.0, "cpu").all()
+
+
+def test_explicit_mask_is_refused():
+    import fusedlora as fl
+
+    x, a, b, _ = lora_inputs(4, 32, 16, 4, torch.float32)
+    w = torch.randn(16, 32)
+    with pytest.raises(ValueError, match="dropout_mask"):
+        fl.lora_linear(x, w, a, b, 1.0, None, 0.5, True, torch.ones(4, 32, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------------------------
+# input layouts
+
+def test_leading_dims_and_strided_x():
+    import fusedlora as fl
+
+    torch.manual_seed(2)
+    weight, _, _ = make_weight("nf4-dq", 40, 64, torch.float32)
+    _, a, b, bias = lora_inputs(1, 64, 40, 4, torch.float32)
+    x = torch.randn(2, 3, 5, 64)
+    y = fl.lora_linear(x, weight, a, b, 1.0, bias)
+    assert y.shape == (2, 3, 5, 40)
+    flat = fl.lora_linear(x.reshape(30, 64), weight, a, b, 1.0, bias)
+    assert torch.equal(y.reshape(30, 40), flat)
+    # a row stride (x a slice of a wider buffer) goes to the kernels as is; a column stride is copied
+    wide = torch.randn(30, 100)
+    wide[:, :64] = x.reshape(30, 64)
+    assert torch.equal(fl.lora_linear(wide[:, :64], weight, a, b, 1.0, bias), flat)
+    xt = x.reshape(30, 64).t().contiguous().t()
+    assert torch.equal(fl.lora_linear(xt, weight, a, b, 1.0, bias), flat)
+
+
+def test_unused_gradient_outputs_and_expanded_grad():
+    # y.sum() hands the backward a stride-0 gradient; only the inputs that need grads get them
+    import fusedlora as fl
+
+    torch.manual_seed(4)
+    x, a, b, bias = lora_inputs(9, 64, 24, 4, torch.float16)
+    w = (torch.randn(24, 64) / 8).half()
+    a.requires_grad_(True)
+    fl.lora_linear(x, w, a, b, 1.0, bias).sum().backward()
+    ref = a.detach().clone().requires_grad_(True)
+    lora_linear_reference(x, w, ref, b, 1.0, bias, 0.0, False, None).sum().backward()
+    assert x.grad is None and b.grad is None
+    torch.testing.assert_close(a.grad, ref.grad, rtol=2e-3, atol=2e-3)  # fp16 rounding of dA, see above
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+
+def _op_args(kind, p):
+    from fusedlora.ops.lora_triton import draw_seed, weight_args
+
+    torch.manual_seed(8)
+    weight, _, _ = make_weight(kind, 24, 64, torch.float32)
+    x, a, b, bias = lora_inputs(9, 64, 24, 4, torch.float32)
+    w, ws, wz, na, nc, fmt, block, off = weight_args(weight)
+    seed = draw_seed(torch.device("cpu")) if p > 0 else None
+    return x, (x, w, ws, wz, na, nc, a, b, bias, seed, 1.5, p, fmt, 24, block, off)
+
+
+@pytest.mark.parametrize("kind,p", [("dense", 0.0), ("nf4-dq", 0.25), ("int4", 0.0)])
+def test_opcheck(kind, p):
+    x, args = _op_args(kind, p)
+    args = list(args)
+    for i in (0, 6, 7, 8):  # x, A, B, bias: exercises the autograd registration
+        args[i] = args[i].clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.fusedlora.lora_fwd.default, tuple(args))
+    y, xa = torch.ops.fusedlora.lora_fwd(*[t.detach() if isinstance(t, torch.Tensor) else t for t in args])
+    dy = torch.randn_like(y)
+    x_, w, ws, wz, na, nc, a, b, _, seed, scale, p_, fmt, _, block, off = (
+        t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    for need in ((True, True, True), (False, True, False)):
+        torch.library.opcheck(torch.ops.fusedlora.lora_bwd.default,
+                              (dy, x_, xa, seed, w, ws, wz, na, nc, a, b, scale, p_, fmt, block, off, *need))
+
+
+def test_torch_compile_fullgraph():
+    import fusedlora as fl
+
+    torch.manual_seed(9)
+    weight, _, _ = make_weight("nf4", 24, 64, torch.float32)
+    x, a, b, bias = lora_inputs(9, 64, 24, 4, torch.float32)
+
+    def layer(x, a, b, bias):
+        return fl.lora_linear(x, weight, a, b, 1.5, bias, 0.2, True).relu().sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (layer, compiled):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b, bias)]
+        torch.manual_seed(21)  # same seed draw in both runs
+        fn(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for g1, g2 in zip(*grads, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU only: bf16, and offsets that cross 2^31
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dense", "nf4", "nf4-dq", "int4"])
+def test_bf16_matches_reference_gpu(kind):
+    from fusedlora.kernels.dropout import dropout_mask
+
+    dtype, dev = torch.bfloat16, "cuda"
+    m, k, n, r, p, scale = 1000, 512, 1344, 16, 0.1, 2.0
+    torch.manual_seed(1)
+    weight, w64, wlow = make_weight(kind, n, k, dtype, dev)
+    x, a, b, bias = lora_inputs(m, k, n, r, dtype, True, device=dev)
+    dy = torch.randn(m, n, dtype=dtype, device=dev)
+    for p_ in (0.0, p):
+        seed = _seed_drawn_after(77)
+        torch.manual_seed(77)
+        ours = run(triton_fn(weight, scale, p_, True), x, a, b, bias, dy)
+        mask = dropout_mask(seed, x.shape, p_, dev) if p_ > 0 else None
+        check_all(ours, run(oracle(w64, scale, p_, mask), x, a, b, bias, dy),
+                  run(plain(wlow, scale, p_, mask), x, a, b, bias, dy), dtype)
+
+
+def _rows_check(ours_rows, x_rows, w, a, b, scale, what):
+    ref = (x_rows.float() @ w.float().t() + scale * (x_rows.float() @ a.float().t()) @ b.float().t())
+    err = (ours_rows.float() - ref).abs().max().item()
+    assert err <= 2e-2 * ref.abs().max().item(), f"{what}: rows past 2^31 elements off by {err}"
+
+
+@pytest.mark.gpu
+def test_int64_offsets_mn_gpu():
+    # y has M·N > 2^31 elements: the last rows sit past the int32 range (4.3 GB each for y and dY)
+    dev, dtype = "cuda", torch.bfloat16
+    m, k, n, r = 2**31 // 8192 + 64, 64, 8192, 16
+    torch.manual_seed(0)
+    weight, _, wlow = make_weight("nf4", n, k, dtype, dev)
+    x = torch.randn(m, k, dtype=dtype, device=dev)
+    _, a, b, _ = lora_inputs(1, k, n, r, dtype, False, device=dev)
+    import fusedlora as fl
+
+    y = fl.lora_linear(x, weight, a, b, 1.0)
+    _rows_check(y[-64:], x[-64:], wlow, a, b, 1.0, "y")
+    _rows_check(y[:64], x[:64], wlow, a, b, 1.0, "y")
+    del y
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_int64_offsets_mk_gpu():
+    # x and dX have M·K > 2^31 elements: the pre-kernel, the dropout offsets, the dX and dA kernels
+    import fusedlora as fl
+    from fusedlora.kernels.dropout import dropout_mask
+
+    dev, dtype = "cuda", torch.bfloat16
+    m, k, n, r, p = 2**31 // 4096 + 64, 4096, 64, 16, 0.1
+    torch.manual_seed(0)
+    weight, _, wlow = make_weight("dense", n, k, dtype, dev)
+    x = torch.randn(m, k, dtype=dtype, device=dev).requires_grad_(True)
+    _, a, b, _ = lora_inputs(1, k, n, r, dtype, False, device=dev)
+    seed = _seed_drawn_after(3)
+    torch.manual_seed(3)
+    y = fl.lora_linear(x, weight, a, b, 1.0, None, p, True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    tail = slice(m - 64, m)
+    mask = dropout_mask(seed, (64, k), p, dev)  # not the tail's mask: recompute it with the tail's offsets below
+    full_tail_mask = dropout_mask(seed, x.shape, p, dev)[tail]
+    assert not torch.equal(mask, full_tail_mask)
+    xt = x.detach()[tail].float()
+    xd = xt * full_tail_mask.float() / (1 - p)
+    ref_y = xt @ wlow.float().t() + (xd @ a.float().t()) @ b.float().t()
+    assert (y.detach()[tail].float() - ref_y).abs().max() <= 2e-2 * ref_y.abs().max()
+    g = dy[tail].float() @ b.float()
+    ref_dx = dy[tail].float() @ wlow.float() + full_tail_mask.float() * (g @ a.float()) / (1 - p)
+    assert (x.grad[tail].float() - ref_dx).abs().max() <= 2e-2 * ref_dx.abs().max()
