@@ -6,7 +6,8 @@ CUDA) lazily, so that importing fusedlora never compiles or loads a kernel.
 
 from . import lora_triton  # noqa: F401  (registers the triton family's lora_linear and its torch ops)
 from .backend import backend
+from .dequant import dequantize
 from .lora import lora_linear
 from .registry import implementations, register, select
 
-__all__ = ["backend", "implementations", "lora_linear", "register", "select"]
+__all__ = ["backend", "dequantize", "implementations", "lora_linear", "register", "select"]

@@ -1,0 +1,165 @@
+"""Triton dequantize kernels: NF4 (double quantization decoded in the same pass) and INT4, flat over bytes.
+
+Both formats (``fusedlora.formats``) put two codes per byte, first element in the HIGH nibble, and one
+scale per ``BLOCK`` consecutive flat elements (NF4: absmax per blocksize elements of W[N, K] flattened;
+INT4: per group of g along K, and since K % g == 0 the flat group index of element e is e // g, scales
+and zeros being [N, K/g] row-major). A program takes BYTES consecutive bytes = 2*BYTES elements:
+
+    NF4   out[e] = cast(code[q_e] * absmax[e // B]),  absmax[b] = ncode[qa[b]] * nabs[b // 256] + offset
+    INT4  out[e] = cast(float(q_e - zero[e // g]) * scale[e // g])
+
+Bit-identical to the plain-torch reference: every product and sum is one fp32 operation rounded once, so
+the launcher turns off FMA contraction (``enable_fp_fusion=False``), and the cast rounds to nearest even.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats.nf4 import nf4_code
+
+
+@triton.jit
+def _dequant_nf4_kernel(
+    # pointers
+    data_ptr,  # uint8 [ceil(numel / 2)]
+    absmax_ptr,  # fp32 [n_blocks], or uint8 [n_blocks] with DOUBLE_QUANT
+    nested_absmax_ptr,  # fp32 [ceil(n_blocks / 256)]  (DOUBLE_QUANT)
+    nested_code_ptr,  # fp32 [256]                    (DOUBLE_QUANT)
+    code_ptr,  # fp32 [16], the NF4 values
+    out_ptr,  # [numel] in the output dtype
+    # sizes and scalars
+    numel,
+    nested_offset,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    BYTES: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid * BYTES + tl.arange(0, BYTES)
+    bmask = b < (numel + 1) // 2
+    byte = tl.load(data_ptr + b, mask=bmask, other=0)
+    # both nibbles of a byte share a block: the blocksize is even
+    blk = (2 * b) // BLOCKSIZE
+    if DOUBLE_QUANT:
+        qa = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
+        nabs = tl.load(nested_absmax_ptr + blk // 256, mask=bmask, other=0.0)
+        scale = tl.load(nested_code_ptr + qa) * nabs + nested_offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
+    hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * scale
+    lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * scale
+    vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
+    e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+    tl.store(out_ptr + e, vals, mask=e < numel)
+
+
+@triton.jit
+def _dequant_int4_kernel(
+    # pointers
+    data_ptr,  # uint8 [N, K / 2]
+    scales_ptr,  # fp32 [N, K / GROUP]
+    zeros_ptr,  # uint8 [N, K / GROUP]
+    out_ptr,  # [N, K] in the output dtype
+    # sizes
+    numel,
+    # meta-parameters
+    GROUP: tl.constexpr,
+    BYTES: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid * BYTES + tl.arange(0, BYTES)
+    bmask = b < numel // 2
+    byte = tl.load(data_ptr + b, mask=bmask, other=0)
+    grp = (2 * b) // GROUP
+    zero = tl.load(zeros_ptr + grp, mask=bmask, other=0).to(tl.int32)
+    scale = tl.load(scales_ptr + grp, mask=bmask, other=0.0)
+    hi = ((byte >> 4).to(tl.int32) - zero).to(tl.float32) * scale
+    lo = ((byte & 0xF).to(tl.int32) - zero).to(tl.float32) * scale
+    vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
+    e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+    tl.store(out_ptr + e, vals, mask=e < numel)
+
+
+# 1024 bytes in, 2048 elements out per program: 16 bytes per thread at 4 warps (one 16-byte load each).
+_BYTES = 1024
+_NUM_WARPS = 4
+_CODES: dict[torch.device, torch.Tensor] = {}
+
+
+def _code(device: torch.device) -> torch.Tensor:
+    if device not in _CODES:
+        _CODES[device] = nf4_code(device)
+    return _CODES[device]
+
+
+def dequantize_nf4_triton(data, absmax, nested_absmax, nested_code, nested_offset, blocksize, n, k, dtype):
+    """Launcher; arguments already validated by the op (``fusedlora.ops.dequant``)."""
+    numel = n * k
+    out = torch.empty((n, k), dtype=dtype, device=data.device)
+    dq = nested_absmax is not None
+    grid = (triton.cdiv((numel + 1) // 2, _BYTES),)
+    _dequant_nf4_kernel[grid](
+        data, absmax, nested_absmax if dq else absmax, nested_code if dq else absmax, _code(data.device), out,
+        numel, float(nested_offset),
+        BLOCKSIZE=blocksize, DOUBLE_QUANT=dq, BYTES=_BYTES, num_warps=_NUM_WARPS, enable_fp_fusion=False,
+    )
+    return out
+
+
+def dequantize_int4_triton(data, scales, zeros, group_size, dtype):
+    n, half_k = data.shape
+    k = 2 * half_k
+    out = torch.empty((n, k), dtype=dtype, device=data.device)
+    grid = (triton.cdiv(n * half_k, _BYTES),)
+    _dequant_int4_kernel[grid](
+        data, scales, zeros, out, n * k,
+        GROUP=group_size, BYTES=_BYTES, num_warps=_NUM_WARPS, enable_fp_fusion=False,
+    )
+    return out
+
+
+_TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def aot_specs() -> list[dict]:
+    """The configurations to compile ahead of time (sm_80 / sm_90): what the launchers above run."""
+    specs = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = _TRITON_DTYPES[dtype]
+        for dq in (False, True):
+            specs.append({
+                "name": f"dequant_nf4_b64_{'dq_' if dq else ''}{t}",
+                "fn": _dequant_nf4_kernel,
+                "signature": {
+                    "data_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "nested_absmax_ptr": "*fp32",
+                    "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{t}", "numel": "i64",
+                    "nested_offset": "fp32", "BLOCKSIZE": "constexpr", "DOUBLE_QUANT": "constexpr",
+                    "BYTES": "constexpr",
+                },
+                "constexprs": {"BLOCKSIZE": 64, "DOUBLE_QUANT": dq, "BYTES": _BYTES},
+                "num_warps": _NUM_WARPS,
+                "num_stages": 1,
+                "enable_fp_fusion": False,
+                "large_m_gemm": False,
+            })
+        specs.append({
+            "name": f"dequant_int4_g128_{t}",
+            "fn": _dequant_int4_kernel,
+            "signature": {
+                "data_ptr": "*u8", "scales_ptr": "*fp32", "zeros_ptr": "*u8", "out_ptr": f"*{t}", "numel": "i64",
+                "GROUP": "constexpr", "BYTES": "constexpr",
+            },
+            "constexprs": {"GROUP": 128, "BYTES": _BYTES},
+            "num_warps": _NUM_WARPS,
+            "num_stages": 1,
+            "enable_fp_fusion": False,
+            "large_m_gemm": False,
+        })
+    return specs
+
+
+__all__ = ["aot_specs", "dequantize_int4_triton", "dequantize_nf4_triton"]

@@ -1,0 +1,168 @@
+"""Dequantize ops: the tensors of a 4-bit weight in, the dense W[N, K] out.
+
+    torch.ops.fusedlora.dequantize_nf4(data, absmax, nested_absmax?, nested_code?, nested_offset,
+                                       blocksize, n, k, dtype) -> W[n, k]
+    torch.ops.fusedlora.dequantize_int4(data, scales, zeros, group_size, dtype) -> W[N, K]
+
+Each is a torch.library custom op with a fake impl (torch.compile traces it) whose body dispatches
+through the op registry to the "reference" (plain torch), "triton" or "cuda" implementation; the
+"cuda" NF4 implementation is the extension's ``torch.ops.fusedlora.dequantize_nf4_cuda`` (csrc/).
+``dequantize(packed, dtype)`` is the Python entry: it validates a ``Packed4bit`` and calls the op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._ext import extension_loaded
+from ..formats import dequantize_int4 as _int4_reference
+from ..formats import dequantize_nf4 as _nf4_reference
+from ..formats.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, n_blocks
+from ..formats.packed import SCHEMES, Packed4bit
+from .checks import check_tensor
+from .registry import register, select
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+# ---- argument checks (shared by every implementation) -------------------------------------------------
+
+
+def check_nf4(data, absmax, nested_absmax, nested_code, blocksize: int, n: int, k: int, dtype) -> None:
+    if n < 1 or k < 1:
+        raise ValueError(f"shape: expected [N, K] with N, K >= 1, got [{n}, {k}]")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize: expected one of {BLOCKSIZES}, got {blocksize}")
+    if dtype not in OUT_DTYPES:
+        raise TypeError(f"dtype: expected one of {OUT_DTYPES}, got {dtype}")
+    nb = n_blocks(n * k, blocksize)
+    check_tensor("data", data, dtypes=(torch.uint8,))
+    if data.numel() != (n * k + 1) // 2:
+        raise ValueError(f"data: expected {(n * k + 1) // 2} bytes for [{n}, {k}], got shape {tuple(data.shape)}")
+    dq = nested_absmax is not None
+    if dq != (nested_code is not None):
+        raise ValueError("nested_absmax, nested_code: expected both (double quantization) or neither")
+    check_tensor("absmax", absmax, dtypes=(torch.uint8,) if dq else (torch.float32,), device=data.device)
+    if absmax.numel() != nb:
+        raise ValueError(f"absmax: expected {nb} blocks for [{n}, {k}] / {blocksize}, got shape {tuple(absmax.shape)}")
+    if dq:
+        check_tensor("nested_absmax", nested_absmax, dtypes=(torch.float32,), device=data.device,
+                     shape=(n_blocks(nb, NESTED_BLOCKSIZE),))
+        check_tensor("nested_code", nested_code, dtypes=(torch.float32,), device=data.device, shape=(256,))
+
+
+def check_int4(data, scales, zeros, group_size: int, dtype) -> None:
+    if dtype not in OUT_DTYPES:
+        raise TypeError(f"dtype: expected one of {OUT_DTYPES}, got {dtype}")
+    check_tensor("data", data, dtypes=(torch.uint8,), ndim=2)
+    n, k = data.shape[0], 2 * data.shape[1]
+    if group_size not in (64, 128) or k % group_size:
+        raise ValueError(f"group_size: expected 64 or 128 dividing K={k}, got {group_size}")
+    check_tensor("scales", scales, dtypes=(torch.float32,), shape=(n, k // group_size), device=data.device)
+    check_tensor("zeros", zeros, dtypes=(torch.uint8,), shape=(n, k // group_size), device=data.device)
+
+
+# ---- the ops ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusedlora::dequantize_nf4", mutates_args=())
+def dequantize_nf4_op(
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    nested_offset: float,
+    blocksize: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    _, impl = select("dequantize_nf4", data.device, dtype)
+    return impl(data.contiguous(), absmax.contiguous(), nested_absmax, nested_code, nested_offset, blocksize, n, k,
+                dtype)
+
+
+@dequantize_nf4_op.register_fake
+def _(data, absmax, nested_absmax, nested_code, nested_offset, blocksize, n, k, dtype):
+    return data.new_empty((n, k), dtype=dtype)
+
+
+@torch.library.custom_op("fusedlora::dequantize_int4", mutates_args=())
+def dequantize_int4_op(
+    data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    _, impl = select("dequantize_int4", data.device, dtype)
+    return impl(data.contiguous(), scales.contiguous(), zeros.contiguous(), group_size, dtype)
+
+
+@dequantize_int4_op.register_fake
+def _(data, scales, zeros, group_size, dtype):
+    return data.new_empty((data.shape[0], 2 * data.shape[1]), dtype=dtype)
+
+
+# ---- implementations ----------------------------------------------------------------------------------------
+
+
+@register("dequantize_nf4", "reference")
+def dequantize_nf4_reference(data, absmax, nested_absmax, nested_code, nested_offset, blocksize, n, k, dtype):
+    packed = Packed4bit("nf4", data, (n, k), blocksize, absmax=absmax, nested_absmax=nested_absmax,
+                        nested_code=nested_code, nested_offset=nested_offset)
+    return _nf4_reference(packed, dtype)
+
+
+@register("dequantize_nf4", "triton")
+def _dequantize_nf4_triton(*args):
+    from ..kernels.dequant import dequantize_nf4_triton
+
+    return dequantize_nf4_triton(*args)
+
+
+@register("dequantize_nf4", "cuda")
+def dequantize_nf4_cuda(data, absmax, nested_absmax, nested_code, nested_offset, blocksize, n, k, dtype):
+    return torch.ops.fusedlora.dequantize_nf4_cuda(
+        data, absmax, nested_absmax, nested_code, nested_offset, blocksize, n, k, dtype
+    )
+
+
+@register("dequantize_int4", "reference")
+def dequantize_int4_reference(data, scales, zeros, group_size, dtype):
+    n, k = data.shape[0], 2 * data.shape[1]
+    return _int4_reference(Packed4bit("int4", data, (n, k), group_size, scales=scales, zeros=zeros), dtype)
+
+
+@register("dequantize_int4", "triton")
+def _dequantize_int4_triton(*args):
+    from ..kernels.dequant import dequantize_int4_triton
+
+    return dequantize_int4_triton(*args)
+
+
+# ---- the extension's op: its fake impl lives here, next to the op that calls it ------------------------------
+
+if extension_loaded() and hasattr(torch.ops.fusedlora, "dequantize_nf4_cuda"):
+
+    @torch.library.register_fake("fusedlora::dequantize_nf4_cuda")
+    def _(data, absmax, nested_absmax, nested_code, nested_offset, blocksize, n, k, dtype):
+        return data.new_empty((n, k), dtype=dtype)
+
+
+# ---- the Python entry ---------------------------------------------------------------------------------------
+
+
+def dequantize(packed: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
+    """W[N, K] in ``dtype`` from a ``Packed4bit``, by the backend of its device (``fl.backend``)."""
+    if not isinstance(packed, Packed4bit):
+        raise TypeError(f"packed: expected a Packed4bit, got {type(packed).__name__}")
+    n, k = packed.shape
+    if packed.scheme == "nf4":
+        check_nf4(packed.data, packed.absmax, packed.nested_absmax, packed.nested_code, packed.block, n, k, dtype)
+        return torch.ops.fusedlora.dequantize_nf4(
+            packed.data, packed.absmax, packed.nested_absmax, packed.nested_code, float(packed.nested_offset),
+            packed.block, n, k, dtype,
+        )
+    if packed.scheme == "int4":
+        if tuple(packed.data.shape) != (n, k // 2):
+            raise ValueError(f"data: expected INT4 bytes of shape {(n, k // 2)}, got {tuple(packed.data.shape)}")
+        check_int4(packed.data, packed.scales, packed.zeros, packed.block, dtype)
+        return torch.ops.fusedlora.dequantize_int4(packed.data, packed.scales, packed.zeros, packed.block, dtype)
+    raise ValueError(f"packed.scheme: expected one of {SCHEMES}, got {packed.scheme!r}")
