@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.suite import add_parser as add_bench
 
     add_bench(sub)
+    from .train import add_subparser as add_train
+
+    add_train(sub)
     return parser
 
 

@@ -1,0 +1,338 @@
+"""The training loop: one function, read top to bottom.
+
+Batches. Optimizer step s reads the global batch of B·G·W sequences at sample positions
+[s·B·G·W, (s+1)·B·G·W) (B batch size, G gradient accumulation, W processes); micro-step g of process r
+takes its B rows starting at (g·W + r)·B. The loss is the sum of token losses over the global batch divided
+by its number of label tokens (every process knows it: each holds the whole data set), so W processes with
+batch B compute the same gradient as one process with batch W·B, up to the order of the sums.
+
+Exact resumption. A step depends on the trainable parameters, AdamW's state, the scheduler, torch's random
+state (LoRA dropout) and the sample position; a checkpoint stores all of them, and the data order is a pure
+function of (seed, sample position). Eval runs in eval mode and draws no random numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import fusedlora as fl
+
+from ..ops.backend import backend
+from . import checkpoint
+from .config import TrainConfig
+from .data import IGNORE, SampleOrder, build_sequences, builtin_records, file_sha256, load_jsonl, split
+from .model import check_seq_len, load_hf, tiny_llama
+
+LOG = "log.jsonl"
+SUMMARY = "summary.json"
+PLOT = "loss.png"
+BASE_DIR = "base_model"
+# Dropout draws come from a stream seeded apart from the LoRA initialization, one per process.
+DROPOUT_SEED_OFFSET = 10_007
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def lr_lambda(config: TrainConfig):
+    """Linear warmup over warmup_steps, then a cosine from lr down to lr·min_lr_ratio at the last step."""
+    warmup, total, floor = config.warmup_steps, config.steps, config.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: allocated CUDA memory on a GPU, else the process's peak resident set (Linux: KiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _rng_tensors(device: torch.device, world: int) -> dict[str, torch.Tensor]:
+    """Every process's generator states (gathered to all; rank 0 writes them)."""
+    local = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        local["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for kind, state in local.items():
+        if world == 1:
+            out[f"{kind}/0"] = state
+            continue
+        comm = state.to(device)
+        parts = [torch.empty_like(comm) for _ in range(world)]
+        dist.all_gather(parts, comm)
+        out.update({f"{kind}/{r}": p.cpu() for r, p in enumerate(parts)})
+    return out
+
+
+def _set_rng(tensors: dict[str, torch.Tensor], device: torch.device, rank: int) -> None:
+    torch.set_rng_state(tensors[f"cpu/{rank}"])
+    if device.type == "cuda" and f"cuda/{rank}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"cuda/{rank}"], device)
+
+
+def _token_loss_sum(model, batch: dict, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropies over label tokens, number of label tokens)."""
+    with autocast():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, (labels != IGNORE).sum()
+
+
+def evaluate(model, seqs, config: TrainConfig, device, autocast, rank: int, world: int) -> float:
+    """Mean token loss over up to eval_batches batches of the held-out split, shared among processes."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    n_batches = min(config.eval_batches, math.ceil(len(seqs) / config.batch_size))
+    with torch.no_grad():
+        for b in range(rank, n_batches, world):
+            rows = torch.arange(b * config.batch_size, min((b + 1) * config.batch_size, len(seqs)))
+            batch = {k: v.to(device) for k, v in seqs.rows(rows).items()}
+            loss, n = _token_loss_sum(model, batch, autocast)
+            total += torch.stack([loss.double(), n.double()])
+    model.train(was_training)
+    total = _all_sum(total, world)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def write_plot(path: str, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="held-out", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def prepare(config: TrainConfig, dtype: torch.dtype):
+    """Everything checked before anything is written: (model, tokenizer, records, data fingerprint)."""
+    if config.model is None:
+        model, tok = tiny_llama()
+        what = "the built-in model"
+    else:
+        model, tok = load_hf(config.model, dtype)
+        what = f"the model in {config.model}"
+    check_seq_len(model, config.seq_len, what)
+    if config.data is None:
+        records, fingerprint = builtin_records(), "builtin"
+    else:
+        if not os.path.isfile(config.data):
+            raise FileNotFoundError(f"--data: {config.data} does not exist")
+        records, fingerprint = load_jsonl(config.data), file_sha256(config.data)
+    return model, tok, records, fingerprint
+
+
+def train(config: TrainConfig, saved_state: dict | None = None, progress: bool = True) -> dict:
+    """Run (or, with ``saved_state``, continue) the training ``config`` describes; returns the summary."""
+    rank, world, local_rank = _distributed()
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
+    if on_gpu:
+        torch.cuda.set_device(device)
+    out = config.out
+
+    # -- everything that can fail on bad input, before anything is written
+    model, tok, records, fingerprint = prepare(config, torch.bfloat16 if on_gpu else torch.float32)
+    if saved_state is not None:
+        if saved_state.get("data_sha256") != fingerprint:
+            raise ValueError(f"--resume: the data differs from the checkpoint's (sha256 {fingerprint} vs "
+                             f"{saved_state.get('data_sha256')})")
+        if saved_state.get("world_size") != world:
+            raise ValueError(f"--resume: the checkpoint ran on {saved_state.get('world_size')} processes, this "
+                             f"run has {world} (the global batch would change)")
+    train_records, eval_records = split(records, config.eval_fraction if config.eval_every else 0.0)
+    seqs = build_sequences(train_records, tok, config.seq_len, config.pack)
+    eval_seqs = build_sequences(eval_records, tok, config.seq_len, config.pack) if eval_records else None
+    base_dtype = torch.bfloat16 if on_gpu else torch.float32
+
+    # -- the model: base in the compute dtype, then adapters (fp32) on the targeted linears
+    torch.manual_seed(config.seed)
+    model.to(device=device, dtype=base_dtype)
+    fl.inject(model, target_modules=config.target_modules, r=config.rank, alpha=config.alpha,
+                  dropout=config.dropout, quantize=None if config.quantize == "none" else config.quantize)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    torch.manual_seed(config.seed + DROPOUT_SEED_OFFSET * (rank + 1))
+
+    history: list[dict] = []
+    start = 0
+    if saved_state is not None:
+        rng = checkpoint.load(out, saved_state, params, optimizer)
+        scheduler.load_state_dict(saved_state["scheduler"])
+        _set_rng(rng, device, rank)
+        start, history = saved_state["step"], list(saved_state["log_history"])
+    ddp = world > 1
+    net = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if on_gpu else None, broadcast_buffers=False) if ddp else model
+
+    # -- outputs: rank 0 only
+    writer = rank == 0
+    if writer:
+        os.makedirs(out, exist_ok=True)
+        checkpoint.remove_stale(out, keep=saved_state["checkpoint"] if saved_state else None)
+        if config.model is None and not os.path.isdir(os.path.join(out, BASE_DIR)):
+            tmp = os.path.join(out, f"{checkpoint.TMP_PREFIX}{BASE_DIR}")
+            # The built-in base as transformers saves it (safetensors), so PEFT can load the adapter onto it.
+            tiny_llama()[0].save_pretrained(tmp)
+            os.rename(tmp, os.path.join(out, BASE_DIR))
+        with open(os.path.join(out, LOG), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+    log_file = open(os.path.join(out, LOG), "a", encoding="utf-8") if writer else None
+
+    def log(row: dict) -> None:
+        history.append(row)
+        if log_file:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+
+    base_name = os.path.abspath(os.path.join(out, BASE_DIR)) if config.model is None else config.model
+
+    def save(step: int) -> None:
+        tensors = checkpoint.optimizer_tensors(params, optimizer)
+        rng = _rng_tensors(device, world)
+        if not writer:
+            return
+        state = {"config": config.to_dict(), "samples_seen": step * per_step, "world_size": world,
+                 "data_sha256": fingerprint, "scheduler": scheduler.state_dict(),
+                 "optimizer": {"param_groups": checkpoint.optimizer_groups(optimizer)}, "log_history": history}
+        checkpoint.save(out, step, state, lambda d: fl.save_adapter(
+            model, d, task_type="CAUSAL_LM", base_model_name_or_path=base_name), tensors, rng)
+
+    # -- the loop
+    per_step = config.batch_size * config.grad_accum * world
+    order = SampleOrder(len(seqs), config.seed)
+    if start == 0 and eval_seqs is not None:
+        log({"step": 0, "eval_loss": evaluate(model, eval_seqs, config, device, autocast, rank, world)})
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=start, disable=not (writer and progress), desc="train", unit="step",
+               dynamic_ncols=True)
+    tokens_done, train_time = 0, 0.0
+    for step in range(start, config.steps):
+        t0 = time.perf_counter()
+        rows = order(step * per_step, per_step)
+        labels = seqs.labels[rows][:, 1:]
+        n_label = int((labels != IGNORE).sum())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for g in range(config.grad_accum):
+            mine = rows[(g * world + rank) * config.batch_size:(g * world + rank + 1) * config.batch_size]
+            batch = {k: v.to(device) for k, v in seqs.rows(mine).items()}
+            sync = contextlib.nullcontext() if not ddp or g == config.grad_accum - 1 else net.no_sync()
+            with sync:
+                loss, _ = _token_loss_sum(net, batch, autocast)
+                # DDP averages gradients over processes; the factor world turns that into the global sum.
+                (loss * (world / max(n_label, 1))).backward()
+            loss_sum += loss.detach().double()
+        loss_value = float(_all_sum(loss_sum, world)) / max(n_label, 1)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        train_time += time.perf_counter() - t0
+        tokens_done += int(seqs.attention_mask[rows].sum())
+        done = step + 1
+        log({"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
+        mem = peak_memory(device)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_done / train_time:,.0f}",
+                        mem=f"{mem / 2**20:,.0f}MiB", refresh=False)
+        bar.update(1)
+        if eval_seqs is not None and (done % config.eval_every == 0 or done == config.steps):
+            ev = evaluate(model, eval_seqs, config, device, autocast, rank, world)
+            log({"step": done, "eval_loss": ev})
+            if writer and progress:
+                bar.write(f"step {done}: eval loss {ev:.4f}")
+        if (config.save_every and done % config.save_every == 0) or done == config.steps:
+            save(done)
+    bar.close()
+    if log_file:
+        log_file.close()
+
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    summary = {
+        "loss_first": train_losses[0] if train_losses else None,
+        "loss_last": train_losses[-1] if train_losses else None,
+        "eval_loss_first": eval_losses[0] if eval_losses else None,
+        "eval_loss_last": eval_losses[-1] if eval_losses else None,
+        "tokens_per_s": tokens_done / train_time if train_time else None,
+        "peak_memory_bytes": peak_memory(device),
+        "backend": backend(device),
+        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "world_size": world,
+        "steps": config.steps,
+        "resumed_from_step": start if saved_state is not None else None,
+        "train_seconds": train_time,
+    }
+    if writer:
+        _write_json(os.path.join(out, SUMMARY), summary)
+        write_plot(os.path.join(out, PLOT), history)
+    if ddp:
+        dist.barrier()
+    return summary
