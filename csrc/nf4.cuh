@@ -11,8 +11,10 @@
 
 #if defined(__CUDACC__)
 #define FL_HD __host__ __device__ __forceinline__
+#define FL_UNROLL _Pragma("unroll")
 #else
 #define FL_HD inline
+#define FL_UNROLL
 #endif
 
 namespace fusedlora {
@@ -54,7 +56,7 @@ FL_HD int64_t nf4_num_blocks(int64_t numel, int blocksize) { return (numel + blo
 // One little-endian 32-bit word of packed bytes -> its 8 codes in element order
 // (byte 0 is the lowest byte of the word; its high nibble is the first element).
 FL_HD void nf4_unpack_word(uint32_t w, uint32_t codes[8]) {
-#pragma unroll
+  FL_UNROLL
   for (int b = 0; b < 4; ++b) {
     const uint32_t byte = (w >> (8 * b)) & 0xFFu;
     codes[2 * b] = byte >> 4;
