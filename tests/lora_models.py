@@ -1,0 +1,90 @@
+"""Tiny transformers models built from configs (no downloads) and helpers shared by the LoRA layer tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+# fp32 tolerance for comparing two fp32 evaluations of the same model whose only differences are the order
+# of additions: each logit is a chain of a few dot products of length <= 96 through 2 layers; fp32
+# round-off (6e-8 per add) over ~100 terms of O(1) values stays < 1e-5 on logits of magnitude ~1.
+FP32_TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, intermediate: int = 96):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+BERT_TARGETS = ["query", "key", "value", "dense"]
+
+
+def token_ids(seed: int = 1, batch: int = 2, seq: int = 11) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 97, (batch, seq), generator=g)
+
+
+def outputs(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def peft_model(base, seed: int = 3, **lora_kwargs):
+    """PEFT LoRA over a copy of ``base`` with A and B both random (init_lora_weights=False)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lora_kwargs.setdefault("init_lora_weights", False)
+    return get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs)).eval()
+
+
+def bnb_nf4_checkpoint(tmp_dir, seed: int = 0):
+    """A tiny Llama quantized to NF4 (double quantization) by transformers + bitsandbytes on CPU and saved
+    with save_pretrained; returns (its folder, the bitsandbytes model, the dense model it came from).
+
+    intermediate_size is 128, not 96: bitsandbytes 0.50.2's CPU dequantize_4bit decodes a [64, 96] weight
+    wrongly (blocks of 64 that cross rows; its bytes are right, fusedlora decodes them exactly), and its
+    CPU Linear4bit forward uses that dequantize, so it is no oracle for such shapes.
+    """
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    dense = tiny_llama(seed, intermediate=128)
+    dense.save_pretrained(f"{tmp_dir}/dense")
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.float32)
+    bnb_model = LlamaForCausalLM.from_pretrained(f"{tmp_dir}/dense", quantization_config=qc, device_map="cpu",
+                                                 dtype=torch.float32)
+    bnb_model.save_pretrained(f"{tmp_dir}/nf4")
+    return f"{tmp_dir}/nf4", bnb_model, dense
+
+
+def dequantized_twin(bnb_model, dense):
+    """``dense`` with each 4-bit weight replaced by bitsandbytes' dequantization of the 4-bit state (read
+    before any eval-mode forward, which would convert that state for bitsandbytes' CPU kernel)."""
+    import bitsandbytes.functional as bnbf
+
+    twin = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name, module in bnb_model.named_modules():
+            w = getattr(module, "weight", None)
+            if getattr(w, "quant_state", None) is not None:
+                twin.get_submodule(name).weight.copy_(bnbf.dequantize_4bit(w.data, w.quant_state))
+    return twin

@@ -1,0 +1,136 @@
+"""from_peft and load_quantized against PEFT, transformers and bitsandbytes on CPU (tiny models, no downloads)."""
+
+import copy
+
+import pytest
+import torch
+from lora_models import (
+    BERT_TARGETS,
+    FP32_TOL,
+    bnb_nf4_checkpoint,
+    dequantized_twin,
+    outputs,
+    peft_model,
+    tiny_bert,
+    tiny_llama,
+    token_ids,
+)
+
+import fusedlora as fl
+from fusedlora.inject import lora_layers
+from fusedlora.modules import LoRALinear
+
+pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize(
+    "arch, kwargs",
+    [
+        ("llama", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+        ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                       rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3})),
+        ("bert", dict(r=3, lora_alpha=5, target_modules=BERT_TARGETS, rank_pattern={"query": 6})),
+    ],
+)
+def test_from_peft_equal_outputs(arch, kwargs):
+    base = tiny_llama() if arch == "llama" else tiny_bert()
+    ids = token_ids()
+    pm = peft_model(base, **kwargs)
+    expected = outputs(pm, ids)
+    assert (expected - outputs(base, ids)).abs().max() > 1e-2  # random A and B: the adapters matter
+    peft_layers = {n: m for n, m in pm.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    params = {n: m.lora_A["default"].weight for n, m in peft_layers.items()}
+    model = fl.from_peft(pm)
+    assert type(model) is type(base)
+    layers = lora_layers(model)
+    assert set(layers) == set(peft_layers)
+    for name, layer in layers.items():
+        assert layer.lora_A is params[name]  # the same Parameter objects: optimizers keep working
+        assert layer.scaling == pytest.approx(peft_layers[name].scaling["default"])
+    # the same fp32 math up to summation order, see FP32_TOL
+    torch.testing.assert_close(outputs(model, ids), expected, **FP32_TOL)
+
+
+def test_from_peft_refuses_what_it_cannot_convert():
+    from peft import LoraConfig
+
+    base = tiny_llama()
+    with pytest.raises(ValueError, match="DoRA"):
+        fl.from_peft(peft_model(base, r=4, target_modules=["q_proj"], use_dora=True))
+
+    pm = peft_model(base, r=4, target_modules=["q_proj"])
+    pm.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.base_model.set_adapter(["default", "second"])
+    with pytest.raises(ValueError, match="exactly one active adapter"):
+        fl.from_peft(pm)
+
+    pm = peft_model(base, r=4, target_modules=["q_proj", "embed_tokens"])
+    ids = token_ids()
+    expected = outputs(pm, ids)
+    with pytest.raises(ValueError, match=r"model\.embed_tokens: it is a Embedding LoRA layer"):
+        fl.from_peft(copy.deepcopy(pm))
+    model = fl.from_peft(pm, strict=False)  # left in place, reported, function unchanged
+    assert "model.embed_tokens" in model.fusedlora_unconverted
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
+    torch.testing.assert_close(outputs(model, ids), expected, **FP32_TOL)
+
+    pm = peft_model(tiny_bert(), r=4, target_modules=["query"], modules_to_save=["classifier"])
+    with pytest.raises(ValueError, match="classifier: a trainable modules_to_save copy"):
+        fl.from_peft(pm)
+    with pytest.raises(TypeError, match="peft_model"):
+        fl.from_peft(base)
+
+
+@pytest.fixture(scope="module")
+def nf4_checkpoint(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    return bnb_nf4_checkpoint(tmp_path_factory.mktemp("nf4"))
+
+
+def test_from_peft_over_bnb_nf4_keeps_the_4bit_base(nf4_checkpoint):
+    _, bnb_model, dense = nf4_checkpoint
+    reference = dequantized_twin(bnb_model, dense)  # read before any eval forward of the bnb model
+    pm = peft_model(bnb_model, r=4, lora_alpha=8, target_modules="all-linear")
+    ref_pm = peft_model(reference, r=4, lora_alpha=8, target_modules="all-linear")  # same seed: same A, B
+    ids = token_ids()
+    # bitsandbytes' CPU forward in train mode is dequantize + matmul on the untouched state (eval mode
+    # would convert the state for its CPU kernel first); dropout is 0, so train mode changes nothing else.
+    pm.train()
+    with torch.no_grad():
+        expected = pm(input_ids=ids).logits
+    torch.testing.assert_close(outputs(ref_pm, ids), expected, **FP32_TOL)
+    bnb_q = pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    model = fl.from_peft(pm).eval()
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.quantized and q.quant_scheme == "nf4" and q.quant_nested_absmax is not None
+    assert q.quant_data.data_ptr() == bnb_q.data.data_ptr()  # carried over, not requantized
+    torch.testing.assert_close(outputs(model, ids), expected, **FP32_TOL)
+
+
+def test_load_quantized_equals_bitsandbytes(nf4_checkpoint, tmp_path):
+    path, bnb_model, dense = nf4_checkpoint
+    model = fl.load_quantized(path)
+    layers = lora_layers(model)
+    assert len(layers) == 14 and all(m.quantized and m.r == 0 for m in layers.values())
+    assert type(model.lm_head) is torch.nn.Linear  # bitsandbytes leaves the output head dense
+    assert not hasattr(model.config, "quantization_config")
+    bnb_q = bnb_model.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(layers["model.layers.1.mlp.down_proj"].quant_data, bnb_q.data)
+    ids = token_ids()
+    # exact NF4 decoding on both sides, then the same fp32 model: see FP32_TOL
+    torch.testing.assert_close(outputs(model, ids), outputs(dequantized_twin(bnb_model, dense), ids), **FP32_TOL)
+    # an adapter goes on top: the 4-bit layers take it in place
+    fl.inject(model, r=4, alpha=8, init_lora_weights=False)
+    assert all(m.quantized and m.r == 4 for m in lora_layers(model).values())
+    fl.save_adapter(model, tmp_path / "adapter")
+    again = fl.load_adapter(fl.load_quantized(path), tmp_path / "adapter")
+    torch.testing.assert_close(outputs(again, ids), outputs(model, ids), atol=0, rtol=0)
+
+
+def test_load_quantized_errors(nf4_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        fl.load_quantized(tmp_path)
+    dense_dir = tmp_path / "dense"
+    nf4_checkpoint[2].save_pretrained(dense_dir)
+    with pytest.raises(ValueError, match="no bitsandbytes 4-bit quantization_config"):
+        fl.load_quantized(dense_dir)
