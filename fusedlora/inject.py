@@ -184,7 +184,10 @@ def inject(
         else:
             weight, bias = linear_base(old)
             if quantize is not None and isinstance(weight, torch.Tensor):
-                weight = quantize_weight(weight, quantize)
+                try:
+                    weight = quantize_weight(weight, quantize)
+                except ValueError as exc:
+                    raise ValueError(f"inject: quantizing {name}: {exc}") from exc
             new = LoRALinear(weight, bias, **adapter)
         done[id(old)] = new
         if new is not old:

@@ -141,5 +141,14 @@ def test_inject_quantized_base():
     assert all(m.quantized and m.quant_scheme == "nf4" for m in layers.values())
     ids = token_ids()
     y = outputs(model, ids)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(input_ids=ids).logits, y, **FP32_TOL)
     fl.merge(model)  # dequantized + adapter folded: the same function as plain linears
     torch.testing.assert_close(outputs(model, ids), y, **FP32_TOL)
+
+
+def test_inject_int4_names_the_layer_that_cannot_be_quantized():
+    with pytest.raises(ValueError, match=r"quantizing model\.layers\.0\.self_attn\.q_proj: .*multiple of group_size"):
+        fl.inject(tiny_llama(), target_modules=["q_proj"], quantize={"scheme": "int4", "group_size": 128})
+    model = fl.inject(tiny_llama(), target_modules=["q_proj"], quantize={"scheme": "int4", "group_size": 64})
+    assert lora_layers(model)["model.layers.0.self_attn.q_proj"].quant_block == 64
