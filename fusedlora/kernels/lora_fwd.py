@@ -292,12 +292,21 @@ def weight_signature(fmt_id: int, dtype_ptr: str) -> dict:
     return {"w_ptr": "*u8", "ws_ptr": "*fp32", "wz_ptr": "*u8" if fmt_id == 2 else "*fp32"}
 
 
+# Integer arguments that real layers pass as multiples of 16 (K, N, row strides). The JIT specializes on
+# that at launch (and on 16-byte aligned pointers, which torch allocations are); the AOT builds declare the
+# same, so they compile the code that runs: without it no load is provably 16-byte aligned and the
+# pipeliner leaves the GEMM main loops without asynchronous copies.
+DIVISIBLE_INTS = ("K", "N", "stride_xm", "stride_ym", "stride_dym", "stride_dxm")
+
+
 def spec(name, fn, signature, constexprs, num_warps, num_stages, large_m_gemm=False) -> dict:
+    """One AOT spec; ``divisible_by_16`` lists the arguments the build may assume are multiples of 16."""
     sig = dict(signature)
     for c in constexprs:
         sig[c] = "constexpr"
+    divisible = [a for a, t in signature.items() if t.startswith("*") or a in DIVISIBLE_INTS]
     return {"name": name, "fn": fn, "signature": sig, "constexprs": dict(constexprs), "num_warps": num_warps,
-            "num_stages": num_stages, "large_m_gemm": large_m_gemm}
+            "num_stages": num_stages, "large_m_gemm": large_m_gemm, "divisible_by_16": divisible}
 
 
 def gemm_spec_variants():
