@@ -14,7 +14,7 @@ import torch
 from . import ops
 from .formats import bnb as _bnb
 from .formats.int4 import quantize_int4
-from .formats.nf4 import NESTED_BLOCKSIZE, quantize_nf4
+from .formats.nf4 import NESTED_BLOCKSIZE
 from .formats.packed import SCHEMES, Packed4bit
 
 _TENSOR_FIELDS = ("data", "absmax", "nested_absmax", "nested_code", "scales", "zeros")
@@ -131,7 +131,7 @@ def quantize(
         raise TypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
     w = w.detach()
     if scheme == "nf4":
-        packed = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+        packed = ops.dequant.quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
     elif scheme == "int4":
         packed = quantize_int4(w, group_size=group_size)
     else:

@@ -10,6 +10,7 @@ import fusedlora as fl
 from fusedlora.formats import dequantize_reference, quantize_int4, quantize_nf4
 from fusedlora.ops import dequantize, select
 from fusedlora.ops.backend import triton_interpreted
+from fusedlora.ops.dequant import quantize_nf4 as quantize_nf4_op
 
 # sizes that leave partial programs (2048 elements each), odd N*K, blocks crossing rows
 NF4_SHAPES = ((59, 97), (129, 64), (3, 5))
@@ -44,6 +45,24 @@ def test_triton_int4_equals_reference_bitwise(group_size, dtype, monkeypatch):
     assert torch.equal(dequantize(p, dtype), dequantize_reference(p, dtype))
 
 
+def _same_packed(a, b):
+    fields = ("data", "absmax", "nested_absmax", "nested_code")
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in fields) and a.nested_offset == b.nested_offset
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("blocksize", (64, 256))
+@pytest.mark.parametrize("shape", NF4_SHAPES)
+def test_triton_quantize_nf4_equals_reference_bytes(shape, blocksize, dtype, monkeypatch):
+    w = weight(shape, dtype)
+    w.view(-1)[:70] = 0  # an all-zero block: code 7 everywhere, absmax 0
+    want = quantize_nf4(w, blocksize, True)
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    assert select("quantize_nf4", torch.device("cpu"), dtype)[0] == "triton"
+    assert _same_packed(quantize_nf4_op(w, blocksize, True), want)
+
+
 def test_cpu_default_is_reference_and_float64_works():
     p = quantize_nf4(weight((5, 64)), 64, True)
     assert select("dequantize_nf4", torch.device("cpu"), torch.float32)[0] == "reference"
@@ -66,6 +85,7 @@ def test_custom_ops_pass_opcheck_and_compile():
     torch.library.opcheck(torch.ops.fusedlora.dequantize_nf4.default, args)
     q = quantize_int4(weight((4, 128)), 64)
     torch.library.opcheck(torch.ops.fusedlora.dequantize_int4.default, (q.data, q.scales, q.zeros, 64, torch.float32))
+    torch.library.opcheck(torch.ops.fusedlora.quantize_nf4.default, (weight((7, 37)), 64))
     qw = fl.QuantizedWeight(p, torch.float32)
     compiled = torch.compile(lambda: qw.dequantize(torch.float16), fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(), dequantize_reference(p, torch.float16))
@@ -140,3 +160,13 @@ def test_gpu_triton_int4_equals_reference(dtype):
     p = quantize_int4(weight((515, 1024)), 128)
     pc = fl.QuantizedWeight(p, dtype).to("cuda").packed
     assert torch.equal(dequantize(pc, dtype).cpu(), dequantize_reference(p, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", ((1024, 4096), (59, 97)))
+def test_gpu_triton_quantize_nf4_equals_reference(shape, dtype):
+    w = weight(shape, dtype)
+    want = quantize_nf4(w, 64, False)  # on the CPU: the bytes bitsandbytes writes there
+    got = quantize_nf4_op(w.cuda(), 64, False)
+    assert torch.equal(got.data.cpu(), want.data) and torch.equal(got.absmax.cpu(), want.absmax)

@@ -171,14 +171,28 @@ def check_nf4_args(shape, blocksize: int) -> None:
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> Packed4bit:
     """NF4-quantize a 2-D bf16/fp16/fp32 weight exactly as bitsandbytes does (see the module docstring)."""
+    check_nf4_input(w, blocksize)
+    data, absmax = quantize_nf4_bytes(w, blocksize)
+    return assemble_nf4(data, absmax, tuple(w.shape), blocksize, double_quant)
+
+
+def check_nf4_input(w, blocksize: int) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"w: expected dtype bfloat16, float16 or float32, got {w.dtype}")
     check_nf4_args(tuple(w.shape), blocksize)
+
+
+def quantize_nf4_bytes(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 data [ceil(numel/2), 1], fp32 absmax [n_blocks]): the packed codes and plain block scales."""
     q, absmax = quantize_nf4_codes(w, blocksize)
-    data = pack_nibbles(q, pad=ZERO_CODE).unsqueeze(1)
-    shape = (int(w.shape[0]), int(w.shape[1]))
+    return pack_nibbles(q, pad=ZERO_CODE).unsqueeze(1), absmax
+
+
+def assemble_nf4(data, absmax, shape, blocksize: int, double_quant: bool) -> Packed4bit:
+    """A Packed4bit from packed bytes and fp32 absmax, double-quantizing the absmax if asked."""
+    shape = (int(shape[0]), int(shape[1]))
     if not double_quant:
         return Packed4bit("nf4", data, shape, blocksize, absmax=absmax)
     qa, nested_absmax, nested_code, offset = double_quantize(absmax)

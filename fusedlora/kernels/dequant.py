@@ -1,4 +1,5 @@
-"""Triton dequantize kernels: NF4 (double quantization decoded in the same pass) and INT4, flat over bytes.
+"""Triton 4-bit format kernels: dequantize NF4 (double quantization decoded in the same pass) and INT4,
+flat over bytes; quantize to NF4 with bitsandbytes' exact bytes.
 
 Both formats (``fusedlora.formats``) put two codes per byte, first element in the HIGH nibble, and one
 scale per ``BLOCK`` consecutive flat elements (NF4: absmax per blocksize elements of W[N, K] flattened;
@@ -9,7 +10,13 @@ and zeros being [N, K/g] row-major). A program takes BYTES consecutive bytes = 2
     INT4  out[e] = cast(float(q_e - zero[e // g]) * scale[e // g])
 
 Bit-identical to the plain-torch reference: every product and sum is one fp32 operation rounded once, so
-the launcher turns off FMA contraction (``enable_fp_fusion=False``), and the cast rounds to nearest even.
+the launchers turn off FMA contraction (``enable_fp_fusion=False``), and the cast rounds to nearest even.
+
+NF4 quantize (``formats.nf4`` has the rule): a program takes ROWS blocks of BLOCKSIZE elements,
+    absmax = max|w|;  v = clamp(w * (1 / absmax), -1, 1)   (trailing partial block: w / absmax)
+    q = #{ i : v > mid_i }   over the 15 fp32 midpoints of the sorted code (a tie goes to the lower code)
+with IEEE division (``div_rn``; Triton's ``/`` is approximate on GPUs). Padding elements read as 0 and
+encode to code 7 (0.0), the pad bitsandbytes writes into the last low nibble of an odd N*K.
 """
 
 from __future__ import annotations
@@ -84,6 +91,41 @@ def _dequant_int4_kernel(
     tl.store(out_ptr + e, vals, mask=e < numel)
 
 
+@triton.jit
+def _quantize_nf4_kernel(
+    # pointers
+    w_ptr,  # [numel] bf16/fp16/fp32, W[N, K] flattened
+    mid_ptr,  # fp32 [15], midpoints of the NF4 code
+    data_ptr,  # uint8 [ceil(numel / 2)]
+    absmax_ptr,  # fp32 [n_blocks]
+    # sizes
+    numel,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid * ROWS + tl.arange(0, ROWS)
+    offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    x = tl.load(w_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    absmax = tl.max(tl.abs(x), axis=1)
+    safe = tl.maximum(absmax, tl.full([ROWS], 1e-38, tl.float32))
+    full = (blk + 1) * BLOCKSIZE <= numel
+    inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), safe)
+    v = tl.where(full[:, None], x * inv[:, None], tl.math.div_rn(x, tl.broadcast_to(safe[:, None], x.shape)))
+    v = tl.minimum(tl.maximum(v, -1.0), 1.0)
+    q = tl.zeros([ROWS, BLOCKSIZE], dtype=tl.int32)
+    for i in tl.static_range(15):
+        q += (v > tl.load(mid_ptr + i)).to(tl.int32)
+    hi, lo = tl.split(tl.reshape(q, [ROWS, BLOCKSIZE // 2, 2]))
+    byte = ((hi << 4) | lo).to(tl.uint8)
+    b = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    tl.store(data_ptr + b, byte, mask=b < (numel + 1) // 2)
+    # the stored absmax of the trailing partial block is the clamped one (bitsandbytes stores that too)
+    n_blocks = (numel + BLOCKSIZE - 1) // BLOCKSIZE
+    tl.store(absmax_ptr + blk, tl.where(full, absmax, safe), mask=blk < n_blocks)
+
+
 # 1024 bytes in, 2048 elements out per program: 16 bytes per thread at 4 warps (one 16-byte load each).
 _BYTES = 1024
 _NUM_WARPS = 4
@@ -120,6 +162,31 @@ def dequantize_int4_triton(data, scales, zeros, group_size, dtype):
         GROUP=group_size, BYTES=_BYTES, num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )
     return out
+
+
+_QUANT_ROWS = 8  # blocks per program: 512..2048 elements, 4 warps
+_MIDS: dict[torch.device, torch.Tensor] = {}
+
+
+def _mids(device: torch.device) -> torch.Tensor:
+    if device not in _MIDS:
+        code = nf4_code(device)
+        _MIDS[device] = (code[:-1] + code[1:]) / 2
+    return _MIDS[device]
+
+
+def quantize_nf4_triton(w, blocksize):
+    """(uint8 data [ceil(numel/2), 1], fp32 absmax [n_blocks]) of a contiguous weight; validated by the op."""
+    numel = w.numel()
+    n_blocks = triton.cdiv(numel, blocksize)
+    data = torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=w.device)
+    grid = (triton.cdiv(n_blocks, _QUANT_ROWS),)
+    _quantize_nf4_kernel[grid](
+        w, _mids(w.device), data, absmax, numel,
+        BLOCKSIZE=blocksize, ROWS=_QUANT_ROWS, num_warps=_NUM_WARPS, enable_fp_fusion=False,
+    )
+    return data, absmax
 
 
 _TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -159,7 +226,20 @@ def aot_specs() -> list[dict]:
             "enable_fp_fusion": False,
             "large_m_gemm": False,
         })
+        specs.append({
+            "name": f"quantize_nf4_b64_{t}",
+            "fn": _quantize_nf4_kernel,
+            "signature": {
+                "w_ptr": f"*{t}", "mid_ptr": "*fp32", "data_ptr": "*u8", "absmax_ptr": "*fp32", "numel": "i64",
+                "BLOCKSIZE": "constexpr", "ROWS": "constexpr",
+            },
+            "constexprs": {"BLOCKSIZE": 64, "ROWS": _QUANT_ROWS},
+            "num_warps": _NUM_WARPS,
+            "num_stages": 1,
+            "enable_fp_fusion": False,
+            "large_m_gemm": False,
+        })
     return specs
 
 
-__all__ = ["aot_specs", "dequantize_int4_triton", "dequantize_nf4_triton"]
+__all__ = ["aot_specs", "quantize_nf4_triton", "dequantize_int4_triton", "dequantize_nf4_triton"]

@@ -1,13 +1,15 @@
-"""Dequantize ops: the tensors of a 4-bit weight in, the dense W[N, K] out.
+"""Dequantize and quantize ops: the tensors of a 4-bit weight in, the dense W[N, K] out, and back.
 
     torch.ops.fusedlora.dequantize_nf4(data, absmax, nested_absmax?, nested_code?, nested_offset,
                                        blocksize, n, k, dtype) -> W[n, k]
     torch.ops.fusedlora.dequantize_int4(data, scales, zeros, group_size, dtype) -> W[N, K]
+    torch.ops.fusedlora.quantize_nf4(w, blocksize) -> (data, absmax)     (bitsandbytes' bytes)
 
 Each is a torch.library custom op with a fake impl (torch.compile traces it) whose body dispatches
 through the op registry to the "reference" (plain torch), "triton" or "cuda" implementation; the
 "cuda" NF4 implementation is the extension's ``torch.ops.fusedlora.dequantize_nf4_cuda`` (csrc/).
-``dequantize(packed, dtype)`` is the Python entry: it validates a ``Packed4bit`` and calls the op.
+``dequantize(packed, dtype)`` and ``quantize_nf4(w, blocksize, double_quant)`` are the Python entries:
+they validate and call the ops (double quantization of the absmax runs in plain torch: a few KB).
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import torch
 from .._ext import extension_loaded
 from ..formats import dequantize_int4 as _int4_reference
 from ..formats import dequantize_nf4 as _nf4_reference
-from ..formats.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, n_blocks
+from ..formats.nf4 import (
+    BLOCKSIZES,
+    NESTED_BLOCKSIZE,
+    assemble_nf4,
+    check_nf4_input,
+    n_blocks,
+    quantize_nf4_bytes,
+)
 from ..formats.packed import SCHEMES, Packed4bit
 from .checks import check_tensor
 from .registry import register, select
@@ -100,6 +109,19 @@ def _(data, scales, zeros, group_size, dtype):
     return data.new_empty((data.shape[0], 2 * data.shape[1]), dtype=dtype)
 
 
+@torch.library.custom_op("fusedlora::quantize_nf4", mutates_args=())
+def quantize_nf4_op(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _, impl = select("quantize_nf4", w.device, w.dtype)
+    return impl(w.contiguous(), blocksize)
+
+
+@quantize_nf4_op.register_fake
+def _(w, blocksize):
+    numel = w.numel()
+    return w.new_empty(((numel + 1) // 2, 1), dtype=torch.uint8), w.new_empty((n_blocks(numel, blocksize),),
+                                                                                dtype=torch.float32)
+
+
 # ---- implementations ----------------------------------------------------------------------------------------
 
 
@@ -137,6 +159,18 @@ def _dequantize_int4_triton(*args):
     return dequantize_int4_triton(*args)
 
 
+@register("quantize_nf4", "reference")
+def quantize_nf4_reference(w, blocksize):
+    return quantize_nf4_bytes(w, blocksize)
+
+
+@register("quantize_nf4", "triton")
+def _quantize_nf4_triton(w, blocksize):
+    from ..kernels.dequant import quantize_nf4_triton
+
+    return quantize_nf4_triton(w, blocksize)
+
+
 # ---- the extension's op: its fake impl lives here, next to the op that calls it ------------------------------
 
 if extension_loaded() and hasattr(torch.ops.fusedlora, "dequantize_nf4_cuda"):
@@ -166,3 +200,10 @@ def dequantize(packed: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
         check_int4(packed.data, packed.scales, packed.zeros, packed.block, dtype)
         return torch.ops.fusedlora.dequantize_int4(packed.data, packed.scales, packed.zeros, packed.block, dtype)
     raise ValueError(f"packed.scheme: expected one of {SCHEMES}, got {packed.scheme!r}")
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> Packed4bit:
+    """bitsandbytes-exact NF4 of a 2-D weight, the codes by the backend of its device."""
+    check_nf4_input(w, blocksize)
+    data, absmax = torch.ops.fusedlora.quantize_nf4(w, blocksize)
+    return assemble_nf4(data, absmax, tuple(w.shape), blocksize, double_quant)
