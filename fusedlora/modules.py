@@ -449,7 +449,15 @@ def linear_base(module: nn.Module) -> tuple[torch.Tensor | QuantizedWeight, torc
     weight = getattr(module, "weight", None)
     if not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"expected a linear layer (torch.nn.Linear or a subclass), got {type(module).__name__}")
-    if getattr(weight, "quant_state", None) is not None:
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes' CPU eval forward repacks the bytes and drops double quantization in place
+            raise ValueError(
+                f"{type(module).__name__}: its 4-bit state was converted in place by a bitsandbytes CPU forward "
+                "in eval mode and no longer holds the checkpoint's NF4 state; convert the layer before any "
+                "eval-mode CPU forward (or reload it)"
+            )
         return QuantizedWeight.from_bnb(weight), module.bias
     if not weight.is_floating_point():
         raise TypeError(

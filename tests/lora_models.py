@@ -12,13 +12,13 @@ import torch
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, intermediate: int = 96):
+def tiny_llama(seed: int = 0, layers: int = 2, intermediate: int = 96, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=97, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -56,7 +56,8 @@ def peft_model(base, seed: int = 3, **lora_kwargs):
     return get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs)).eval()
 
 
-def bnb_nf4_checkpoint(tmp_dir, seed: int = 0):
+def bnb_nf4_checkpoint(tmp_dir, seed: int = 0, double_quant: bool = True, tie: bool = False,
+                       max_shard_size: str | None = None):
     """A tiny Llama quantized to NF4 (double quantization) by transformers + bitsandbytes on CPU and saved
     with save_pretrained; returns (its folder, the bitsandbytes model, the dense model it came from).
 
@@ -66,13 +67,14 @@ def bnb_nf4_checkpoint(tmp_dir, seed: int = 0):
     """
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    dense = tiny_llama(seed, intermediate=128)
+    dense = tiny_llama(seed, intermediate=128, tie=tie)
     dense.save_pretrained(f"{tmp_dir}/dense")
-    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                             bnb_4bit_compute_dtype=torch.float32)
     bnb_model = LlamaForCausalLM.from_pretrained(f"{tmp_dir}/dense", quantization_config=qc, device_map="cpu",
                                                  dtype=torch.float32)
-    bnb_model.save_pretrained(f"{tmp_dir}/nf4")
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    bnb_model.save_pretrained(f"{tmp_dir}/nf4", **kwargs)
     return f"{tmp_dir}/nf4", bnb_model, dense
 
 

@@ -127,6 +127,17 @@ def test_load_quantized_equals_bitsandbytes(nf4_checkpoint, tmp_path):
     torch.testing.assert_close(outputs(again, ids), outputs(model, ids), atol=0, rtol=0)
 
 
+def test_load_quantized_tied_sharded_without_double_quant(tmp_path):
+    path, bnb_model, dense = bnb_nf4_checkpoint(tmp_path, double_quant=False, tie=True, max_shard_size="20KB")
+    assert (tmp_path / "nf4" / "model.safetensors.index.json").is_file()
+    model = fl.load_quantized(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    q = lora_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert q.quant_nested_absmax is None and q.quant_absmax.dtype == torch.float32
+    ids = token_ids()
+    torch.testing.assert_close(outputs(model, ids), outputs(dequantized_twin(bnb_model, dense), ids), **FP32_TOL)
+
+
 def test_load_quantized_errors(nf4_checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         fl.load_quantized(tmp_path)
@@ -134,3 +145,18 @@ def test_load_quantized_errors(nf4_checkpoint, tmp_path):
     nf4_checkpoint[2].save_pretrained(dense_dir)
     with pytest.raises(ValueError, match="no bitsandbytes 4-bit quantization_config"):
         fl.load_quantized(dense_dir)
+
+
+def test_bnb_layers_inject_in_place_and_converted_state_is_refused(nf4_checkpoint):
+    _, bnb_model, dense = nf4_checkpoint
+    ids = token_ids()
+    expected = outputs(dequantized_twin(bnb_model, dense), ids)
+    model = fl.inject(copy.deepcopy(bnb_model), r=4, alpha=8)  # B = 0: the base function alone
+    assert all(m.quantized for m in lora_layers(model).values())
+    torch.testing.assert_close(outputs(model, ids), expected, **FP32_TOL)
+    used = copy.deepcopy(bnb_model).eval()
+    outputs(used, ids)  # bitsandbytes' CPU eval forward converts the 4-bit state in place
+    if not getattr(used.model.layers[0].self_attn.q_proj.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this bitsandbytes build does not convert its CPU state")
+    with pytest.raises(ValueError, match="converted in place by a bitsandbytes CPU forward"):
+        fl.inject(used, r=4)
