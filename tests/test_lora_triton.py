@@ -185,6 +185,42 @@ def test_matches_reference(dtype, kind, m, k, n, r, bias):
               dtype)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "nf4-dq", "int4"])
+def test_hand_built_layouts_match_formats(kind):
+    # the kernels' reading of the layouts (what these tests build by hand) is the formats code's reading
+    from fusedlora.formats import dequantize_reference
+
+    torch.manual_seed(6)
+    for n, k in ((33, 59), (40, 128)):
+        if kind == "int4" and k % 64:
+            continue
+        packed, w64 = nf4_weight(n, k, double_quant=kind == "nf4-dq") if kind != "int4" else int4_weight(n, k)
+        torch.testing.assert_close(dequantize_reference(packed, torch.float64), w64, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind,kwargs", [
+    ("nf4-dq", {"scheme": "nf4", "blocksize": 64, "double_quant": True}),
+    ("nf4-128", {"scheme": "nf4", "blocksize": 128, "double_quant": False}),
+    ("int4", {"scheme": "int4", "group_size": 128}),
+])
+def test_quantized_weights_match_reference_op(kind, kwargs):
+    # end to end through fl.quantize / fl.lora_linear: the reference op on the same QuantizedWeight
+    import fusedlora as fl
+    from fusedlora.ops.lora import lora_linear_reference as ref_op
+
+    torch.manual_seed(12)
+    m, k, n, r, scale = 29, 256, 72, 8, 0.5
+    qw = fl.quantize(torch.randn(n, k) / 16, **kwargs)
+    x, a, b, bias = lora_inputs(m, k, n, r, torch.float32)
+    dy = torch.randn(m, n)
+    ours = run(lambda x, a, b, bias: fl.lora_linear(x, qw, a, b, scale, bias), x, a, b, bias, dy)
+    ref = run(lambda x, a, b, bias: ref_op(x, qw.packed, a, b, scale, bias, 0.0, False, None), x, a, b, bias, dy)
+    # fp32 inputs: both accumulate in fp32 (the interpreter's fp32 dot is exact fp32 math), so only the
+    # summation order differs: a few ulps of the largest partial sums
+    for o, rf in zip(ours, ref, strict=True):
+        torch.testing.assert_close(o, rf, rtol=1e-5, atol=1e-5 * rf.abs().max().item())
+
+
 def test_dense_weight_gradient():
     # a dense weight that requires grad gets dW = dYᵀ·x (frozen bases never ask for it)
     torch.manual_seed(3)

@@ -192,13 +192,14 @@ def lowrank_config(m: int) -> dict:
 
 
 def autotuned(kernel, configs: list[dict]):
-    """``kernel`` autotuned over ``configs``, keyed on the M bucket, N and K."""
+    """``kernel`` autotuned over ``configs``, keyed on the M bucket, N, K and the weight format (tensor
+    dtypes join the key on their own)."""
     tconfigs = [
         triton.Config({k: v for k, v in c.items() if not k.startswith("num_")},
                       num_warps=c["num_warps"], num_stages=c["num_stages"])
         for c in configs
     ]
-    return triton.autotune(configs=tconfigs, key=["M_BUCKET", "N", "K"])(kernel)
+    return triton.autotune(configs=tconfigs, key=["M_BUCKET", "N", "K", "WFMT", "ROWS_ALIGNED"])(kernel)
 
 
 _fwd_autotuned = None
