@@ -74,6 +74,19 @@ def test_from_linear_shares_the_base_and_lora_params_are_fp32():
     assert layer.lora_B.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
 
 
+def test_autocast_bf16_with_fp32_parameters():
+    torch.manual_seed(5)
+    layer = random_layer()
+    x = torch.randn(4, K)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32
+    # bf16 rounding of x, A, B and W (relative 2^-8 each) on outputs of magnitude ~1
+    torch.testing.assert_close(y.double(), f64_reference(layer, x), atol=5e-2, rtol=2e-2)
+
+
 def test_merge_unmerge_and_to_linear():
     torch.manual_seed(1)
     layer = random_layer()
