@@ -174,6 +174,8 @@ def inject(
     for name in names:
         old = modules[name]
         r_i, alpha_i = layer_settings(name, r, alpha, rank_pattern, alpha_pattern)
+        if isinstance(r_i, bool) or not isinstance(r_i, int) or r_i < 1:
+            raise ValueError(f"inject: {name}: expected a rank r >= 1 (r or rank_pattern), got {r_i!r}")
         adapter = dict(r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora,
                        init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
         if id(old) in done:

@@ -82,11 +82,14 @@ def from_peft(peft_model, strict: bool = True) -> nn.Module:
 
     problems: dict[str, str] = {}
     convert: list[tuple[str, nn.Module]] = []
+    inactive: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             problems[name] = "a trainable modules_to_save copy (not a LoRA layer)"
         elif isinstance(module, BaseTunerLayer):
             if adapter not in getattr(module, "lora_A", {}) and adapter not in getattr(module, "lora_embedding_A", {}):
+                if not getattr(module, "merged_adapters", None):
+                    inactive.append((name, module))  # only inactive adapters: computes its base alone
                 continue
             reason = _why_not(module, adapter) if hasattr(module, "use_dora") else "not a LoRA layer"
             if reason is None:
@@ -112,6 +115,9 @@ def from_peft(peft_model, strict: bool = True) -> nn.Module:
         new.scaling = float(layer.scaling[adapter])  # kept even if PEFT's scale was changed after creation
         new.train(layer.training)
         set_submodule(model, name, new)
+    for name, layer in inactive:
+        dropped |= set(getattr(layer, "lora_A", {})) | set(getattr(layer, "lora_embedding_A", {}))
+        set_submodule(model, name, layer.get_base_layer())
     if dropped:
         logger.warning("from_peft: inactive adapters %s were dropped", sorted(dropped))
     if problems:

@@ -49,6 +49,8 @@ def test_bad_targets_are_named():
         fl.inject(tiny_llama(), target_modules=["embed_tokens"])
     with pytest.raises(TypeError, match="target_modules"):
         fl.inject(tiny_llama(), target_modules=3)
+    with pytest.raises(ValueError, match=r"q_proj: expected a rank r >= 1"):
+        fl.inject(tiny_llama(), target_modules=["q_proj"], rank_pattern={"q_proj": 0})
     model = fl.inject(tiny_llama(), target_modules=["q_proj"])
     with pytest.raises(ValueError, match="already have an adapter"):
         fl.inject(model, target_modules=["q_proj"])

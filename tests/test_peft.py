@@ -59,13 +59,19 @@ def test_from_peft_refuses_what_it_cannot_convert():
         fl.from_peft(peft_model(base, r=4, target_modules=["q_proj"], use_dora=True))
 
     pm = peft_model(base, r=4, target_modules=["q_proj"])
-    pm.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = token_ids()
+    expected = outputs(pm, ids)  # "default" is active
     pm.base_model.set_adapter(["default", "second"])
     with pytest.raises(ValueError, match="exactly one active adapter"):
         fl.from_peft(pm)
+    pm.base_model.set_adapter("default")
+    model = fl.from_peft(pm)  # the inactive adapter is dropped (v_proj back to its nn.Linear), reported
+    assert type(model.model.layers[0].self_attn.v_proj) is torch.nn.Linear
+    assert lora_layers(model).keys() == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    torch.testing.assert_close(outputs(model, ids), expected, **FP32_TOL)
 
     pm = peft_model(base, r=4, target_modules=["q_proj", "embed_tokens"])
-    ids = token_ids()
     expected = outputs(pm, ids)
     with pytest.raises(ValueError, match=r"model\.embed_tokens: it is a Embedding LoRA layer"):
         fl.from_peft(copy.deepcopy(pm))
