@@ -209,3 +209,22 @@ def test_quantized_state_dict_to_and_merge(scheme):
     lin = fl.merge(layer)
     assert type(lin) is nn.Linear
     torch.testing.assert_close(lin(x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_ddp_wraps_a_4bit_layer(tmp_path):
+    """DDP broadcasts buffers (the 4-bit tensors) and reduces only the trainable LoRA parameters."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    layer = quantized_layer("nf4")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(layer)
+        x = torch.randn(3, 128)
+        ddp(x).sum().backward()
+        assert layer.lora_A.grad is not None and layer.quant_data.dtype == torch.uint8
+        torch.testing.assert_close(ddp(x), layer(x), atol=0, rtol=0)
+    finally:
+        dist.destroy_process_group()
