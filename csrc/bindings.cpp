@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "decode_lora.h"
 #include "dequant_nf4.h"
 
 // Checks whose messages name the tensor and what was expected.
@@ -91,15 +92,128 @@ at::Tensor dequantize_nf4_cuda(const at::Tensor& data, const at::Tensor& absmax,
   return out;
 }
 
+template <typename T>
+const T* optional_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// y[M, N] = x·deq(W)ᵀ + scale·(x·Aᵀ)·Bᵀ + bias for M <= 16 (csrc/decode_lora.cu); x [M, K] bf16/fp16.
+at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
+                            const std::optional<at::Tensor>& absmax_q,
+                            const std::optional<at::Tensor>& nested_absmax,
+                            const std::optional<at::Tensor>& nested_code, double nested_offset,
+                            const std::optional<at::Tensor>& code, const std::optional<at::Tensor>& scales,
+                            const std::optional<at::Tensor>& zeros, int64_t scheme, int64_t block, int64_t n,
+                            int64_t k, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            const std::optional<at::Tensor>& bias, double scale) {
+  CHECK_CUDA(x);
+  CHECK_CONTIGUOUS(x);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: expected shape [M, K=", k, "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x: expected dtype bfloat16 or float16, got ", x.scalar_type());
+  const int64_t m_rows = x.size(0);
+  TORCH_CHECK(m_rows >= 1 && m_rows <= fusedlora::kDecodeMaxM, "x: expected 1 <= M <= ", fusedlora::kDecodeMaxM,
+              " rows, got ", m_rows);
+  TORCH_CHECK(k % 32 == 0, "k: expected a multiple of 32 (16-byte loads within a row), got ", k);
+  TORCH_CHECK(scheme == 0 || scheme == 1, "scheme: expected 0 (nf4) or 1 (int4), got ", scheme);
+  CHECK_INPUT(w, x);
+  CHECK_DTYPE(w, at::kByte);
+  CHECK_NUMEL(w, n * k / 2);
+  const int64_t n_blocks = (n * k + block - 1) / block;
+  if (scheme == 0) {
+    TORCH_CHECK(code.has_value(), "code: expected the 16 NF4 values for scheme nf4, got None");
+    CHECK_INPUT(*code, x);
+    CHECK_NUMEL(*code, 16);
+    TORCH_CHECK(absmax.has_value() != absmax_q.has_value(),
+                "absmax, absmax_q: expected exactly one (absmax_q with double quantization)");
+    if (absmax.has_value()) {
+      CHECK_INPUT(*absmax, x);
+      CHECK_DTYPE(*absmax, at::kFloat);
+      CHECK_NUMEL(*absmax, n_blocks);
+    } else {
+      CHECK_INPUT(*absmax_q, x);
+      CHECK_DTYPE(*absmax_q, at::kByte);
+      CHECK_NUMEL(*absmax_q, n_blocks);
+      TORCH_CHECK(nested_absmax.has_value() && nested_code.has_value(),
+                  "nested_absmax, nested_code: expected both with absmax_q");
+      CHECK_INPUT(*nested_absmax, x);
+      CHECK_DTYPE(*nested_absmax, at::kFloat);
+      CHECK_INPUT(*nested_code, x);
+      CHECK_NUMEL(*nested_code, 256);
+    }
+  } else {
+    TORCH_CHECK(scales.has_value() && zeros.has_value(), "scales, zeros: expected both for scheme int4");
+    CHECK_INPUT(*scales, x);
+    CHECK_DTYPE(*scales, at::kFloat);
+    CHECK_NUMEL(*scales, n_blocks);
+    CHECK_INPUT(*zeros, x);
+    CHECK_DTYPE(*zeros, at::kByte);
+    CHECK_NUMEL(*zeros, n_blocks);
+  }
+  CHECK_INPUT(lora_A, x);
+  CHECK_DTYPE(lora_A, x.scalar_type());
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == k && lora_A.size(0) >= 1,
+              "lora_A: expected shape [r, K=", k, "], got ", lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  CHECK_INPUT(lora_B, x);
+  CHECK_DTYPE(lora_B, x.scalar_type());
+  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == n && lora_B.size(1) == r,
+              "lora_B: expected shape [N=", n, ", r=", r, "], got ", lora_B.sizes());
+  if (bias.has_value()) {
+    CHECK_INPUT(*bias, x);
+    CHECK_DTYPE(*bias, x.scalar_type());
+    CHECK_NUMEL(*bias, n);
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({m_rows, n}, x.options());
+  at::Tensor xa = at::empty({m_rows, r}, x.options().dtype(at::kFloat));
+  fusedlora::DecodeArgs a{};
+  a.x = x.data_ptr();
+  a.ldx = k;
+  a.w = w.data_ptr<uint8_t>();
+  a.absmax = optional_ptr<float>(absmax);
+  a.absmax_q = optional_ptr<uint8_t>(absmax_q);
+  a.nested_absmax = optional_ptr<float>(nested_absmax);
+  a.nested_code = optional_ptr<float>(nested_code);
+  a.nested_offset = static_cast<float>(nested_offset);
+  a.code = optional_ptr<float>(code);
+  a.scales = optional_ptr<float>(scales);
+  a.zeros = optional_ptr<uint8_t>(zeros);
+  a.block = static_cast<int>(block);
+  a.A = lora_A.data_ptr();
+  a.B = lora_B.data_ptr();
+  a.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  a.xa = xa.data_ptr<float>();
+  a.y = y.data_ptr();
+  a.M = static_cast<int>(m_rows);
+  a.N = static_cast<int>(n);
+  a.K = static_cast<int>(k);
+  a.r = static_cast<int>(r);
+  a.scale = static_cast<float>(scale);
+  const auto act = x.scalar_type() == at::kBFloat16 ? fusedlora::Act::kBF16 : fusedlora::Act::kFP16;
+  const auto sch = scheme == 0 ? fusedlora::Scheme::kNF4 : fusedlora::Scheme::kINT4;
+  const cudaError_t err = fusedlora::decode_lora(a, act, sch, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "decode_lora_cuda: kernel launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedlora, m) {
   m.def(
       "dequantize_nf4_cuda(Tensor data, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "float nested_offset, int blocksize, int n, int k, ScalarType dtype) -> Tensor");
+  m.def(
+      "decode_lora_cuda(Tensor x, Tensor w, Tensor? absmax, Tensor? absmax_q, Tensor? nested_absmax, "
+      "Tensor? nested_code, float nested_offset, Tensor? code, Tensor? scales, Tensor? zeros, int scheme, "
+      "int block, int n, int k, Tensor lora_A, Tensor lora_B, Tensor? bias, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fusedlora, CUDA, m) { m.impl("dequantize_nf4_cuda", &dequantize_nf4_cuda); }
+TORCH_LIBRARY_IMPL(fusedlora, CUDA, m) {
+  m.impl("dequantize_nf4_cuda", &dequantize_nf4_cuda);
+  m.impl("decode_lora_cuda", &decode_lora_cuda);
+}
 
 // `import fusedlora._C` runs the registrations above; the module itself carries nothing (no pybind11,
 // which would double this file's compile time).

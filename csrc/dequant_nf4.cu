@@ -31,9 +31,7 @@ template <bool kDoubleQuant>
 __device__ __forceinline__ float block_absmax(const void* absmax, const float* nested_absmax,
                                               const float* nested_code, float offset, int64_t block) {
   if constexpr (kDoubleQuant) {
-    const uint8_t qa = __ldg(static_cast<const uint8_t*>(absmax) + block);
-    const float scaled = __fmul_rn(__ldg(nested_code + qa), __ldg(nested_absmax + nf4_nested_index(block)));
-    return __fadd_rn(scaled, offset);
+    return dq_absmax(static_cast<const uint8_t*>(absmax), nested_absmax, nested_code, offset, block);
   } else {
     return __ldg(static_cast<const float*>(absmax) + block);
   }
@@ -61,10 +59,8 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(
     const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
-      uint32_t q[8];
-      nf4_unpack_word(words[w], q);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) vals[8 * w + j] = from_float<OutT>(__fmul_rn(code[q[j]], scale));
+      for (int j = 0; j < 8; ++j) vals[8 * w + j] = from_float<OutT>(__fmul_rn(code[word_code(words[w], j)], scale));
     }
     uint4* dst = reinterpret_cast<uint4*>(out + first);
     const uint4* src = reinterpret_cast<const uint4*>(vals);

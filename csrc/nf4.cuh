@@ -5,17 +5,13 @@
 //     absmax[b] = nested_code[qa[b]] * nested_absmax[b / 256] + offset     (two fp32 roundings, no FMA)
 // A 16-byte load covers 32 elements; blocksize (64, 128, 256) is a multiple of 32, so a 16-byte
 // aligned load never straddles two blocks: one absmax per load.
+// The unpacking of a 32-bit word (word_code) and the double-quant absmax (dq_absmax) are shared with the
+// decode kernel and live in decode_math.cuh.
 #pragma once
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FL_HD __host__ __device__ __forceinline__
-#define FL_UNROLL _Pragma("unroll")
-#else
-#define FL_HD inline
-#define FL_UNROLL
-#endif
+#include "decode_math.cuh"
 
 namespace fusedlora {
 
@@ -52,16 +48,5 @@ FL_HD int64_t nf4_block_index(int64_t i, int blocksize) { return i / blocksize; 
 FL_HD int64_t nf4_nested_index(int64_t block) { return block / kNestedBlocksize; }
 FL_HD int64_t nf4_num_bytes(int64_t numel) { return (numel + 1) >> 1; }
 FL_HD int64_t nf4_num_blocks(int64_t numel, int blocksize) { return (numel + blocksize - 1) / blocksize; }
-
-// One little-endian 32-bit word of packed bytes -> its 8 codes in element order
-// (byte 0 is the lowest byte of the word; its high nibble is the first element).
-FL_HD void nf4_unpack_word(uint32_t w, uint32_t codes[8]) {
-  FL_UNROLL
-  for (int b = 0; b < 4; ++b) {
-    const uint32_t byte = (w >> (8 * b)) & 0xFFu;
-    codes[2 * b] = byte >> 4;
-    codes[2 * b + 1] = byte & 0xFu;
-  }
-}
 
 }  // namespace fusedlora

@@ -25,23 +25,17 @@ static void test_code_table_is_sorted_and_anchored() {
   EXPECT(nf4_value(16 + 3) == nf4_value(3));  // only the low 4 bits count
 }
 
-static void test_16_byte_load_decodes_element_order() {
-  // Pack codes as stored (byte j = q[2j] << 4 | q[2j+1]), read the 16 bytes as four little-endian
-  // words like the kernel's uint4 load, and check every element comes back in order.
+static void test_code_of_flat_elements() {
+  // A row of odd K starts in the middle of a byte: element i's code follows the flat index alone.
   std::mt19937 rng(7);
-  for (int trial = 0; trial < 200; ++trial) {
-    uint8_t q[32], bytes[16];
-    for (int i = 0; i < 32; ++i) q[i] = static_cast<uint8_t>(rng() & 0xF);
-    for (int j = 0; j < 16; ++j) bytes[j] = static_cast<uint8_t>((q[2 * j] << 4) | q[2 * j + 1]);
-    uint32_t words[4];
-    std::memcpy(words, bytes, sizeof(words));
-    for (int w = 0; w < 4; ++w) {
-      uint32_t codes[8];
-      nf4_unpack_word(words[w], codes);
-      for (int j = 0; j < 8; ++j) EXPECT(codes[j] == q[8 * w + j]);
-    }
-    for (int64_t i = 0; i < 32; ++i) EXPECT(nf4_code_of(bytes[nf4_byte_index(i)], i) == q[i]);
-  }
+  std::vector<uint8_t> q(97 * 3), bytes((q.size() + 1) / 2, 0);
+  for (auto& v : q) v = static_cast<uint8_t>(rng() & 0xF);
+  for (size_t i = 0; i < q.size(); ++i) bytes[i / 2] |= static_cast<uint8_t>(i % 2 ? q[i] : q[i] << 4);
+  for (int64_t i = 0; i < static_cast<int64_t>(q.size()); ++i) EXPECT(nf4_code_of(bytes[nf4_byte_index(i)], i) == q[i]);
+  // and a 16-byte load (4 little-endian words, decoded by word_code) agrees with the per-element path
+  uint32_t words[4];
+  std::memcpy(words, bytes.data() + 16, sizeof(words));
+  for (int e = 0; e < 32; ++e) EXPECT(word_code(words[e / 8], e % 8) == nf4_code_of(bytes[16 + e / 2], e));
 }
 
 static void test_block_indices_of_flat_elements() {
@@ -66,7 +60,7 @@ static void test_block_indices_of_flat_elements() {
 
 int main() {
   test_code_table_is_sorted_and_anchored();
-  test_16_byte_load_decodes_element_order();
+  test_code_of_flat_elements();
   test_block_indices_of_flat_elements();
   std::printf("test_nf4_layout: ok\n");
   return 0;
