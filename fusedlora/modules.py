@@ -109,7 +109,8 @@ class LoRALinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.merged = False
-        self._merged_weight: torch.Tensor | None = None  # a 4-bit base's merged dense weight
+        # a 4-bit base's merged dense weight while merged (moves with the module, never saved)
+        self.register_buffer("merged_weight", None, persistent=False)
         self.register_load_state_dict_post_hook(LoRALinear._sync_quant_meta)
         self.r = 0
         self.register_parameter("lora_A", None)
@@ -317,7 +318,7 @@ class LoRALinear(nn.Module):
         else:
             acc = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
             merged = self.dense_base_weight(acc) + self.delta_weight(acc)
-            self._merged_weight = merged.to(self.compute_dtype)
+            self.merged_weight = merged.to(self.compute_dtype)
         self.merged = True
 
     @torch.no_grad()
@@ -330,7 +331,7 @@ class LoRALinear(nn.Module):
             acc = torch.float64 if w.dtype == torch.float64 else torch.float32
             w.copy_((w.to(acc) - self.delta_weight(acc)).to(w.dtype))
         else:
-            self._merged_weight = None
+            self.merged_weight = None
         self.merged = False
 
     def to_linear(self) -> nn.Linear:
@@ -345,7 +346,7 @@ class LoRALinear(nn.Module):
             if self.r and not self.merged:
                 w = w + self.delta_weight(acc)
             elif self.merged:
-                w = self._merged_weight.to(acc)
+                w = self.merged_weight.to(acc)
             w = w.to(dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(w, requires_grad=False)
@@ -360,7 +361,7 @@ class LoRALinear(nn.Module):
             if self.quant_scheme is None:
                 w = self.weight
             elif self.merged:
-                w = self._merged_weight
+                w = self.merged_weight
             else:
                 w = self.base_weight.dequantize(x.dtype)
             return F.linear(x, _cast(w, x.dtype), bias)

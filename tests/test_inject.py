@@ -209,3 +209,16 @@ def test_injected_nf4_llama_on_cuda_runs_the_fused_kernels(monkeypatch):
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad.float(), atol=5e-2, rtol=5e-2, msg=n)
+
+
+def test_plain_torch_model_and_shared_modules():
+    torch.manual_seed(0)
+    shared = nn.Linear(59, 59)
+    model = nn.Sequential(nn.Linear(97, 59), nn.ReLU(), shared, nn.ReLU(), shared)
+    x = torch.randn(3, 97)
+    fl.inject(model, r=3, alpha=6, init_lora_weights=False)
+    assert isinstance(model[0], fl.LoRALinear) and model[2] is model[4]  # still one module, one adapter
+    y = model(x)
+    fl.merge(model)
+    assert type(model[0]) is nn.Linear and model[2] is model[4]
+    torch.testing.assert_close(model(x), y, atol=1e-5, rtol=1e-5)  # fp32 re-association only
