@@ -221,7 +221,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     if not layers:
         inject(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora,
                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, exclude_modules=exclude)
-        layers = lora_layers(model)
+        layers = {n: m for n, m in lora_layers(model).items() if m.r}
     else:
         chosen = set(find_targets(model, targets, exclude))
         if chosen != set(layers):

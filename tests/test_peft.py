@@ -29,7 +29,8 @@ pytest.importorskip("peft")
         ("llama", dict(r=4, lora_alpha=8, target_modules="all-linear")),
         ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
                        rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3})),
-        ("bert", dict(r=3, lora_alpha=5, target_modules=BERT_TARGETS, rank_pattern={"query": 6})),
+        ("bert", dict(r=3, lora_alpha=5, target_modules=BERT_TARGETS, rank_pattern={"query": 6},
+                      lora_dropout=0.1)),
     ],
 )
 def test_from_peft_equal_outputs(arch, kwargs):
@@ -47,6 +48,7 @@ def test_from_peft_equal_outputs(arch, kwargs):
     for name, layer in layers.items():
         assert layer.lora_A is params[name]  # the same Parameter objects: optimizers keep working
         assert layer.scaling == pytest.approx(peft_layers[name].scaling["default"])
+        assert layer.dropout == kwargs.get("lora_dropout", 0.0)
     # the same fp32 math up to summation order, see FP32_TOL
     torch.testing.assert_close(outputs(model, ids), expected, **FP32_TOL)
 
@@ -166,3 +168,18 @@ def test_bnb_layers_inject_in_place_and_converted_state_is_refused(nf4_checkpoin
         pytest.skip("this bitsandbytes build does not convert its CPU state")
     with pytest.raises(ValueError, match="converted in place by a bitsandbytes CPU forward"):
         fl.inject(used, r=4)
+
+
+def test_peft_qlora_adapter_loads_onto_load_quantized(nf4_checkpoint, tmp_path):
+    """The QLoRA round trip without bitsandbytes at load time: PEFT over the bitsandbytes model saves an
+    adapter; load_quantized + load_adapter reproduce that PEFT model's outputs."""
+    path, bnb_model, _ = nf4_checkpoint
+    pm = peft_model(bnb_model, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_rslora=True)
+    ids = token_ids()
+    pm.train()  # bitsandbytes' CPU train-mode forward leaves the 4-bit state as it is; dropout is 0
+    with torch.no_grad():
+        expected = pm(input_ids=ids).logits
+    pm.save_pretrained(tmp_path)
+    model = fl.load_adapter(fl.load_quantized(path), tmp_path)
+    assert {n.rsplit(".", 1)[-1] for n in lora_layers(model) if lora_layers(model)[n].r} == {"q_proj", "down_proj"}
+    torch.testing.assert_close(outputs(model, ids), expected, **FP32_TOL)  # exact NF4 on both sides
