@@ -6,8 +6,6 @@ import torch
 import fusedlora as fl
 from fusedlora.formats import dequantize_reference
 
-pytestmark = pytest.mark.gpu
-
 
 def _poison_allocator():
     # The kernel's output comes from torch's caching allocator: fill a freed block with NaN first so an
@@ -20,6 +18,24 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.skipif(not fl.extension_loaded(), reason="the CUDA extension fusedlora._C is not built")
+@pytest.mark.parametrize("dq", [False, True])
+def test_decode_op_schema_and_fake_on_meta_tensors(dq):
+    from fusedlora.formats import nf4_code
+
+    m, k, n, r = 3, 256, 97, 8
+    p = fl.quantize(torch.randn(n, k), scheme="nf4", blocksize=64, double_quant=dq).packed
+    meta = lambda t: None if t is None else t.to("meta")  # noqa: E731
+    args = (meta(torch.randn(m, k, dtype=torch.bfloat16)), meta(p.data), None if dq else meta(p.absmax),
+            meta(p.absmax) if dq else None, meta(p.nested_absmax), meta(p.nested_code), p.nested_offset,
+            meta(nf4_code()), None, None, 0, 64, n, k, meta(torch.randn(r, k, dtype=torch.bfloat16)),
+            meta(torch.randn(n, r, dtype=torch.bfloat16)), None, 2.0)
+    out = torch.ops.fusedlora.decode_lora_cuda(*args)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+    torch.library.opcheck(torch.ops.fusedlora.decode_lora_cuda.default, args)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant", ["nf4", "nf4-dq", "int4"])
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
@@ -48,6 +64,7 @@ def test_decode_matches_reference(dtype, quant, m, k, n):
     assert _rel(y, exact) <= 2 * _rel(naive, exact)
 
 
+@pytest.mark.gpu
 def test_decode_is_the_path_taken_and_training_is_not():
     from fusedlora.ops.decode import decode_applies
 

@@ -4,7 +4,7 @@ Each op module registers its reference implementation here and its kernel implem
 CUDA) lazily, so that importing fusedlora never compiles or loads a kernel.
 """
 
-from . import lora_triton  # noqa: F401  (registers the triton family's lora_linear and its torch ops)
+from . import decode, lora_triton  # noqa: F401  (register the cuda and triton families' lora_linear)
 from .backend import backend
 from .dequant import dequantize
 from .lora import lora_linear

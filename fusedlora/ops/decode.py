@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .._ext import extension_loaded
 from ..formats.nf4 import nf4_code
 from ..formats.packed import Packed4bit
 from .registry import implementation, register
@@ -65,9 +66,8 @@ def lora_linear_cuda(x, weight, lora_A, lora_B, scale, bias, dropout_p, training
     return triton_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, training, dropout_mask)
 
 
-def register_fake() -> None:
-    """Shape function of the extension's op, for torch.compile and meta tensors (called once it is loaded)."""
-
+if extension_loaded() and hasattr(torch.ops.fusedlora, "decode_lora_cuda"):
+    # Shape function of the extension's op, for torch.compile and meta tensors.
     @torch.library.register_fake("fusedlora::decode_lora_cuda")
     def _(x, w, absmax, absmax_q, nested_absmax, nested_code, nested_offset, code, scales, zeros, scheme, block,
           n, k, lora_A, lora_B, bias, scale):
