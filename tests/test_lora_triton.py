@@ -310,6 +310,23 @@ def test_explicit_mask_is_refused():
         fl.lora_linear(x, w, a, b, 1.0, None, 0.5, True, torch.ones(4, 32, dtype=torch.bool))
 
 
+def test_corrupted_quant_state_is_refused():
+    import dataclasses
+
+    import fusedlora as fl
+
+    x, a, b, _ = lora_inputs(4, 64, 16, 4, torch.float32)
+    packed, _ = nf4_weight(16, 64)
+    for bad in (dataclasses.replace(packed, absmax=packed.absmax[:-1]),
+                dataclasses.replace(packed, data=packed.data[:-1]),
+                dataclasses.replace(packed, block=96)):
+        with pytest.raises((ValueError, TypeError)):
+            fl.lora_linear(x, bad, a, b, 1.0)
+    i4, _ = int4_weight(16, 64)
+    with pytest.raises(ValueError, match="scales"):
+        fl.lora_linear(x, dataclasses.replace(i4, scales=i4.scales[:, :0]), a, b, 1.0)
+
+
 # ------------------------------------------------------------------------------------------------------
 # input layouts
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..formats.packed import Packed4bit
+from .dequant import check_int4, check_nf4
 from .registry import register
 
 _EMPTY = (0,)
@@ -131,27 +132,28 @@ torch.library.register_autograd("fusedlora::lora_fwd", _backward, setup_context=
 
 
 def weight_args(weight) -> tuple:
-    """(w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset) for the ops."""
+    """(w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset) for the ops.
+
+    A 4-bit weight is checked in full first (sizes, dtypes, devices of every tensor): the kernels index
+    its tensors from (N, K) and the block size, so a corrupted state must fail here, not read out of bounds.
+    """
     if not isinstance(weight, Packed4bit):
         return weight.contiguous(), None, None, None, None, "dense", 0, 0.0
+    n, k = weight.shape
     if weight.scheme == "nf4":
-        if weight.absmax is None:
-            raise ValueError("weight: an NF4 Packed4bit needs absmax, got None")
-        if weight.double_quant:
-            if weight.absmax.dtype != torch.uint8 or weight.nested_code is None:
-                raise ValueError(
-                    "weight: a double-quantized NF4 Packed4bit needs uint8 absmax codes and nested_code, got "
-                    f"absmax {weight.absmax.dtype} and nested_code {type(weight.nested_code).__name__}")
-            return (weight.data.contiguous(), weight.absmax.contiguous(), None,
-                    weight.nested_absmax.float().contiguous(), weight.nested_code.float().contiguous(), "nf4",
-                    weight.block, float(weight.nested_offset))
-        return (weight.data.contiguous(), weight.absmax.float().contiguous(), None, None, None, "nf4",
-                weight.block, 0.0)
+        check_nf4(weight.data, weight.absmax, weight.nested_absmax, weight.nested_code, weight.block, n, k,
+                  torch.float32)
+        return (weight.data.contiguous(), weight.absmax.contiguous(), None,
+                None if weight.nested_absmax is None else weight.nested_absmax.contiguous(),
+                None if weight.nested_code is None else weight.nested_code.contiguous(), "nf4", weight.block,
+                float(weight.nested_offset))
     if weight.scheme == "int4":
-        if weight.scales is None or weight.zeros is None:
-            raise ValueError("weight: an INT4 Packed4bit needs scales and zeros, got None")
-        return (weight.data.contiguous(), weight.scales.float().contiguous(), weight.zeros.contiguous(), None,
-                None, "int4", weight.block, 0.0)
+        check_int4(weight.data, weight.scales, weight.zeros, weight.block, torch.float32)
+        if tuple(weight.data.shape) != (n, k // 2):
+            raise ValueError(f"weight.data: expected shape {(n, k // 2)} for an INT4 [{n}, {k}] weight, got "
+                             f"{tuple(weight.data.shape)}")
+        return (weight.data.contiguous(), weight.scales.contiguous(), weight.zeros.contiguous(), None, None,
+                "int4", weight.block, 0.0)
     raise ValueError(f"weight: expected scheme 'nf4' or 'int4', got {weight.scheme!r}")
 
 
