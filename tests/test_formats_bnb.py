@@ -140,3 +140,14 @@ def test_to_device_keeps_everything():
     moved = qw.to("cpu")
     assert moved is not qw and moved.packed.nested_offset == qw.packed.nested_offset
     assert torch.equal(moved.dequantize(), qw.dequantize())
+
+
+def test_other_quant_storage_dtype_reads_the_same_bytes():
+    # FSDP-style QLoRA stores the packed bytes in a float tensor (quant_storage); the bytes are what count
+    w = torch.randn(16, 64, dtype=torch.bfloat16)
+    data, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True,
+                                     quant_storage=torch.bfloat16)
+    assert data.dtype == torch.bfloat16
+    qw = fl.QuantizedWeight.from_bnb(data, state)
+    assert qw.packed.data.dtype == torch.uint8
+    assert torch.equal(qw.dequantize(), fl.quantize(w, blocksize=64).dequantize())
