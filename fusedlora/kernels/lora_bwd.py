@@ -5,8 +5,8 @@ A [r, K], B [N, r]. With m the keep-mask regenerated from the seed (never stored
 
     g  = dY·B                                   [M, r]  fp32 (the forward's pre-kernel, V = Bᵀ)
     dX = dY·deq(W) + m ⊙ ((s·q·g)·A)            [M, K]  ``_lora_dx_kernel``
-    dA = s·gᵀ·drop(x) = s·q·gᵀ·(m ⊙ x)          [r, K]  ``_lora_da_kernel``
-    dB = s·dYᵀ·xa                               [N, r]  ``_lora_db_kernel``
+    dA = s·gᵀ·drop(x) = s·q·((m ⊙ x)ᵀ·g)ᵀ       [r, K]  ``_reduce_m_kernel`` (big = x, thin = g)
+    dB = s·dYᵀ·xa                               [N, r]  ``_reduce_m_kernel`` (big = dY, thin = xa)
     dbias = Σ_m dY                              [N]     (torch)
 
 ``_lora_dx_kernel`` is one GEMM over tiles of dX whose N loop dequantizes W tiles [BLOCK_N, BLOCK_K] in
@@ -14,10 +14,11 @@ registers (the transposed access of the forward's tile, same decoder), then adds
 r-deep epilogue dot whose result is masked by the regenerated dropout mask (the mask multiplies the
 product, so it cannot share the main accumulator before it).
 
-dA and dB reduce over M: each program owns a column tile and a contiguous slice of M (split-M, so that
-short outputs still fill the GPU) and writes fp32 partial sums to a [splits, ...] workspace that torch
-sums (deterministic, no atomics). Their dots run in fp32 (tf32 on GPUs): g and xa are fp32 and x, dY
-convert exactly.
+dA and dB are the same reduction over M, out = scale·drop(big)ᵀ·thin with a thin fp32 right side: each
+program owns a column tile of big and a contiguous slice of M (split-M, so that short outputs still fill
+the GPU) and writes fp32 partial sums to a [splits, ...] workspace that torch sums (deterministic, no
+atomics); dA's workspace is laid out [r, K] directly. The dots run in fp32 (tf32 on GPUs): g and xa are
+fp32, and x, dY convert exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .lora_fwd import (
     GEMM_CONFIGS,
     INTERPRET_CONFIG,
     autotuned,
+    band_tile,
     block_r,
     gemm_spec_variants,
     lowrank,
@@ -60,15 +62,7 @@ def _lora_dx_kernel(
     GROUP_M: tl.constexpr,
 ):
     # output tiles are [BLOCK_M, BLOCK_K]; the reduction runs over N in BLOCK_N steps
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_k = tl.cdiv(K, BLOCK_K)
-    band = GROUP_M * num_k
-    first_m = (pid // band) * GROUP_M
-    band_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_m
-    pid_k = (pid % band) // band_m
-
+    pid_m, pid_k = band_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     k0 = pid_k * BLOCK_K
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = k0 + tl.arange(0, BLOCK_K)
@@ -101,76 +95,43 @@ def _lora_dx_kernel(
 
 
 @triton.jit
-def _lora_da_kernel(
-    # pointers: g fp32 [M, R], x [M, K], workspace fp32 [splits, R, K]
-    g_ptr, x_ptr, seed_ptr, ws_ptr,
+def _reduce_m_kernel(
+    # pointers: big [M, C] (x or dY), thin fp32 [M, R] (g or xa), workspace fp32 [splits, ...]
+    big_ptr, thin_ptr, seed_ptr, ws_ptr,
     # sizes
-    M, K, R, rows_per_split,
-    # strides
-    stride_xm,
-    # s/(1-p) and the drop probability
+    M, C, R, rows_per_split,
+    # strides: big's rows; the workspace element (c, j) of a split at c*stride_oc + j*stride_or
+    stride_bm, stride_oc, stride_or,
+    # output scale and the drop probability applied to big
     out_scale, p,
     # meta-parameters
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
+    """Partial sums over one slice of M: out[c, j] = out_scale · Σ_m drop(big)[m, c] · thin[m, j]."""
+    pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rj = tl.arange(0, BLOCK_R)
-    k_mask = rk < K
+    c_mask = rc < C
     j_mask = rj < R
     m_start = pid_s * rows_per_split
     m_end = min(M, m_start + rows_per_split)
     if DROPOUT:
         seed = tl.load(seed_ptr)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_mask = rm < m_end
         rm64 = rm.to(tl.int64)
-        gt = tl.load(g_ptr + rm64[None, :] * R + rj[:, None], mask=j_mask[:, None] & m_mask[None, :], other=0.0)
-        xt = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+        bt = tl.load(big_ptr + rm64[None, :] * stride_bm + rc[:, None], mask=c_mask[:, None] & m_mask[None, :],
                      other=0.0)
         if DROPOUT:
-            xt = tl.where(keep(seed, rm64[:, None] * K + rk[None, :], p), xt, 0.0)
-        acc = tl.dot(gt, xt.to(tl.float32), acc)
-    out = ws_ptr + pid_s.to(tl.int64) * R * K
-    tl.store(out + rj[:, None] * K + rk[None, :], acc * out_scale, mask=j_mask[:, None] & k_mask[None, :])
-
-
-@triton.jit
-def _lora_db_kernel(
-    # pointers: dY [M, N], xa fp32 [M, R], workspace fp32 [splits, N, R]
-    dy_ptr, xa_ptr, ws_ptr,
-    # sizes
-    M, N, R, rows_per_split,
-    # strides
-    stride_dym,
-    # s
-    out_scale,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, BLOCK_R)
-    n_mask = rn < N
-    j_mask = rj < R
-    m_start = pid_s * rows_per_split
-    m_end = min(M, m_start + rows_per_split)
-    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        m_mask = rm < m_end
-        rm64 = rm.to(tl.int64)
-        dyt = tl.load(dy_ptr + rm64[None, :] * stride_dym + rn[:, None], mask=n_mask[:, None] & m_mask[None, :],
-                      other=0.0)
-        xat = tl.load(xa_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
-        acc = tl.dot(dyt.to(tl.float32), xat, acc)
-    out = ws_ptr + pid_s.to(tl.int64) * N * R
-    tl.store(out + rn.to(tl.int64)[:, None] * R + rj[None, :], acc * out_scale,
-             mask=n_mask[:, None] & j_mask[None, :])
+            bt = tl.where(keep(seed, rm64[None, :] * C + rc[:, None], p), bt, 0.0)
+        tt = tl.load(thin_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
+        acc = tl.dot(bt.to(tl.float32), tt, acc)
+    out = ws_ptr + pid_s.to(tl.int64) * C * R
+    tl.store(out + rc.to(tl.int64)[:, None] * stride_oc + rj[None, :] * stride_or, acc * out_scale,
+             mask=c_mask[:, None] & j_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,32 +183,20 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, seed) -> 
     return dx
 
 
-def lora_da(g, x, scale, p, seed) -> torch.Tensor:
-    m, k = x.shape
-    r = g.shape[1]
+def reduce_m(big, thin, out_scale, p=0.0, seed=None, transpose_out=False) -> torch.Tensor:
+    """fp32 out_scale · drop(big)ᵀ·thin: [C, R], or [R, C] with ``transpose_out`` (split over M, summed)."""
+    m, c = big.shape
+    r = thin.shape[1]
     cfg = _reduce_config()
-    col_tiles = triton.cdiv(k, cfg["BLOCK_COLS"])
+    col_tiles = triton.cdiv(c, cfg["BLOCK_COLS"])
     splits, rows = _splits(m, col_tiles, cfg["BLOCK_M"])
-    ws = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
-    _lora_da_kernel[(col_tiles, splits)](
-        g, x, seed if p > 0 else g, ws, m, k, r, rows, x.stride(0), float(scale) / (1.0 - p), float(p),
-        DROPOUT=p > 0, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_COLS"], BLOCK_R=block_r(r),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return ws.sum(0) if splits > 1 else ws[0]
-
-
-def lora_db(dy, xa, scale) -> torch.Tensor:
-    m, n = dy.shape
-    r = xa.shape[1]
-    cfg = _reduce_config()
-    col_tiles = triton.cdiv(n, cfg["BLOCK_COLS"])
-    splits, rows = _splits(m, col_tiles, cfg["BLOCK_M"])
-    ws = torch.empty((splits, n, r), dtype=torch.float32, device=dy.device)
-    _lora_db_kernel[(col_tiles, splits)](
-        dy, xa, ws, m, n, r, rows, dy.stride(0), float(scale),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_COLS"], BLOCK_R=block_r(r),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    shape = (splits, r, c) if transpose_out else (splits, c, r)
+    ws = torch.empty(shape, dtype=torch.float32, device=big.device)
+    stride_oc, stride_or = (1, c) if transpose_out else (r, 1)
+    _reduce_m_kernel[(col_tiles, splits)](
+        big, thin, seed if p > 0 else thin, ws, m, c, r, rows, big.stride(0), stride_oc, stride_or,
+        float(out_scale), float(p), DROPOUT=p > 0, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_COLS"],
+        BLOCK_R=block_r(r), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return ws.sum(0) if splits > 1 else ws[0]
 
@@ -264,8 +213,9 @@ def lora_backward(
     if need_dx or need_da:
         g = lowrank(dy, lora_B, lora_B.stride(1), lora_B.stride(0), r)
     dx = lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, seed) if need_dx else None
-    da = lora_da(g, x, scale, p, seed) if need_da else None
-    db = lora_db(dy, xa, scale) if need_db else None
+    # dA = s/(1-p)·(m ⊙ x)ᵀ·g stored as [r, K]; dB = s·dYᵀ·xa
+    da = reduce_m(x, g, scale / (1.0 - p), p, seed, transpose_out=True) if need_da else None
+    db = reduce_m(dy, xa, scale) if need_db else None
     return dx, da, db
 
 
@@ -276,20 +226,15 @@ def aot_specs() -> list[dict]:
     specs = []
     rc = REDUCE_CONFIG
     for dname, dptr in DTYPES.items():
-        for dropout in (False, True):
+        for dropout in (False, True):  # dB: no dropout; dA: dropout
             specs.append(spec(
-                f"lora_da_{dname}{'_dropout' if dropout else ''}", _lora_da_kernel,
-                {"g_ptr": "*fp32", "x_ptr": dptr, "seed_ptr": "*i64", "ws_ptr": "*fp32", "M": "i32", "K": "i32",
-                 "R": "i32", "rows_per_split": "i32", "stride_xm": "i32", "out_scale": "fp32", "p": "fp32"},
-                {"DROPOUT": dropout, "BLOCK_M": rc["BLOCK_M"], "BLOCK_K": rc["BLOCK_COLS"],
+                f"reduce_m_{dname}{'_dropout' if dropout else ''}", _reduce_m_kernel,
+                {"big_ptr": dptr, "thin_ptr": "*fp32", "seed_ptr": "*i64", "ws_ptr": "*fp32", "M": "i32", "C": "i32",
+                 "R": "i32", "rows_per_split": "i32", "stride_bm": "i32", "stride_oc": "i32", "stride_or": "i32",
+                 "out_scale": "fp32", "p": "fp32"},
+                {"DROPOUT": dropout, "BLOCK_M": rc["BLOCK_M"], "BLOCK_C": rc["BLOCK_COLS"],
                  "BLOCK_R": block_r(AOT_R)},
                 rc["num_warps"], rc["num_stages"]))
-        specs.append(spec(
-            f"lora_db_{dname}", _lora_db_kernel,
-            {"dy_ptr": dptr, "xa_ptr": "*fp32", "ws_ptr": "*fp32", "M": "i32", "N": "i32", "R": "i32",
-             "rows_per_split": "i32", "stride_dym": "i32", "out_scale": "fp32"},
-            {"BLOCK_M": rc["BLOCK_M"], "BLOCK_N": rc["BLOCK_COLS"], "BLOCK_R": block_r(AOT_R)},
-            rc["num_warps"], rc["num_stages"]))
     for dname, dptr, fname, fid, qblock, aligned, cfg in gemm_spec_variants():
         sig = {"dy_ptr": dptr, **weight_signature(fid, dptr), "g_ptr": "*fp32", "a_ptr": dptr,
                "seed_ptr": "*i64", "dx_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32",

@@ -88,6 +88,18 @@ def _lowrank_kernel(
 
 
 @triton.jit
+def band_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
+    """(row tile, column tile) of program ``pid``, visiting tiles in bands of GROUP row tiles: consecutive
+    programs share column tiles (the weight) while they are hot in L2."""
+    num_r = tl.cdiv(rows, BLOCK_ROWS)
+    num_c = tl.cdiv(cols, BLOCK_COLS)
+    band = GROUP * num_c
+    first = (pid // band) * GROUP
+    height = min(num_r - first, GROUP)
+    return first + (pid % band) % height, (pid % band) // height
+
+
+@triton.jit
 def _lora_fwd_kernel(
     # pointers
     x_ptr, w_ptr, ws_ptr, wz_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
@@ -102,15 +114,7 @@ def _lora_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * num_n
-    first_m = (pid // band) * GROUP_M
-    band_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_m
-    pid_n = (pid % band) // band_m
-
+    pid_m, pid_n = band_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
