@@ -4,7 +4,8 @@ flat over bytes; quantize to NF4 with bitsandbytes' exact bytes.
 Both formats (``fusedlora.formats``) put two codes per byte, first element in the HIGH nibble, and one
 scale per ``BLOCK`` consecutive flat elements (NF4: absmax per blocksize elements of W[N, K] flattened;
 INT4: per group of g along K, and since K % g == 0 the flat group index of element e is e // g, scales
-and zeros being [N, K/g] row-major). A program takes BYTES consecutive bytes = 2*BYTES elements:
+and zeros being [N, K/g] row-major). A program takes BYTES consecutive bytes = 2*BYTES elements, as a
+tile with one row per scale block:
 
     NF4   out[e] = cast(code[q_e] * absmax[e // B]),  absmax[b] = ncode[qa[b]] * nabs[b // 256] + offset
     INT4  out[e] = cast(float(q_e - zero[e // g]) * scale[e // g])
@@ -29,6 +30,23 @@ from ..formats.nf4 import nf4_code
 
 
 @triton.jit
+def _scale_block_tile(pid, BLOCK: tl.constexpr, BYTES: tl.constexpr):
+    """A program's BYTES bytes as a [BYTES / (BLOCK/2), BLOCK/2] tile: one row per scale block, so each
+    thread loads its block's scale once and 16 consecutive bytes of it."""
+    rows = pid * (BYTES // (BLOCK // 2)) + tl.arange(0, BYTES // (BLOCK // 2))
+    b = rows[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
+    return rows, b
+
+
+@triton.jit
+def _store_nibble_pairs(out_ptr, rows, hi, lo, numel, BLOCK: tl.constexpr):
+    """Element 2j (the high nibble) then 2j+1, cast once to the output dtype."""
+    vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
+    e = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    tl.store(out_ptr + e, vals, mask=e < numel)
+
+
+@triton.jit
 def _dequant_nf4_kernel(
     # pointers
     data_ptr,  # uint8 [ceil(numel / 2)]
@@ -47,23 +65,18 @@ def _dequant_nf4_kernel(
     DOUBLE_QUANT: tl.constexpr,
     BYTES: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid * BYTES + tl.arange(0, BYTES)
-    bmask = b < n_bytes
-    byte = tl.load(data_ptr + b, mask=bmask, other=0)
-    # both nibbles of a byte share a block: the blocksize is even
-    blk = (2 * b) // BLOCKSIZE
+    blk, b = _scale_block_tile(tl.program_id(0).to(tl.int64), BLOCKSIZE, BYTES)
+    byte = tl.load(data_ptr + b, mask=b < n_bytes, other=0)
+    bmask = blk * (BLOCKSIZE // 2) < n_bytes
     if DOUBLE_QUANT:
         qa = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
         nabs = tl.load(nested_absmax_ptr + blk // 256, mask=bmask, other=0.0)
         scale = tl.load(nested_code_ptr + qa) * nabs + nested_offset
     else:
         scale = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
-    hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * scale
-    lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * scale
-    vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
-    e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-    tl.store(out_ptr + e, vals, mask=e < numel)
+    hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * scale[:, None]
+    lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * scale[:, None]
+    _store_nibble_pairs(out_ptr, blk, hi, lo, numel, BLOCKSIZE)
 
 
 @triton.jit
@@ -80,18 +93,14 @@ def _dequant_int4_kernel(
     GROUP: tl.constexpr,
     BYTES: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid * BYTES + tl.arange(0, BYTES)
-    bmask = b < n_bytes
-    byte = tl.load(data_ptr + b, mask=bmask, other=0)
-    grp = (2 * b) // GROUP
-    zero = tl.load(zeros_ptr + grp, mask=bmask, other=0).to(tl.int32)
-    scale = tl.load(scales_ptr + grp, mask=bmask, other=0.0)
+    grp, b = _scale_block_tile(tl.program_id(0).to(tl.int64), GROUP, BYTES)
+    byte = tl.load(data_ptr + b, mask=b < n_bytes, other=0)
+    gmask = grp * (GROUP // 2) < n_bytes
+    zero = tl.load(zeros_ptr + grp, mask=gmask, other=0).to(tl.int32)[:, None]
+    scale = tl.load(scales_ptr + grp, mask=gmask, other=0.0)[:, None]
     hi = ((byte >> 4).to(tl.int32) - zero).to(tl.float32) * scale
     lo = ((byte & 0xF).to(tl.int32) - zero).to(tl.float32) * scale
-    vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
-    e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-    tl.store(out_ptr + e, vals, mask=e < numel)
+    _store_nibble_pairs(out_ptr, grp, hi, lo, numel, GROUP)
 
 
 @triton.jit
@@ -129,8 +138,8 @@ def _quantize_nf4_kernel(
     tl.store(absmax_ptr + blk, tl.where(full, absmax, safe), mask=blk < n_blocks)
 
 
-# 1024 bytes in, 2048 elements out per program: 16 bytes per thread at 4 warps (one 16-byte load each).
-_BYTES = 1024
+# 2048 bytes in, 4096 elements out per program: 16 bytes per thread at 4 warps (one 16-byte load each).
+_BYTES = 2048
 _NUM_WARPS = 4
 _CODES: dict[torch.device, torch.Tensor] = {}
 
