@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import TrainConfig, add_arguments, given_fields, resolve
@@ -43,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"fusedlora train: error: {exc}", file=sys.stderr)
         return 2
-    if summary.get("loss_first") is not None:
-        print(f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}, "
-              f"{summary['tokens_per_s']:,.0f} tokens/s, backend {summary['backend']}; outputs in {config.out}")
+    if summary.get("loss_first") is not None and os.environ.get("RANK", "0") == "0":
+        speed = f"{summary['tokens_per_s']:,.0f} tokens/s, " if summary.get("tokens_per_s") else ""
+        print(f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}, {speed}"
+              f"backend {summary['backend']}; outputs in {config.out}")
     return 0
 
 
