@@ -2,6 +2,7 @@
 (opcheck, fake impls, torch.compile), and on a GPU the Triton and CUDA kernels in bf16/fp16/fp32."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -108,6 +109,13 @@ GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GPU_SHAPES = ((1024, 4096), (1000, 1030), (59, 97), (1, 31))
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_case(shape, double_quant, dtype):
+    """(CPU packed weight, its CUDA copy, the reference dequantization): shared by both families."""
+    p = quantize_nf4(weight(shape), 64, double_quant)
+    return p, fl.QuantizedWeight(p, dtype).to("cuda").packed, dequantize_reference(p, dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ("triton", "cuda"))
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
@@ -116,10 +124,7 @@ GPU_SHAPES = ((1024, 4096), (1000, 1030), (59, 97), (1, 31))
 def test_gpu_nf4_kernels_equal_reference(shape, double_quant, dtype, family, monkeypatch):
     if family == "cuda" and not fl.extension_loaded():
         pytest.fail("the CUDA extension is not loaded on a GPU machine")
-    w = weight(shape, device="cuda")
-    p = quantize_nf4(w.cpu(), 64, double_quant)
-    want = dequantize_reference(p, dtype)
-    pc = fl.QuantizedWeight(p, dtype).to("cuda").packed
+    p, pc, want = _gpu_case(shape, double_quant, dtype)
     monkeypatch.setenv("FUSEDLORA_BACKEND", family)
     assert select("dequantize_nf4", torch.device("cuda"), dtype)[0] == family
     out = dequantize(pc, dtype)
