@@ -109,7 +109,7 @@ GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GPU_SHAPES = ((1024, 4096), (1000, 1030), (59, 97), (1, 31))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpu_case(shape, double_quant, dtype):
     """(CPU packed weight, its CUDA copy, the reference dequantization): shared by both families."""
     p = quantize_nf4(weight(shape), 64, double_quant)
