@@ -80,6 +80,16 @@ class QuantizedWeight:
         blocksize = getattr(quant_state, "blocksize", None)
         if len(shape) != 2:
             raise ValueError(f"quant_state.shape: expected [N, K], got {shape}")
+        absmax = getattr(quant_state, "absmax", None)
+        if not isinstance(absmax, torch.Tensor) or absmax.dtype not in (torch.float32, torch.uint8) or (
+            data.dim() == 2 and data.shape[1] != 1
+        ):
+            got = f"absmax {getattr(absmax, 'dtype', None)}, data shape {tuple(data.shape)}"
+            raise ValueError(
+                f"quant_state: expected bitsandbytes' stored layout (data [bytes, 1], absmax float32 or uint8 "
+                f"codes), got {got}. bitsandbytes rewrites a Linear4bit's weight in place for its CPU kernel at "
+                "the first eval-mode forward on CPU; read the weight (or its state dict) before any forward"
+            )
         if data.dtype != torch.uint8:  # another quant_storage dtype holds the same bytes
             data = data.contiguous().view(torch.uint8)
         data = data.reshape(-1, 1)
@@ -96,9 +106,9 @@ class QuantizedWeight:
                 nested_absmax=state2.absmax, nested_code=state2.code,
                 nested_offset=float(offset.item() if isinstance(offset, torch.Tensor) else offset),
             )
-        # validate through the state-dict path: one set of checks, errors naming bitsandbytes' keys
+        # validate through the state-dict path: one set of checks (errors name the keys of module "param")
         dtype = getattr(quant_state, "dtype", torch.float32)
-        packed, dtype = _bnb.from_state_dict(_bnb.to_state_dict(packed, dtype, "weight_of_param"), "weight_of_param")
+        packed, dtype = _bnb.from_state_dict(_bnb.to_state_dict(packed, dtype, "param"), "param")
         return cls(packed, dtype)
 
     def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:

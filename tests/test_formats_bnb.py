@@ -151,3 +151,16 @@ def test_other_quant_storage_dtype_reads_the_same_bytes():
     qw = fl.QuantizedWeight.from_bnb(data, state)
     assert qw.packed.data.dtype == torch.uint8
     assert torch.equal(qw.dequantize(), fl.quantize(w, blocksize=64).dequantize())
+
+
+def test_from_bnb_after_a_cpu_eval_forward_is_refused():
+    # bitsandbytes repacks the bytes and turns absmax into bf16 in place at the first CPU eval forward:
+    # reading the layer afterwards would decode garbage, so it must be an error, not a silent result
+    layer, _ = linear4bit(64, 128, torch.bfloat16, True)
+    assert torch.equal(fl.QuantizedWeight.from_bnb(layer.weight).dequantize(), bnb_dequant(layer.weight))
+    with torch.no_grad():
+        layer.eval()(torch.randn(2, 128, dtype=torch.bfloat16))
+    if layer.weight.quant_state.absmax.dtype == torch.uint8:
+        pytest.skip("this bitsandbytes build keeps the stored state on a CPU forward")
+    with pytest.raises(ValueError, match="first eval-mode forward on CPU"):
+        fl.QuantizedWeight.from_bnb(layer.weight)
