@@ -205,59 +205,36 @@ def quantize_nf4_triton(w, blocksize):
 _TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
+def _spec(name: str, fn, pointers: dict, constexprs: dict, scalars: dict | None = None) -> dict:
+    """One AOT config: the launchers' num_warps, no FMA contraction, and what the JIT specializes on at
+    launch for real layer shapes (16-byte aligned torch allocations, element and byte counts that are
+    multiples of 16)."""
+    scalars = scalars or {}
+    signature = {**pointers, **scalars, **{c: "constexpr" for c in constexprs}}
+    return {
+        "name": name, "fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": _NUM_WARPS,
+        "num_stages": 1, "enable_fp_fusion": False, "large_m_gemm": False,
+        "divisible_by_16": [*pointers, *(a for a in scalars if a in ("numel", "n_bytes"))],
+    }
+
+
 def aot_specs() -> list[dict]:
     """The configurations to compile ahead of time (sm_80 / sm_90): what the launchers above run."""
     specs = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        t = _TRITON_DTYPES[dtype]
+    sizes = {"numel": "i64", "n_bytes": "i64"}
+    for t in _TRITON_DTYPES.values():
         for dq in (False, True):
-            specs.append({
-                "name": f"dequant_nf4_b64_{'dq_' if dq else ''}{t}",
-                "fn": _dequant_nf4_kernel,
-                "signature": {
-                    "data_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "nested_absmax_ptr": "*fp32",
-                    "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{t}", "numel": "i64",
-                    "n_bytes": "i64", "nested_offset": "fp32", "BLOCKSIZE": "constexpr",
-                    "DOUBLE_QUANT": "constexpr", "BYTES": "constexpr",
-                },
-                "constexprs": {"BLOCKSIZE": 64, "DOUBLE_QUANT": dq, "BYTES": _BYTES},
-                "num_warps": _NUM_WARPS,
-                "num_stages": 1,
-                "enable_fp_fusion": False,
-                "large_m_gemm": False,
-            })
-        specs.append({
-            "name": f"dequant_int4_g128_{t}",
-            "fn": _dequant_int4_kernel,
-            "signature": {
-                "data_ptr": "*u8", "scales_ptr": "*fp32", "zeros_ptr": "*u8", "out_ptr": f"*{t}", "numel": "i64",
-                "n_bytes": "i64",
-                "GROUP": "constexpr", "BYTES": "constexpr",
-            },
-            "constexprs": {"GROUP": 128, "BYTES": _BYTES},
-            "num_warps": _NUM_WARPS,
-            "num_stages": 1,
-            "enable_fp_fusion": False,
-            "large_m_gemm": False,
-        })
-        specs.append({
-            "name": f"quantize_nf4_b64_{t}",
-            "fn": _quantize_nf4_kernel,
-            "signature": {
-                "w_ptr": f"*{t}", "mid_ptr": "*fp32", "data_ptr": "*u8", "absmax_ptr": "*fp32", "numel": "i64",
-                "BLOCKSIZE": "constexpr", "ROWS": "constexpr",
-            },
-            "constexprs": {"BLOCKSIZE": 64, "ROWS": _QUANT_ROWS},
-            "num_warps": _NUM_WARPS,
-            "num_stages": 1,
-            "enable_fp_fusion": False,
-            "large_m_gemm": False,
-        })
-    for spec in specs:
-        # what the JIT specializes on at launch for real layer shapes: 16-byte aligned torch allocations,
-        # element and byte counts that are multiples of 16
-        spec["divisible_by_16"] = [a for a, t in spec["signature"].items()
-                                   if t.startswith("*") or a in ("numel", "n_bytes")]
+            pointers = {"data_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "nested_absmax_ptr": "*fp32",
+                        "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{t}"}
+            specs.append(_spec(f"dequant_nf4_b64_{'dq_' if dq else ''}{t}", _dequant_nf4_kernel, pointers,
+                               {"BLOCKSIZE": 64, "DOUBLE_QUANT": dq, "BYTES": _BYTES},
+                               {**sizes, "nested_offset": "fp32"}))
+        pointers = {"data_ptr": "*u8", "scales_ptr": "*fp32", "zeros_ptr": "*u8", "out_ptr": f"*{t}"}
+        specs.append(_spec(f"dequant_int4_g128_{t}", _dequant_int4_kernel, pointers,
+                           {"GROUP": 128, "BYTES": _BYTES}, sizes))
+        pointers = {"w_ptr": f"*{t}", "mid_ptr": "*fp32", "data_ptr": "*u8", "absmax_ptr": "*fp32"}
+        specs.append(_spec(f"quantize_nf4_b64_{t}", _quantize_nf4_kernel, pointers,
+                           {"BLOCKSIZE": 64, "ROWS": _QUANT_ROWS}, {"numel": "i64"}))
     return specs
 
 
