@@ -7,17 +7,9 @@
 #include <vector>
 
 #include "decode_math.cuh"
+#include "tests/expect.h"
 
 using namespace fusedlora;
-
-// Always on (unlike assert, which a Release build compiles out).
-#define EXPECT(cond)                                                        \
-  do {                                                                      \
-    if (!(cond)) {                                                          \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                         \
-    }                                                                       \
-  } while (0)
 
 static void test_word_code_matches_byte_layout() {
   // Pack 32 random codes the way the weights are stored (byte j = q[2j] << 4 | q[2j+1]), load them as

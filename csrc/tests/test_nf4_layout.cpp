@@ -7,17 +7,9 @@
 #include <vector>
 
 #include "nf4.cuh"
+#include "tests/expect.h"
 
 using namespace fusedlora;
-
-// Always on (assert disappears in a Release build).
-#define EXPECT(cond)                                                           \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                            \
-    }                                                                          \
-  } while (0)
 
 static void test_code_table_is_sorted_and_anchored() {
   EXPECT(nf4_value(0) == -1.0f && nf4_value(7) == 0.0f && nf4_value(15) == 1.0f);
