@@ -15,16 +15,19 @@ TINY_SEED = 0
 
 def tiny_llama_config():
     """Two layers of width 128 over the byte vocabulary: one optimizer step of 8×128 tokens takes tens of
-    milliseconds on a CPU core. initializer_range 0.1 (transformers' default is 0.02) because the output head
-    stays frozen: its rows have norm ≈ 0.1·√128 ≈ 1.1, so the final hidden state (norm ≈ √128 after RMSNorm)
-    can reach logits up to ≈ 13 through LoRA alone, where 0.02 would cap them near 2.6 and the loss with it."""
+    milliseconds on a CPU core; every K (128, 384) is a multiple of INT4's group size 128.
+
+    initializer_range 0.1 (transformers' default is 0.02) because the output head stays frozen: its rows
+    have norm ≈ 0.1·√128 ≈ 1.1, so the final hidden state (norm ≈ √128 after RMSNorm) can reach logits up
+    to ≈ 13 through LoRA alone, where 0.02 caps them near 2.6. Measured over 300 steps (dense base): the
+    loss ends at 0.61 with 0.1 and stalls at 3.6 with 0.02."""
     from transformers import LlamaConfig
 
     tok = ByteTokenizer()
     return LlamaConfig(
         vocab_size=tok.vocab_size,
         hidden_size=128,
-        intermediate_size=352,
+        intermediate_size=384,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
