@@ -43,7 +43,7 @@ from .lora_fwd import (
     spec,
     weight_signature,
 )
-from .weight_tile import FORMATS, load_w_tile
+from .weight_tile import FORMATS, load_w_pairs, load_w_tile
 
 
 @triton.jit
@@ -77,8 +77,11 @@ def _lora_dx_kernel(
         n = n0 + rn
         n_mask = n < N
         dyt = tl.load(dy_rows + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        wt = load_w_tile(w_ptr, ws_ptr, wz_ptr, n[:, None], rk[None, :], k0, n_mask[:, None], k_mask[None, :],
-                         K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
+        if WFMT != 0 and ROWS_ALIGNED and QBLOCK % BLOCK_K == 0:
+            wt = load_w_pairs(w_ptr, ws_ptr, wz_ptr, n, k0, n_mask, K, WFMT, QBLOCK, BLOCK_N, BLOCK_K)
+        else:
+            wt = load_w_tile(w_ptr, ws_ptr, wz_ptr, n[:, None], rk[None, :], k0, n_mask[:, None],
+                             k_mask[None, :], K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
         acc = tl.dot(dyt, wt.to(dyt.dtype), acc)
 
     rj = tl.arange(0, BLOCK_R)

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import interpreted
 from .dropout import keep
-from .weight_tile import FORMATS, load_w_tile
+from .weight_tile import FORMATS, load_w_pairs, load_w_tile
 
 
 @triton.jit
@@ -128,8 +128,11 @@ def _lora_fwd_kernel(
         k = k0 + rk
         k_mask = k < K
         xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = load_w_tile(w_ptr, ws_ptr, wz_ptr, rn[None, :], k[:, None], k0, n_mask[None, :], k_mask[:, None],
-                         K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
+        if WFMT != 0 and ROWS_ALIGNED and QBLOCK % BLOCK_K == 0:
+            wt = tl.trans(load_w_pairs(w_ptr, ws_ptr, wz_ptr, rn, k0, n_mask, K, WFMT, QBLOCK, BLOCK_N, BLOCK_K))
+        else:
+            wt = load_w_tile(w_ptr, ws_ptr, wz_ptr, rn[None, :], k[:, None], k0, n_mask[None, :],
+                             k_mask[:, None], K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
         acc = tl.dot(xt, wt.to(xt.dtype), acc)
 
     # the LoRA term as r extra K-steps of the same accumulator
