@@ -57,7 +57,11 @@ def bnb_functional():
     return bnbf
 
 
-def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device: str = "cuda") -> list[dict]:
+def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device: str = "cuda",
+        budget_s: float = float("inf")) -> list[dict]:
+    """Rows for each shape; shapes not started within ``budget_s`` seconds are skipped (and said so)."""
+    import time
+
     import fusedlora as fl
     from fusedlora.bench import results
     from fusedlora.bench.timing import time_ms
@@ -68,7 +72,11 @@ def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device:
     families = [f for f in ("cuda", "triton") if why_not(f, torch.device(device)) is None]
     bnbf = bnb_functional()
     rows = []
+    t0 = time.perf_counter()
     for n, k in shapes:
+        if time.perf_counter() - t0 > budget_s:
+            print(f"bench_dequant: time budget of {budget_s:.0f} s spent; skipped W [{n}, {k}] and after")
+            break
         w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
         cases = [("nf4", dict(scheme="nf4", blocksize=64, double_quant=False)),
                  ("nf4-dq", dict(scheme="nf4", blocksize=64, double_quant=True))]
@@ -116,6 +124,7 @@ def _baseline(quant, weights, dtype, bnbf, time_ms):
         return "bnb", ms
     from fusedlora.formats import dequantize_reference
 
+    # static shapes (dynamic=True trips an inductor bug on this graph); the time budget bounds the compiles
     ref = torch.compile(dequantize_reference, dynamic=False)
     return "torch_compile", time_ms(rotating(lambda i: ref(weights[i].packed, dtype), copies))
 
@@ -148,6 +157,8 @@ def main() -> int:
     ap.add_argument("--out", help="write the rows as a results JSON file here")
     ap.add_argument("--quick", action="store_true", help="one shape, NF4 only")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--budget-s", type=float, default=50.0,
+                    help="start no new shape after this many seconds (the device check gives a bench 75 s)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_dequant: needs a CUDA GPU (none visible); nothing measured", file=sys.stderr)
@@ -156,7 +167,8 @@ def main() -> int:
     from fusedlora.bench.timing import ceilings as measure_ceilings
 
     ceilings = measure_ceilings()
-    rows = run(SHAPES[:1] if args.quick else SHAPES, args.dtype, ceilings, with_int4=not args.quick)
+    rows = run(SHAPES[:1] if args.quick else SHAPES, args.dtype, ceilings, with_int4=not args.quick,
+               budget_s=args.budget_s)
     print(table(rows, ceilings))
     if args.out:
         results.save(rows, args.out, {**results.environment(), "ceilings": ceilings})
