@@ -16,7 +16,7 @@ Times are triton.testing.do_bench medians (L2 flushed before every repetition), 
 of three (x, dY) copies; peak memory is per step above what was live before it. % of roofline counts the
 layer's matmul FLOPs against the bf16 matmul rate measured in the same run.
 
-The matrix runs in priority order and the rows so far are written after every case, so ``--budget``
+The matrix runs in priority order and the rows so far are written after every row, so ``--budget``
 (default 45 s, for the device check's 75 s slot) stops it cleanly; ``--full`` runs every M in 512..8192.
 """
 
@@ -182,9 +182,9 @@ def main() -> int:
                 baseline_peak_mem=peak_memory_bytes(fn)))
             print(f"{k}->{n} M={m} {quant}: ours {ours_ms:.3f} ms, {name} {base_ms:.3f} ms "
                   f"({base_ms / ours_ms:.2f}x)  [{time.perf_counter() - t0:.0f} s]", flush=True)
+            results.save(rows, args.out, env)  # after every row: a timeout still leaves the rows so far
         del case
         torch.cuda.empty_cache()
-        results.save(rows, args.out, env)  # after every case: a timeout still leaves the rows so far
     if not rows:
         print("bench_layer: no rows", file=sys.stderr)
         return 1
