@@ -167,10 +167,11 @@ def test_gradient_checkpointing_changes_nothing(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _hf_checkpoint(path, texts):
-    """A small Llama checkpoint and a word-level tokenizer, saved as transformers saves them."""
+def _word_tokenizer(path, texts):
+    """A word-level tokenizer over the words of ``texts`` (ids 0-3: unk, bos, eos, pad), saved in ``path``;
+    returns its vocabulary size."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = sorted({w for t in texts for w in t.split()})
     vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>", "<pad>", *words])}
@@ -179,7 +180,24 @@ def _hf_checkpoint(path, texts):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="[UNK]")
     fast.save_pretrained(path)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    return len(vocab)
+
+
+def _arithmetic(tmp_path, n=6):
+    prompts = [f"what is {a} plus {b} ?" for a in range(n) for b in range(n)]
+    completions = [f"it is {a + b} ." for a in range(n) for b in range(n)]
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                            for p, c in zip(prompts, completions, strict=True)))
+    return prompts + completions, str(data)
+
+
+def _hf_checkpoint(path, texts):
+    """A small Llama checkpoint and a word-level tokenizer, saved as transformers saves them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n_vocab = _word_tokenizer(path, texts)
+    config = LlamaConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.1)
     torch.manual_seed(0)
@@ -190,15 +208,11 @@ def test_local_transformers_checkpoint_trains_and_peft_loads_the_adapter(tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    prompts = [f"what is {a} plus {b} ?" for a in range(6) for b in range(6)]
-    completions = [f"it is {a + b} ." for a in range(6) for b in range(6)]
+    texts, data = _arithmetic(tmp_path)
     hf = str(tmp_path / "hf")
-    _hf_checkpoint(hf, prompts + completions)
-    data = tmp_path / "pc.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
-                            for p, c in zip(prompts, completions, strict=True)))
+    _hf_checkpoint(hf, texts)
     out = str(tmp_path / "run")
-    assert main(["--model", hf, "--data", str(data), "--steps", "8", "--batch-size", "4", "--seq-len", "16",
+    assert main(["--model", hf, "--data", data, "--steps", "8", "--batch-size", "4", "--seq-len", "16",
                  "--no-pack", "--target-modules", "q_proj", "v_proj", "down_proj", "--rank", "4", "--lr", "1e-2",
                  "--eval-every", "4", "--out", out]) == 0
     log = _log(out)
@@ -218,6 +232,24 @@ def test_local_transformers_checkpoint_trains_and_peft_loads_the_adapter(tmp_pat
 
     with pytest.raises(SystemExit):  # argparse: --pack/--no-pack takes no value
         main(["--model", hf, "--no-pack=1"])
+
+
+def test_bitsandbytes_4bit_checkpoint_trains_over_its_own_4bit_weights(tmp_path):
+    """A checkpoint saved by transformers + bitsandbytes (NF4, double quantization) trains with its stored
+    4-bit tensors as the base; the adapter loads back onto fl.load_quantized of the same folder."""
+    from lora_models import bnb_nf4_checkpoint
+
+    texts, data = _arithmetic(tmp_path, n=4)
+    nf4_dir, _, _ = bnb_nf4_checkpoint(str(tmp_path))
+    assert _word_tokenizer(nf4_dir, texts) <= 97  # the checkpoint's vocabulary
+    out = str(tmp_path / "run")
+    assert main(["--model", nf4_dir, "--data", data, "--steps", "6", "--batch-size", "4", "--seq-len", "16",
+                 "--rank", "4", "--lr", "1e-2", "--eval-every", "3", "--out", out]) == 0
+    evals = _log(out, "eval_loss")
+    assert evals[6] < evals[0]
+    model = fl.load_adapter(fl.load_quantized(nf4_dir), out)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, fl.LoRALinear) and layer.quantized and layer.lora_B.abs().max() > 0
 
 
 # ------------------------------------------------------------------------------------------------- errors

@@ -238,7 +238,7 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
     torch.manual_seed(config.seed)
     model.to(device=device, dtype=base_dtype)
     fl.inject(model, target_modules=config.target_modules, r=config.rank, alpha=config.alpha,
-                  dropout=config.dropout, quantize=None if config.quantize == "none" else config.quantize)
+              dropout=config.dropout, quantize=None if config.quantize == "none" else config.quantize)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -256,6 +256,7 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
         start, history = saved_state["step"], list(saved_state["log_history"])
     ddp = world > 1
     net = _ddp(model, device) if ddp else model
+    per_step = config.batch_size * config.grad_accum * world  # sequences per optimizer step, all processes
 
     # -- outputs: rank 0 only
     writer = rank == 0
@@ -291,7 +292,6 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
             model, d, task_type="CAUSAL_LM", base_model_name_or_path=base_name), tensors, rng)
 
     # -- the loop
-    per_step = config.batch_size * config.grad_accum * world
     order = SampleOrder(len(seqs), config.seed)
     if start == 0 and eval_seqs is not None:
         log({"step": 0, "eval_loss": evaluate(model, eval_seqs, config, device, autocast, rank, world)})

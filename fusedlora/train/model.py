@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
+
+import fusedlora as fl
 
 from .data import ByteTokenizer, HFTokenizer
 
@@ -61,8 +64,19 @@ def load_hf(path: str, dtype: torch.dtype):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"--model: {path} has no config.json (expected a Hugging Face checkpoint)")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    if is_bnb_4bit(path):
+        # Its 4-bit weights are kept as they are (fused layers over the stored NF4 tensors), never requantized.
+        model = fl.load_quantized(path, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model, HFTokenizer(tok)
+
+
+def is_bnb_4bit(path: str) -> bool:
+    """Whether the checkpoint was saved by transformers with a bitsandbytes 4-bit quantization_config."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        qc = json.load(f).get("quantization_config") or {}
+    return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
 
 
 def max_positions(model) -> int | None:
