@@ -76,6 +76,24 @@ def test_default_run_loss_falls(tmp_path, finished_run):
     assert summary["loss_last"] < summary["loss_first"] - 2.5
     state = json.load(open(os.path.join(out, "trainer_state.json")))
     assert state["step"] == 30 and state["config"]["quantize"] == "nf4"
+    _peft_equals_ours(os.path.join(out, "base_model"), out)  # the built-in base is saved beside the adapter
+
+
+def _peft_equals_ours(base_dir, adapter_dir):
+    """PEFT and fl.load_adapter load the adapter onto the dense base with equal logits (the same fp32 math in
+    another order; logits are O(1): 1e-5), and the adapter changes them."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    load = lambda: AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True).eval()
+    peft_model = PeftModel.from_pretrained(load(), adapter_dir).eval()
+    ours = fl.load_adapter(load(), adapter_dir).eval()
+    base = load()
+    x = torch.randint(4, base.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got, plain = peft_model(input_ids=x).logits, ours(input_ids=x).logits, base(input_ids=x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - plain).abs().max() > 1e-2
 
 
 def test_untrained_loss_matches_transformers(tmp_path):
@@ -205,9 +223,6 @@ def _hf_checkpoint(path, texts):
 
 
 def test_local_transformers_checkpoint_trains_and_peft_loads_the_adapter(tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     texts, data = _arithmetic(tmp_path)
     hf = str(tmp_path / "hf")
     _hf_checkpoint(hf, texts)
@@ -218,15 +233,7 @@ def test_local_transformers_checkpoint_trains_and_peft_loads_the_adapter(tmp_pat
     log = _log(out)
     assert log[8] < log[1]
 
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf), out).eval()
-    ours = fl.load_adapter(AutoModelForCausalLM.from_pretrained(hf), out).eval()
-    base = AutoModelForCausalLM.from_pretrained(hf).eval()
-    x = torch.randint(4, base.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want, got, plain = peft_model(input_ids=x).logits, ours(input_ids=x).logits, base(input_ids=x).logits
-    # Same fp32 math in another order; logits are O(1): 1e-5.
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (want - plain).abs().max() > 1e-2  # the trained adapter changes the outputs
+    _peft_equals_ours(hf, out)
     cfg = json.load(open(os.path.join(out, "adapter_config.json")))
     assert cfg["base_model_name_or_path"] == hf and cfg["task_type"] == "CAUSAL_LM"
 

@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import fusedlora as fl
 
@@ -167,6 +168,15 @@ def write_plot(path: str, history: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def save_pretrained_quietly(model, path: str) -> None:
+    """The built-in base as transformers saves it (config.json + model.safetensors; its output head is not
+    tied), so AutoModelForCausalLM and PEFT load it and the adapter; without transformers' progress bar."""
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
 def _write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -265,8 +275,7 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
         checkpoint.remove_stale(out, keep=saved_state["checkpoint"] if saved_state else None)
         if config.model is None and not os.path.isdir(os.path.join(out, BASE_DIR)):
             tmp = os.path.join(out, f"{checkpoint.TMP_PREFIX}{BASE_DIR}")
-            # The built-in base as transformers saves it (safetensors), so PEFT can load the adapter onto it.
-            tiny_llama()[0].save_pretrained(tmp)
+            save_pretrained_quietly(tiny_llama()[0], tmp)
             os.rename(tmp, os.path.join(out, BASE_DIR))
         with open(os.path.join(out, LOG), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
