@@ -39,7 +39,10 @@ def kernel_modules():
     import fusedlora.kernels as pkg
 
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        mod = importlib.import_module(f"fusedlora.kernels.{info.name}")
+        try:
+            mod = importlib.import_module(f"fusedlora.kernels.{info.name}")
+        except Exception as exc:  # noqa: BLE001  (a module that does not import cannot be compiled either)
+            sys.exit(f"aot_compile: importing fusedlora.kernels.{info.name} failed: {type(exc).__name__}: {exc}")
         if hasattr(mod, "aot_specs"):
             yield mod
 
