@@ -28,7 +28,7 @@ def run(quick: bool, out_dir: str) -> dict:
     gpu = torch.cuda.is_available()
     cfg = matrix(quick, gpu)
     ceil = measure_ceilings()
-    print(f"ceilings: copy {ceil['copy_gbs']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s")
+    print(f"ceilings: copy {ceil['copy_gbs']:.0f} GB/s, matmul {ceil['matmul_tflops']:.3g} TFLOP/s")
     total = len(cfg["shapes"]) * len(cfg["ms"]) * len(cfg["quants"])
     with tqdm(total=total, desc="layer bench", unit="case") as bar:
         rows = run_layer(cfg["shapes"], cfg["ms"], dtype=cfg["dtype"], quants=cfg["quants"], ceilings=ceil,
