@@ -48,7 +48,7 @@ def _extension_or_reason():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3", "-std=c++20"],  # torch >= 2.10 headers need C++20; the .cu files include none
             # No --use_fast_math: the dequant kernels must round exactly like the reference.
             # Spills in a memory-bound decode kernel cost more than they save: make them visible.
             "nvcc": ["-O3", "-std=c++17", "-Xptxas=-warn-spills", "-lineinfo"],

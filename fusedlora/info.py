@@ -25,7 +25,8 @@ def collect() -> dict:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            gpus.append(f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)")
+            gib = p.total_memory / 2**30
+            gpus.append(f"{p.name} (sm_{p.major}{p.minor}, {gib:.0f} GiB, {p.multi_processor_count} SMs)")
     try:
         chosen = backend()
     except (RuntimeError, ValueError) as exc:

@@ -53,7 +53,7 @@ def test_dequant_cublas_lora_computes_our_function(quant):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     g_ref = torch.autograd.grad(ref, (case.x, case.A, case.B), case.dy)
     g_got = torch.autograd.grad(got, (case.x, case.A, case.B), case.dy)
-    for a, b in zip(g_got, g_ref):
+    for a, b in zip(g_got, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
