@@ -221,6 +221,26 @@ def test_quantized_weights_match_reference_op(kind, kwargs):
         torch.testing.assert_close(o, rf, rtol=1e-5, atol=1e-5 * rf.abs().max().item())
 
 
+def test_other_tile_configs_give_the_same_result():
+    # another tile shape (as a config sweep on a GPU would set) computes the same function; rounding
+    # differs only through the order of the fp32 sums
+    from fusedlora.kernels import lora_fwd
+
+    torch.manual_seed(13)
+    weight, _, _ = make_weight("int4", 40, 128, torch.float32)
+    x, a, b, bias = lora_inputs(21, 128, 40, 4, torch.float32)
+    dy = torch.randn(21, 40)
+    default = run(triton_fn(weight, 1.0), x, a, b, bias, dy)
+    try:
+        lora_fwd.set_gemm_configs([{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4,
+                                    "num_stages": 1}])
+        other = run(triton_fn(weight, 1.0), x, a, b, bias, dy)
+    finally:
+        lora_fwd.set_gemm_configs(None)
+    for d, o in zip(default, other, strict=True):
+        torch.testing.assert_close(o, d, rtol=1e-5, atol=1e-5 * d.abs().max().item())
+
+
 def test_dense_weight_gradient():
     # a dense weight that requires grad gets dW = dYᵀ·x (frozen bases never ask for it)
     torch.manual_seed(3)

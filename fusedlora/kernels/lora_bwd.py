@@ -32,11 +32,9 @@ from .dropout import keep
 from .lora_fwd import (
     AOT_R,
     DTYPES,
-    GEMM_CONFIGS,
-    INTERPRET_CONFIG,
-    autotuned,
     band_tile,
     block_r,
+    gemm_kernel,
     gemm_spec_variants,
     lowrank,
     m_bucket,
@@ -146,16 +144,6 @@ REDUCE_CONFIG = {"BLOCK_M": 64, "BLOCK_COLS": 64, "num_warps": 4, "num_stages": 
 INTERPRET_REDUCE_CONFIG = {"BLOCK_M": 16, "BLOCK_COLS": 32, "num_warps": 4, "num_stages": 1}
 TARGET_PROGRAMS = 264
 
-_dx_autotuned = None
-
-
-def _dx_kernel():
-    global _dx_autotuned
-    if _dx_autotuned is None:
-        _dx_autotuned = autotuned(_lora_dx_kernel, [INTERPRET_CONFIG] if interpreted() else GEMM_CONFIGS)
-    return _dx_autotuned
-
-
 def _reduce_config() -> dict:
     return INTERPRET_REDUCE_CONFIG if interpreted() else REDUCE_CONFIG
 
@@ -176,7 +164,7 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, seed) -> 
         return dx
     wfmt = FORMATS[fmt]
     dummy = g
-    _dx_kernel()[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)](
+    gemm_kernel(_lora_dx_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)](
         dy, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
         g, lora_A, seed if p > 0 else dummy, dx,
         m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), float(scale) / (1.0 - p), float(p),

@@ -188,8 +188,23 @@ def block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+_CONFIG_OVERRIDE: list[dict] | None = None
+
+
 def gemm_configs() -> list[dict]:
+    if _CONFIG_OVERRIDE is not None:
+        return _CONFIG_OVERRIDE
     return [INTERPRET_CONFIG] if interpreted() else GEMM_CONFIGS
+
+
+def set_gemm_configs(configs: list[dict] | None = None) -> None:
+    """Autotune the fused GEMMs (forward and dX) over ``configs`` from now on (None: the built-in lists).
+
+    For config sweeps on a GPU: pass one config to time it alone. Dicts as in ``GEMM_CONFIGS``.
+    """
+    global _CONFIG_OVERRIDE
+    _CONFIG_OVERRIDE = None if configs is None else [dict(c) for c in configs]
+    _AUTOTUNED.clear()
 
 
 def lowrank_config(m: int) -> dict:
@@ -209,14 +224,14 @@ def autotuned(kernel, configs: list[dict]):
     return triton.autotune(configs=tconfigs, key=["M_BUCKET", "N", "K", "WFMT", "ROWS_ALIGNED"])(kernel)
 
 
-_fwd_autotuned = None
+_AUTOTUNED: dict = {}
 
 
-def _fwd_kernel():
-    global _fwd_autotuned
-    if _fwd_autotuned is None:
-        _fwd_autotuned = autotuned(_lora_fwd_kernel, gemm_configs())
-    return _fwd_autotuned
+def gemm_kernel(kernel):
+    """``kernel`` (a fused GEMM) autotuned over ``gemm_configs()``, built once per config list."""
+    if kernel not in _AUTOTUNED:
+        _AUTOTUNED[kernel] = autotuned(kernel, gemm_configs())
+    return _AUTOTUNED[kernel]
 
 
 def _grid_2d(rows: int, cols: int, rows_key: str, cols_key: str):
@@ -273,7 +288,7 @@ def lora_forward(
         return y, xa
     wfmt = FORMATS[fmt]
     dummy = xa
-    _fwd_kernel()[_grid_2d(m, n, "BLOCK_M", "BLOCK_N")](
+    gemm_kernel(_lora_fwd_kernel)[_grid_2d(m, n, "BLOCK_M", "BLOCK_N")](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
         xa, lora_B, bias if bias is not None else dummy, y,
         m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale),
