@@ -173,13 +173,15 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path):
         assert _log(two, "eval_loss")[step] == pytest.approx(loss, rel=1e-6)
 
 
-def test_gradient_checkpointing_changes_nothing(tmp_path):
+def test_gradient_checkpointing_and_eval_change_nothing(tmp_path):
     """Recomputing activations in the backward (with the random state of the forward, so the same dropout
-    masks) runs the same ops on the same values: equal losses and adapters, to the bit on a CPU."""
-    args = [*SMALL, "--steps", "3", "--eval-every", "0", "--save-every", "0"]
+    masks) runs the same ops on the same values, and measuring the held-out loss draws nothing and moves no
+    data: equal losses and adapters, to the bit on a CPU."""
+    args = [*SMALL, "--steps", "3", "--save-every", "0"]
     plain, ckpt = str(tmp_path / "plain"), str(tmp_path / "ckpt")
-    assert main([*args, "--out", plain]) == 0
-    assert main([*args, "--gradient-checkpointing", "--out", ckpt]) == 0
+    assert main([*args, "--eval-every", "0", "--out", plain]) == 0
+    assert main([*args, "--eval-every", "1", "--gradient-checkpointing", "--out", ckpt]) == 0
+    assert not _log(plain, "eval_loss") and len(_log(ckpt, "eval_loss")) == 4
     assert _log(plain) == _log(ckpt)
     a, b = _adapter(plain), _adapter(ckpt)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -239,9 +239,11 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
         if saved_state.get("world_size") != world:
             raise ValueError(f"--resume: the checkpoint ran on {saved_state.get('world_size')} processes, this "
                              f"run has {world} (the global batch would change)")
-    train_records, eval_records = split(records, config.eval_fraction if config.eval_every else 0.0)
+    # The split does not depend on eval_every: how often the held-out loss is measured never changes training.
+    train_records, eval_records = split(records, config.eval_fraction)
     seqs = build_sequences(train_records, tok, config.seq_len, config.pack)
-    eval_seqs = build_sequences(eval_records, tok, config.seq_len, config.pack) if eval_records else None
+    eval_seqs = (build_sequences(eval_records, tok, config.seq_len, config.pack)
+                 if eval_records and config.eval_every else None)
     base_dtype = torch.bfloat16 if on_gpu else torch.float32
 
     # -- the model: base in the compute dtype, then adapters (fp32) on the targeted linears
