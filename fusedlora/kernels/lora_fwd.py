@@ -18,8 +18,9 @@ Offsets that scale with M·K, M·N or N·K are built in int64 once per row; per-
 ``decode_absmax`` turns double-quantized NF4 absmax codes into fp32 (one small launch over n_blocks
 elements, ≈ N·K/64): absmax[i] = nested_code[qa[i]] · nested_absmax[i // 256] + nested_offset.
 
-Launch configs: the GEMM is autotuned over a short list keyed on M rounded up to a power of two (so a new
-token count inside a bucket does not retune), N and K; under TRITON_INTERPRET=1 a single small config.
+Launch configs: the GEMMs (this forward and the backward's dX) are autotuned over a short list keyed on
+M rounded up to a power of two (so a new token count inside a bucket does not retune), N, K and the weight
+format; under TRITON_INTERPRET=1 a single small config; ``set_gemm_configs`` replaces the list (sweeps).
 """
 
 from __future__ import annotations
