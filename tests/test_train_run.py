@@ -58,6 +58,7 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_default_run_loss_falls(tmp_path, finished_run):
     """The default configuration (built-in model and data, NF4 base) for a few steps: outputs as DESIGN.md
     lists them, and the loss well below the untrained model's."""
@@ -113,6 +114,7 @@ def test_untrained_loss_matches_transformers(tmp_path):
     assert _log(out, "eval_loss")[0] == pytest.approx(ref, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     args = [*SMALL, "--steps", "24", "--save-every", "4", "--eval-every", "6"]
     ref = str(tmp_path / "ref")
@@ -143,6 +145,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert sorted(n for n in os.listdir(out) if n.startswith(("checkpoint-", ".tmp"))) == ["checkpoint-000024"]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path):
     """torchrun with 2 CPU processes × batch 2 against one process × batch 4, gradient accumulation 2 in both.
     The gradients are the same sums taken in another order (across processes), so they differ in their last
@@ -243,6 +246,7 @@ def test_local_transformers_checkpoint_trains_and_peft_loads_the_adapter(tmp_pat
         main(["--model", hf, "--no-pack=1"])
 
 
+@pytest.mark.slow
 def test_bitsandbytes_4bit_checkpoint_trains_over_its_own_4bit_weights(tmp_path):
     """A checkpoint saved by transformers + bitsandbytes (NF4, double quantization) trains with its stored
     4-bit tensors as the base; the adapter loads back onto fl.load_quantized of the same folder."""
