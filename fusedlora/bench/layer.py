@@ -1,104 +1,167 @@
-"""The training-layer bench: forward + backward of one LoRA linear (dX, dA, dB), ours against baselines."""
+"""The training-layer bench: forward + backward of one LoRA linear (dX, dA, dB; the base is frozen).
+
+One step = y = f(x) with dropout on (training), then y.backward(dY). Baselines (DESIGN.md):
+- ``cublas_bf16_dense``: F.linear forward + dX on the dense weight, no LoRA (computes less on purpose: the
+  speed of light);
+- ``dequant_cublas_lora``: dequantize → cuBLAS → separate LoRA matmuls, re-dequantizing for dX (Unsloth's
+  technique);
+- ``peft_bnb``: PEFT LoRA over a bitsandbytes Linear4bit holding the very bytes ours reads (when
+  bitsandbytes imports and a GPU is present); ``peft_bf16``: PEFT LoRA over the dense nn.Linear;
+- ``torch_compile``: the reference op under torch.compile (dynamic shapes: one compile serves every M; GPU
+  only, inductor on a small CPU takes minutes).
+Each call takes the next of ``copies`` (x, dY) pairs, so back-to-back repetitions don't reuse cached
+activations; % of roofline counts the layer's matmul FLOPs against the matmul rate measured in the run.
+"""
 
 from __future__ import annotations
 
+import time
+
 import torch
+import torch.nn.functional as F
 
 from ..functional import lora_linear
+from ..ops.lora import lora_linear_reference
 from ..quantized import QuantizedWeight, quantize
 from . import baselines
-from .results import make_row
+from .results import make_row, save
 from .timing import peak_memory_bytes, time_ms
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+LAYER_BASELINES = ("cublas_bf16_dense", "dequant_cublas_lora", "peft_bnb", "peft_bf16", "torch_compile")
 
 
 def layer_flops(m: int, k: int, n: int, r: int) -> float:
-    """Matmul FLOPs of forward + backward (dX, dA, dB) for one layer: the roofline numerator."""
-    base = 2 * 2 * m * n * k  # forward and dX
-    lora = 2 * m * r * (k + n) * 3  # xa and xa·Bᵀ; dY·B and ·A; dA and dB
-    return base + lora
+    """Matmul FLOPs of forward + backward: x·Wᵀ and dX (2·2·MNK), and the six thin LoRA products."""
+    return 2 * 2 * m * n * k + 2 * m * r * (k + n) * 3
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+
+        return bnb
+    except Exception:  # not installed, or its GPU library does not load
+        return None
 
 
 class LayerCase:
-    def __init__(self, m, k, n, r, dtype, quant, dropout_p, device):
-        g = torch.Generator(device="cpu").manual_seed(m * 7 + k * 3 + n)
-        self.m, self.k, self.n, self.r, self.dtype, self.quant, self.p = m, k, n, r, dtype, quant, dropout_p
-        rnd = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)  # noqa: E731
-        self.dense = rnd(n, k, std=k**-0.5)
-        self.weight = self.dense
-        if quant != "none":
-            scheme = "int4" if quant == "int4" else "nf4"
-            kw = {"group_size": 128} if scheme == "int4" else {"blocksize": 64, "double_quant": quant == "nf4-dq"}
-            self.weight = quantize(self.dense, scheme=scheme, **kw)
-            self.dense = self.weight.dequantize(dtype)
-        self.x = rnd(m, k).requires_grad_(True)
-        self.A = rnd(r, k, std=k**-0.5).requires_grad_(True)
-        self.B = rnd(n, r, std=r**-0.5).requires_grad_(True)  # random: a zero B would skip no work but hide errors
-        self.dy = rnd(m, n)
-        self.alpha = 2.0 * r
-        self.scale = self.alpha / r
+    """Inputs of one (shape, M, quant) case; every baseline computes from the same tensors."""
 
-    def _step(self, forward):
+    def __init__(self, m, k, n, r, dtype, quant, dropout_p, device, *, alpha=None, bnb=None, copies=1):
+        g = torch.Generator(device="cpu").manual_seed(k + 3 * n + 7 * m)
+        rnd = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)  # noqa: E731
+        self.m, self.k, self.n, self.r, self.dtype, self.quant, self.p = m, k, n, r, dtype, quant, dropout_p
+        self.alpha = float(alpha if alpha is not None else 2 * r)
+        self.scale = self.alpha / r
+        dense = rnd(n, k, std=k**-0.5)
+        self.bnb_layer = None
+        if quant == "none":
+            self.weight = self.dense = dense
+        else:
+            if quant == "int4":
+                self.weight = quantize(dense, scheme="int4", group_size=128)
+            elif bnb is not None and torch.device(device).type == "cuda":
+                # bitsandbytes quantizes; ours reads the very same bytes and state
+                dq = quant == "nf4-dq"
+                layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=dq,
+                                          quant_type="nf4", device="cpu")
+                layer.weight = bnb.nn.Params4bit(dense.cpu(), requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=dq, blocksize=64)
+                self.bnb_layer = layer.to(device)
+                self.weight = QuantizedWeight.from_bnb(self.bnb_layer.weight)
+            else:
+                self.weight = quantize(dense, scheme="nf4", blocksize=64, double_quant=quant == "nf4-dq")
+            self.dense = self.weight.dequantize(dtype)
+        self.A = rnd(r, k, std=k**-0.5).requires_grad_(True)
+        self.B = rnd(n, r, std=r**-0.5).requires_grad_(True)  # random, never zero: the LoRA term is real work
+        self.xs = [rnd(m, k).requires_grad_(True) for _ in range(copies)]
+        self.dys = [rnd(m, n) for _ in range(copies)]
+        self.x, self.dy = self.xs[0], self.dys[0]
+        self._i = 0
+
+    def step(self, forward, params=()):
+        """A zero-argument callable: forward on the next (x, dY) pair, then backward."""
+        leaves = [*self.xs, self.A, self.B, *params]
+
         def run():
-            self.x.grad = self.A.grad = self.B.grad = None
-            forward().backward(self.dy)
+            self._i = (self._i + 1) % len(self.xs)
+            for t in leaves:
+                t.grad = None
+            forward(self.xs[self._i]).backward(self.dys[self._i])
 
         return run
 
     def ours(self):
-        return self._step(lambda: lora_linear(self.x, self.weight, self.A, self.B, self.scale, None, self.p, True))
+        return self.step(lambda x: lora_linear(x, self.weight, self.A, self.B, self.scale, None, self.p, True))
 
-    def baseline(self, name):
+    def baseline(self, name, compiled_ref=None):
+        """The step of baseline ``name``, or None where it cannot run here."""
         if name == "cublas_bf16_dense":
-            return self._step(lambda: baselines.cublas_dense(self.x, self.dense))
+            return self.step(lambda x: F.linear(x, self.dense))
         if name == "dequant_cublas_lora":
             if not isinstance(self.weight, QuantizedWeight):
                 return None
-            return self._step(lambda: baselines.dequant_cublas_lora(
-                self.x, self.weight, self.A, self.B, self.scale, None, self.p, True))
-        if name == "peft_bf16":
+            return self.step(lambda x: baselines.dequant_cublas_lora(
+                x, self.weight, self.A, self.B, self.scale, None, self.p, True))
+        if name in ("peft_bf16", "peft_bnb"):
             if not baselines.peft_available():
                 return None
-            base = torch.nn.Linear(self.k, self.n, bias=False, device=self.x.device, dtype=self.dtype)
-            with torch.no_grad():
-                base.weight.copy_(self.dense)
+            if name == "peft_bnb":
+                if self.bnb_layer is None:
+                    return None
+                base = self.bnb_layer
+            else:
+                base = torch.nn.Linear(self.k, self.n, bias=False, device=self.x.device, dtype=self.dtype)
+                with torch.no_grad():
+                    base.weight.copy_(self.dense)
+                base.weight.requires_grad_(False)
             model = baselines.peft_lora_layer(base, self.A.detach(), self.B.detach(), self.alpha, self.p)
-            return self._step(lambda: model(self.x))
+            return self.step(model, [p for p in model.parameters() if p.requires_grad])
         if name == "torch_compile":
-            if not torch.cuda.is_available():
-                return None  # inductor on a small CPU takes minutes to compile; not a meaningful baseline there
-            fn = baselines.compiled_reference()
+            if compiled_ref is None:
+                return None
             w = self.weight.packed if isinstance(self.weight, QuantizedWeight) else self.weight
-            return self._step(lambda: fn(self.x, w, self.A, self.B, self.scale, None, self.p, True, None))
+            return self.step(lambda x: compiled_ref(x, w, self.A, self.B, self.scale, None, self.p, True, None))
         raise ValueError(f"baseline: unknown name {name!r}")
 
 
-LAYER_BASELINES = ("cublas_bf16_dense", "dequant_cublas_lora", "peft_bf16", "torch_compile")
-
-
-def run_layer(shapes, ms, *, r=16, dropout_p=0.1, dtype=torch.bfloat16, quants=("nf4", "none"), ceilings=None,
-              baselines_=LAYER_BASELINES, progress=None):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
-    for k, n in shapes:
-        for m in ms:
-            for quant in quants:
-                case = LayerCase(m, k, n, r, dtype, quant, dropout_p, device)
-                ours = case.ours()
-                ours_ms = time_ms(ours)
-                ours_mem = peak_memory_bytes(ours)
-                pct = None
-                if ceilings:
-                    pct = 100.0 * layer_flops(m, k, n, r) / (ceilings["matmul_tflops"] * 1e12) / (ours_ms * 1e-3)
-                for name in baselines_:
-                    fn = case.baseline(name)
-                    if fn is None:
-                        continue
-                    rows.append(make_row(
-                        bench="layer", shape=(k, n), m=m, r=r, dropout=dropout_p, dtype=DTYPE_NAMES[dtype],
-                        quant=quant, ours_ms=ours_ms, baseline=name, baseline_ms=time_ms(fn), pct_roofline=pct,
-                        ours_peak_mem=ours_mem, baseline_peak_mem=peak_memory_bytes(fn)))
-                if progress is not None:
-                    progress.update(1)
+def run_layer(cases, *, r=16, dropout_p=0.1, dtype=torch.bfloat16, baseline_names=LAYER_BASELINES, ceilings=None,
+              budget_s=None, out_path=None, env=None, progress=None, log=print):
+    """Rows for ``cases`` [((K, N), M, quant)], in order; stops starting cases once ``budget_s`` is spent and
+    rewrites ``out_path`` after every row, so a timeout still leaves the rows so far."""
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    bnb = _bnb() if gpu else None
+    compiled_ref = torch.compile(lora_linear_reference, dynamic=True) if gpu else None
+    t0, rows = time.perf_counter(), []
+    for (k, n), m, quant in cases:
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            log(f"budget of {budget_s:.0f} s spent: stopping before {k}->{n} M={m} {quant}")
+            break
+        case = LayerCase(m, k, n, r, dtype, quant, dropout_p, device, bnb=bnb, copies=3 if gpu else 1)
+        ours = case.ours()
+        ours_ms = time_ms(ours)
+        ours_mem = peak_memory_bytes(ours)
+        pct = None
+        if ceilings:
+            pct = 100.0 * layer_flops(m, k, n, r) / (ceilings["matmul_tflops"] * 1e12) / (ours_ms * 1e-3)
+        for name in baseline_names:
+            fn = case.baseline(name, compiled_ref)
+            if fn is None:
+                continue
+            base_ms = time_ms(fn)
+            rows.append(make_row(
+                bench="layer", shape=(k, n), m=m, r=r, dropout=dropout_p, dtype=DTYPE_NAMES[dtype], quant=quant,
+                ours_ms=ours_ms, baseline=name, baseline_ms=base_ms, pct_roofline=pct, ours_peak_mem=ours_mem,
+                baseline_peak_mem=peak_memory_bytes(fn)))
+            log(f"{k}->{n} M={m} {quant}: ours {ours_ms:.3f} ms, {name} {base_ms:.3f} ms "
+                f"({base_ms / ours_ms:.2f}x)  [{time.perf_counter() - t0:.0f} s]")
+            if out_path is not None:
+                save(rows, out_path, env)
+        del case
+        if gpu:
+            torch.cuda.empty_cache()
+        if progress is not None:
+            progress.update(1)
     return rows

@@ -17,22 +17,22 @@ LLAMA3_8B = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
 
 def matrix(quick: bool, gpu: bool):
+    """[((K, N), M, quant)] and the dtype of the layer bench."""
     if not gpu:  # small sizes so the harness runs anywhere; the numbers are CPU timings of the reference
-        return dict(shapes=[(256, 384)], ms=[16, 64], quants=("nf4", "none"), dtype=torch.float32)
+        return [((256, 384), m, q) for m in (16, 64) for q in ("nf4-dq", "none")], torch.float32
     if quick:
-        return dict(shapes=[(4096, 4096)], ms=[1024, 4096], quants=("nf4",), dtype=torch.bfloat16)
-    return dict(shapes=LLAMA3_8B, ms=[512, 1024, 2048, 4096, 8192], quants=("nf4", "none"), dtype=torch.bfloat16)
+        return [((4096, 4096), m, q) for m in (1024, 4096) for q in ("nf4-dq", "none")], torch.bfloat16
+    ms = (512, 1024, 2048, 4096, 8192)
+    return [(s, m, q) for s in LLAMA3_8B for m in ms for q in ("nf4-dq", "none")], torch.bfloat16
 
 
 def run(quick: bool, out_dir: str) -> dict:
     gpu = torch.cuda.is_available()
-    cfg = matrix(quick, gpu)
+    cases, dtype = matrix(quick, gpu)
     ceil = measure_ceilings()
     print(f"ceilings: copy {ceil['copy_gbs']:.0f} GB/s, matmul {ceil['matmul_tflops']:.3g} TFLOP/s")
-    total = len(cfg["shapes"]) * len(cfg["ms"]) * len(cfg["quants"])
-    with tqdm(total=total, desc="layer bench", unit="case") as bar:
-        rows = run_layer(cfg["shapes"], cfg["ms"], dtype=cfg["dtype"], quants=cfg["quants"], ceilings=ceil,
-                         progress=bar)
+    with tqdm(total=len(cases), desc="layer bench", unit="case") as bar:
+        rows = run_layer(cases, dtype=dtype, ceilings=ceil, progress=bar, log=bar.write)
     os.makedirs(out_dir, exist_ok=True)
     env = results.environment()
     env["ceilings"] = ceil
