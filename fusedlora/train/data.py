@@ -193,9 +193,9 @@ def split(records: list, eval_fraction: float) -> tuple[list, list]:
     """(train, held-out): a fixed shuffle, then the last ``eval_fraction`` of the records held out."""
     order = list(range(len(records)))
     random.Random(SPLIT_SEED).shuffle(order)
-    n_eval = round(len(records) * eval_fraction) if len(records) > 1 else 0
-    n_eval = min(max(n_eval, 1 if eval_fraction > 0 and len(records) > 1 else 0), len(records) - 1)
-    cut = len(records) - n_eval
+    n = len(records)
+    n_eval = min(max(1, round(n * eval_fraction)), n - 1) if n > 1 and eval_fraction > 0 else 0
+    cut = n - n_eval
     return [records[i] for i in order[:cut]], [records[i] for i in order[cut:]]
 
 
