@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +40,21 @@ def _bnb_matmul():
 
 
 def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *, r=16, ceilings=None,
-               progress=None):
+               progress=None, budget_s=None):
+    """Rows for every (shape, quant, M); stops starting a new (shape, quant) once ``budget_s`` is spent."""
     if not torch.cuda.is_available():
         raise RuntimeError("the decode bench needs a CUDA GPU")
     dtype, rows = torch.bfloat16, []
     bnb = _bnb_matmul()
+    t0 = time.perf_counter()
     for k, n in shapes:
         dense = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
         A = torch.randn(r, k, device="cuda", dtype=dtype) * k**-0.5
         B = torch.randn(n, r, device="cuda", dtype=dtype) * r**-0.5
         for quant in quants:
+            if budget_s is not None and time.perf_counter() - t0 > budget_s:
+                print(f"budget of {budget_s:.0f} s spent: stopping before {k}->{n} {quant}")
+                return rows
             if quant == "int4":
                 qw, block = quantize(dense, scheme="int4", group_size=128), 128
             else:
