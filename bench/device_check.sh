@@ -46,7 +46,7 @@ run_bench() {
   timeout "$limit" $PY "bench/$name.py" --out "$LOGS/$name.json" "$@" >>"$OUT/bench.log" 2>&1 \
     || { echo "$name failed or ran out of time (see bench.log)"; status=1; }
 }
-run_bench bench_dequant 35
+run_bench bench_dequant 35 --budget 20
 run_bench bench_decode 50 --budget 35
 run_bench bench_layer 60 --budget 40
 

@@ -50,3 +50,18 @@ def test_registry_rejects_double_registration():
 def test_unknown_op():
     with pytest.raises(KeyError, match="unknown op"):
         registry.select("no_such_op", torch.device("cpu"))
+
+
+def test_forced_sets_and_restores(monkeypatch):
+    from fusedlora.ops.backend import forced
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "reference")
+    with forced("triton"):
+        assert fl.backend("cpu") == "triton"
+        with forced(None):
+            assert fl.backend("cpu") == "reference"  # unset: the CPU default
+    assert fl.backend("cpu") == "reference"
+    with pytest.raises(RuntimeError), forced("cuda"):
+        fl.backend("cpu")
+    assert fl.backend("cpu") == "reference"

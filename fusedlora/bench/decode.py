@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
 from ..functional import lora_linear
+from ..ops.backend import forced
 from ..quantized import quantize
 from .results import make_row
 from .timing import time_ms
@@ -93,13 +93,5 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
 
 def triton_decode_ms(x, qw, A, B) -> float:
     """The same call forced onto the Triton family: where the CUDA/Triton cut-over in M lies."""
-    old = os.environ.get("FUSEDLORA_BACKEND")
-    os.environ["FUSEDLORA_BACKEND"] = "triton"
-    try:
-        with torch.no_grad():
-            return time_ms(lambda: lora_linear(x, qw, A, B, 2.0))
-    finally:
-        if old is None:
-            del os.environ["FUSEDLORA_BACKEND"]
-        else:
-            os.environ["FUSEDLORA_BACKEND"] = old
+    with forced("triton"), torch.no_grad():
+        return time_ms(lambda: lora_linear(x, qw, A, B, 2.0))

@@ -11,6 +11,7 @@ an error, never a silent fallback. float64 inputs always run the reference (the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -73,3 +74,20 @@ def backend(device=None) -> str:
     if device.type == "cuda":
         return "cuda" if extension_loaded() else "triton"
     return "reference"
+
+
+@contextlib.contextmanager
+def forced(family: str | None):
+    """Within the block, ``FUSEDLORA_BACKEND`` is ``family`` (None: unset); restored afterwards."""
+    old = os.environ.get(ENV_VAR)
+    if family is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = family
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old

@@ -1,0 +1,130 @@
+"""Dequantize bench: NF4 (plain, double-quant) and INT4 -> bf16/fp16, as GB/s and % of copy bandwidth.
+
+Bytes counted = bytes read (packed codes, absmax or its 8-bit codes + nested state, INT4 scales/zeros)
++ bytes written (N*K outputs). % of roofline is against the device-to-device copy bandwidth measured in
+the same run (target >= 85%). Each call takes the next of several weight copies whose total exceeds L2,
+so no weight is read from cache. Baseline: bitsandbytes' dequantize_4bit when it is installed, else the
+plain reference under torch.compile. Rows follow DESIGN.md's results schema ("bench": "dequant",
+"m": 0), with extra fields "ours" (the implementation: cuda or triton) and "gbs".
+"""
+
+import dataclasses
+import time
+
+import torch
+
+from ..formats import dequantize_reference
+from ..ops import dequantize
+from ..ops.backend import forced, why_not
+from ..quantized import QuantizedWeight, quantize
+from . import results
+from .timing import time_ms
+
+# Llama-3-8B projections, W [N, K]; the results schema records [K, N].
+SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+L2_BYTES = 64 << 20  # above the L2 of an H100/H200 (50-60 MB)
+
+
+def packed_bytes(p) -> int:
+    return sum(t.numel() * t.element_size() for t in (p.data, p.absmax, p.nested_absmax, p.nested_code, p.scales,
+                                                      p.zeros) if t is not None)
+
+
+def clone(qw):
+    p = qw.packed
+    fields = ("data", "absmax", "nested_absmax", "nested_code", "scales", "zeros")
+    return QuantizedWeight(dataclasses.replace(p, **{f: getattr(p, f).clone() for f in fields
+                                                     if getattr(p, f) is not None}), qw.dtype)
+
+
+def rotating(make, copies: int):
+    """A zero-argument callable running ``make(i)`` on the next of ``copies`` inputs each call."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % copies
+        return make(state["i"])
+
+    return call
+
+
+def bnb_functional():
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception:  # not installed, or installed without a working GPU library
+        return None
+    return bnbf
+
+
+def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device: str = "cuda",
+        budget_s: float = float("inf")) -> list[dict]:
+    """Rows for each shape; shapes not started within ``budget_s`` seconds are skipped (and said so)."""
+    dtype = DTYPES[dtype_name]
+    families = [f for f in ("cuda", "triton") if why_not(f, torch.device(device)) is None]
+    bnbf = bnb_functional()
+    rows = []
+    t0 = time.perf_counter()
+    for n, k in shapes:
+        if time.perf_counter() - t0 > budget_s:
+            print(f"bench_dequant: time budget of {budget_s:.0f} s spent; skipped W [{n}, {k}] and after")
+            break
+        w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
+        cases = [("nf4", dict(scheme="nf4", blocksize=64, double_quant=False)),
+                 ("nf4-dq", dict(scheme="nf4", blocksize=64, double_quant=True))]
+        if with_int4:
+            cases.append(("int4", dict(scheme="int4", group_size=128)))
+        for quant, kwargs in cases:
+            qw = quantize(w, **kwargs)  # the reference quantizer runs on the GPU tensors
+            moved = packed_bytes(qw.packed) + n * k * torch.finfo(dtype).bits // 8
+            copies = max(2, -(-L2_BYTES // moved) + 1)
+            weights = [qw] + [clone(qw) for _ in range(copies - 1)]
+            baseline, base_ms = _baseline(quant, weights, dtype, bnbf)
+            for fam in families:
+                if fam == "cuda" and quant == "int4":
+                    continue  # the cuda family runs the Triton INT4 kernel: the triton row already has it
+                with forced(fam):
+                    ms = time_ms(rotating(lambda i, ws=weights: dequantize(ws[i].packed, dtype), copies))
+                gbs = moved / (ms * 1e-3) / 1e9
+                row = results.make_row(
+                    bench="dequant", shape=(k, n), m=0, r=0, dropout=0.0, dtype=dtype_name, quant=quant,
+                    ours_ms=ms, baseline=baseline, baseline_ms=base_ms, pct_roofline=100 * gbs / ceilings["copy_gbs"],
+                )
+                row["ours"] = fam
+                row["gbs"] = gbs
+                rows.append(row)
+    return rows
+
+
+def _baseline(quant, weights, dtype, bnbf):
+    copies = len(weights)
+    if bnbf is not None and quant != "int4":
+        states = [_bnb_state(bnbf, qw.packed, dtype) for qw in weights]
+        ms = time_ms(rotating(lambda i: bnbf.dequantize_4bit(weights[i].packed.data, states[i]), copies))
+        return "bnb", ms
+    # static shapes (dynamic=True trips an inductor bug on this graph); the time budget bounds the compiles
+    ref = torch.compile(dequantize_reference, dynamic=False)
+    return "torch_compile", time_ms(rotating(lambda i: ref(weights[i].packed, dtype), copies))
+
+
+def _bnb_state(bnbf, p, dtype):
+    """bitsandbytes' QuantState over our tensors (the same bytes: the formats are identical)."""
+    code = bnbf.get_4bit_type("nf4", device=p.data.device)
+    if not p.double_quant:
+        return bnbf.QuantState(absmax=p.absmax, shape=torch.Size(p.shape), code=code, blocksize=p.block,
+                               quant_type="nf4", dtype=dtype)
+    state2 = bnbf.QuantState(absmax=p.nested_absmax, code=p.nested_code, blocksize=256, dtype=torch.float32)
+    return bnbf.QuantState(absmax=p.absmax, shape=torch.Size(p.shape), code=code, blocksize=p.block,
+                           quant_type="nf4", dtype=dtype,
+                           offset=torch.tensor(p.nested_offset, device=p.data.device), state2=state2)
+
+
+def table(rows, ceilings) -> str:
+    lines = [f"dequant -> bf16/fp16   copy bandwidth {ceilings['copy_gbs']:.0f} GB/s (read + write), target >= 85%",
+             f"{'W [N, K]':>14} {'quant':>7} {'ours':>7} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'baseline':>14} "
+             f"{'base ms':>8} {'speedup':>8}"]
+    for r in rows:
+        k, n = r["shape"]
+        lines.append(f"{f'{n}x{k}':>14} {r['quant']:>7} {r['ours']:>7} {r['ours_ms']:8.4f} {r['gbs']:7.0f} "
+                     f"{r['pct_roofline']:6.1f}% {r['baseline']:>14} {r['baseline_ms']:8.4f} {r['speedup']:7.2f}x")
+    return "\n".join(lines)
