@@ -26,6 +26,10 @@
   TORCH_CHECK((x).device() == (ref).device(), #x ": expected a tensor on ", (ref).device(), " (where " #ref \
               " is), got one on ",                                                                    \
               (x).device())
+#define CHECK_ALIGNED16(x)                                                                           \
+  TORCH_CHECK(reinterpret_cast<uintptr_t>((x).data_ptr()) % 16 == 0, #x ": expected a 16-byte aligned data " \
+              "pointer (16-byte vector loads), got one at offset ",                                       \
+              reinterpret_cast<uintptr_t>((x).data_ptr()) % 16)
 #define CHECK_INPUT(x, ref) \
   CHECK_CUDA(x);            \
   CHECK_SAME_DEVICE(x, ref); \
@@ -115,8 +119,12 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
   TORCH_CHECK(m_rows >= 1 && m_rows <= fusedlora::kDecodeMaxM, "x: expected 1 <= M <= ", fusedlora::kDecodeMaxM,
               " rows, got ", m_rows);
   TORCH_CHECK(k % 32 == 0, "k: expected a multiple of 32 (16-byte loads within a row), got ", k);
+  TORCH_CHECK(block >= 32 && block % 32 == 0,
+              "block: expected a multiple of 32 (one scale per 16-byte load), got ", block);
   TORCH_CHECK(scheme == 0 || scheme == 1, "scheme: expected 0 (nf4) or 1 (int4), got ", scheme);
+  CHECK_ALIGNED16(x);
   CHECK_INPUT(w, x);
+  CHECK_ALIGNED16(w);
   CHECK_DTYPE(w, at::kByte);
   CHECK_NUMEL(w, n * k / 2);
   const int64_t n_blocks = (n * k + block - 1) / block;

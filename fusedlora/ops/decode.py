@@ -5,7 +5,8 @@ runs when all of these hold, and the Triton kernels run otherwise (training alwa
 forward that saved tensors and the backward agree on dropout and layout):
 - the weight is 4-bit (a ``Packed4bit``) and x is bf16 or fp16;
 - no gradient is needed (inference, or torch.no_grad) and dropout is off;
-- M = x.numel() / K <= DECODE_MAX_M, and K is a multiple of 32 (16-byte loads never straddle rows).
+- M = x.numel() / K <= DECODE_MAX_M, K is a multiple of 32 (16-byte loads never straddle rows) and the
+  packed weight starts on a 16-byte boundary (x is copied to an aligned buffer when it does not).
 DECODE_MAX_M is where the GEMV stops beating the Triton GEMM; 16 is the starting point of DESIGN.md and
 is to be replaced by the cut-over measured by bench/bench_decode.py on each GPU generation.
 """
@@ -31,7 +32,7 @@ def decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training) -> bool
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
         return False
     k = weight.shape[1]
-    return k % 32 == 0 and x.numel() // k <= DECODE_MAX_M
+    return k % 32 == 0 and x.numel() // k <= DECODE_MAX_M and weight.data.data_ptr() % 16 == 0
 
 
 _CODE_CACHE: dict[torch.device, torch.Tensor] = {}
@@ -46,6 +47,8 @@ def _code_on(device: torch.device) -> torch.Tensor:
 def decode_lora_linear(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
     n, k = weight.shape
     x2 = x.reshape(-1, k).contiguous()
+    if x2.data_ptr() % 16:  # a view starting mid-vector: the kernel's 16-byte loads need an aligned copy
+        x2 = x2.clone()
     dq = weight.double_quant
     y = torch.ops.fusedlora.decode_lora_cuda(
         x2, weight.data,
