@@ -4,6 +4,7 @@
 // custom ops to the same "fusedlora" namespace as library fragments.
 #include <Python.h>
 
+#include <algorithm>
 #include <optional>
 
 #include <ATen/ATen.h>
@@ -102,6 +103,7 @@ const T* optional_ptr(const std::optional<at::Tensor>& t) {
 }
 
 // y[M, N] = x·deq(W)ᵀ + scale·(x·Aᵀ)·Bᵀ + bias for M <= 16 (csrc/decode_lora.cu); x [M, K] bf16/fp16.
+// M >= mma_min_m (and K % 64 == 0) runs the tensor-core kernel, smaller M the CUDA-core GEMV.
 at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
                             const std::optional<at::Tensor>& absmax_q,
                             const std::optional<at::Tensor>& nested_absmax,
@@ -109,7 +111,7 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
                             const std::optional<at::Tensor>& code, const std::optional<at::Tensor>& scales,
                             const std::optional<at::Tensor>& zeros, int64_t scheme, int64_t block, int64_t n,
                             int64_t k, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                            const std::optional<at::Tensor>& bias, double scale) {
+                            const std::optional<at::Tensor>& bias, double scale, int64_t mma_min_m) {
   CHECK_CUDA(x);
   CHECK_CONTIGUOUS(x);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: expected shape [M, K=", k, "], got ", x.sizes());
@@ -199,6 +201,7 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
   a.K = static_cast<int>(k);
   a.r = static_cast<int>(r);
   a.scale = static_cast<float>(scale);
+  a.mma_min_m = static_cast<int>(std::min<int64_t>(std::max<int64_t>(mma_min_m, 1), fusedlora::kDecodeMaxM + 1));
   const auto act = x.scalar_type() == at::kBFloat16 ? fusedlora::Act::kBF16 : fusedlora::Act::kFP16;
   const auto sch = scheme == 0 ? fusedlora::Scheme::kNF4 : fusedlora::Scheme::kINT4;
   const cudaError_t err = fusedlora::decode_lora(a, act, sch, c10::cuda::getCurrentCUDAStream());
@@ -215,7 +218,7 @@ TORCH_LIBRARY(fusedlora, m) {
   m.def(
       "decode_lora_cuda(Tensor x, Tensor w, Tensor? absmax, Tensor? absmax_q, Tensor? nested_absmax, "
       "Tensor? nested_code, float nested_offset, Tensor? code, Tensor? scales, Tensor? zeros, int scheme, "
-      "int block, int n, int k, Tensor lora_A, Tensor lora_B, Tensor? bias, float scale) -> Tensor");
+      "int block, int n, int k, Tensor lora_A, Tensor lora_B, Tensor? bias, float scale, int mma_min_m) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedlora, CUDA, m) {

@@ -7,66 +7,24 @@
 // pre-pass runs, streams W and accumulates, and waits for xa only before its epilogue; elsewhere they run
 // back to back. At M = 1 the pre-pass is a few microseconds, the same order as streaming the weight.
 //
-// The main kernel is memory-bound on W: each block owns kRows rows of W, each thread streams 16-byte
-// chunks (32 codes) of all kRows rows per step, so kRows independent 16-byte loads are in flight per
-// thread; W bypasses L1 (read once), x stays cached (every block re-reads it). Scales (NF4 absmax, plain
-// or double-quantized, or INT4 scale + zero) are decoded in the same pass. Accumulation is fp32.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "decode_lora.h"
-#include "decode_math.cuh"
+// Two main kernels, both memory-bound on W and reading it once with 16-byte loads that bypass L1:
+// - this file's CUDA-core GEMV (M < mma_min_m): each block owns kRows rows of W; each thread streams
+//   16-byte chunks (32 codes) of all kRows rows per step, so kRows loads are in flight per thread. Its
+//   FMA count grows with M (16·N·K at M = 16 is more than the cores do in the time W takes to stream);
+// - decode_lora_mma.cu's tensor-core kernel (M >= mma_min_m, K % 64 == 0), whose cost barely grows
+//   with M up to 16.
+// Scales (NF4 absmax, plain or double-quantized, or INT4 scale + zero) are decoded in the same pass.
+// Accumulation is fp32.
+#include "decode_device.cuh"
 
 namespace fusedlora {
 namespace {
 
+using namespace decode;
+
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = 4;
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-
-__device__ __forceinline__ float2 pair_to_float2(uint32_t v, const __nv_bfloat16*) {
-  __nv_bfloat162 h;
-  *reinterpret_cast<uint32_t*>(&h) = v;
-  return __bfloat1622float2(h);
-}
-__device__ __forceinline__ float2 pair_to_float2(uint32_t v, const __half*) {
-  __half2 h;
-  *reinterpret_cast<uint32_t*>(&h) = v;
-  return __half22float2(h);
-}
-
-// W is read exactly once: keep it out of L1 so x and the scales stay there.
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-// Programmatic dependent launch (sm_90+): the pre-pass lets the main kernel launch early; the main kernel
-// waits for the pre-pass to complete (and its writes to be visible) before reading xa.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-__device__ __forceinline__ void wait_for_prerequisite() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(256) xa_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ A,
@@ -113,16 +71,7 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
       // Rows past N (last block) read row N-1 again; their sums are never stored.
       const int64_t n = min(n0 + rr, a.N - 1);
       wv[rr] = load_stream(a.w + chunk_byte_offset(n, c, K));
-      if constexpr (S == Scheme::kNF4) {
-        const int64_t b = nf4_block(n, 32 * static_cast<int64_t>(c), K, a.block);
-        sc[rr] = a.absmax != nullptr ? __ldg(a.absmax + b)
-                                     : dq_absmax(a.absmax_q, a.nested_absmax, a.nested_code, a.nested_offset, b);
-        zp[rr] = 0.f;
-      } else {
-        const int64_t g = n * (K / a.block) + (32 * static_cast<int64_t>(c)) / a.block;
-        sc[rr] = __ldg(a.scales + g);
-        zp[rr] = static_cast<float>(__ldg(a.zeros + g));
-      }
+      chunk_scale<S>(a, n, c, sc[rr], zp[rr]);
     }
 #pragma unroll
     for (int wd = 0; wd < 4; ++wd) {
@@ -131,10 +80,7 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
       for (int rr = 0; rr < kRows; ++rr) {
         const uint32_t word = (&wv[rr].x)[wd];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const uint32_t q = word_code(word, e);
-          wf[rr][e] = S == Scheme::kNF4 ? code_s[q] * sc[rr] : (static_cast<float>(q) - zp[rr]) * sc[rr];
-        }
+        for (int e = 0; e < 8; ++e) wf[rr][e] = dequant<S>(code_s, word_code(word, e), sc[rr], zp[rr]);
       }
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
@@ -167,9 +113,6 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
   __syncthreads();
 
   wait_for_prerequisite();  // xa comes from the pre-pass
-  const T* __restrict__ B = static_cast<const T*>(a.B);
-  const T* __restrict__ bias = static_cast<const T*>(a.bias);
-  T* __restrict__ y = static_cast<T*>(a.y);
   for (int i = threadIdx.x; i < kRows * MT; i += kThreads) {
     const int rr = i / MT, m = i % MT;
     const int n = n0 + rr;
@@ -177,32 +120,18 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += red[w][i];
-    float lora = 0.f;
-    for (int j = 0; j < a.r; ++j) lora = fmaf(a.xa[m * a.r + j], to_float(B[static_cast<int64_t>(n) * a.r + j]), lora);
-    v = fmaf(a.scale, lora, v);
-    if (bias != nullptr) v += to_float(bias[n]);
-    store(y + static_cast<int64_t>(m) * a.N + n, v);
+    lora_epilogue<T>(a, n, m, v);
   }
 }
 
 template <typename T, Scheme S, int MT>
 cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((a.N + kRows - 1) / kRows);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, gemv_lora_kernel<T, S, MT>, a);
-  return err != cudaSuccess ? err : cudaGetLastError();
+  return launch_dependent(gemv_lora_kernel<T, S, MT>, dim3((a.N + kRows - 1) / kRows), dim3(kThreads), stream, a);
 }
 
 template <typename T, Scheme S>
 cudaError_t launch_for_m(const DecodeArgs& a, cudaStream_t stream) {
+  if (a.M >= a.mma_min_m && a.K % 64 == 0) return launch_decode_mma<T, S>(a, stream);
   // One instantiation per power-of-two bucket of M: the accumulators live in registers, sized at compile time.
   if (a.M <= 1) return launch_main<T, S, 1>(a, stream);
   if (a.M <= 2) return launch_main<T, S, 2>(a, stream);

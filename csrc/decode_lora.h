@@ -30,6 +30,7 @@ struct DecodeArgs {
   void* y;              // [M, N]
   int M, N, K, r;
   float scale;
+  int mma_min_m;        // M from which the tensor-core kernel runs (when K % 64 == 0)
 };
 
 // Largest M the kernel is built for; larger M goes to the Triton GEMM.
@@ -37,5 +38,9 @@ constexpr int kDecodeMaxM = 16;
 
 // Launches the x·Aᵀ pre-pass and the fused GEMV on ``stream``; returns the first launch error.
 cudaError_t decode_lora(const DecodeArgs& args, Act act, Scheme scheme, cudaStream_t stream);
+
+// The tensor-core main kernel (decode_lora_mma.cu), instantiated there for T in {__nv_bfloat16, __half}.
+template <typename T, Scheme S>
+cudaError_t launch_decode_mma(const DecodeArgs& args, cudaStream_t stream);
 
 }  // namespace fusedlora

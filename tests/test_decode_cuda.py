@@ -29,7 +29,7 @@ def test_decode_op_schema_and_fake_on_meta_tensors(dq):
     args = (meta(torch.randn(m, k, dtype=torch.bfloat16)), meta(p.data), None if dq else meta(p.absmax),
             meta(p.absmax) if dq else None, meta(p.nested_absmax), meta(p.nested_code), p.nested_offset,
             meta(nf4_code()), None, None, 0, 64, n, k, meta(torch.randn(r, k, dtype=torch.bfloat16)),
-            meta(torch.randn(n, r, dtype=torch.bfloat16)), None, 2.0)
+            meta(torch.randn(n, r, dtype=torch.bfloat16)), None, 2.0, 3)
     out = torch.ops.fusedlora.decode_lora_cuda(*args)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16 and out.device.type == "meta"
     torch.library.opcheck(torch.ops.fusedlora.decode_lora_cuda.default, args)
@@ -38,9 +38,16 @@ def test_decode_op_schema_and_fake_on_meta_tensors(dq):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant", ["nf4", "nf4-dq", "int4"])
-@pytest.mark.parametrize("m", [1, 3, 8, 16])
-@pytest.mark.parametrize("k,n", [(4096, 4096), (384, 97), (1024, 1029)])
-def test_decode_matches_reference(dtype, quant, m, k, n):
+@pytest.mark.parametrize("m,mma_min_m", [(1, 3), (3, 3), (8, 3), (16, 3), (3, 17), (16, 17)])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (384, 97), (1024, 1029), (96, 50)])
+def test_decode_matches_reference(dtype, quant, m, mma_min_m, k, n, monkeypatch):
+    # mma_min_m 3: M = 1 on the CUDA-core GEMV, M >= 3 on the tensor-core kernel (K % 64 == 0); 17: the
+    # GEMV for every M. K = 96 (a multiple of 32, not of 64) always takes the GEMV.
+    from fusedlora.ops import decode
+
+    if quant == "int4" and k % 64:
+        pytest.skip("INT4 groups (64, 128) must divide K")
+    monkeypatch.setattr(decode, "DECODE_MMA_MIN_M", mma_min_m)
     torch.manual_seed(m * 1000 + n)
     r = 16
     w = torch.randn(n, k, device="cuda", dtype=dtype)

@@ -84,14 +84,28 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
 
                         rows.append(make_row(**common, baseline="bnb", baseline_ms=time_ms(bnb_lora)))
                 # Not a schema baseline: the Triton path on the same call, to place the CUDA/Triton cut-over.
-                tri = triton_decode_ms(x, qw, A, B)
-                print(f"cutover {k}->{n} {quant} M={m}: default {ours:.4f} ms, triton {tri:.4f} ms")
+                paths = " ".join(f"{name} {ms:.4f}" for name, ms in path_times_ms(x, qw, A, B).items())
+                print(f"cutover {k}->{n} {quant} M={m}: default {ours:.4f} ms | {paths}")
                 if progress is not None:
                     progress.update(1)
     return rows
 
 
-def triton_decode_ms(x, qw, A, B) -> float:
-    """The same call forced onto the Triton family: where the CUDA/Triton cut-over in M lies."""
-    with forced("triton"), torch.no_grad():
-        return time_ms(lambda: lora_linear(x, qw, A, B, 2.0))
+def path_times_ms(x, qw, A, B) -> dict:
+    """The same call on each path that can run it: the CUDA-core GEMV, the tensor-core kernel and the Triton
+    GEMM. Where they cross in M places DECODE_MMA_MIN_M and DECODE_MAX_M (fusedlora/ops/decode.py)."""
+    from ..ops import decode
+
+    times = {}
+    with torch.no_grad():
+        if x.shape[0] <= decode.DECODE_MAX_M:
+            saved = decode.DECODE_MMA_MIN_M
+            try:
+                for name, min_m in (("cuda_cores", decode.DECODE_MAX_M + 1), ("tensor_cores", 1)):
+                    decode.DECODE_MMA_MIN_M = min_m
+                    times[name] = time_ms(lambda: lora_linear(x, qw, A, B, 2.0))
+            finally:
+                decode.DECODE_MMA_MIN_M = saved
+        with forced("triton"):
+            times["triton"] = time_ms(lambda: lora_linear(x, qw, A, B, 2.0))
+    return times

@@ -21,6 +21,11 @@ from ..formats.packed import Packed4bit
 from .registry import implementation, register
 
 DECODE_MAX_M = 16
+# From this M on (with K % 64 == 0) the tensor-core kernel runs instead of the CUDA-core GEMV, whose FMA count
+# grows with M: for a 4096x4096 NF4 weight on an H100 (~3 TB/s, ~33 fp32 TFMA/s) streaming W takes ~2.8 us
+# and each token adds ~0.5 us of FMAs plus the decode, so from M = 3 the FMAs rival the stream. A starting
+# point: bench/bench_decode.py times both paths, and the measured cut-over replaces it.
+DECODE_MMA_MIN_M = 3
 _SCHEME_ID = {"nf4": 0, "int4": 1}
 
 
@@ -56,7 +61,7 @@ def decode_lora_linear(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
         weight.nested_absmax, weight.nested_code, float(weight.nested_offset),
         _code_on(x.device) if weight.scheme == "nf4" else None,
         weight.scales, weight.zeros, _SCHEME_ID[weight.scheme], weight.block, n, k,
-        lora_A.contiguous(), lora_B.contiguous(), bias, float(scale),
+        lora_A.contiguous(), lora_B.contiguous(), bias, float(scale), DECODE_MMA_MIN_M,
     )
     return y.reshape(*x.shape[:-1], n)
 
@@ -73,6 +78,6 @@ if extension_loaded() and hasattr(torch.ops.fusedlora, "decode_lora_cuda"):
     # Shape function of the extension's op, for torch.compile and meta tensors.
     @torch.library.register_fake("fusedlora::decode_lora_cuda")
     def _(x, w, absmax, absmax_q, nested_absmax, nested_code, nested_offset, code, scales, zeros, scheme, block,
-          n, k, lora_A, lora_B, bias, scale):
+          n, k, lora_A, lora_B, bias, scale, mma_min_m):
         return x.new_empty(x.shape[0], n)
 

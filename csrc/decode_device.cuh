@@ -1,0 +1,121 @@
+// Device helpers shared by the two decode kernels (decode_lora.cu: CUDA cores, decode_lora_mma.cu:
+// tensor cores): conversions, the streaming load of W, the per-chunk scale, the LoRA epilogue.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "decode_lora.h"
+#include "decode_math.cuh"
+
+namespace fusedlora {
+namespace decode {
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+
+__device__ __forceinline__ float2 pair_to_float2(uint32_t v, const __nv_bfloat16*) {
+  __nv_bfloat162 h;
+  *reinterpret_cast<uint32_t*>(&h) = v;
+  return __bfloat1622float2(h);
+}
+__device__ __forceinline__ float2 pair_to_float2(uint32_t v, const __half*) {
+  __half2 h;
+  *reinterpret_cast<uint32_t*>(&h) = v;
+  return __half22float2(h);
+}
+
+// Two floats rounded into one 32-bit register of the activation type, ``lo`` in the low half (the
+// element with the smaller index, as the mma fragments expect).
+__device__ __forceinline__ uint32_t float2_to_pair(float lo, float hi, const __nv_bfloat16*) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+__device__ __forceinline__ uint32_t float2_to_pair(float lo, float hi, const __half*) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// W is read exactly once: keep it out of L1 so x and the scales stay there.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Programmatic dependent launch (sm_90+): the pre-pass lets the main kernel launch early; the main kernel
+// waits for the pre-pass to complete (and its writes to be visible) before reading xa.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Scale (and INT4 zero point) of the 32-element chunk c of row n: one per chunk, since every NF4
+// blocksize and INT4 group size is a multiple of 32.
+template <Scheme S>
+__device__ __forceinline__ void chunk_scale(const DecodeArgs& a, int64_t n, int64_t c, float& sc, float& zp) {
+  const int64_t K = a.K;
+  if constexpr (S == Scheme::kNF4) {
+    const int64_t b = nf4_block(n, 32 * c, K, a.block);
+    sc = a.absmax != nullptr ? __ldg(a.absmax + b)
+                             : dq_absmax(a.absmax_q, a.nested_absmax, a.nested_code, a.nested_offset, b);
+    zp = 0.f;
+  } else {
+    const int64_t g = n * (K / a.block) + (32 * c) / a.block;
+    sc = __ldg(a.scales + g);
+    zp = static_cast<float>(__ldg(a.zeros + g));
+  }
+}
+
+template <Scheme S>
+__device__ __forceinline__ float dequant(const float* code_s, uint32_t q, float sc, float zp) {
+  return S == Scheme::kNF4 ? code_s[q] * sc : (static_cast<float>(q) - zp) * sc;
+}
+
+// y[m, n] = base + scale·xa[m, :]·B[n, :] (+ bias[n]), rounded once into the activation type.
+template <typename T>
+__device__ __forceinline__ void lora_epilogue(const DecodeArgs& a, int n, int m, float base) {
+  const T* __restrict__ B = static_cast<const T*>(a.B);
+  const T* __restrict__ bias = static_cast<const T*>(a.bias);
+  float lora = 0.f;
+  for (int j = 0; j < a.r; ++j) lora = fmaf(a.xa[m * a.r + j], to_float(B[static_cast<int64_t>(n) * a.r + j]), lora);
+  float v = fmaf(a.scale, lora, base);
+  if (bias != nullptr) v += to_float(bias[n]);
+  store(static_cast<T*>(a.y) + static_cast<int64_t>(m) * a.N + n, v);
+}
+
+// Launch with programmatic stream serialization, so that on sm_90 the kernel may start while the
+// previous kernel in the stream (the pre-pass) still runs; the kernel itself waits where it must.
+template <typename Kernel>
+cudaError_t launch_dependent(Kernel kernel, dim3 grid, dim3 block, cudaStream_t stream, const DecodeArgs& a) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+}  // namespace decode
+}  // namespace fusedlora
