@@ -40,10 +40,9 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// The two codes of the low byte of ``bits`` (high nibble first: the even column) as one register.
+// The two codes of ``byte`` (high nibble first: the even column) as one register.
 template <typename T, Scheme S>
-__device__ __forceinline__ uint32_t dequant_pair(const float* code_s, uint32_t bits, float sc, float zp) {
-  const uint32_t byte = bits & 0xFFu;
+__device__ __forceinline__ uint32_t dequant_pair(const float* code_s, uint32_t byte, float sc, float zp) {
   return float2_to_pair(dequant<S>(code_s, byte >> 4, sc, zp), dequant<S>(code_s, byte & 0xFu, sc, zp),
                         static_cast<const T*>(nullptr));
 }
@@ -61,8 +60,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const Dec
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * kMmaRows;
   // The row this lane loads; rows past N (last block) read row N-1 again and are never stored.
-  const int64_t n_ld = min(n0 + (lane >> 1), a.N - 1);
-  const int half = lane & 1;
+  const int64_t n_ld = min(n0 + mma_load_row(lane), a.N - 1);
+  const int half = mma_load_half(lane);
   const int steps = a.K / 64;
   const int per_warp = (steps + kMmaWarps - 1) / kMmaWarps;
   const int s_begin = warp * per_warp;
@@ -91,9 +90,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const Dec
       const int64_t k0 = 64 * static_cast<int64_t>(s0 + u);
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
-        const int src_lo = 2 * g + (ks >> 1), src_hi = src_lo + 16;  // lanes holding rows g and g+8
-        const uint32_t w0 = (ks & 1) ? wv[u].z : wv[u].x;
-        const uint32_t w1 = (ks & 1) ? wv[u].w : wv[u].y;
+        const int src_lo = mma_source_lane(g, ks), src_hi = mma_source_lane(g + 8, ks);
+        const uint32_t w0 = (&wv[u].x)[mma_source_word(ks)];
+        const uint32_t w1 = (&wv[u].x)[mma_source_word(ks) + 1];
         const uint32_t lo0 = __shfl_sync(0xffffffffu, w0, src_lo), lo1 = __shfl_sync(0xffffffffu, w1, src_lo);
         const uint32_t hi0 = __shfl_sync(0xffffffffu, w0, src_hi), hi1 = __shfl_sync(0xffffffffu, w1, src_hi);
         const float sc_lo = __shfl_sync(0xffffffffu, sc[u], src_lo), sc_hi = __shfl_sync(0xffffffffu, sc[u], src_hi);
@@ -102,12 +101,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const Dec
           zp_lo = __shfl_sync(0xffffffffu, zp[u], src_lo);
           zp_hi = __shfl_sync(0xffffffffu, zp[u], src_hi);
         }
-        const int shift = 8 * t;
         const uint32_t af[4] = {
-            dequant_pair<T, S>(code_s, lo0 >> shift, sc_lo, zp_lo),  // row g,   columns 2t, 2t+1
-            dequant_pair<T, S>(code_s, hi0 >> shift, sc_hi, zp_hi),  // row g+8, columns 2t, 2t+1
-            dequant_pair<T, S>(code_s, lo1 >> shift, sc_lo, zp_lo),  // row g,   columns 2t+8, 2t+9
-            dequant_pair<T, S>(code_s, hi1 >> shift, sc_hi, zp_hi),  // row g+8, columns 2t+8, 2t+9
+            dequant_pair<T, S>(code_s, mma_pair_byte(lo0, t), sc_lo, zp_lo),  // row g,   columns 2t, 2t+1
+            dequant_pair<T, S>(code_s, mma_pair_byte(hi0, t), sc_hi, zp_hi),  // row g+8, columns 2t, 2t+1
+            dequant_pair<T, S>(code_s, mma_pair_byte(lo1, t), sc_lo, zp_lo),  // row g,   columns 2t+8, 2t+9
+            dequant_pair<T, S>(code_s, mma_pair_byte(hi1, t), sc_hi, zp_hi),  // row g+8, columns 2t+8, 2t+9
         };
 #pragma unroll
         for (int j = 0; j < NT; ++j) {

@@ -26,6 +26,18 @@ FL_HD int64_t nf4_block(int64_t n, int64_t k, int64_t K, int blocksize) { return
 // Byte offset of the 16-byte chunk c (elements 32c..32c+31) of row n; K even makes rows whole bytes.
 FL_HD int64_t chunk_byte_offset(int64_t n, int64_t c, int64_t K) { return n * (K / 2) + 16 * c; }
 
+// Tensor-core kernel (decode_lora_mma.cu). A warp's step covers 16 rows x 64 codes, one 16-byte load per
+// lane: lane L loads row L/2, codes 32*(L%2) .. +31. The m16n8k16 A fragment of lane (g = L/4, t = L%4)
+// for sub-step s (codes 16s .. 16s+15) needs rows g and g+8, columns 2t, 2t+1, 2t+8, 2t+9: byte t of
+// each of the two 32-bit words holding the row's 16 codes of that sub-step.
+FL_HD int mma_load_row(int lane) { return lane >> 1; }
+FL_HD int mma_load_half(int lane) { return lane & 1; }
+// The lane whose load holds sub-step s of row r, and the index (0..3) of the first of its two words.
+FL_HD int mma_source_lane(int r, int s) { return 2 * r + (s >> 1); }
+FL_HD int mma_source_word(int s) { return 2 * (s & 1); }
+// The two codes (even column in the high nibble) that byte t of a word gives a fragment register.
+FL_HD uint32_t mma_pair_byte(uint32_t word, int t) { return (word >> (8 * t)) & 0xFFu; }
+
 // absmax of a double-quantized NF4 block: nested_code[qa] * nested_absmax[block / 256] + offset, each
 // product and sum rounded to fp32 separately (the order of the reference dequantization).
 FL_HD float dq_absmax(const uint8_t* qa, const float* nested_absmax, const float* nested_code, float offset,

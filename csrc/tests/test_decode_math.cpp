@@ -50,10 +50,42 @@ static void test_dq_absmax() {
   }
 }
 
+static void test_mma_fragments_from_row_loads() {
+  // Emulate one warp step of the tensor-core kernel on the host: 16 rows x 64 random codes packed as in
+  // memory, each lane's 16-byte load, the shuffles (reads of another lane's words) and the byte picks.
+  // Every lane must end up with the codes of the m16n8k16 A fragment: for sub-step s, rows g and g+8,
+  // columns 2t, 2t+1 (registers 0, 1) and 2t+8, 2t+9 (registers 2, 3).
+  std::mt19937 rng(99);
+  uint8_t q[16][64];
+  for (auto& row : q)
+    for (auto& v : row) v = static_cast<uint8_t>(rng() & 0xF);
+  uint32_t loads[32][4];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int r = mma_load_row(lane), h = mma_load_half(lane);
+    uint8_t bytes[16];
+    for (int j = 0; j < 16; ++j) bytes[j] = static_cast<uint8_t>((q[r][32 * h + 2 * j] << 4) | q[r][32 * h + 2 * j + 1]);
+    std::memcpy(loads[lane], bytes, 16);
+  }
+  for (int s = 0; s < 4; ++s)
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane >> 2, t = lane & 3;
+      const int rows[2] = {g, g + 8};
+      for (int ri = 0; ri < 2; ++ri) {
+        const uint32_t* src = loads[mma_source_lane(rows[ri], s)];
+        const uint32_t first = mma_pair_byte(src[mma_source_word(s)], t);       // columns 2t, 2t+1
+        const uint32_t second = mma_pair_byte(src[mma_source_word(s) + 1], t);  // columns 2t+8, 2t+9
+        const int col = 16 * s + 2 * t;
+        EXPECT((first >> 4) == q[rows[ri]][col] && (first & 0xF) == q[rows[ri]][col + 1]);
+        EXPECT((second >> 4) == q[rows[ri]][col + 8] && (second & 0xF) == q[rows[ri]][col + 9]);
+      }
+    }
+}
+
 int main() {
   test_word_code_matches_byte_layout();
   test_offsets();
   test_dq_absmax();
+  test_mma_fragments_from_row_loads();
   std::printf("decode_math: all tests passed\n");
   return 0;
 }
