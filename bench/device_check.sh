@@ -49,6 +49,7 @@ run_bench() {
 run_bench bench_dequant 35 --budget 20
 run_bench bench_decode 50 --budget 35
 run_bench bench_layer 60 --budget 40
+run_bench bench_step 45 --quick --budget 25
 
 stage "config sweep of the fused GEMMs"
 timeout 45 $PY bench/sweep_configs.py --budget 30 --out "$OUT/sweep.json" >"$LOGS/sweep.log" 2>&1 || { echo "sweep failed"; status=1; }

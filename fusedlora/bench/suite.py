@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 
 import torch
@@ -10,6 +11,7 @@ from tqdm import tqdm
 
 from . import report, results
 from .layer import run_layer
+from .step import STEP_BASELINES, StepCase, llama_config, run_step
 from .timing import ceilings as measure_ceilings
 
 # Llama-3-8B projections (K -> N), DESIGN.md's performance targets.
@@ -26,6 +28,20 @@ def matrix(quick: bool, gpu: bool):
     return [(s, m, q) for s in LLAMA3_8B for m in ms for q in ("nf4-dq", "none")], torch.bfloat16
 
 
+def step_rows(quick: bool, gpu: bool, ceil: dict) -> list[dict]:
+    """The whole-step bench: on a GPU the ~1B model (4 layers with ``quick``) against peft_bnb and peft_bf16;
+    on a CPU the tiny model against peft_bf16 (bitsandbytes' CPU kernels are not what a QLoRA run uses)."""
+    if any(importlib.util.find_spec(m) is None for m in ("transformers", "peft")):
+        print("step bench: skipped (needs transformers and peft)")
+        return []
+    size, seq = ("quick" if quick else "full", 2048) if gpu else ("tiny", 128)
+    case = StepCase(llama_config(size, seq), seq=seq)
+    rows, failed = run_step(case, baseline_names=STEP_BASELINES if gpu else ("peft_bf16",), ceilings=ceil)
+    if failed:
+        print(f"step bench: no rows for {', '.join(failed)}: its outputs differ from ours")
+    return rows
+
+
 def run(quick: bool, out_dir: str) -> dict:
     gpu = torch.cuda.is_available()
     cases, dtype = matrix(quick, gpu)
@@ -33,6 +49,7 @@ def run(quick: bool, out_dir: str) -> dict:
     print(f"ceilings: copy {ceil['copy_gbs']:.0f} GB/s, matmul {ceil['matmul_tflops']:.3g} TFLOP/s")
     with tqdm(total=len(cases), desc="layer bench", unit="case") as bar:
         rows = run_layer(cases, dtype=dtype, ceilings=ceil, progress=bar, log=bar.write)
+    rows += step_rows(quick, gpu, ceil)
     os.makedirs(out_dir, exist_ok=True)
     env = results.environment()
     env["ceilings"] = ceil
