@@ -22,7 +22,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 stage "build fusedlora._C for sm_90 (MAX_JOBS=16)"
-if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 150 $PY setup.py build_ext --inplace >"$LOGS/build.log" 2>&1; then
+if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 120 $PY setup.py build_ext --inplace >"$LOGS/build.log" 2>&1; then
   cp "$LOGS/build.log" "$OUT/"; tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1
 fi
 grep -i "spill" "$LOGS/build.log" | grep -v " 0 bytes spill" | head -5
@@ -32,7 +32,7 @@ $PY -m fusedlora.cli info | tee "$OUT/info.txt"
 stage "gpu tests (none may be skipped)"
 # Several workers: most of this stage is Triton compiling kernels, one CPU core per compile.
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-FUSEDLORA_REQUIRE_GPU=1 timeout 120 $PY -m pytest -q -m gpu -rs -p no:cacheprovider $XDIST tests >"$OUT/gpu_tests.log" 2>&1
+FUSEDLORA_REQUIRE_GPU=1 timeout 100 $PY -m pytest -q -m gpu -rs -p no:cacheprovider $XDIST tests >"$OUT/gpu_tests.log" 2>&1
 rc=$?
 tail -25 "$OUT/gpu_tests.log"
 if [ $rc -ne 0 ]; then echo "GPU TESTS FAILED (rc=$rc)"; status=1; fi
@@ -46,13 +46,14 @@ run_bench() {
   timeout "$limit" $PY "bench/$name.py" --out "$LOGS/$name.json" "$@" >>"$OUT/bench.log" 2>&1 \
     || { echo "$name failed or ran out of time (see bench.log)"; status=1; }
 }
-run_bench bench_dequant 35 --budget 20
-run_bench bench_decode 50 --budget 35
-run_bench bench_layer 60 --budget 40
-run_bench bench_step 45 --quick --budget 25
+# Typical total ~5 minutes (build ~1, tests ~1.5, these ~2.5); worst case bounded by the limits, ~6.5.
+run_bench bench_dequant 25 --budget 12
+run_bench bench_decode 40 --budget 25
+run_bench bench_layer 50 --budget 30
+run_bench bench_step 40 --quick --budget 20
 
 stage "config sweep of the fused GEMMs"
-timeout 45 $PY bench/sweep_configs.py --budget 30 --out "$OUT/sweep.json" >"$LOGS/sweep.log" 2>&1 || { echo "sweep failed"; status=1; }
+timeout 35 $PY bench/sweep_configs.py --budget 22 --out "$OUT/sweep.json" >"$LOGS/sweep.log" 2>&1 || { echo "sweep failed"; status=1; }
 cat "$LOGS/sweep.log" >>"$OUT/bench.log"
 grep BEST "$LOGS/sweep.log"
 grep -E "^cutover" "$OUT/bench.log" | head -30

@@ -8,6 +8,12 @@ from collections import defaultdict
 from .results import SPEED_OF_LIGHT
 
 
+def shape_label(row: dict) -> str:
+    """K→N for a layer-shaped row; hidden × layers for a whole-model step row."""
+    a, b = row["shape"]
+    return f"h{a}×{b}L" if row["bench"] == "step" else f"{a}→{b}"
+
+
 def _mem(v):
     return "" if v is None else f"{v / 2**20:.0f}"
 
@@ -17,7 +23,7 @@ def markdown(doc: dict) -> str:
         f"GPU: {doc['gpu']} | date: {doc['date']} | commit: {doc['commit']} | torch {doc.get('torch', '?')}"
         f" | triton {doc.get('triton', '?')}",
         "",
-        "| bench | shape K→N | M | quant | dtype | baseline | ours ms | baseline ms | speedup | % roofline"
+        "| bench | shape | M | quant | dtype | baseline | ours ms | baseline ms | speedup | % roofline"
         " | ours MiB | baseline MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -25,7 +31,7 @@ def markdown(doc: dict) -> str:
         base = r["baseline"] + (" (computes less)" if r["baseline"] in SPEED_OF_LIGHT else "")
         pct = "" if r["pct_roofline"] is None else f"{r['pct_roofline']:.0f}"
         lines.append(
-            f"| {r['bench']} | {r['shape'][0]}→{r['shape'][1]} | {r['m']} | {r['quant']} | {r['dtype']} | {base}"
+            f"| {r['bench']} | {shape_label(r)} | {r['m']} | {r['quant']} | {r['dtype']} | {base}"
             f" | {r['ours_ms']:.4g} | {r['baseline_ms']:.4g} | {r['speedup']:.2f}× | {pct}"
             f" | {_mem(r['ours_peak_mem'])} | {_mem(r['baseline_peak_mem'])} |")
     return "\n".join(lines) + "\n"
@@ -45,11 +51,11 @@ def plots(doc: dict, out_dir: str) -> list[str]:
     for bench, rows in by_bench.items():
         series = defaultdict(list)
         for r in rows:
-            series[(tuple(r["shape"]), r["quant"], r["baseline"])].append((r["m"], r["speedup"], r["pct_roofline"]))
+            series[(shape_label(r), r["quant"], r["baseline"])].append((r["m"], r["speedup"], r["pct_roofline"]))
         fig, axes = plt.subplots(1, 2, figsize=(13, 5))
         for (shape, quant, base), pts in sorted(series.items()):
             pts.sort()
-            label = f"{shape[0]}→{shape[1]} {quant} vs {base}"
+            label = f"{shape} {quant} vs {base}"
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
             if pts[0][2] is not None:
                 axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
