@@ -10,6 +10,9 @@ import torch
 from tqdm import tqdm
 
 from . import report, results
+from .decode import DECODE_MS, DECODE_SHAPES, run_decode
+from .dequant import SHAPES as DEQUANT_SHAPES
+from .dequant import run as run_dequant
 from .layer import run_layer
 from .step import STEP_BASELINES, StepCase, llama_config, run_step
 from .timing import ceilings as measure_ceilings
@@ -50,6 +53,11 @@ def run(quick: bool, out_dir: str) -> dict:
     with tqdm(total=len(cases), desc="layer bench", unit="case") as bar:
         rows = run_layer(cases, dtype=dtype, ceilings=ceil, progress=bar, log=bar.write)
     rows += step_rows(quick, gpu, ceil)
+    if gpu:  # the dequant and decode kernels only exist on a GPU (on a CPU both are the reference)
+        rows += run_dequant(DEQUANT_SHAPES[:1] if quick else DEQUANT_SHAPES, "bf16", ceil, with_int4=not quick)
+        rows += run_decode(DECODE_SHAPES[:1] if quick else DECODE_SHAPES, DECODE_MS, ceilings=ceil)
+    else:
+        print("dequant and decode benches: skipped (no GPU; they time the CUDA and Triton kernels)")
     os.makedirs(out_dir, exist_ok=True)
     env = results.environment()
     env["ceilings"] = ceil
