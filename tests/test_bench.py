@@ -75,3 +75,23 @@ def test_speed_of_light_baseline_computes_less():
     sol = baselines.cublas_dense(case.x, case.dense)
     assert not torch.allclose(sol, full)  # no LoRA term: labelled "computes less" in every table
     torch.testing.assert_close(sol + case.scale * (case.x @ case.A.T) @ case.B.T, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_bnb_baselines_read_our_bytes_and_compute_our_function(dq):
+    # The dequant baseline (bitsandbytes' dequantize_4bit) and the decode baseline (its matmul_4bit plus the
+    # LoRA term) over a QuantState built from our tensors: bit-identical dequantization, and the decode
+    # output equal to the reference within fp32 summation-order error (1e-5 relative).
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    from fusedlora.formats import dequantize_reference
+
+    k, n, r = 128, 96, 8
+    qw = fl.quantize(torch.randn(n, k), scheme="nf4", blocksize=64, double_quant=dq)
+    state = baselines.bnb_quant_state(bnbf, qw.packed, torch.float32)
+    assert torch.equal(bnbf.dequantize_4bit(qw.packed.data, state), dequantize_reference(qw.packed, torch.float32))
+    x, A, B = torch.randn(3, k), torch.randn(r, k) / k**0.5, torch.randn(n, r)
+    got = baselines.bnb_lora(bnb, x, qw.packed.data, state, A, B, 2.0)
+    ref = lora_linear_reference(x, qw.packed, A, B, 2.0, None, 0.0, False, None)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -46,6 +46,25 @@ def dequant_cublas_lora(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0
     return y if bias is None else y + bias
 
 
+def bnb_quant_state(bnbf, p, dtype):
+    """bitsandbytes' QuantState over the tensors of an NF4 ``Packed4bit`` (the formats are identical, so
+    bitsandbytes reads the very bytes ours does). ``bnbf`` is ``bitsandbytes.functional``."""
+    code = bnbf.get_4bit_type("nf4", device=p.data.device)
+    if not p.double_quant:
+        return bnbf.QuantState(absmax=p.absmax, shape=torch.Size(p.shape), code=code, blocksize=p.block,
+                               quant_type="nf4", dtype=dtype)
+    state2 = bnbf.QuantState(absmax=p.nested_absmax, code=p.nested_code, blocksize=256, dtype=torch.float32)
+    return bnbf.QuantState(absmax=p.absmax, shape=torch.Size(p.shape), code=code, blocksize=p.block,
+                           quant_type="nf4", dtype=dtype,
+                           offset=torch.tensor(p.nested_offset, device=p.data.device), state2=state2)
+
+
+def bnb_lora(bnb, x, data, state, lora_A, lora_B, scale):
+    """bitsandbytes' 4-bit matmul (its GEMV at small M) plus the LoRA term in torch: the ``bnb`` decode
+    baseline (bitsandbytes has no LoRA of its own)."""
+    return bnb.matmul_4bit(x, data.t(), quant_state=state) + scale * (x @ lora_A.t()) @ lora_B.t()
+
+
 def cublas_dense(x, dense_weight):
     return F.linear(x, dense_weight)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..functional import lora_linear
 from ..ops.backend import forced
 from ..quantized import quantize
+from .baselines import bnb_lora, bnb_quant_state
 from .results import make_row
 from .timing import time_ms
 
@@ -59,10 +60,9 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
                 qw, block = quantize(dense, scheme="int4", group_size=128), 128
             else:
                 qw, block = quantize(dense, scheme="nf4", blocksize=64, double_quant=quant == "nf4-dq"), 64
-            bnb_w = None
-            if bnb is not None and quant.startswith("nf4"):
-                bnb_w = bnb[1].quantize_4bit(dense, blocksize=64, quant_type="nf4",
-                                             compress_statistics=quant == "nf4-dq")
+            bnb_state = None
+            if bnb is not None and quant.startswith("nf4"):  # bitsandbytes reads our very bytes
+                bnb_state = bnb_quant_state(bnb[1], qw.packed, dtype)
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 with torch.no_grad():
@@ -75,14 +75,9 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
                                   ours_ms=ours, pct_roofline=pct)
                     rows.append(make_row(**common, baseline="cublas_bf16",
                                          baseline_ms=time_ms(lambda: F.linear(x, dense))))  # noqa: B023
-                    if bnb_w is not None:
-                        packed, state = bnb_w
-
-                        def bnb_lora():
-                            y = bnb[0].matmul_4bit(x, packed.t(), quant_state=state)  # noqa: B023
-                            return y + 2.0 * (x @ A.t()) @ B.t()  # noqa: B023
-
-                        rows.append(make_row(**common, baseline="bnb", baseline_ms=time_ms(bnb_lora)))
+                    if bnb_state is not None:
+                        rows.append(make_row(**common, baseline="bnb", baseline_ms=time_ms(
+                            lambda: bnb_lora(bnb[0], x, qw.packed.data, bnb_state, A, B, 2.0))))  # noqa: B023
                 # Not a schema baseline: the Triton path on the same call, to place the CUDA/Triton cut-over.
                 paths = " ".join(f"{name} {ms:.4f}" for name, ms in path_times_ms(x, qw, A, B).items())
                 print(f"cutover {k}->{n} {quant} M={m}: default {ours:.4f} ms | {paths}")

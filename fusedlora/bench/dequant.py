@@ -18,6 +18,7 @@ from ..ops import dequantize
 from ..ops.backend import forced, why_not
 from ..quantized import QuantizedWeight, quantize
 from . import results
+from .baselines import bnb_quant_state
 from .timing import time_ms
 
 # Llama-3-8B projections, W [N, K]; the results schema records [K, N].
@@ -99,24 +100,12 @@ def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device:
 def _baseline(quant, weights, dtype, bnbf):
     copies = len(weights)
     if bnbf is not None and quant != "int4":
-        states = [_bnb_state(bnbf, qw.packed, dtype) for qw in weights]
+        states = [bnb_quant_state(bnbf, qw.packed, dtype) for qw in weights]
         ms = time_ms(rotating(lambda i: bnbf.dequantize_4bit(weights[i].packed.data, states[i]), copies))
         return "bnb", ms
     # static shapes (dynamic=True trips an inductor bug on this graph); the time budget bounds the compiles
     ref = torch.compile(dequantize_reference, dynamic=False)
     return "torch_compile", time_ms(rotating(lambda i: ref(weights[i].packed, dtype), copies))
-
-
-def _bnb_state(bnbf, p, dtype):
-    """bitsandbytes' QuantState over our tensors (the same bytes: the formats are identical)."""
-    code = bnbf.get_4bit_type("nf4", device=p.data.device)
-    if not p.double_quant:
-        return bnbf.QuantState(absmax=p.absmax, shape=torch.Size(p.shape), code=code, blocksize=p.block,
-                               quant_type="nf4", dtype=dtype)
-    state2 = bnbf.QuantState(absmax=p.nested_absmax, code=p.nested_code, blocksize=256, dtype=torch.float32)
-    return bnbf.QuantState(absmax=p.absmax, shape=torch.Size(p.shape), code=code, blocksize=p.block,
-                           quant_type="nf4", dtype=dtype,
-                           offset=torch.tensor(p.nested_offset, device=p.data.device), state2=state2)
 
 
 def table(rows, ceilings) -> str:
