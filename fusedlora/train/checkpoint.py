@@ -6,6 +6,7 @@ Layout of an output directory DIR:
         adapter_config.json            the adapter, PEFT format (fl.save_adapter)
         adapter_model.safetensors
         optimizer.safetensors          the trainable parameters and AdamW's moments and step, by parameter name
+                                       (whole tensors, also when --fsdp shards them across processes)
         rng.safetensors                torch's generator states, one per process (CPU, and CUDA if used)
         trainer_state.json             step, config, data position, scheduler and optimizer settings, log
     DIR/adapter_config.json            the latest checkpoint's adapter, for PEFT and fl.load_adapter
@@ -27,6 +28,7 @@ import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -89,14 +91,30 @@ def remove_stale(out_dir: str, keep: str | None) -> None:
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded one (FSDP2's DTensor) gathered from every process, which must all call this
+    in the same order; any other tensor as it is."""
+    t = t.detach()
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(src: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``src`` (a whole tensor, the same on every process) laid out as ``p``: this process's shard when ``p`` is
+    sharded (a collective, like ``full``), else ``src`` itself."""
+    if isinstance(p, DTensor) and src.shape == p.shape:
+        return distribute_tensor(src.to(p.device), p.device_mesh, p.placements)
+    return src
+
+
 def optimizer_tensors(params: list[tuple[str, torch.nn.Parameter]], optimizer) -> dict[str, torch.Tensor]:
-    """The parameters and the optimizer's per-parameter state, keyed by parameter name."""
+    """The parameters and the optimizer's per-parameter state, keyed by parameter name; sharded tensors are
+    gathered whole, so the file is the same whether the run shards them or not."""
     sd = optimizer.state_dict()["state"]
     out = {}
     for i, (name, p) in enumerate(params):
-        out[f"param/{name}"] = p.detach()
+        out[f"param/{name}"] = full(p)
         for key, value in sd.get(i, {}).items():
-            out[f"{key}/{name}"] = value.detach() if torch.is_tensor(value) else torch.tensor(value)
+            out[f"{key}/{name}"] = full(value) if torch.is_tensor(value) else torch.tensor(value)
     return {k: v.to("cpu").contiguous() for k, v in out.items()}
 
 
@@ -149,9 +167,12 @@ def load(out_dir: str, state: dict, params: list[tuple[str, torch.nn.Parameter]]
             if src.shape != p.shape or src.dtype != p.dtype:
                 raise ValueError(f"--resume: parameter {name} is {tuple(src.shape)} {src.dtype} in the checkpoint, "
                                  f"{tuple(p.shape)} {p.dtype} in the model")
-            p.copy_(src)
+            if isinstance(p, DTensor):
+                p.to_local().copy_(_like(src, p).to_local())
+            else:
+                p.copy_(src)
             if entry:
-                opt_state[i] = entry
+                opt_state[i] = {k: _like(v, p) for k, v in entry.items()}
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state["optimizer"]["param_groups"]]
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     return load_file(os.path.join(folder, RNG))

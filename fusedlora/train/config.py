@@ -38,6 +38,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    fsdp: bool = False  # under torchrun: FSDP2 (parameters sharded across processes) instead of DDP
     eval_fraction: float = 0.05  # share of the records held out for the eval loss
     eval_batches: int = 8  # at most this many batches of the held-out split per eval
     out: str = os.path.join("runs", "tiny")
@@ -58,6 +59,10 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
         if self.quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize: expected one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
+        if self.fsdp and self.quantize != "none":
+            raise ValueError(f"--fsdp with --quantize {self.quantize}: FSDP2 shards parameters only, and a 4-bit "
+                             "base keeps its packed weights in buffers, which it does not shard; use --fsdp with "
+                             "--quantize none, or train a 4-bit base with DDP (without --fsdp)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
         if not self.lr > 0:
@@ -135,6 +140,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recompute activations in the backward to save memory")
     parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=S,
                         help="pack records into full sequences (default) or pad one record per sequence")
+    parser.add_argument("--fsdp", action="store_true", default=S,
+                        help="under torchrun with several processes: shard the frozen base and the LoRA weights "
+                        "with FSDP2 (each decoder layer, then the whole model) instead of replicating them with "
+                        "DDP; needs a dense base (--quantize none); one process runs as without it")
     parser.add_argument("--out", metavar="DIR", default=S, help=f"output directory (default {default('out')})")
     parser.add_argument("--resume", action="store_true", default=S,
                         help="continue the run whose last checkpoint is in DIR")

@@ -6,6 +6,13 @@ takes its B rows starting at (g·W + r)·B. The loss is the sum of token losses 
 by its number of label tokens (every process knows it: each holds the whole data set), so W processes with
 batch B compute the same gradient as one process with batch W·B, up to the order of the sums.
 
+Sharding. Under torchrun with several processes the model is wrapped in DDP, or with --fsdp in FSDP2
+(fully_shard on each decoder layer, then on the whole model): every parameter, frozen base and LoRA alike,
+is split across the processes and gathered layer by layer for the forward and backward. Both average the
+gradients over the processes, so the loss scaling below serves both. Checkpoints hold whole tensors either
+way (gathered from the shards; rank 0 writes them). A 4-bit base keeps its packed weights in buffers, which
+FSDP2 does not shard, so --fsdp takes a dense base only.
+
 Exact resumption. A step depends on the trainable parameters, AdamW's state, the scheduler, torch's random
 state (LoRA dropout) and the sample position; a checkpoint stores all of them, and the data order is a pure
 function of (seed, sample position). Eval runs in eval mode and draws no random numbers.
@@ -92,6 +99,48 @@ def _ddp(model, device: torch.device):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
+def _fully_shard(model) -> None:
+    """FSDP2 over ``model``: each decoder layer (the classes transformers names in ``_no_split_modules``) is one
+    unit, gathered just before it runs and freed after; the root unit holds the rest (embeddings, final norm,
+    output head). fully_shard replaces the parameters with sharded ones: take them (and build the optimizer)
+    after this call."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"--fsdp: found no decoder layers in {type(model).__name__} (its _no_split_modules "
+                         f"{sorted(names)} match no submodule)")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _check_shardable(model) -> None:
+    packed = [n for n, m in model.named_modules() if isinstance(m, fl.LoRALinear) and m.quantized]
+    if packed:
+        raise ValueError(f"--fsdp: the base has 4-bit weights ({packed[0]}, ...; a bitsandbytes 4-bit checkpoint "
+                         "is trained over its packed weights), kept in buffers, which FSDP2 does not shard; "
+                         "train it without --fsdp (DDP), or start from a dense checkpoint")
+
+
+@contextlib.contextmanager
+def _whole_parameters(model, tensors: dict[str, torch.Tensor]):
+    """Registers ``tensors`` (whole, by parameter name) in place of the sharded parameters for the time of the
+    block, so code that reads the modules (fl.save_adapter) sees plain whole tensors."""
+    swapped = []
+    for name, t in tensors.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        swapped.append((module, attr, module._parameters[attr]))
+        module._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, attr, p in swapped:
+            module._parameters[attr] = p
+
+
 def _rng_tensors(device: torch.device, world: int) -> dict[str, torch.Tensor]:
     """Every process's generator states (gathered to all; rank 0 writes them)."""
     local = {"cpu": torch.get_rng_state()}
@@ -127,18 +176,22 @@ def _token_loss_sum(model, batch: dict, autocast) -> tuple[torch.Tensor, torch.T
 
 def evaluate(model, seqs, config: TrainConfig, device, autocast, rank: int, world: int) -> float:
     """Mean token loss over the first eval_batches global batches (B·W rows each) of the held-out split;
-    process r takes every W-th batch of B rows, so the number of processes does not change the result."""
+    process r takes every W-th batch of B rows, so the number of processes does not change the result.
+    Every process runs the same number of forwards (a sharded model gathers its layers in each, with all the
+    processes): one left without a batch of its own runs the first batch again and counts nothing."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     b_size = config.batch_size
     n_batches = math.ceil(min(len(seqs), config.eval_batches * b_size * world) / b_size)
     with torch.no_grad():
-        for b in range(rank, n_batches, world):
-            rows = torch.arange(b * b_size, min((b + 1) * b_size, len(seqs)))
+        for b in range(rank, math.ceil(n_batches / world) * world, world):
+            mine = b < n_batches
+            rows = torch.arange(b * b_size, min((b + 1) * b_size, len(seqs))) if mine else torch.arange(b_size)
             batch = {k: v.to(device) for k, v in seqs.rows(rows).items()}
             loss, n = _token_loss_sum(model, batch, autocast)
-            total += torch.stack([loss.double(), n.double()])
+            if mine:
+                total += torch.stack([loss.double(), n.double()])
     model.train(was_training)
     total = _all_sum(total, world)
     return float(total[0] / total[1].clamp(min=1))
@@ -254,6 +307,11 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if config.fsdp:
+        _check_shardable(model)
+    fsdp = config.fsdp and world > 1
+    if fsdp:
+        _fully_shard(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -266,7 +324,7 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
         scheduler.load_state_dict(saved_state["scheduler"])
         _set_rng(rng, device, rank)
         start, history = saved_state["step"], list(saved_state["log_history"])
-    ddp = world > 1
+    ddp = world > 1 and not fsdp
     net = _ddp(model, device) if ddp else model
     per_step = config.batch_size * config.grad_accum * world  # sequences per optimizer step, all processes
 
@@ -292,15 +350,17 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
     base_name = os.path.abspath(os.path.join(out, BASE_DIR)) if config.model is None else config.model
 
     def save(step: int) -> None:
-        tensors = checkpoint.optimizer_tensors(params, optimizer)
+        tensors = checkpoint.optimizer_tensors(params, optimizer)  # whole tensors, gathered by all processes
         rng = _rng_tensors(device, world)
         if not writer:
             return
         state = {"config": config.to_dict(), "samples_seen": step * per_step, "world_size": world,
                  "data_sha256": fingerprint, "scheduler": scheduler.state_dict(),
                  "optimizer": {"param_groups": checkpoint.optimizer_groups(optimizer)}, "log_history": history}
-        checkpoint.save(out, step, state, lambda d: fl.save_adapter(
-            model, d, task_type="CAUSAL_LM", base_model_name_or_path=base_name), tensors, rng)
+        whole = {n: tensors[f"param/{n}"] for n, _ in params} if fsdp else {}
+        with _whole_parameters(model, whole):
+            checkpoint.save(out, step, state, lambda d: fl.save_adapter(
+                model, d, task_type="CAUSAL_LM", base_model_name_or_path=base_name), tensors, rng)
 
     # -- the loop
     order = SampleOrder(len(seqs), config.seed)
@@ -320,14 +380,18 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
         for g in range(config.grad_accum):
             mine = rows[(g * world + rank) * config.batch_size:(g * world + rank + 1) * config.batch_size]
             batch = {k: v.to(device) for k, v in seqs.rows(mine).items()}
-            sync = contextlib.nullcontext() if not ddp or g == config.grad_accum - 1 else net.no_sync()
+            last = g == config.grad_accum - 1
+            sync = contextlib.nullcontext() if not ddp or last else net.no_sync()
+            if fsdp:
+                net.set_requires_gradient_sync(last)  # accumulate whole gradients; reduce-scatter at the last
             with sync:
                 loss, _ = _token_loss_sum(net, batch, autocast)
-                # DDP averages gradients over processes; the factor world turns that into the global sum.
+                # DDP and FSDP2 average gradients over processes; the factor world turns that into the global sum.
                 (loss * (world / max(n_label, 1))).backward()
             loss_sum += loss.detach().double()
         loss_value = float(_all_sum(loss_sum, world)) / max(n_label, 1)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm))
+        grad_norm = float(checkpoint.full(torch.nn.utils.clip_grad_norm_([p for _, p in params],
+                                                                        config.max_grad_norm)))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -365,6 +429,7 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
         "backend": backend(device),
         "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
         "world_size": world,
+        "parallel": "fsdp" if fsdp else "ddp" if ddp else None,
         "steps": config.steps,
         "resumed_from_step": start if saved_state is not None else None,
         "train_seconds": train_time,
@@ -372,6 +437,6 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
     if writer:
         _write_json(os.path.join(out, SUMMARY), summary)
         write_plot(os.path.join(out, PLOT), history)
-    if ddp:
+    if world > 1:
         dist.barrier()
     return summary
