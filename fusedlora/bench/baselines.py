@@ -73,10 +73,15 @@ def peft_available() -> bool:
     return importlib.util.find_spec("peft") is not None
 
 
-def bnb_available() -> bool:
-    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-        return False
-    return True
+def bitsandbytes():
+    """The bitsandbytes module (its ``functional`` loaded too), or None where it does not import."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional  # noqa: F401  (bnb.functional below)
+
+        return bnb
+    except Exception:  # not installed, or its GPU library does not load
+        return None
 
 
 def peft_lora_layer(base: torch.nn.Module, lora_A, lora_B, alpha: float, dropout_p: float):

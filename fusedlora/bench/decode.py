@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..functional import lora_linear
 from ..ops.backend import forced
 from ..quantized import quantize
-from .baselines import bnb_lora, bnb_quant_state
+from .baselines import bitsandbytes, bnb_lora, bnb_quant_state
 from .results import make_row
 from .timing import time_ms
 
@@ -31,22 +31,13 @@ def decode_bytes(m, k, n, r, quant, block) -> int:
     return weight + scales + 2 * (m * k + r * k + n * r + m * n)
 
 
-def _bnb_matmul():
-    try:
-        import bitsandbytes as bnb  # noqa: F401
-        import bitsandbytes.functional as bnbf
-    except ImportError:
-        return None
-    return bnb, bnbf
-
-
 def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *, r=16, ceilings=None,
                progress=None, budget_s=None):
     """Rows for every (shape, quant, M); stops starting a new (shape, quant) once ``budget_s`` is spent."""
     if not torch.cuda.is_available():
         raise RuntimeError("the decode bench needs a CUDA GPU")
     dtype, rows = torch.bfloat16, []
-    bnb = _bnb_matmul()
+    bnb = bitsandbytes()
     t0 = time.perf_counter()
     for k, n in shapes:
         dense = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
@@ -62,7 +53,7 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
                 qw, block = quantize(dense, scheme="nf4", blocksize=64, double_quant=quant == "nf4-dq"), 64
             bnb_state = None
             if bnb is not None and quant.startswith("nf4"):  # bitsandbytes reads our very bytes
-                bnb_state = bnb_quant_state(bnb[1], qw.packed, dtype)
+                bnb_state = bnb_quant_state(bnb.functional, qw.packed, dtype)
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 with torch.no_grad():
@@ -77,8 +68,9 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
                                          baseline_ms=time_ms(lambda: F.linear(x, dense))))  # noqa: B023
                     if bnb_state is not None:
                         rows.append(make_row(**common, baseline="bnb", baseline_ms=time_ms(
-                            lambda: bnb_lora(bnb[0], x, qw.packed.data, bnb_state, A, B, 2.0))))  # noqa: B023
-                # Not a schema baseline: the Triton path on the same call, to place the CUDA/Triton cut-over.
+                            lambda: bnb_lora(bnb, x, qw.packed.data, bnb_state, A, B, 2.0))))  # noqa: B023
+                # Not schema baselines: the same call on each path (CUDA cores, tensor cores, Triton), to place
+                # the cut-overs in M.
                 paths = " ".join(f"{name} {ms:.4f}" for name, ms in path_times_ms(x, qw, A, B).items())
                 print(f"cutover {k}->{n} {quant} M={m}: default {ours:.4f} ms | {paths}")
                 if progress is not None:

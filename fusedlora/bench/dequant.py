@@ -18,7 +18,7 @@ from ..ops import dequantize
 from ..ops.backend import forced, why_not
 from ..quantized import QuantizedWeight, quantize
 from . import results
-from .baselines import bnb_quant_state
+from .baselines import bitsandbytes, bnb_quant_state
 from .timing import time_ms
 
 # Llama-3-8B projections, W [N, K]; the results schema records [K, N].
@@ -50,20 +50,13 @@ def rotating(make, copies: int):
     return call
 
 
-def bnb_functional():
-    try:
-        import bitsandbytes.functional as bnbf
-    except Exception:  # not installed, or installed without a working GPU library
-        return None
-    return bnbf
-
-
 def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device: str = "cuda",
         budget_s: float = float("inf")) -> list[dict]:
     """Rows for each shape; shapes not started within ``budget_s`` seconds are skipped (and said so)."""
     dtype = DTYPES[dtype_name]
     families = [f for f in ("cuda", "triton") if why_not(f, torch.device(device)) is None]
-    bnbf = bnb_functional()
+    bnb = bitsandbytes()
+    bnbf = None if bnb is None else bnb.functional
     rows = []
     t0 = time.perf_counter()
     for n, k in shapes:

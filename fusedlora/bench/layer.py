@@ -36,15 +36,6 @@ def layer_flops(m: int, k: int, n: int, r: int) -> float:
     return 2 * 2 * m * n * k + 2 * m * r * (k + n) * 3
 
 
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-
-        return bnb
-    except Exception:  # not installed, or its GPU library does not load
-        return None
-
-
 class LayerCase:
     """Inputs of one (shape, M, quant) case; every baseline computes from the same tensors."""
 
@@ -132,7 +123,7 @@ def run_layer(cases, *, r=16, dropout_p=0.1, dtype=torch.bfloat16, baseline_name
     rewrites ``out_path`` after every row, so a timeout still leaves the rows so far."""
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
-    bnb = _bnb() if gpu else None
+    bnb = baselines.bitsandbytes() if gpu else None
     compiled_ref = torch.compile(lora_linear_reference, dynamic=True) if gpu else None
     t0, rows = time.perf_counter(), []
     for (k, n), m, quant in cases:

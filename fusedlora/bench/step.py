@@ -58,7 +58,7 @@ import torch
 from ..inject import find_targets, inject, lora_layers, set_submodule
 from ..modules import LoRALinear
 from . import baselines
-from .layer import DTYPE_NAMES, _bnb, layer_flops
+from .layer import DTYPE_NAMES, layer_flops
 from .results import make_row, save
 from .timing import peak_memory_bytes, time_ms
 
@@ -120,7 +120,7 @@ class StepCase:
         self.r, self.alpha, self.dropout, self.quant = r, alpha, dropout, quant
         # bitsandbytes by default on a GPU only: its CPU kernels are not what a QLoRA run uses
         want_bnb = quant != "none" and (use_bnb if use_bnb is not None else self.device.type == "cuda")
-        self.bnb = _bnb() if want_bnb else None
+        self.bnb = baselines.bitsandbytes() if want_bnb else None
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             model = self._new_model()
