@@ -38,7 +38,8 @@ PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 
 
-def _replace_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``, replaced in one rename (a kill leaves the old file or the new one)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
@@ -134,13 +135,13 @@ def save(out_dir: str, step: int, state: dict, save_adapter, tensors: dict, rng:
     save_file(tensors, os.path.join(tmp, OPTIMIZER))
     save_file(rng, os.path.join(tmp, RNG))
     state = {**state, "step": step, "checkpoint": name}
-    _replace_json(os.path.join(tmp, STATE), state)
+    write_json(os.path.join(tmp, STATE), state)
     # A folder of this name can only be an orphan of a killed run (the current state names an older step).
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     for f in ADAPTER_FILES:
         _replace_copy(os.path.join(final, f), os.path.join(out_dir, f))
-    _replace_json(os.path.join(out_dir, STATE), state)
+    write_json(os.path.join(out_dir, STATE), state)
     remove_stale(out_dir, keep=name)
     return final
 

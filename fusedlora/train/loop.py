@@ -230,13 +230,6 @@ def save_pretrained_quietly(model, path: str) -> None:
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------ train
 
 
@@ -435,7 +428,7 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
         "train_seconds": train_time,
     }
     if writer:
-        _write_json(os.path.join(out, SUMMARY), summary)
+        checkpoint.write_json(os.path.join(out, SUMMARY), summary)
         write_plot(os.path.join(out, PLOT), history)
     if world > 1:
         dist.barrier()
