@@ -4,8 +4,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstring>
+
 #include "decode_lora.h"
 #include "decode_math.cuh"
+#include "launch.cuh"
 
 namespace fusedlora {
 namespace decode {
@@ -15,35 +18,45 @@ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 
+// Register reinterpretations go through memcpy (a plain move after optimization): a pointer cast between
+// the 32-bit word and the paired type would break strict aliasing.
 __device__ __forceinline__ float2 pair_to_float2(uint32_t v, const __nv_bfloat16*) {
-  __nv_bfloat162 h;
-  *reinterpret_cast<uint32_t*>(&h) = v;
-  return __bfloat1622float2(h);
+  __nv_bfloat162_raw h;
+  memcpy(&h, &v, sizeof(h));
+  return __bfloat1622float2(__nv_bfloat162(h));
 }
 __device__ __forceinline__ float2 pair_to_float2(uint32_t v, const __half*) {
-  __half2 h;
-  *reinterpret_cast<uint32_t*>(&h) = v;
-  return __half22float2(h);
+  __half2_raw h;
+  memcpy(&h, &v, sizeof(h));
+  return __half22float2(__half2(h));
 }
 
 // Two floats rounded into one 32-bit register of the activation type, ``lo`` in the low half (the
 // element with the smaller index, as the mma fragments expect).
 __device__ __forceinline__ uint32_t float2_to_pair(float lo, float hi, const __nv_bfloat16*) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
+  const __nv_bfloat162_raw h = __floats2bfloat162_rn(lo, hi);
+  uint32_t v;
+  memcpy(&v, &h, sizeof(v));
+  return v;
 }
 __device__ __forceinline__ uint32_t float2_to_pair(float lo, float hi, const __half*) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
+  const __half2_raw h = __floats2half2_rn(lo, hi);
+  uint32_t v;
+  memcpy(&v, &h, sizeof(v));
+  return v;
 }
 
 // W is read exactly once: keep it out of L1 so x and the scales stay there.
 __device__ __forceinline__ uint4 load_stream(const void* p) {
+#if defined(FUSEDLORA_EMULATE)
+  return emulate::load<uint4>(p);
+#else
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+#endif
 }
 
 // Programmatic dependent launch (sm_90+): the pre-pass lets the main kernel launch early; the main kernel
@@ -54,7 +67,9 @@ __device__ __forceinline__ void allow_dependent_launch() {
 #endif
 }
 __device__ __forceinline__ void wait_for_prerequisite() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(FUSEDLORA_EMULATE)
+  emulate::wait_for_prerequisite();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
@@ -97,24 +112,6 @@ __device__ __forceinline__ void lora_epilogue(const DecodeArgs& a, int n, int m,
   float v = fmaf(a.scale, lora, base);
   if (bias != nullptr) v += to_float(bias[n]);
   store(static_cast<T*>(a.y) + static_cast<int64_t>(m) * a.N + n, v);
-}
-
-// Launch with programmatic stream serialization, so that on sm_90 the kernel may start while the
-// previous kernel in the stream (the pre-pass) still runs; the kernel itself waits where it must.
-template <typename Kernel>
-cudaError_t launch_dependent(Kernel kernel, dim3 grid, dim3 block, cudaStream_t stream, const DecodeArgs& a) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a);
-  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 }  // namespace decode

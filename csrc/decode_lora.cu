@@ -126,7 +126,8 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
 
 template <typename T, Scheme S, int MT>
 cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
-  return launch_dependent(gemv_lora_kernel<T, S, MT>, dim3((a.N + kRows - 1) / kRows), dim3(kThreads), stream, a);
+  return launch_kernel(gemv_lora_kernel<T, S, MT>, dim3((a.N + kRows - 1) / kRows), dim3(kThreads), stream,
+                       /*dependent=*/true, a);
 }
 
 template <typename T, Scheme S>
@@ -142,9 +143,8 @@ cudaError_t launch_for_m(const DecodeArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_typed(const DecodeArgs& a, Scheme scheme, cudaStream_t stream) {
-  xa_kernel<T><<<dim3(a.r, a.M), 256, 0, stream>>>(static_cast<const T*>(a.x), a.ldx, static_cast<const T*>(a.A),
-                                                   a.xa, a.K, a.r);
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_kernel(xa_kernel<T>, dim3(a.r, a.M), dim3(256), stream, /*dependent=*/false,
+                                        static_cast<const T*>(a.x), a.ldx, static_cast<const T*>(a.A), a.xa, a.K, a.r);
   if (err != cudaSuccess) return err;
   return scheme == Scheme::kNF4 ? launch_for_m<T, Scheme::kNF4>(a, stream) : launch_for_m<T, Scheme::kINT4>(a, stream);
 }

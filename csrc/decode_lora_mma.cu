@@ -26,18 +26,26 @@ constexpr int kUnroll = 4;  // 64-element steps loaded together: 4 x 16 bytes in
 
 __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2],
                                           const __nv_bfloat16*) {
+#if defined(FUSEDLORA_EMULATE)
+  emulate::mma_m16n8k16(c, a, b, emulate::Operand::kBF16);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2], const __half*) {
+#if defined(FUSEDLORA_EMULATE)
+  emulate::mma_m16n8k16(c, a, b, emulate::Operand::kFP16);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // The two codes of ``byte`` (high nibble first: the even column) as one register.
@@ -144,8 +152,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const Dec
 template <typename T, Scheme S>
 cudaError_t launch_decode_mma(const DecodeArgs& a, cudaStream_t stream) {
   const dim3 grid((a.N + kMmaRows - 1) / kMmaRows), block(kMmaWarps * 32);
-  if (a.M <= 8) return launch_dependent(gemv_lora_mma_kernel<T, S, 1>, grid, block, stream, a);
-  return launch_dependent(gemv_lora_mma_kernel<T, S, 2>, grid, block, stream, a);
+  if (a.M <= 8) return launch_kernel(gemv_lora_mma_kernel<T, S, 1>, grid, block, stream, /*dependent=*/true, a);
+  return launch_kernel(gemv_lora_mma_kernel<T, S, 2>, grid, block, stream, /*dependent=*/true, a);
 }
 
 template cudaError_t launch_decode_mma<__nv_bfloat16, Scheme::kNF4>(const DecodeArgs&, cudaStream_t);

@@ -38,16 +38,32 @@ FL_HD int mma_source_word(int s) { return 2 * (s & 1); }
 // The two codes (even column in the high nibble) that byte t of a word gives a fragment register.
 FL_HD uint32_t mma_pair_byte(uint32_t word, int t) { return (word >> (8 * t)) & 0xFFu; }
 
+// fp32 product and sum rounded separately (never contracted into an FMA), on the device and the host alike.
+FL_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  volatile float p = a * b;
+  return p;
+#endif
+}
+FL_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  volatile float s = a + b;
+  return s;
+#endif
+}
+
+// Nested block of NF4 block b: double quantization scales 256 absmax codes with one nested absmax.
+FL_HD int64_t nf4_nested_index(int64_t block) { return block / 256; }
+
 // absmax of a double-quantized NF4 block: nested_code[qa] * nested_absmax[block / 256] + offset, each
 // product and sum rounded to fp32 separately (the order of the reference dequantization).
 FL_HD float dq_absmax(const uint8_t* qa, const float* nested_absmax, const float* nested_code, float offset,
                       int64_t block) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(__fmul_rn(nested_code[qa[block]], nested_absmax[block / 256]), offset);
-#else
-  volatile float prod = nested_code[qa[block]] * nested_absmax[block / 256];
-  return prod + offset;
-#endif
+  return add_rn(mul_rn(nested_code[qa[block]], nested_absmax[nf4_nested_index(block)]), offset);
 }
 
 }  // namespace fusedlora

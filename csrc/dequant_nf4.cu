@@ -4,13 +4,16 @@
 // Each thread takes 16 packed bytes = 32 elements with one 16-byte load, decodes its single absmax
 // (double quantization included, in the same pass) and writes 32 outputs with 16-byte stores.
 // The <32-element tail, and buffers that are not 16-byte aligned, take the scalar path.
-// Products and sums use __fmul_rn / __fadd_rn so that no FMA contraction or fast-math flag changes
+// Products and sums use mul_rn / add_rn (decode_math.cuh) so that no FMA contraction or fast-math flag changes
 // a bit relative to the reference.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstring>
+
 #include "dequant_nf4.h"
+#include "launch.cuh"
 #include "nf4.cuh"
 
 namespace fusedlora {
@@ -60,12 +63,16 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) vals[8 * w + j] = from_float<OutT>(__fmul_rn(code[word_code(words[w], j)], scale));
+      for (int j = 0; j < 8; ++j) vals[8 * w + j] = from_float<OutT>(mul_rn(code[word_code(words[w], j)], scale));
     }
+    // 16-byte stores; the values reach them through memcpy (register moves), not a pointer cast of vals.
     uint4* dst = reinterpret_cast<uint4*>(out + first);
-    const uint4* src = reinterpret_cast<const uint4*>(vals);
 #pragma unroll
-    for (int s = 0; s < static_cast<int>(sizeof(vals) / sizeof(uint4)); ++s) dst[s] = src[s];
+    for (int s = 0; s < static_cast<int>(sizeof(vals)) / 16; ++s) {
+      uint4 v;
+      memcpy(&v, reinterpret_cast<const char*>(vals) + 16 * s, sizeof(v));
+      dst[s] = v;
+    }
   }
 
   // Scalar path: the tail after the full 32-element chunks (all elements when not vectorized).
@@ -73,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(
     const uint8_t byte = data[nf4_byte_index(i)];
     const float scale =
         block_absmax<kDoubleQuant>(absmax, nested_absmax, nested_code, offset, nf4_block_index(i, blocksize));
-    out[i] = from_float<OutT>(__fmul_rn(code[nf4_code_of(byte, i)], scale));
+    out[i] = from_float<OutT>(mul_rn(code[nf4_code_of(byte, i)], scale));
   }
 }
 
@@ -85,14 +92,10 @@ cudaError_t launch_typed(const DequantNf4Args& a, cudaStream_t stream) {
   const int64_t blocks = work == 0 ? 1 : (work + kThreads - 1) / kThreads;
   const unsigned grid = static_cast<unsigned>(blocks < (1 << 20) ? blocks : (1 << 20));
   OutT* out = static_cast<OutT*>(a.out);
-  if (aligned) {
-    dequantize_nf4_kernel<OutT, kDoubleQuant, true><<<grid, kThreads, 0, stream>>>(
-        a.data, a.absmax, a.nested_absmax, a.nested_code, a.nested_offset, a.blocksize, a.numel, out);
-  } else {
-    dequantize_nf4_kernel<OutT, kDoubleQuant, false><<<grid, kThreads, 0, stream>>>(
-        a.data, a.absmax, a.nested_absmax, a.nested_code, a.nested_offset, a.blocksize, a.numel, out);
-  }
-  return cudaGetLastError();
+  auto kernel =
+      aligned ? dequantize_nf4_kernel<OutT, kDoubleQuant, true> : dequantize_nf4_kernel<OutT, kDoubleQuant, false>;
+  return launch_kernel(kernel, dim3(grid), dim3(kThreads), stream, /*dependent=*/false, a.data, a.absmax,
+                       a.nested_absmax, a.nested_code, a.nested_offset, a.blocksize, a.numel, out);
 }
 
 template <typename OutT>

@@ -15,7 +15,6 @@
 
 namespace fusedlora {
 
-constexpr int kNestedBlocksize = 256;
 constexpr int kElementsPer16B = 32;
 
 // The 16 NF4 values (bitsandbytes' table), as a function so device code needs no constant array.
@@ -45,7 +44,6 @@ FL_HD uint32_t nf4_code_of(uint8_t byte, int64_t i) { return (i & 1) ? (byte & 0
 
 FL_HD int64_t nf4_byte_index(int64_t i) { return i >> 1; }
 FL_HD int64_t nf4_block_index(int64_t i, int blocksize) { return i / blocksize; }
-FL_HD int64_t nf4_nested_index(int64_t block) { return block / kNestedBlocksize; }
 FL_HD int64_t nf4_num_bytes(int64_t numel) { return (numel + 1) >> 1; }
 FL_HD int64_t nf4_num_blocks(int64_t numel, int blocksize) { return (numel + blocksize - 1) / blocksize; }
 
