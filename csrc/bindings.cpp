@@ -121,8 +121,8 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
   TORCH_CHECK(m_rows >= 1 && m_rows <= fusedlora::kDecodeMaxM, "x: expected 1 <= M <= ", fusedlora::kDecodeMaxM,
               " rows, got ", m_rows);
   TORCH_CHECK(k % 32 == 0, "k: expected a multiple of 32 (16-byte loads within a row), got ", k);
-  TORCH_CHECK(block >= 32 && block % 32 == 0,
-              "block: expected a multiple of 32 (one scale per 16-byte load), got ", block);
+  TORCH_CHECK(block >= 32 && (block & (block - 1)) == 0,
+              "block: expected a power of two >= 32 (one scale per 16-byte load), got ", block);
   TORCH_CHECK(scheme == 0 || scheme == 1, "scheme: expected 0 (nf4) or 1 (int4), got ", scheme);
   CHECK_ALIGNED16(x);
   CHECK_INPUT(w, x);

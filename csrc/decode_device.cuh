@@ -86,15 +86,20 @@ template <Scheme S>
 __device__ __forceinline__ void chunk_scale(const DecodeArgs& a, int64_t n, int64_t c, float& sc, float& zp) {
   const int64_t K = a.K;
   if constexpr (S == Scheme::kNF4) {
-    const int64_t b = nf4_block(n, 32 * c, K, a.block);
+    const int64_t b = nf4_block(n, 32 * c, K, a.block_shift);
     sc = a.absmax != nullptr ? __ldg(a.absmax + b)
                              : dq_absmax(a.absmax_q, a.nested_absmax, a.nested_code, a.nested_offset, b);
     zp = 0.f;
   } else {
-    const int64_t g = n * (K / a.block) + (32 * c) / a.block;
+    const int64_t g = n * (K >> a.block_shift) + ((32 * c) >> a.block_shift);
     sc = __ldg(a.scales + g);
     zp = static_cast<float>(__ldg(a.zeros + g));
   }
+}
+
+// The table entry at a byte offset from nibble_offsets.
+__device__ __forceinline__ float table_at(const float* table, uint32_t offset) {
+  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(table) + offset);
 }
 
 template <Scheme S>

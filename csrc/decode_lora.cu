@@ -48,9 +48,11 @@ __global__ void __launch_bounds__(256) xa_kernel(const T* __restrict__ x, int64_
 
 template <typename T, Scheme S, int MT>
 __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a) {
+  // The code table: NF4 values, or for INT4 the codes themselves (0..15), whose zero point is applied
+  // per chunk below.
   __shared__ float code_s[16];
   __shared__ float red[kWarps][kRows * MT];
-  if (S == Scheme::kNF4 && threadIdx.x < 16) code_s[threadIdx.x] = a.code[threadIdx.x];
+  if (threadIdx.x < 16) code_s[threadIdx.x] = S == Scheme::kNF4 ? a.code[threadIdx.x] : static_cast<float>(threadIdx.x);
   __syncthreads();
 
   const T* __restrict__ x = static_cast<const T*>(a.x);
@@ -73,14 +75,34 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
       wv[rr] = load_stream(a.w + chunk_byte_offset(n, c, K));
       chunk_scale<S>(a, n, c, sc[rr], zp[rr]);
     }
+    // M <= 2 (kFold): the scale (and INT4 zero point) is constant over the chunk's 32 codes, so the inner
+    // loop sums table[q]·x — one table read and one FMA per code and token — and the chunk's sum is scaled
+    // once: sc·Σ table[q]·x for NF4, sc·(Σ q·x − zero·Σ x) for INT4. Larger M scales each code instead:
+    // that multiply is shared by M FMAs, and the chunk sums would cost kRows·M more registers.
+    constexpr bool kFold = MT <= 2;
+    float part[kRows][MT], xsum[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      xsum[m] = 0.f;
+#pragma unroll
+      for (int rr = 0; rr < kRows; ++rr) part[rr][m] = 0.f;
+    }
 #pragma unroll
     for (int wd = 0; wd < 4; ++wd) {
       float wf[kRows][8];
 #pragma unroll
       for (int rr = 0; rr < kRows; ++rr) {
         const uint32_t word = (&wv[rr].x)[wd];
+        const uint32_t even = nibble_offsets(word, 0), odd = nibble_offsets(word, 1);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) wf[rr][e] = dequant<S>(code_s, word_code(word, e), sc[rr], zp[rr]);
+        for (int b = 0; b < 4; ++b) {
+          wf[rr][2 * b] = table_at(code_s, offset_byte(even, b));
+          wf[rr][2 * b + 1] = table_at(code_s, offset_byte(odd, b));
+        }
+        if constexpr (!kFold) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) wf[rr][e] = S == Scheme::kNF4 ? wf[rr][e] * sc[rr] : (wf[rr][e] - zp[rr]) * sc[rr];
+        }
       }
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
@@ -93,12 +115,26 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
             xf[2 * p] = f.x;
             xf[2 * p + 1] = f.y;
           }
+          if constexpr (kFold && S == Scheme::kINT4) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) xsum[m] += xf[e];
+          }
+          float(&sum)[kRows][MT] = kFold ? part : acc;
 #pragma unroll
           for (int rr = 0; rr < kRows; ++rr)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[rr][m] = fmaf(wf[rr][e], xf[e], acc[rr][m]);
+            for (int e = 0; e < 8; ++e) sum[rr][m] = fmaf(wf[rr][e], xf[e], sum[rr][m]);
         }
       }
+    }
+    if constexpr (kFold) {
+#pragma unroll
+      for (int rr = 0; rr < kRows; ++rr)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const float chunk_sum = S == Scheme::kNF4 ? part[rr][m] : fmaf(-zp[rr], xsum[m], part[rr][m]);
+          acc[rr][m] = fmaf(sc[rr], chunk_sum, acc[rr][m]);
+        }
     }
   }
 
@@ -153,8 +189,11 @@ cudaError_t launch_typed(const DecodeArgs& a, Scheme scheme, cudaStream_t stream
 
 cudaError_t decode_lora(const DecodeArgs& args, Act act, Scheme scheme, cudaStream_t stream) {
   if (args.M < 1 || args.M > kDecodeMaxM || args.K % 32 != 0 || args.r < 1) return cudaErrorInvalidValue;
-  return act == Act::kBF16 ? launch_typed<__nv_bfloat16>(args, scheme, stream)
-                           : launch_typed<__half>(args, scheme, stream);
+  if (args.block < 32 || (args.block & (args.block - 1)) != 0) return cudaErrorInvalidValue;
+  DecodeArgs a = args;
+  a.block_shift = 0;
+  while ((1 << a.block_shift) < a.block) ++a.block_shift;
+  return act == Act::kBF16 ? launch_typed<__nv_bfloat16>(a, scheme, stream) : launch_typed<__half>(a, scheme, stream);
 }
 
 }  // namespace fusedlora

@@ -22,7 +22,8 @@ struct DecodeArgs {
   // INT4: scales fp32 [N, K/group], zeros uint8 [N, K/group]
   const float* scales;
   const uint8_t* zeros;
-  int block;            // NF4 blocksize or INT4 group size
+  int block;            // NF4 blocksize or INT4 group size: a power of two, >= 32
+  int block_shift;      // log2(block), set by decode_lora
   const void* A;        // [r, K] in the activation dtype
   const void* B;        // [N, r]
   const void* bias;     // [N] or null

@@ -257,11 +257,12 @@ void run_all() {
 
 void test_rejected_arguments() {
   // decode_lora refuses what it is not built for, before launching anything.
+  // Each case breaks one argument of an otherwise valid set.
   DecodeArgs a{};
-  a.M = 1;
   a.N = 16;
   a.K = 64;
   a.r = 1;
+  a.block = 64;
   a.M = 0;
   EXPECT(decode_lora(a, Act::kBF16, Scheme::kNF4, nullptr) == cudaErrorInvalidValue);
   a.M = kDecodeMaxM + 1;
@@ -272,6 +273,9 @@ void test_rejected_arguments() {
   a.K = 64;
   a.r = 0;
   EXPECT(decode_lora(a, Act::kFP16, Scheme::kNF4, nullptr) == cudaErrorInvalidValue);
+  a.r = 1;
+  a.block = 96;  // a multiple of 32 but not a power of two
+  EXPECT(decode_lora(a, Act::kBF16, Scheme::kINT4, nullptr) == cudaErrorInvalidValue);
 }
 
 }  // namespace

@@ -26,15 +26,28 @@ static void test_word_code_matches_byte_layout() {
   }
 }
 
+static void test_table_offsets() {
+  // __byte_perm as CUDA defines it: selector nibbles 0-3 pick x's bytes, 4-7 y's.
+  EXPECT(byte_perm(0x03020100u, 0x07060504u, 0x3210u) == 0x03020100u);
+  EXPECT(byte_perm(0x03020100u, 0x07060504u, 0x7654u) == 0x07060504u);
+  EXPECT(byte_perm(0x44332211u, 0u, 0x4442u) == 0x33u);
+  // Every code's table offset, picked from the two masked words, is 4 x its code.
+  std::mt19937 rng(4321);
+  for (int trial = 0; trial < 1000; ++trial) {
+    const uint32_t word = static_cast<uint32_t>(rng());
+    for (int e = 0; e < 8; ++e) EXPECT(offset_byte(nibble_offsets(word, e & 1), e >> 1) == 4 * word_code(word, e));
+  }
+}
+
 static void test_offsets() {
   // Row n of W[N, K] starts at byte n*K/2; chunk c covers elements 32c..32c+31 of that row.
   EXPECT(chunk_byte_offset(0, 0, 4096) == 0);
   EXPECT(chunk_byte_offset(3, 2, 4096) == 3 * 2048 + 32);
   // int64: row 40000 of a 14336-wide weight is past 2^28 bytes; element index past 2^31.
   EXPECT(chunk_byte_offset(200000, 1, 14336) == int64_t(200000) * 7168 + 16);
-  EXPECT(nf4_block(1, 0, 96, 64) == 1);    // element 96 of the flat weight
-  EXPECT(nf4_block(1, 32, 96, 64) == 2);   // element 128
-  EXPECT(nf4_block(200000, 0, 14336, 64) == int64_t(200000) * 14336 / 64);
+  EXPECT(nf4_block(1, 0, 96, 6) == 1);    // element 96 of the flat weight, blocks of 64
+  EXPECT(nf4_block(1, 32, 96, 6) == 2);   // element 128
+  EXPECT(nf4_block(200000, 0, 14336, 6) == int64_t(200000) * 14336 / 64);
 }
 
 static void test_dq_absmax() {
@@ -83,6 +96,7 @@ static void test_mma_fragments_from_row_loads() {
 
 int main() {
   test_word_code_matches_byte_layout();
+  test_table_offsets();
   test_offsets();
   test_dq_absmax();
   test_mma_fragments_from_row_loads();
