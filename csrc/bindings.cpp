@@ -103,7 +103,7 @@ const T* optional_ptr(const std::optional<at::Tensor>& t) {
 }
 
 // y[M, N] = x·deq(W)ᵀ + scale·(x·Aᵀ)·Bᵀ + bias for M <= 16 (csrc/decode_lora.cu); x [M, K] bf16/fp16.
-// M >= mma_min_m (and K % 64 == 0) runs the tensor-core kernel, smaller M the CUDA-core GEMV.
+// M >= mma_min_m (and K % 128 == 0) runs the tensor-core kernel, smaller M the CUDA-core GEMV.
 at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
                             const std::optional<at::Tensor>& absmax_q,
                             const std::optional<at::Tensor>& nested_absmax,

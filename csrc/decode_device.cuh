@@ -102,9 +102,33 @@ __device__ __forceinline__ float table_at(const float* table, uint32_t offset) {
   return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(table) + offset);
 }
 
+// A code table in shared memory addressed by 32-bit shared-window addresses (table_entry_address), for
+// loops where the compiler would otherwise add the table's base to every offset.
+struct SharedTable {
+  uint32_t base;       // shared-window address of entry 0, 256-byte aligned
+  const float* entry;  // the same table as a pointer (host emulation)
+};
+__device__ __forceinline__ SharedTable shared_table(const float* table) {
+#if defined(FUSEDLORA_EMULATE)
+  return {0u, table};
+#else
+  return {static_cast<uint32_t>(__cvta_generic_to_shared(table)), table};
+#endif
+}
+__device__ __forceinline__ float table_load(const SharedTable& t, uint32_t address) {
+#if defined(FUSEDLORA_EMULATE)
+  return t.entry[(address - t.base) / 4];
+#else
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(address));
+  return v;
+#endif
+}
+
+// A weight in fp32 from its code-table entry (the NF4 value, or the INT4 code as a float).
 template <Scheme S>
-__device__ __forceinline__ float dequant(const float* code_s, uint32_t q, float sc, float zp) {
-  return S == Scheme::kNF4 ? code_s[q] * sc : (static_cast<float>(q) - zp) * sc;
+__device__ __forceinline__ float dequant(float table_value, float sc, float zp) {
+  return S == Scheme::kNF4 ? table_value * sc : (table_value - zp) * sc;
 }
 
 // y[m, n] = base + scale·xa[m, :]·B[n, :] (+ bias[n]), rounded once into the activation type.

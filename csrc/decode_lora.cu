@@ -11,7 +11,7 @@
 // - this file's CUDA-core GEMV (M < mma_min_m): each block owns kRows rows of W; each thread streams
 //   16-byte chunks (32 codes) of all kRows rows per step, so kRows loads are in flight per thread. Its
 //   FMA count grows with M (16·N·K at M = 16 is more than the cores do in the time W takes to stream);
-// - decode_lora_mma.cu's tensor-core kernel (M >= mma_min_m, K % 64 == 0), whose cost barely grows
+// - decode_lora_mma.cu's tensor-core kernel (M >= mma_min_m, K % 128 == 0), whose cost barely grows
 //   with M up to 16.
 // Scales (NF4 absmax, plain or double-quantized, or INT4 scale + zero) are decoded in the same pass.
 // Accumulation is fp32.
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
         }
         if constexpr (!kFold) {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) wf[rr][e] = S == Scheme::kNF4 ? wf[rr][e] * sc[rr] : (wf[rr][e] - zp[rr]) * sc[rr];
+          for (int e = 0; e < 8; ++e) wf[rr][e] = dequant<S>(wf[rr][e], sc[rr], zp[rr]);
         }
       }
 #pragma unroll
@@ -168,7 +168,7 @@ cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
 
 template <typename T, Scheme S>
 cudaError_t launch_for_m(const DecodeArgs& a, cudaStream_t stream) {
-  if (a.M >= a.mma_min_m && a.K % 64 == 0) return launch_decode_mma<T, S>(a, stream);
+  if (a.M >= a.mma_min_m && a.K % kMmaStep == 0) return launch_decode_mma<T, S>(a, stream);
   // One instantiation per power-of-two bucket of M: the accumulators live in registers, sized at compile time.
   if (a.M <= 1) return launch_main<T, S, 1>(a, stream);
   if (a.M <= 2) return launch_main<T, S, 2>(a, stream);

@@ -31,11 +31,13 @@ struct DecodeArgs {
   void* y;              // [M, N]
   int M, N, K, r;
   float scale;
-  int mma_min_m;        // M from which the tensor-core kernel runs (when K % 64 == 0)
+  int mma_min_m;        // M from which the tensor-core kernel runs (when K % kMmaStep == 0)
 };
 
 // Largest M the kernel is built for; larger M goes to the Triton GEMM.
 constexpr int kDecodeMaxM = 16;
+// The tensor-core kernel walks K in steps of this many codes; other K run the CUDA-core GEMV.
+constexpr int kMmaStep = 128;
 
 // Launches the x·Aᵀ pre-pass and the fused GEMV on ``stream``; returns the first launch error.
 cudaError_t decode_lora(const DecodeArgs& args, Act act, Scheme scheme, cudaStream_t stream);

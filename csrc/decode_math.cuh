@@ -49,17 +49,22 @@ FL_HD int64_t nf4_block(int64_t n, int64_t k, int64_t K, int block_shift) { retu
 // Byte offset of the 16-byte chunk c (elements 32c..32c+31) of row n; K even makes rows whole bytes.
 FL_HD int64_t chunk_byte_offset(int64_t n, int64_t c, int64_t K) { return n * (K / 2) + 16 * c; }
 
-// Tensor-core kernel (decode_lora_mma.cu). A warp's step covers 16 rows x 64 codes, one 16-byte load per
-// lane: lane L loads row L/2, codes 32*(L%2) .. +31. The m16n8k16 A fragment of lane (g = L/4, t = L%4)
-// for sub-step s (codes 16s .. 16s+15) needs rows g and g+8, columns 2t, 2t+1, 2t+8, 2t+9: byte t of
-// each of the two 32-bit words holding the row's 16 codes of that sub-step.
-FL_HD int mma_load_row(int lane) { return lane >> 1; }
-FL_HD int mma_load_half(int lane) { return lane & 1; }
-// The lane whose load holds sub-step s of row r, and the index (0..3) of the first of its two words.
-FL_HD int mma_source_lane(int r, int s) { return 2 * r + (s >> 1); }
-FL_HD int mma_source_word(int s) { return 2 * (s & 1); }
-// The two codes (even column in the high nibble) that byte t of a word gives a fragment register.
-FL_HD uint32_t mma_pair_byte(uint32_t word, int t) { return (word >> (8 * t)) & 0xFFu; }
+// Tensor-core kernel (decode_lora_mma.cu). The reduction over k may run in any order, so each 128-code
+// step of a 16-row tile feeds its 8 mmas (ks = 0..7) a permuted k order in which every fragment lies in
+// the lane's own loads. Logical column ``col`` (0..15) of mma ks is the step's physical code
+FL_HD int mma_physical_k(int ks, int col) { return 32 * ((col & 7) >> 1) + 4 * ks + 2 * (col >> 3) + (col & 1); }
+// so lane (g, t), whose m16n8k16 fragments hold columns 2t, 2t+1 (A registers 0/1, B register 0) and
+// 2t+8, 2t+9 (A registers 2/3, B register 1), needs codes 32t .. 32t+31 of rows g and g+8 — one 16-byte
+// load per row — and x[token g][32t .. 32t+31] — four 16-byte loads. Within those, the pair for mma ks
+// and ``half`` (0: columns 2t, 2t+1; 1: columns 2t+8, 2t+9) is byte mma_pair_index(ks, half) of the row
+// load (high nibble first: the even column) and 32-bit word mma_pair_index(ks, half) of the x span.
+FL_HD int mma_pair_index(int ks, int half) { return 2 * ks + half; }
+
+// The shared-memory address of a table entry in one PRMT: byte b of ``offsets`` as the low byte, the upper
+// three bytes of the table's address (256-byte aligned, so its low byte is zero) above it.
+FL_HD uint32_t table_entry_address(uint32_t table_base, uint32_t offsets, int b) {
+  return byte_perm(offsets, table_base, 0x7650u | static_cast<uint32_t>(b));
+}
 
 // fp32 product and sum rounded separately (never contracted into an FMA), on the device and the host alike.
 FL_HD float mul_rn(float a, float b) {

@@ -35,18 +35,25 @@ def test_decode_op_schema_and_fake_on_meta_tensors(dq):
     torch.library.opcheck(torch.ops.fusedlora.decode_lora_cuda.default, args)
 
 
+# K = 96 and 320 (multiples of 32, and of 64, not of 128) always take the GEMV; INT4 groups (64, 128) must
+# divide K, so INT4 leaves out K = 96 (the device check lets no test skip).
+DECODE_SHAPES = [
+    (quant, k, n)
+    for quant in ("nf4", "nf4-dq", "int4")
+    for k, n in ((4096, 4096), (384, 97), (1024, 1029), (320, 33), (96, 50))
+    if not (quant == "int4" and k % 64)
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("quant", ["nf4", "nf4-dq", "int4"])
-@pytest.mark.parametrize("m,mma_min_m", [(1, 3), (3, 3), (8, 3), (16, 3), (3, 17), (16, 17)])
-@pytest.mark.parametrize("k,n", [(4096, 4096), (384, 97), (1024, 1029), (96, 50)])
+@pytest.mark.parametrize("quant,k,n", DECODE_SHAPES)
+@pytest.mark.parametrize("m,mma_min_m", [(1, 2), (2, 2), (3, 2), (8, 2), (16, 2), (3, 17), (16, 17)])
 def test_decode_matches_reference(dtype, quant, m, mma_min_m, k, n, monkeypatch):
-    # mma_min_m 3: M = 1 on the CUDA-core GEMV, M >= 3 on the tensor-core kernel (K % 64 == 0); 17: the
-    # GEMV for every M. K = 96 (a multiple of 32, not of 64) always takes the GEMV.
+    # mma_min_m 2: M = 1 on the CUDA-core GEMV, M >= 2 on the tensor-core kernel (K % 128 == 0); 17: the
+    # GEMV for every M.
     from fusedlora.ops import decode
 
-    if quant == "int4" and k % 64:
-        pytest.skip("INT4 groups (64, 128) must divide K")
     monkeypatch.setattr(decode, "DECODE_MMA_MIN_M", mma_min_m)
     torch.manual_seed(m * 1000 + n)
     r = 16

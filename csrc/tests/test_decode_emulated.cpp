@@ -97,7 +97,7 @@ void run_case(const Case& c) {
   using D = Dtype<T>;
   const int64_t NK = static_cast<int64_t>(c.N) * c.K;
   const int64_t n_blocks = (NK + c.block - 1) / c.block;
-  const bool tensor_cores = c.M >= c.mma_min_m && c.K % 64 == 0;  // decode_lora_cu's choice
+  const bool tensor_cores = c.M >= c.mma_min_m && c.K % kMmaStep == 0;  // decode_lora's choice
 
   Buffer x(sizeof(T) * c.M * c.K, "x"), w(NK / 2, "w"), A(sizeof(T) * c.r * c.K, "A"), B(sizeof(T) * c.N * c.r, "B");
   Buffer bias(sizeof(T) * c.N, "bias"), xa(sizeof(float) * c.M * c.r, "xa"), y(sizeof(T) * c.M * c.N, "y");
@@ -221,15 +221,16 @@ void run_case(const Case& c) {
               worst);
 }
 
-// Shapes: K = 96 (no tensor-core kernel: K % 64 != 0; NF4 blocks of 64 cross rows), N < 16 and N odd (the
-// last block's rows past N), K = 1088 and 2112 (17 and 33 steps of 64 over 8 warps: uneven shares,
-// a partial unroll, an idle warp), K = 256 with block 128 and r = 16.
+// Shapes: K = 96 (NF4 blocks of 64 cross rows) and K = 1088 (a multiple of 64, not of 128): the GEMV only;
+// N < 16 and N odd (the last block's rows past N); K = 2176 and 4224 (17 and 33 steps of 128 over 8 warps:
+// uneven shares, a partial unroll, idle warps); K = 256 with block 128 and r = 16.
 void run_all() {
   struct Shape {
     int N, K, nf4_block, int4_group, r;
   };
   const Shape shapes[] = {
-      {37, 96, 64, 32, 3}, {9, 256, 64, 64, 1}, {50, 256, 128, 128, 16}, {21, 1088, 64, 64, 8}, {17, 2112, 128, 64, 4}};
+      {37, 96, 64, 32, 3},   {9, 256, 64, 64, 1},     {50, 256, 128, 128, 16},
+      {21, 1088, 64, 64, 8}, {17, 2176, 128, 64, 4}, {23, 4224, 64, 128, 2}};
   const int Ms[] = {1, 2, 3, 4, 7, 8, 9, 16};
   int count = 0;
   for (const Shape& s : shapes)
@@ -240,7 +241,7 @@ void run_all() {
         if (!small && M != 1 && M != 9 && M != 16) continue;  // keep the long-K cases few
         // Both main kernels for every M: the GEMV (tensor cores never chosen) and the tensor-core kernel.
         for (int mma_min_m : {kDecodeMaxM + 1, 1}) {
-          if (mma_min_m == 1 && s.K % 64 != 0) continue;
+          if (mma_min_m == 1 && s.K % kMmaStep != 0) continue;
           // dtype and bias alternate across the pairs of paths, so each combination meets both kernels
           const Case c{f, M, s.N, s.K, block, s.r, (count / 4) % 2 == 0, mma_min_m};
           if ((count / 2) % 2 == 0) {

@@ -36,6 +36,10 @@ static void test_table_offsets() {
   for (int trial = 0; trial < 1000; ++trial) {
     const uint32_t word = static_cast<uint32_t>(rng());
     for (int e = 0; e < 8; ++e) EXPECT(offset_byte(nibble_offsets(word, e & 1), e >> 1) == 4 * word_code(word, e));
+    // With the table's (256-byte aligned) base merged in by the same PRMT.
+    const uint32_t base = static_cast<uint32_t>(rng()) & ~0xFFu;
+    for (int e = 0; e < 8; ++e)
+      EXPECT(table_entry_address(base, nibble_offsets(word, e & 1), e >> 1) == base + 4 * word_code(word, e));
   }
 }
 
@@ -63,35 +67,31 @@ static void test_dq_absmax() {
   }
 }
 
-static void test_mma_fragments_from_row_loads() {
-  // Emulate one warp step of the tensor-core kernel on the host: 16 rows x 64 random codes packed as in
-  // memory, each lane's 16-byte load, the shuffles (reads of another lane's words) and the byte picks.
-  // Every lane must end up with the codes of the m16n8k16 A fragment: for sub-step s, rows g and g+8,
-  // columns 2t, 2t+1 (registers 0, 1) and 2t+8, 2t+9 (registers 2, 3).
-  std::mt19937 rng(99);
-  uint8_t q[16][64];
-  for (auto& row : q)
-    for (auto& v : row) v = static_cast<uint8_t>(rng() & 0xF);
-  uint32_t loads[32][4];
-  for (int lane = 0; lane < 32; ++lane) {
-    const int r = mma_load_row(lane), h = mma_load_half(lane);
-    uint8_t bytes[16];
-    for (int j = 0; j < 16; ++j) bytes[j] = static_cast<uint8_t>((q[r][32 * h + 2 * j] << 4) | q[r][32 * h + 2 * j + 1]);
-    std::memcpy(loads[lane], bytes, 16);
-  }
-  for (int s = 0; s < 4; ++s)
-    for (int lane = 0; lane < 32; ++lane) {
-      const int g = lane >> 2, t = lane & 3;
-      const int rows[2] = {g, g + 8};
-      for (int ri = 0; ri < 2; ++ri) {
-        const uint32_t* src = loads[mma_source_lane(rows[ri], s)];
-        const uint32_t first = mma_pair_byte(src[mma_source_word(s)], t);       // columns 2t, 2t+1
-        const uint32_t second = mma_pair_byte(src[mma_source_word(s) + 1], t);  // columns 2t+8, 2t+9
-        const int col = 16 * s + 2 * t;
-        EXPECT((first >> 4) == q[rows[ri]][col] && (first & 0xF) == q[rows[ri]][col + 1]);
-        EXPECT((second >> 4) == q[rows[ri]][col + 8] && (second & 0xF) == q[rows[ri]][col + 9]);
-      }
+static void test_mma_permutation() {
+  // The tensor-core kernel's k order: every mma ks takes 16 distinct codes of the 128-code step, all
+  // 8 mmas together take each code once, and a lane's A pair (byte of its row load) and B pair (word of
+  // its x span) for the same logical columns are the same two physical codes.
+  for (int ks = 0; ks < 8; ++ks) {
+    bool seen[128] = {};
+    for (int col = 0; col < 16; ++col) {
+      const int k = mma_physical_k(ks, col);
+      EXPECT(k >= 0 && k < 128 && !seen[k]);
+      seen[k] = true;
     }
+  }
+  bool covered[128] = {};
+  for (int ks = 0; ks < 8; ++ks)
+    for (int col = 0; col < 16; ++col) covered[mma_physical_k(ks, col)] = true;
+  for (bool c : covered) EXPECT(c);
+  for (int t = 0; t < 4; ++t)
+    for (int ks = 0; ks < 8; ++ks)
+      for (int half = 0; half < 2; ++half) {
+        const int col = 2 * t + 8 * half;  // the pair's even column; the odd one follows it
+        // Byte p of the lane's row load holds codes 32t + 2p (high nibble) and 32t + 2p + 1; word p of its x
+        // span holds x[32t + 2p] (low half) and x[32t + 2p + 1]: both start at the same physical code.
+        const int first = 32 * t + 2 * mma_pair_index(ks, half);
+        EXPECT(first == mma_physical_k(ks, col) && first + 1 == mma_physical_k(ks, col + 1));
+      }
 }
 
 int main() {
@@ -99,7 +99,7 @@ int main() {
   test_table_offsets();
   test_offsets();
   test_dq_absmax();
-  test_mma_fragments_from_row_loads();
+  test_mma_permutation();
   std::printf("decode_math: all tests passed\n");
   return 0;
 }
