@@ -161,6 +161,7 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
     CHECK_NUMEL(*zeros, n_blocks);
   }
   CHECK_INPUT(lora_A, x);
+  CHECK_ALIGNED16(lora_A);
   CHECK_DTYPE(lora_A, x.scalar_type());
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == k && lora_A.size(0) >= 1,
               "lora_A: expected shape [r, K=", k, "], got ", lora_A.sizes());

@@ -93,3 +93,20 @@ def test_decode_is_the_path_taken_and_training_is_not():
         assert not decode_applies(torch.randn(17, k, device="cuda", dtype=torch.bfloat16), qw.packed, A, B, None,
                                   0.0, False)
     assert not decode_applies(x, qw.packed, A, B, None, 0.0, False)  # grads needed: Triton forward/backward
+
+
+@pytest.mark.gpu
+def test_decode_takes_misaligned_views():
+    # x and A starting one element past a 16-byte boundary are copied to aligned buffers, so the result is
+    # the aligned inputs' result bit for bit.
+    k, n, m, r = 256, 64, 2, 8
+    qw = fl.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), scheme="nf4")
+    x_buf = torch.randn(m * k + 1, device="cuda", dtype=torch.bfloat16)
+    a_buf = torch.randn(r * k + 1, device="cuda", dtype=torch.bfloat16)
+    x, A = x_buf[1:].view(m, k), a_buf[1:].view(r, k)
+    assert x.data_ptr() % 16 and A.data_ptr() % 16
+    B = torch.randn(n, r, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = fl.lora_linear(x, qw, A, B, 2.0)
+        y_aligned = fl.lora_linear(x.clone(), qw, A.clone(), B, 2.0)
+    torch.testing.assert_close(y, y_aligned, rtol=0, atol=0)

@@ -57,6 +57,9 @@ def decode_lora_linear(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
     x2 = x.reshape(-1, k).contiguous()
     if x2.data_ptr() % 16:  # a view starting mid-vector: the kernel's 16-byte loads need an aligned copy
         x2 = x2.clone()
+    a = lora_A.contiguous()
+    if a.data_ptr() % 16:  # the x·Aᵀ pre-pass reads A with 16-byte loads too
+        a = a.clone()
     dq = weight.double_quant
     y = torch.ops.fusedlora.decode_lora_cuda(
         x2, weight.data,
@@ -64,7 +67,7 @@ def decode_lora_linear(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
         weight.nested_absmax, weight.nested_code, float(weight.nested_offset),
         _code_on(x.device) if weight.scheme == "nf4" else None,
         weight.scales, weight.zeros, _SCHEME_ID[weight.scheme], weight.block, n, k,
-        lora_A.contiguous(), lora_B.contiguous(), bias, float(scale), DECODE_MMA_MIN_M,
+        a, lora_B.contiguous(), bias, float(scale), DECODE_MMA_MIN_M,
     )
     return y.reshape(*x.shape[:-1], n)
 
