@@ -7,8 +7,9 @@ loop's instructions per 2 KB of weight per warp and the bandwidth a GPU would re
 limit: SMs x 4 schedulers x clock x bytes per instruction. Both branches of an if inside the loop are
 counted, so the count is an upper bound on what one iteration issues.
 
---check fails when a main loop touches local memory (LDL/STL: spills), calls a subroutine (CALL: e.g. a
-64-bit division), or, in the tensor-core kernel, has no HMMA.
+--check fails when a main loop touches local memory (LDL/STL: spills), calls a subroutine (a CALL out of
+the loop, e.g. a 64-bit division; sm_80 leaves loops with a CALL to the instruction after the backward
+branch, which is not one), or, in the tensor-core kernel, has no HMMA.
 
     python bench/sass_loops.py [--arch 90] [--check]
 """
@@ -75,17 +76,23 @@ def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
 
 
-def main_loop(function: str) -> list[str] | None:
+def target(text: str, op: str) -> int | None:
+    m = re.search(rf"\b{op}\S*\s+(?:\S+\s+)?0x([0-9a-f]+)", text)
+    return int(m.group(1), 16) if m else None
+
+
+def main_loop(function: str) -> tuple[list[str], int, int] | None:
+    """The innermost loop streaming W: (its instructions, first address, address of the backward branch)."""
     ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", function)]
     index = {a: i for i, (a, _) in enumerate(ins)}
     best = None
     for i, (a, text) in enumerate(ins):
-        m = re.search(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)", text)
-        if not m or int(m.group(1), 16) >= a or int(m.group(1), 16) not in index:
+        to = target(text, "BRA")
+        if to is None or to >= a or to not in index:
             continue
-        body = [t for _, t in ins[index[int(m.group(1), 16)]:i + 1]]
-        if any(".NA.128" in t for t in body) and (best is None or len(body) < len(best)):
-            best = body
+        body = [t for _, t in ins[index[to]:i + 1]]
+        if any(".NA.128" in t for t in body) and (best is None or len(body) < len(best[0])):
+            best = (body, to, a)
     return best
 
 
@@ -95,10 +102,11 @@ def report(sass: str, arch: str) -> tuple[list[str], list[str]]:
         label = kernel_label(function.split("\n", 1)[0])
         if label is None:
             continue
-        body = main_loop(function)
-        if body is None:
+        loop = main_loop(function)
+        if loop is None:
             problems.append(f"{label}: no loop with 16-byte L1-bypassing loads of the weight")
             continue
+        body, start, end = loop
         ops = collections.Counter(opcode(t) for t in body)
         weight_bytes = sum(".NA.128" in t for t in body) * WARP_BYTES_PER_LOAD
         per_2k = len(body) * 2048 / weight_bytes
@@ -108,9 +116,14 @@ def report(sass: str, arch: str) -> tuple[list[str], list[str]]:
             bounds.append(f"{name} {tbps:4.2f} TB/s ({100 * tbps / hbm:3.0f}% of HBM)")
         top = ", ".join(f"{k}={v}" for k, v in ops.most_common(6))
         lines.append(f"{label:<28} {per_2k:6.0f} instr / 2 KB   issue bound: {'; '.join(bounds)}   [{top}]")
-        for bad in ("LDL", "STL", "CALL"):
+        for bad in ("LDL", "STL"):
             if any(opcode(t).startswith(bad) for t in body):
-                problems.append(f"{label}: main loop has {bad} (local memory or a subroutine call)")
+                problems.append(f"{label}: main loop has {bad} (local memory: spills)")
+        for t in body:
+            to = target(t, "CALL") if opcode(t).startswith("CALL") else None
+            if opcode(t).startswith("CALL") and (to is None or not start <= to <= end + 0x10):
+                problems.append(f"{label}: main loop calls a subroutine ({t})")
+                break
         if label.startswith("tensor-core") and not any(opcode(t).startswith("HMMA") for t in body):
             problems.append(f"{label}: main loop has no HMMA")
     return lines, problems
