@@ -5,6 +5,8 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <optional>
 
 #include <ATen/ATen.h>
@@ -95,6 +97,19 @@ at::Tensor dequantize_nf4_cuda(const at::Tensor& data, const at::Tensor& absmax,
   const cudaError_t err = fusedlora::launch_dequantize_nf4(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "dequantize_nf4_cuda: kernel launch failed: ", cudaGetErrorString(err));
   return out;
+}
+
+// Programmatic dependent launch exists from sm_90 on. The compute capability is asked once per device.
+bool supports_dependent_launch(int device) {
+  static std::array<std::atomic<int>, 64> major{};  // 0: not asked yet
+  if (device < 0 || device >= static_cast<int>(major.size())) return false;
+  int m = major[device].load(std::memory_order_relaxed);
+  if (m == 0) {
+    TORCH_CHECK(cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
+                "decode_lora_cuda: could not read the compute capability of device ", device);
+    major[device].store(m, std::memory_order_relaxed);
+  }
+  return m >= 9;
 }
 
 template <typename T>
@@ -203,6 +218,7 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
   a.r = static_cast<int>(r);
   a.scale = static_cast<float>(scale);
   a.mma_min_m = static_cast<int>(std::min<int64_t>(std::max<int64_t>(mma_min_m, 1), fusedlora::kDecodeMaxM + 1));
+  a.overlap = supports_dependent_launch(x.device().index()) ? 1 : 0;
   const auto act = x.scalar_type() == at::kBFloat16 ? fusedlora::Act::kBF16 : fusedlora::Act::kFP16;
   const auto sch = scheme == 0 ? fusedlora::Scheme::kNF4 : fusedlora::Scheme::kINT4;
   const cudaError_t err = fusedlora::decode_lora(a, act, sch, c10::cuda::getCurrentCUDAStream());

@@ -3,9 +3,9 @@
 //   xa = x·Aᵀ                                    [M, r] fp32   (pre-pass: M·r dot products of length K)
 //   y  = x·deq(W)ᵀ + scale·xa·Bᵀ (+ bias)        [M, N]        (main kernel)
 //
-// On sm_90 the two launches overlap (programmatic dependent launch): the main kernel starts while the
-// pre-pass runs, streams W and accumulates, and waits for xa only before its epilogue; elsewhere they run
-// back to back. At M = 1 the pre-pass is a few microseconds, the same order as streaming the weight.
+// On sm_90 the two launches overlap (programmatic dependent launch, DecodeArgs::overlap, which the caller
+// sets from the device's compute capability): the main kernel starts while the pre-pass runs, streams W
+// and accumulates, and waits for xa only before its epilogue; elsewhere they run back to back. At M = 1 the pre-pass is a few microseconds, the same order as streaming the weight.
 //
 // Two main kernels, both memory-bound on W and reading it once with 16-byte loads that bypass L1:
 // - this file's CUDA-core GEMV (M < mma_min_m): each block owns kRows rows of W; each thread streams
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
 template <typename T, Scheme S, int MT>
 cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
   return launch_kernel(gemv_lora_kernel<T, S, MT>, dim3((a.N + kRows - 1) / kRows), dim3(kThreads), stream,
-                       /*dependent=*/true, a);
+                       /*dependent=*/a.overlap != 0, a);
 }
 
 template <typename T, Scheme S>

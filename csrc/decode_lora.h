@@ -32,6 +32,7 @@ struct DecodeArgs {
   int M, N, K, r;
   float scale;
   int mma_min_m;        // M from which the tensor-core kernel runs (when K % kMmaStep == 0)
+  int overlap;          // 1 on sm_90+: the main kernel is launched as a programmatic dependent of the pre-pass
 };
 
 // Largest M the kernel is built for; larger M goes to the Triton GEMM.

@@ -162,8 +162,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const Dec
 template <typename T, Scheme S>
 cudaError_t launch_decode_mma(const DecodeArgs& a, cudaStream_t stream) {
   const dim3 grid((a.N + kMmaRows - 1) / kMmaRows), block(kMmaWarps * 32);
-  if (a.M <= 8) return launch_kernel(gemv_lora_mma_kernel<T, S, 1>, grid, block, stream, /*dependent=*/true, a);
-  return launch_kernel(gemv_lora_mma_kernel<T, S, 2>, grid, block, stream, /*dependent=*/true, a);
+  const bool dependent = a.overlap != 0;
+  if (a.M <= 8) return launch_kernel(gemv_lora_mma_kernel<T, S, 1>, grid, block, stream, dependent, a);
+  return launch_kernel(gemv_lora_mma_kernel<T, S, 2>, grid, block, stream, dependent, a);
 }
 
 template cudaError_t launch_decode_mma<__nv_bfloat16, Scheme::kNF4>(const DecodeArgs&, cudaStream_t);

@@ -48,6 +48,7 @@ struct Case {
   int M, N, K, block, r;
   bool bias;
   int mma_min_m;
+  bool overlap;  // main kernel launched as a programmatic dependent of the pre-pass (sm_90) or after it
 };
 
 std::mt19937 rng(20261128);
@@ -160,6 +161,7 @@ void run_case(const Case& c) {
   a.r = c.r;
   a.scale = uniform(0.5f, 2.f);
   a.mma_min_m = c.mma_min_m;
+  a.overlap = c.overlap ? 1 : 0;
   const Scheme scheme = c.format == Format::kINT4 ? Scheme::kINT4 : Scheme::kNF4;
   EXPECT(decode_lora(a, D::act, scheme, nullptr) == cudaSuccess);
   emulate::synchronize();
@@ -216,9 +218,9 @@ void run_case(const Case& c) {
   }
   EXPECT(std::memcmp(w_before.data(), w.as<char>(), w.bytes()) == 0);
   EXPECT(std::memcmp(x_before.data(), x.as<char>(), x.bytes()) == 0);
-  std::printf("ok %s %-6s M=%2d N=%3d K=%4d block=%3d r=%2d bias=%d %-12s worst error %.2f of tolerance\n", D::name,
-              format_name(c.format), c.M, c.N, c.K, c.block, c.r, c.bias, tensor_cores ? "tensor cores" : "CUDA cores",
-              worst);
+  std::printf("ok %s %-6s M=%2d N=%3d K=%4d block=%3d r=%2d bias=%d overlap=%d %-12s worst error %.2f of tolerance\n",
+              D::name, format_name(c.format), c.M, c.N, c.K, c.block, c.r, c.bias, c.overlap,
+              tensor_cores ? "tensor cores" : "CUDA cores", worst);
 }
 
 // Shapes: K = 96 (NF4 blocks of 64 cross rows) and K = 1088 (a multiple of 64, not of 128): the GEMV only;
@@ -243,7 +245,7 @@ void run_all() {
         for (int mma_min_m : {kDecodeMaxM + 1, 1}) {
           if (mma_min_m == 1 && s.K % kMmaStep != 0) continue;
           // dtype and bias alternate across the pairs of paths, so each combination meets both kernels
-          const Case c{f, M, s.N, s.K, block, s.r, (count / 4) % 2 == 0, mma_min_m};
+          const Case c{f, M, s.N, s.K, block, s.r, (count / 4) % 2 == 0, mma_min_m, (count / 8) % 4 != 0};
           if ((count / 2) % 2 == 0) {
             run_case<__nv_bfloat16>(c);
           } else {
