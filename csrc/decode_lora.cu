@@ -5,12 +5,13 @@
 //
 // On sm_90 the two launches overlap (programmatic dependent launch, DecodeArgs::overlap, which the caller
 // sets from the device's compute capability): the main kernel starts while the pre-pass runs, streams W
-// and accumulates, and waits for xa only before its epilogue; elsewhere they run back to back. At M = 1 the pre-pass is a few microseconds, the same order as streaming the weight.
+// and accumulates, and waits for xa only before its epilogue; elsewhere they run back to back.
 //
-// Two main kernels, both memory-bound on W and reading it once with 16-byte loads that bypass L1:
+// Two main kernels, both reading W once with 16-byte loads that bypass L1, and both limited by issuing
+// instructions about as much as by HBM (bench/sass_loops.py counts them per byte of W):
 // - this file's CUDA-core GEMV (M < mma_min_m): each block owns kRows rows of W; each thread streams
-//   16-byte chunks (32 codes) of all kRows rows per step, so kRows loads are in flight per thread. Its
-//   FMA count grows with M (16·N·K at M = 16 is more than the cores do in the time W takes to stream);
+//   16-byte chunks (32 codes) of all kRows rows per step, so kRows loads are in flight per thread. A code
+//   costs one byte pick, one shared-table read and one FMA per token, so its cost grows with M;
 // - decode_lora_mma.cu's tensor-core kernel (M >= mma_min_m, K % 128 == 0), whose cost barely grows
 //   with M up to 16.
 // Scales (NF4 absmax, plain or double-quantized, or INT4 scale + zero) are decoded in the same pass.

@@ -1,7 +1,8 @@
 // Runs the plain-CUDA kernels of csrc/ on the host, so that their indexing, warp exchanges, tensor-core
 // fragments, barriers and launch ordering are exercised on a machine without a GPU. Include this header
-// first, then the .cu file under test (it defines FUSEDLORA_EMULATE, which routes the kernels' three
-// PTX-only points — the streaming load, mma.sync and griddepcontrol.wait — and every launch here).
+// first, then the .cu file under test (it defines FUSEDLORA_EMULATE, which routes the kernels' PTX-only
+// points — the streaming load, the shared-table load, mma.sync, griddepcontrol.wait — and every launch
+// here).
 //
 // Model, and what it checks:
 // - A launch runs its blocks one after another, in a shuffled order. A block's threads are fibers
@@ -166,7 +167,6 @@ inline Grid& grid() {
   return *state().active.back();
 }
 inline Thread& self() { return *grid().current; }
-inline void seed(uint32_t s) { state().rng.seed(s); }
 
 inline void fiber_entry() {
   Grid& g = grid();
