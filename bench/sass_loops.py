@@ -4,8 +4,9 @@ Compiles csrc/decode_lora.cu and csrc/decode_lora_mma.cu for one architecture (n
 them (cuobjdump -sass) and, for every kernel instantiation, finds the loop that streams the weight: the
 innermost loop holding the L1-bypassing 16-byte loads of W (LDG...NA.128). Per instantiation it prints the
 loop's instructions per 2 KB of weight per warp and the bandwidth a GPU would reach if issuing were the only
-limit: SMs x 4 schedulers x clock x bytes per instruction. Both branches of an if inside the loop are
-counted, so the count is an upper bound on what one iteration issues.
+limit: SMs x 4 schedulers x clock x bytes per instruction. Each format (nf4, nf4-dq, int4) has its own
+instantiation; both sides of any remaining if inside the loop are counted, so the count is an upper bound
+on what one iteration issues.
 
 --check fails when a main loop touches local memory (LDL/STL: spills), calls a subroutine (a CALL out of
 the loop, e.g. a 64-bit division; sm_80 leaves loops with a CALL to the instruction after the backward
@@ -61,15 +62,15 @@ def disassemble(source: Path, arch: str, workdir: Path) -> str:
 
 
 def kernel_label(mangled: str) -> str | None:
-    m = re.search(r"(gemv_lora_mma_kernel|gemv_lora_kernel)I(6__half|13__nv_bfloat16)LNS_6SchemeE([01])ELi(\d+)E",
+    m = re.search(r"(gemv_lora_mma_kernel|gemv_lora_kernel)I(6__half|13__nv_bfloat16)LNS_6FormatE([012])ELi(\d+)E",
                   mangled)
     if not m:
         return None
     kind = "tensor-core" if "mma" in m.group(1) else "GEMV"
     dtype = "fp16" if "half" in m.group(2) else "bf16"
-    scheme = "nf4" if m.group(3) == "0" else "int4"
+    scheme = ("nf4", "nf4-dq", "int4")[int(m.group(3))]
     tokens = f"M<={8 * int(m.group(4))}" if kind == "tensor-core" else f"M<={m.group(4)}"
-    return f"{kind:<11} {dtype} {scheme:<4} {tokens}"
+    return f"{kind:<11} {dtype} {scheme:<6} {tokens}"
 
 
 def opcode(text: str) -> str:

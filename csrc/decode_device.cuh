@@ -82,13 +82,16 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Scale (and INT4 zero point) of the 32-element chunk c of row n: one per chunk, since every NF4
 // blocksize and INT4 group size is a multiple of 32.
-template <Scheme S>
+template <Format F>
 __device__ __forceinline__ void chunk_scale(const DecodeArgs& a, int64_t n, int64_t c, float& sc, float& zp) {
   const int64_t K = a.K;
-  if constexpr (S == Scheme::kNF4) {
+  if constexpr (F != Format::kINT4) {
     const int64_t b = nf4_block(n, 32 * c, K, a.block_shift);
-    sc = a.absmax != nullptr ? __ldg(a.absmax + b)
-                             : dq_absmax(a.absmax_q, a.nested_absmax, a.nested_code, a.nested_offset, b);
+    if constexpr (F == Format::kNF4) {
+      sc = __ldg(a.absmax + b);
+    } else {
+      sc = dq_absmax(a.absmax_q, a.nested_absmax, a.nested_code, a.nested_offset, b);
+    }
     zp = 0.f;
   } else {
     const int64_t g = n * (K >> a.block_shift) + ((32 * c) >> a.block_shift);
@@ -126,9 +129,9 @@ __device__ __forceinline__ float table_load(const SharedTable& t, uint32_t addre
 }
 
 // A weight in fp32 from its code-table entry (the NF4 value, or the INT4 code as a float).
-template <Scheme S>
+template <Format F>
 __device__ __forceinline__ float dequant(float table_value, float sc, float zp) {
-  return S == Scheme::kNF4 ? table_value * sc : (table_value - zp) * sc;
+  return F != Format::kINT4 ? table_value * sc : (table_value - zp) * sc;
 }
 
 // y[m, n] = base + scale·xa[m, :]·B[n, :] (+ bias[n]), rounded once into the activation type.

@@ -58,13 +58,13 @@ __global__ void __launch_bounds__(256) xa_kernel(const T* __restrict__ x, int64_
   }
 }
 
-template <typename T, Scheme S, int MT>
+template <typename T, Format F, int MT>
 __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a) {
   // The code table: NF4 values, or for INT4 the codes themselves (0..15), whose zero point is applied
   // per chunk below.
   __shared__ float code_s[16];
   __shared__ float red[kWarps][kRows * MT];
-  if (threadIdx.x < 16) code_s[threadIdx.x] = S == Scheme::kNF4 ? a.code[threadIdx.x] : static_cast<float>(threadIdx.x);
+  if (threadIdx.x < 16) code_s[threadIdx.x] = F != Format::kINT4 ? a.code[threadIdx.x] : static_cast<float>(threadIdx.x);
   __syncthreads();
 
   const T* __restrict__ x = static_cast<const T*>(a.x);
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
       // Rows past N (last block) read row N-1 again; their sums are never stored.
       const int64_t n = min(n0 + rr, a.N - 1);
       wv[rr] = load_stream(a.w + chunk_byte_offset(n, c, K));
-      chunk_scale<S>(a, n, c, sc[rr], zp[rr]);
+      chunk_scale<F>(a, n, c, sc[rr], zp[rr]);
     }
     // M <= 2 (kFold): the scale (and INT4 zero point) is constant over the chunk's 32 codes, so the inner
     // loop sums table[q]·x — one table read and one FMA per code and token — and the chunk's sum is scaled
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
         }
         if constexpr (!kFold) {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) wf[rr][e] = dequant<S>(wf[rr][e], sc[rr], zp[rr]);
+          for (int e = 0; e < 8; ++e) wf[rr][e] = dequant<F>(wf[rr][e], sc[rr], zp[rr]);
         }
       }
 #pragma unroll
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
             xf[2 * p] = f.x;
             xf[2 * p + 1] = f.y;
           }
-          if constexpr (kFold && S == Scheme::kINT4) {
+          if constexpr (kFold && F == Format::kINT4) {
 #pragma unroll
             for (int e = 0; e < 8; ++e) xsum[m] += xf[e];
           }
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
       for (int rr = 0; rr < kRows; ++rr)
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          const float chunk_sum = S == Scheme::kNF4 ? part[rr][m] : fmaf(-zp[rr], xsum[m], part[rr][m]);
+          const float chunk_sum = F != Format::kINT4 ? part[rr][m] : fmaf(-zp[rr], xsum[m], part[rr][m]);
           acc[rr][m] = fmaf(sc[rr], chunk_sum, acc[rr][m]);
         }
     }
@@ -172,21 +172,21 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
   }
 }
 
-template <typename T, Scheme S, int MT>
+template <typename T, Format F, int MT>
 cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
-  return launch_kernel(gemv_lora_kernel<T, S, MT>, dim3((a.N + kRows - 1) / kRows), dim3(kThreads), stream,
+  return launch_kernel(gemv_lora_kernel<T, F, MT>, dim3((a.N + kRows - 1) / kRows), dim3(kThreads), stream,
                        /*dependent=*/a.overlap != 0, a);
 }
 
-template <typename T, Scheme S>
+template <typename T, Format F>
 cudaError_t launch_for_m(const DecodeArgs& a, cudaStream_t stream) {
-  if (a.M >= a.mma_min_m && a.K % kMmaStep == 0) return launch_decode_mma<T, S>(a, stream);
+  if (a.M >= a.mma_min_m && a.K % kMmaStep == 0) return launch_decode_mma<T, F>(a, stream);
   // One instantiation per power-of-two bucket of M: the accumulators live in registers, sized at compile time.
-  if (a.M <= 1) return launch_main<T, S, 1>(a, stream);
-  if (a.M <= 2) return launch_main<T, S, 2>(a, stream);
-  if (a.M <= 4) return launch_main<T, S, 4>(a, stream);
-  if (a.M <= 8) return launch_main<T, S, 8>(a, stream);
-  return launch_main<T, S, 16>(a, stream);
+  if (a.M <= 1) return launch_main<T, F, 1>(a, stream);
+  if (a.M <= 2) return launch_main<T, F, 2>(a, stream);
+  if (a.M <= 4) return launch_main<T, F, 4>(a, stream);
+  if (a.M <= 8) return launch_main<T, F, 8>(a, stream);
+  return launch_main<T, F, 16>(a, stream);
 }
 
 template <typename T>
@@ -194,7 +194,8 @@ cudaError_t launch_typed(const DecodeArgs& a, Scheme scheme, cudaStream_t stream
   const cudaError_t err = launch_kernel(xa_kernel<T>, dim3(a.r, a.M), dim3(256), stream, /*dependent=*/false,
                                         static_cast<const T*>(a.x), a.ldx, static_cast<const T*>(a.A), a.xa, a.K, a.r);
   if (err != cudaSuccess) return err;
-  return scheme == Scheme::kNF4 ? launch_for_m<T, Scheme::kNF4>(a, stream) : launch_for_m<T, Scheme::kINT4>(a, stream);
+  if (scheme == Scheme::kINT4) return launch_for_m<T, Format::kINT4>(a, stream);
+  return a.absmax != nullptr ? launch_for_m<T, Format::kNF4>(a, stream) : launch_for_m<T, Format::kNF4DQ>(a, stream);
 }
 
 }  // namespace

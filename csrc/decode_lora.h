@@ -7,6 +7,9 @@ namespace fusedlora {
 
 enum class Act { kBF16 = 0, kFP16 = 1 };
 enum class Scheme { kNF4 = 0, kINT4 = 1 };
+// What the kernels are instantiated for: the scheme, and for NF4 whether absmax is double-quantized (a
+// branch per row and chunk otherwise, and one loop serving two formats).
+enum class Format { kNF4 = 0, kNF4DQ = 1, kINT4 = 2 };
 
 struct DecodeArgs {
   const void* x;        // [M, K] activations, row stride ldx elements
@@ -43,8 +46,9 @@ constexpr int kMmaStep = 128;
 // Launches the x·Aᵀ pre-pass and the fused GEMV on ``stream``; returns the first launch error.
 cudaError_t decode_lora(const DecodeArgs& args, Act act, Scheme scheme, cudaStream_t stream);
 
-// The tensor-core main kernel (decode_lora_mma.cu), instantiated there for T in {__nv_bfloat16, __half}.
-template <typename T, Scheme S>
+// The tensor-core main kernel (decode_lora_mma.cu), instantiated there for T in {__nv_bfloat16, __half} and
+// every Format.
+template <typename T, Format F>
 cudaError_t launch_decode_mma(const DecodeArgs& args, cudaStream_t stream);
 
 }  // namespace fusedlora

@@ -51,21 +51,21 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const
 
 // One A register: the two codes of byte ``b`` of a word (even column from the high nibble, in the low half),
 // dequantized in fp32 and rounded to T. even/odd are the word's nibble_offsets.
-template <typename T, Scheme S>
+template <typename T, Format F>
 __device__ __forceinline__ uint32_t dequant_pair(const SharedTable& table, uint32_t even, uint32_t odd, int b,
                                                  float sc, float zp) {
-  return float2_to_pair(dequant<S>(table_load(table, table_entry_address(table.base, even, b)), sc, zp),
-                        dequant<S>(table_load(table, table_entry_address(table.base, odd, b)), sc, zp),
+  return float2_to_pair(dequant<F>(table_load(table, table_entry_address(table.base, even, b)), sc, zp),
+                        dequant<F>(table_load(table, table_entry_address(table.base, odd, b)), sc, zp),
                         static_cast<const T*>(nullptr));
 }
 
-template <typename T, Scheme S, int NT>
+template <typename T, Format F, int NT>
 __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const DecodeArgs a) {
   // The code table: NF4 values, or for INT4 the codes themselves (0..15). 256-byte aligned: an entry's
   // address is one PRMT away from its offset (table_entry_address).
   __shared__ __align__(256) float code_s[16];
   __shared__ float red[kMmaWarps][kMmaRows][8 * NT];
-  if (threadIdx.x < 16) code_s[threadIdx.x] = S == Scheme::kNF4 ? a.code[threadIdx.x] : static_cast<float>(threadIdx.x);
+  if (threadIdx.x < 16) code_s[threadIdx.x] = F != Format::kINT4 ? a.code[threadIdx.x] : static_cast<float>(threadIdx.x);
   __syncthreads();
   const SharedTable table = shared_table(code_s);
 
@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const Dec
       const int64_t chunk = 4 * static_cast<int64_t>(min(s0 + u, s_end - 1)) + t;  // past the range: a repeat, unused
       w_lo[u] = load_stream(a.w + chunk_byte_offset(n_lo, chunk, K));
       w_hi[u] = load_stream(a.w + chunk_byte_offset(n_hi, chunk, K));
-      chunk_scale<S>(a, n_lo, chunk, sc_lo[u], zp_lo[u]);
-      chunk_scale<S>(a, n_hi, chunk, sc_hi[u], zp_hi[u]);
+      chunk_scale<F>(a, n_lo, chunk, sc_lo[u], zp_lo[u]);
+      chunk_scale<F>(a, n_hi, chunk, sc_hi[u], zp_hi[u]);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -120,10 +120,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const Dec
           const int ks = 2 * wd + h;
           const int b0 = mma_pair_index(ks, 0) & 3, b1 = mma_pair_index(ks, 1) & 3;  // bytes within word wd
           const uint32_t af[4] = {
-              dequant_pair<T, S>(table, lo_even, lo_odd, b0, sc_lo[u], zp_lo[u]),  // row g,   columns 2t, 2t+1
-              dequant_pair<T, S>(table, hi_even, hi_odd, b0, sc_hi[u], zp_hi[u]),  // row g+8, columns 2t, 2t+1
-              dequant_pair<T, S>(table, lo_even, lo_odd, b1, sc_lo[u], zp_lo[u]),  // row g,   columns 2t+8, 2t+9
-              dequant_pair<T, S>(table, hi_even, hi_odd, b1, sc_hi[u], zp_hi[u]),  // row g+8, columns 2t+8, 2t+9
+              dequant_pair<T, F>(table, lo_even, lo_odd, b0, sc_lo[u], zp_lo[u]),  // row g,   columns 2t, 2t+1
+              dequant_pair<T, F>(table, hi_even, hi_odd, b0, sc_hi[u], zp_hi[u]),  // row g+8, columns 2t, 2t+1
+              dequant_pair<T, F>(table, lo_even, lo_odd, b1, sc_lo[u], zp_lo[u]),  // row g,   columns 2t+8, 2t+9
+              dequant_pair<T, F>(table, hi_even, hi_odd, b1, sc_hi[u], zp_hi[u]),  // row g+8, columns 2t+8, 2t+9
           };
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
@@ -159,17 +159,21 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const Dec
 
 }  // namespace
 
-template <typename T, Scheme S>
+template <typename T, Format F>
 cudaError_t launch_decode_mma(const DecodeArgs& a, cudaStream_t stream) {
   const dim3 grid((a.N + kMmaRows - 1) / kMmaRows), block(kMmaWarps * 32);
   const bool dependent = a.overlap != 0;
-  if (a.M <= 8) return launch_kernel(gemv_lora_mma_kernel<T, S, 1>, grid, block, stream, dependent, a);
-  return launch_kernel(gemv_lora_mma_kernel<T, S, 2>, grid, block, stream, dependent, a);
+  if (a.M <= 8) return launch_kernel(gemv_lora_mma_kernel<T, F, 1>, grid, block, stream, dependent, a);
+  return launch_kernel(gemv_lora_mma_kernel<T, F, 2>, grid, block, stream, dependent, a);
 }
 
-template cudaError_t launch_decode_mma<__nv_bfloat16, Scheme::kNF4>(const DecodeArgs&, cudaStream_t);
-template cudaError_t launch_decode_mma<__nv_bfloat16, Scheme::kINT4>(const DecodeArgs&, cudaStream_t);
-template cudaError_t launch_decode_mma<__half, Scheme::kNF4>(const DecodeArgs&, cudaStream_t);
-template cudaError_t launch_decode_mma<__half, Scheme::kINT4>(const DecodeArgs&, cudaStream_t);
+#define FUSEDLORA_INSTANTIATE(T, F) template cudaError_t launch_decode_mma<T, F>(const DecodeArgs&, cudaStream_t);
+FUSEDLORA_INSTANTIATE(__nv_bfloat16, Format::kNF4)
+FUSEDLORA_INSTANTIATE(__nv_bfloat16, Format::kNF4DQ)
+FUSEDLORA_INSTANTIATE(__nv_bfloat16, Format::kINT4)
+FUSEDLORA_INSTANTIATE(__half, Format::kNF4)
+FUSEDLORA_INSTANTIATE(__half, Format::kNF4DQ)
+FUSEDLORA_INSTANTIATE(__half, Format::kINT4)
+#undef FUSEDLORA_INSTANTIATE
 
 }  // namespace fusedlora
