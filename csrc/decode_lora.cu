@@ -9,8 +9,8 @@
 //
 // Two main kernels, both reading W once with 16-byte loads that bypass L1, and both limited by issuing
 // instructions about as much as by HBM (bench/sass_loops.py counts them per byte of W):
-// - this file's CUDA-core GEMV (M < mma_min_m): each block owns kRows rows of W; each thread streams
-//   16-byte chunks (32 codes) of all kRows rows per step, so kRows loads are in flight per thread. A code
+// - this file's CUDA-core GEMV (M < mma_min_m): each block owns kRows rows of W (8 at M = 1, else 4); each
+//   thread streams 16-byte chunks (32 codes) of all kRows rows per step, so kRows loads are in flight. A code
 //   costs one byte pick, one shared-table read and one FMA per token, so its cost grows with M;
 // - decode_lora_mma.cu's tensor-core kernel (M >= mma_min_m, K % 128 == 0), whose cost barely grows
 //   with M up to 16.
@@ -25,7 +25,12 @@ using namespace decode;
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRows = 4;
+// Rows of W per block (and 16-byte loads in flight per thread): 8 at M = 1, where the x loads and
+// conversions shared by the rows are a visible share of the loop; 4 above, where registers grow with M.
+template <int MT>
+struct RowsPerBlock {
+  static constexpr int value = MT == 1 ? 8 : 4;
+};
 
 // xa[m, j] = x[m, :]·A[j, :], one block per (j, m). 16-byte loads of 8 elements each (rows are 16-byte
 // aligned: K % 32 == 0 and both bases aligned), so at K = 4096 each thread makes two rounds of loads
@@ -60,6 +65,7 @@ __global__ void __launch_bounds__(256) xa_kernel(const T* __restrict__ x, int64_
 
 template <typename T, Format F, int MT>
 __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a) {
+  constexpr int kRows = RowsPerBlock<MT>::value;
   // The code table: NF4 values, or for INT4 the codes themselves (0..15), whose zero point is applied
   // per chunk below.
   __shared__ float code_s[16];
@@ -174,6 +180,7 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
 
 template <typename T, Format F, int MT>
 cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
+  constexpr int kRows = RowsPerBlock<MT>::value;
   return launch_kernel(gemv_lora_kernel<T, F, MT>, dim3((a.N + kRows - 1) / kRows), dim3(kThreads), stream,
                        /*dependent=*/a.overlap != 0, a);
 }

@@ -24,7 +24,7 @@ DECODE_MAX_M = 16
 # From this M on (with K % 128 == 0) the tensor-core kernel runs instead of the CUDA-core GEMV. Both are
 # limited by issuing instructions about as much as by HBM (an H100 issues ~1e12 warp-instructions/s and
 # streams ~3.35e12 bytes/s), and their sm_90 main loops, per 2 KB of weight per warp (bf16, NF4 with double
-# quantization; bench/sass_loops.py), take: GEMV 622 instructions at M = 1 and 813 at M = 2 (one more FMA
+# quantization; bench/sass_loops.py), take: GEMV 603 instructions at M = 1 and 813 at M = 2 (one more FMA
 # per code and token); tensor cores 706 for any M <= 8 and 746 up to 16. So M = 1 stays on the GEMV and
 # M >= 2 moves to the tensor cores. These are instruction counts, not timings: bench/bench_decode.py times
 # both paths per M, and the measured cut-over replaces this on each GPU.
