@@ -45,6 +45,63 @@ DECODE_SHAPES = [
 ]
 
 
+@pytest.mark.skipif(not fl.extension_loaded(), reason="the CUDA extension fusedlora._C is not built")
+@pytest.mark.parametrize("quant", ["nf4", "nf4-dq", "int4"])
+def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant):
+    # No GPU needed: a CPU implementation of fusedlora::decode_lora_cuda, registered for this test only,
+    # takes its arguments by the schema's names, rebuilds the weight from them and computes the op in
+    # float64. The op's Python side (decode_lora_linear) calling it on CPU tensors must then give the
+    # reference result: an argument in the wrong slot breaks the rebuild or the numbers.
+    from fusedlora.formats import Packed4bit, nf4_code
+    from fusedlora.ops import decode
+
+    seen = {}
+
+    def decode_lora_cpu(x, w, absmax, absmax_q, nested_absmax, nested_code, nested_offset, code, scales, zeros,
+                        scheme, block, n, k, lora_A, lora_B, bias, scale, mma_min_m):
+        seen.update(scheme=scheme, mma_min_m=mma_min_m, code=code)
+        # the binding's contracts: fp32 absmax or uint8 absmax_q (+ nested), uint8 codes, fp32 scales
+        assert w.dtype == torch.uint8 and x.shape == (x.shape[0], k)
+        if scheme == 0:
+            assert (absmax is None) != (absmax_q is None)
+            assert absmax is None or absmax.dtype == torch.float32
+            assert absmax_q is None or (absmax_q.dtype == torch.uint8 and nested_absmax is not None)
+            packed = Packed4bit("nf4", w, (n, k), block, absmax if absmax is not None else absmax_q,
+                                nested_absmax if absmax_q is not None else None,
+                                nested_code if absmax_q is not None else None, nested_offset)
+        else:
+            assert scales.dtype == torch.float32 and zeros.dtype == torch.uint8
+            packed = Packed4bit("int4", w, (n, k), block, scales=scales, zeros=zeros)
+        wd = dequantize_reference(packed, torch.float64)
+        y = x.double() @ wd.T + scale * (x.double() @ lora_A.double().T) @ lora_B.double().T
+        if bias is not None:
+            y = y + bias.double()
+        return y.to(x.dtype)
+
+    lib = torch.library.Library("fusedlora", "IMPL")
+    try:
+        lib.impl("decode_lora_cuda", decode_lora_cpu, "CPU")
+        torch.manual_seed(11)
+        m, k, n, r = 3, 256, 40, 8
+        w = torch.randn(n, k)
+        qw = (fl.quantize(w, scheme="int4", group_size=64) if quant == "int4"
+              else fl.quantize(w, scheme="nf4", blocksize=64, double_quant=quant == "nf4-dq"))
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        A = torch.randn(r, k, dtype=torch.bfloat16) / 16
+        B = torch.randn(n, r, dtype=torch.bfloat16)
+        bias = torch.randn(n, dtype=torch.bfloat16)
+        y = decode.decode_lora_linear(x, qw.packed, A, B, 1.5, bias)
+    finally:
+        lib._destroy()
+    assert seen["scheme"] == (1 if quant == "int4" else 0) and seen["mma_min_m"] == decode.DECODE_MMA_MIN_M
+    assert (seen["code"] is None) == (quant == "int4")
+    if seen["code"] is not None:
+        assert torch.equal(seen["code"], nf4_code(torch.device("cpu")))
+    wd = dequantize_reference(qw.packed, torch.float64)
+    exact = (x.double() @ wd.T + 1.5 * (x.double() @ A.double().T) @ B.double().T + bias.double()).to(y.dtype)
+    torch.testing.assert_close(y, exact, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant,k,n", DECODE_SHAPES)
