@@ -100,13 +100,8 @@ __device__ __forceinline__ void chunk_scale(const DecodeArgs& a, int64_t n, int6
   }
 }
 
-// The table entry at a byte offset from nibble_offsets.
-__device__ __forceinline__ float table_at(const float* table, uint32_t offset) {
-  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(table) + offset);
-}
-
-// A code table in shared memory addressed by 32-bit shared-window addresses (table_entry_address), for
-// loops where the compiler would otherwise add the table's base to every offset.
+// A code table in shared memory addressed by 32-bit shared-window addresses (table_entry_address): the
+// address of an entry comes from its byte offset in one PRMT, with no add of the table's base.
 struct SharedTable {
   uint32_t base;       // shared-window address of entry 0, 256-byte aligned
   const float* entry;  // the same table as a pointer (host emulation)

@@ -67,11 +67,12 @@ template <typename T, Format F, int MT>
 __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a) {
   constexpr int kRows = RowsPerBlock<MT>::value;
   // The code table: NF4 values, or for INT4 the codes themselves (0..15), whose zero point is applied
-  // per chunk below.
-  __shared__ float code_s[16];
+  // per chunk below. 256-byte aligned: an entry's address is one PRMT away from its offset.
+  __shared__ __align__(256) float code_s[16];
   __shared__ float red[kWarps][kRows * MT];
   if (threadIdx.x < 16) code_s[threadIdx.x] = F != Format::kINT4 ? a.code[threadIdx.x] : static_cast<float>(threadIdx.x);
   __syncthreads();
+  const SharedTable table = shared_table(code_s);
 
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const int64_t K = a.K;
@@ -114,8 +115,8 @@ __global__ void __launch_bounds__(kThreads) gemv_lora_kernel(const DecodeArgs a)
         const uint32_t even = nibble_offsets(word, 0), odd = nibble_offsets(word, 1);
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-          wf[rr][2 * b] = table_at(code_s, offset_byte(even, b));
-          wf[rr][2 * b + 1] = table_at(code_s, offset_byte(odd, b));
+          wf[rr][2 * b] = table_load(table, table_entry_address(table.base, even, b));
+          wf[rr][2 * b + 1] = table_load(table, table_entry_address(table.base, odd, b));
         }
         if constexpr (!kFold) {
 #pragma unroll

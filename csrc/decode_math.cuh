@@ -22,9 +22,9 @@ FL_HD uint32_t word_code(uint32_t word, int e) {
 
 // Byte offsets (4·code) into a 16-entry fp32 table for the 8 codes of a word, two masks per word: byte b
 // of nibble_offsets(word, 0) is the offset of element 2b (the high nibble of byte b), byte b of
-// nibble_offsets(word, 1) that of element 2b + 1. One byte pick per code then addresses the table.
+// nibble_offsets(word, 1) that of element 2b + 1. One byte pick per code (table_entry_address) then
+// addresses the table.
 FL_HD uint32_t nibble_offsets(uint32_t word, int odd) { return (odd ? word << 2 : word >> 2) & 0x3C3C3C3Cu; }
-FL_HD uint32_t offset_byte(uint32_t offsets, int b);
 
 // __byte_perm(x, y, s): byte i of the result is byte (s >> 4i) & 7 of the 8 bytes {y:x} (x the low four).
 // The host version follows that definition, so the selectors below are tested off the device too.
@@ -38,9 +38,6 @@ FL_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
   return r;
 #endif
 }
-
-// Byte b of ``offsets``, zero-extended: one PRMT (selector: byte b of x, then three bytes of y = 0).
-FL_HD uint32_t offset_byte(uint32_t offsets, int b) { return byte_perm(offsets, 0u, 0x4440u | static_cast<uint32_t>(b)); }
 
 // NF4 block of the element at (row n, column k) of W[N, K]: blocks (2^block_shift elements) run over the
 // flattened weight. Block sizes are powers of two, so this is a shift, not a 64-bit division.

@@ -35,8 +35,9 @@ static void test_table_offsets() {
   std::mt19937 rng(4321);
   for (int trial = 0; trial < 1000; ++trial) {
     const uint32_t word = static_cast<uint32_t>(rng());
-    for (int e = 0; e < 8; ++e) EXPECT(offset_byte(nibble_offsets(word, e & 1), e >> 1) == 4 * word_code(word, e));
-    // With the table's (256-byte aligned) base merged in by the same PRMT.
+    for (int e = 0; e < 8; ++e)
+      EXPECT(table_entry_address(0u, nibble_offsets(word, e & 1), e >> 1) == 4 * word_code(word, e));
+    // With a (256-byte aligned) table base merged in by the same PRMT.
     const uint32_t base = static_cast<uint32_t>(rng()) & ~0xFFu;
     for (int e = 0; e < 8; ++e)
       EXPECT(table_entry_address(base, nibble_offsets(word, e & 1), e >> 1) == base + 4 * word_code(word, e));

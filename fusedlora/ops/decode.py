@@ -24,7 +24,7 @@ DECODE_MAX_M = 16
 # From this M on (with K % 128 == 0) the tensor-core kernel runs instead of the CUDA-core GEMV. Both are
 # limited by issuing instructions about as much as by HBM (an H100 issues ~1e12 warp-instructions/s and
 # streams ~3.35e12 bytes/s), and their sm_90 main loops, per 2 KB of weight per warp (bf16, NF4 with double
-# quantization; bench/sass_loops.py), take: GEMV 603 instructions at M = 1 and 813 at M = 2 (one more FMA
+# quantization; bench/sass_loops.py), take: GEMV 586 instructions at M = 1 and 813 at M = 2 (one more FMA
 # per code and token); tensor cores 706 for any M <= 8 and 746 up to 16. So M = 1 stays on the GEMV and
 # M >= 2 moves to the tensor cores. These are instruction counts, not timings: bench/bench_decode.py times
 # both paths per M, and the measured cut-over replaces this on each GPU.
@@ -52,14 +52,17 @@ def _code_on(device: torch.device) -> torch.Tensor:
     return _CODE_CACHE[device]
 
 
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and starting on a 16-byte boundary (the kernels read x and A with 16-byte loads): a
+    view starting mid-vector is copied."""
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
+
+
 def decode_lora_linear(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
     n, k = weight.shape
-    x2 = x.reshape(-1, k).contiguous()
-    if x2.data_ptr() % 16:  # a view starting mid-vector: the kernel's 16-byte loads need an aligned copy
-        x2 = x2.clone()
-    a = lora_A.contiguous()
-    if a.data_ptr() % 16:  # the x·Aᵀ pre-pass reads A with 16-byte loads too
-        a = a.clone()
+    x2 = _aligned16(x.reshape(-1, k))
+    a = _aligned16(lora_A)
     dq = weight.double_quant
     y = torch.ops.fusedlora.decode_lora_cuda(
         x2, weight.data,
