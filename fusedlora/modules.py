@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats.packed import SCHEMES, Packed4bit
+from .formats.packed import SCHEMES, Packed4bit, check_packed
 from .functional import lora_linear
 from .ops.backend import backend
 from .quantized import QuantizedWeight, quantize
@@ -111,6 +111,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         # a 4-bit base's merged dense weight while merged (moves with the module, never saved)
         self.register_buffer("merged_weight", None, persistent=False)
+        self.register_load_state_dict_pre_hook(LoRALinear._check_quant_state)
         self.register_load_state_dict_post_hook(LoRALinear._sync_quant_meta)
         self.r = 0
         self.register_parameter("lora_A", None)
@@ -129,6 +130,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"weight: expected a quant scheme in {SCHEMES}, got {p.scheme!r}")
         if qw.dtype not in _DTYPES:
             raise TypeError(f"weight: expected a compute dtype in {_DTYPES}, got {qw.dtype}")
+        check_packed(p, {f: f"weight.{f}" for f in _QUANT_FIELDS})
         self.quant_scheme = p.scheme
         self.quant_block = int(p.block)
         self.quant_nested_offset = float(p.nested_offset)
@@ -148,17 +150,44 @@ class LoRALinear(nn.Module):
         return self._quant_shape
 
     @staticmethod
-    def _sync_quant_meta(module: LoRALinear, incompatible) -> None:
-        """After load_state_dict: the Python copies of the 4-bit metadata follow the loaded buffers."""
+    def _check_quant_state(module: LoRALinear, state_dict, prefix, *_) -> None:
+        """Before load_state_dict copies anything: the 4-bit weight the layer would hold afterwards (the
+        incoming buffers where the state dict has them, the current ones elsewhere) passes
+        ``check_packed``, and its metadata fits this layer. Errors name the state-dict key."""
         if module.quant_scheme is None:
             return
-        n, k, block, scheme, dtype = (int(v) for v in module.quant_meta.tolist())
+
+        def incoming(name: str):
+            current = getattr(module, name)
+            return current if current is None else state_dict.get(prefix + name, current)
+
+        meta, offset = incoming("quant_meta"), incoming("quant_offset")
+        key = prefix + "quant_meta"
+        if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int64 or tuple(meta.shape) != (5,):
+            got = f"{meta.dtype} {tuple(meta.shape)}" if isinstance(meta, torch.Tensor) else type(meta).__name__
+            raise ValueError(f"{key}: expected int64 [N, K, block, scheme index, dtype index], got {got}")
+        n, k, block, scheme, dtype = (int(v) for v in meta.tolist())
         if (n, k) != module._quant_shape:
-            raise ValueError(
-                f"quant_meta: the loaded 4-bit weight has shape ({n}, {k}), this layer is {module._quant_shape}"
-            )
+            raise ValueError(f"{key}: the loaded 4-bit weight has shape ({n}, {k}), this layer is "
+                             f"{module._quant_shape}")
         if not (0 <= scheme < len(SCHEMES) and 0 <= dtype < len(_DTYPES)):
-            raise ValueError(f"quant_meta: corrupted (scheme index {scheme}, dtype index {dtype})")
+            raise ValueError(f"{key}: expected a scheme index below {len(SCHEMES)} and a dtype index below "
+                             f"{len(_DTYPES)}, got {scheme} and {dtype}")
+        if not isinstance(offset, torch.Tensor) or offset.numel() != 1:
+            raise ValueError(f"{prefix}quant_offset: expected one float32 value, got {offset!r}")
+        packed = Packed4bit(SCHEMES[scheme], shape=(n, k), block=block, nested_offset=float(offset.item()),
+                            **{f: incoming(f"quant_{f}") for f in _QUANT_FIELDS})
+        names = {f: f"{prefix}quant_{f}" for f in _QUANT_FIELDS}
+        names.update(block=f"{key}[2] (block)", nested_offset=f"{prefix}quant_offset", scheme=f"{key}[3] (scheme)")
+        check_packed(packed, names)
+
+    @staticmethod
+    def _sync_quant_meta(module: LoRALinear, incompatible) -> None:
+        """After load_state_dict: the Python copies of the 4-bit metadata follow the loaded buffers (which
+        ``_check_quant_state`` validated before they were copied)."""
+        if module.quant_scheme is None:
+            return
+        _, _, block, scheme, dtype = (int(v) for v in module.quant_meta.tolist())
         module.quant_block, module.quant_scheme, module.compute_dtype = block, SCHEMES[scheme], _DTYPES[dtype]
         module.quant_nested_offset = float(module.quant_offset.item())
 

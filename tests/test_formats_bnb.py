@@ -86,7 +86,7 @@ def _with_json(sd, **changes):
     ("drop:p.weight.quant_map", KeyError, "p.weight.quant_map: missing"),
     ("drop:p.weight.quant_state.bitsandbytes__nf4", KeyError, "p.weight.quant_state.bitsandbytes__nf4: missing"),
     ("shape:p.weight.absmax", ValueError, r"p.weight.absmax: expected shape \(12,\), got \(11,\)"),
-    ("shape:p.weight", ValueError, r"p.weight: expected shape \(384, 1\)"),
+    ("shape:p.weight", ValueError, r"p.weight: expected 384 bytes, got shape \(383, 1\)"),
     ("dtype:p.weight.nested_absmax", TypeError, "p.weight.nested_absmax: expected dtype float32"),
     ("json:quant_type=fp4", ValueError, "bitsandbytes__nf4: quant_type: expected 'nf4', got 'fp4'"),
     ("json:blocksize=128", ValueError, r"p.weight.absmax: expected shape \(6,\)"),

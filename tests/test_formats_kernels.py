@@ -72,7 +72,7 @@ def test_cpu_default_is_reference_and_float64_works():
 
 def test_op_checks_name_the_argument():
     p = quantize_nf4(weight((5, 64)), 64, True)
-    with pytest.raises(TypeError, match="absmax: expected dtype in"):
+    with pytest.raises(TypeError, match="absmax: expected dtype uint8, got float32"):
         dequantize(dataclasses.replace(p, absmax=p.absmax.float()), torch.float32)
     with pytest.raises(ValueError, match="data: expected 160 bytes"):
         dequantize(dataclasses.replace(p, data=p.data[:-1]), torch.float32)

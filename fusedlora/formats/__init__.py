@@ -11,11 +11,12 @@ import torch
 
 from .int4 import GROUP_SIZES, dequantize_int4, quantize_int4
 from .nf4 import BLOCKSIZES, NF4_CODE, decode_absmax, dequantize_nf4, dynamic_map, nf4_code, quantize_nf4
-from .packed import SCHEMES, Packed4bit
+from .packed import SCHEMES, Packed4bit, check_packed
 
 
 def dequantize_reference(packed: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
     """W[N, K] in ``dtype`` from a ``Packed4bit`` (fp32 products, one rounding into ``dtype``)."""
+    check_packed(packed)
     if packed.scheme == "nf4":
         return dequantize_nf4(packed, dtype)
     if packed.scheme == "int4":
@@ -29,6 +30,7 @@ __all__ = [
     "NF4_CODE",
     "SCHEMES",
     "Packed4bit",
+    "check_packed",
     "decode_absmax",
     "dequantize_int4",
     "dequantize_nf4",

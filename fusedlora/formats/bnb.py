@@ -19,8 +19,8 @@ import json
 
 import torch
 
-from .nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, NF4_CODE, n_blocks
-from .packed import Packed4bit
+from .nf4 import NF4_CODE
+from .packed import BLOCKSIZES, NESTED_BLOCKSIZE, Packed4bit, check_packed, dtype_name
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape")
@@ -42,10 +42,6 @@ def state_keys(prefix: str, quant_type: str = "nf4") -> dict[str, str]:
         "nested_quant_map": f"{p}.nested_quant_map",
         "quant_state": f"{p}.quant_state.bitsandbytes__{quant_type}",
     }
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def quant_state_json(packed: Packed4bit, dtype: torch.dtype) -> dict:
@@ -142,49 +138,48 @@ def parse_quant_state(key: str, state: dict) -> dict:
         off = state["nested_offset"]
         if not isinstance(off, (int, float)) or isinstance(off, bool):
             raise ValueError(f"{key}: nested_offset: expected a number, got {off!r}")
-        out["nested_offset"] = float(off)
+        try:
+            out["nested_offset"] = float(off)  # a NaN or inf is refused by check_packed, naming this key
+        except OverflowError:
+            raise ValueError(f"{key}: nested_offset: expected a finite number, got {off!r}") from None
     return out
 
 
-def _tensor(sd, key: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+def _tensor(sd, key: str) -> torch.Tensor:
     if key not in sd:
         raise KeyError(f"{key}: missing from the state dict")
     t = sd[key]
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{key}: expected a tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{key}: expected dtype {dtype_name(dtype)}, got {dtype_name(t.dtype)}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{key}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     return t
 
 
 def from_state_dict(sd, prefix: str) -> tuple[Packed4bit, torch.dtype]:
-    """(Packed4bit, original dtype) from bitsandbytes' keys under ``prefix``; every problem names its key."""
+    """(Packed4bit, original dtype) from bitsandbytes' keys under ``prefix``; every problem names its key.
+
+    The tensors' dtypes and sizes are checked by ``check_packed`` (the one validation of a 4-bit weight),
+    with the state dict's keys as the names it reports."""
     qkey = _find_quant_state_key(sd, prefix)
     meta = parse_quant_state(qkey, _decode_json(qkey, sd[qkey]))
     keys = state_keys(prefix)
-    (n, k), bs = meta["shape"], meta["blocksize"]
-    nb = n_blocks(n * k, bs)
-    data = sd.get(keys["weight"])
-    if isinstance(data, torch.Tensor) and data.dtype != torch.uint8 and data.is_contiguous():
+    data = _tensor(sd, keys["weight"])
+    if data.dtype != torch.uint8 and data.is_contiguous():
         data = data.view(torch.uint8).reshape(-1, 1)  # another quant_storage dtype holds the same bytes
-        sd = {**sd, keys["weight"]: data}
-    data = _tensor(sd, keys["weight"], torch.uint8, ((n * k + 1) // 2, 1))
-    qmap = _tensor(sd, keys["quant_map"], torch.float32, (16,))
-    if not torch.equal(qmap.cpu(), torch.tensor(NF4_CODE, dtype=torch.float32)):
-        raise ValueError(f"{keys['quant_map']}: expected the 16 NF4 values, got {qmap.tolist()}")
-    if not meta["nested"]:
+    qmap = _tensor(sd, keys["quant_map"])
+    if qmap.dtype != torch.float32 or not torch.equal(qmap.cpu(), torch.tensor(NF4_CODE, dtype=torch.float32)):
+        raise ValueError(f"{keys['quant_map']}: expected the 16 NF4 values as float32, got {qmap.tolist()} "
+                         f"({dtype_name(qmap.dtype)})")
+    nested = {}
+    if meta["nested"]:
+        nested = dict(nested_absmax=_tensor(sd, keys["nested_absmax"]),
+                      nested_code=_tensor(sd, keys["nested_quant_map"]), nested_offset=meta["nested_offset"])
+    else:
         for extra in ("nested_absmax", "nested_quant_map"):
             if keys[extra] in sd:
                 raise ValueError(f"{keys[extra]}: present, but {qkey} has no double quantization fields")
-        absmax = _tensor(sd, keys["absmax"], torch.float32, (nb,))
-        return Packed4bit("nf4", data, (n, k), bs, absmax=absmax), meta["dtype"]
-    absmax = _tensor(sd, keys["absmax"], torch.uint8, (nb,))
-    nested_absmax = _tensor(sd, keys["nested_absmax"], torch.float32, (n_blocks(nb, NESTED_BLOCKSIZE),))
-    nested_code = _tensor(sd, keys["nested_quant_map"], torch.float32, (256,))
-    packed = Packed4bit(
-        "nf4", data, (n, k), bs, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code,
-        nested_offset=meta["nested_offset"],
-    )
-    return packed, meta["dtype"]
+    packed = Packed4bit("nf4", data, meta["shape"], meta["blocksize"], absmax=_tensor(sd, keys["absmax"]),
+                        **nested)
+    names = {"data": keys["weight"], "absmax": keys["absmax"], "nested_absmax": keys["nested_absmax"],
+             "nested_code": keys["nested_quant_map"], "shape": f"{qkey}: shape",
+             "block": f"{qkey}: blocksize", "nested_offset": f"{qkey}: nested_offset"}
+    return check_packed(packed, names), meta["dtype"]

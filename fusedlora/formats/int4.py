@@ -30,9 +30,7 @@ from __future__ import annotations
 import torch
 
 from .nibbles import pack_nibbles, unpack_nibbles
-from .packed import Packed4bit
-
-GROUP_SIZES = (64, 128)
+from .packed import GROUP_SIZES, Packed4bit, check_finite_weight
 
 
 def check_int4_args(shape, group_size: int) -> None:
@@ -54,6 +52,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> Packed4bit:
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"w: expected dtype bfloat16, float16 or float32, got {w.dtype}")
     check_int4_args(tuple(w.shape), group_size)
+    check_finite_weight(w)
     n, k = w.shape
     g = w.float().reshape(n, k // group_size, group_size)
     lo = g.amin(dim=2).clamp(max=0.0)

@@ -35,7 +35,7 @@ import functools
 import torch
 
 from .nibbles import pack_nibbles, unpack_nibbles
-from .packed import Packed4bit
+from .packed import BLOCKSIZES, NESTED_BLOCKSIZE, Packed4bit, check_finite_weight
 
 NF4_CODE = (
     -1.0,
@@ -55,9 +55,7 @@ NF4_CODE = (
     0.7229568362236023,
     1.0,
 )
-BLOCKSIZES = (64, 128, 256)
 ZERO_CODE = 7  # the code of 0.0: what pads the low nibble of the last byte when N*K is odd
-NESTED_BLOCKSIZE = 256
 _LUT_SIZE = 65536
 
 
@@ -158,10 +156,6 @@ def decode_absmax(packed: Packed4bit) -> torch.Tensor:
     return a + packed.nested_offset
 
 
-def n_blocks(numel: int, blocksize: int) -> int:
-    return -(-numel // blocksize)
-
-
 def check_nf4_args(shape, blocksize: int) -> None:
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError(f"shape: expected a 2-D weight [N, K] with N, K >= 1, got {tuple(shape)}")
@@ -182,6 +176,7 @@ def check_nf4_input(w, blocksize: int) -> None:
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"w: expected dtype bfloat16, float16 or float32, got {w.dtype}")
     check_nf4_args(tuple(w.shape), blocksize)
+    check_finite_weight(w)
 
 
 def quantize_nf4_bytes(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,11 @@ runs when all of these hold, and the Triton kernels run otherwise (training alwa
 forward that saved tensors and the backward agree on dropout and layout):
 - the weight is 4-bit (a ``Packed4bit``) and x is bf16 or fp16;
 - no gradient is needed (inference, or torch.no_grad) and dropout is off;
-- M = x.numel() / K <= DECODE_MAX_M, K is a multiple of 32 (16-byte loads never straddle rows) and the
-  packed weight starts on a 16-byte boundary (x is copied to an aligned buffer when it does not).
+- 1 <= M = x.numel() / K <= DECODE_MAX_M (``ops.lora`` answers M = 0 itself), K is a multiple of 32
+  (16-byte loads never straddle rows) and the packed weight starts on a 16-byte boundary (x is copied to
+  an aligned buffer when it does not).
+The weight's metadata was validated by ``ops.lora`` (``formats.check_packed``), and the binding checks
+the same sizes again in C++ before the kernel indexes anything.
 DECODE_MAX_M is where the GEMV stops beating the Triton GEMM; 16 is the starting point of DESIGN.md and
 is to be replaced by the cut-over measured by bench/bench_decode.py on each GPU generation.
 """
@@ -40,7 +43,7 @@ def decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training) -> bool
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
         return False
     k = weight.shape[1]
-    return k % 32 == 0 and x.numel() // k <= DECODE_MAX_M and weight.data.data_ptr() % 16 == 0
+    return k % 32 == 0 and 1 <= x.numel() // k <= DECODE_MAX_M and weight.data.data_ptr() % 16 == 0
 
 
 _CODE_CACHE: dict[torch.device, torch.Tensor] = {}

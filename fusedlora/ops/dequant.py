@@ -19,15 +19,8 @@ import torch
 from .._ext import extension_loaded
 from ..formats import dequantize_int4 as _int4_reference
 from ..formats import dequantize_nf4 as _nf4_reference
-from ..formats.nf4 import (
-    BLOCKSIZES,
-    NESTED_BLOCKSIZE,
-    assemble_nf4,
-    check_nf4_input,
-    n_blocks,
-    quantize_nf4_bytes,
-)
-from ..formats.packed import SCHEMES, Packed4bit
+from ..formats.nf4 import assemble_nf4, check_nf4_input, quantize_nf4_bytes
+from ..formats.packed import Packed4bit, check_packed, n_blocks
 from .checks import check_tensor
 from .registry import register, select
 
@@ -37,38 +30,25 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # ---- argument checks (shared by every implementation) -------------------------------------------------
 
 
-def check_nf4(data, absmax, nested_absmax, nested_code, blocksize: int, n: int, k: int, dtype) -> None:
-    if n < 1 or k < 1:
-        raise ValueError(f"shape: expected [N, K] with N, K >= 1, got [{n}, {k}]")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize: expected one of {BLOCKSIZES}, got {blocksize}")
+def _check_out_dtype(dtype) -> None:
     if dtype not in OUT_DTYPES:
         raise TypeError(f"dtype: expected one of {OUT_DTYPES}, got {dtype}")
-    nb = n_blocks(n * k, blocksize)
-    check_tensor("data", data, dtypes=(torch.uint8,))
-    if data.numel() != (n * k + 1) // 2:
-        raise ValueError(f"data: expected {(n * k + 1) // 2} bytes for [{n}, {k}], got shape {tuple(data.shape)}")
-    dq = nested_absmax is not None
-    if dq != (nested_code is not None):
-        raise ValueError("nested_absmax, nested_code: expected both (double quantization) or neither")
-    check_tensor("absmax", absmax, dtypes=(torch.uint8,) if dq else (torch.float32,), device=data.device)
-    if absmax.numel() != nb:
-        raise ValueError(f"absmax: expected {nb} blocks for [{n}, {k}] / {blocksize}, got shape {tuple(absmax.shape)}")
-    if dq:
-        check_tensor("nested_absmax", nested_absmax, dtypes=(torch.float32,), device=data.device,
-                     shape=(n_blocks(nb, NESTED_BLOCKSIZE),))
-        check_tensor("nested_code", nested_code, dtypes=(torch.float32,), device=data.device, shape=(256,))
+
+
+def check_nf4(data, absmax, nested_absmax, nested_code, blocksize: int, n: int, k: int, dtype,
+              nested_offset: float = 0.0) -> None:
+    """The NF4 tensors and metadata as the ops take them, by ``formats.check_packed``."""
+    _check_out_dtype(dtype)
+    check_packed(Packed4bit("nf4", data, (n, k), blocksize, absmax=absmax, nested_absmax=nested_absmax,
+                            nested_code=nested_code, nested_offset=nested_offset))
 
 
 def check_int4(data, scales, zeros, group_size: int, dtype) -> None:
-    if dtype not in OUT_DTYPES:
-        raise TypeError(f"dtype: expected one of {OUT_DTYPES}, got {dtype}")
+    """The INT4 tensors as the ops take them (W [N, K] read from data [N, K/2]), by ``formats.check_packed``."""
+    _check_out_dtype(dtype)
     check_tensor("data", data, dtypes=(torch.uint8,), ndim=2)
-    n, k = data.shape[0], 2 * data.shape[1]
-    if group_size not in (64, 128) or k % group_size:
-        raise ValueError(f"group_size: expected 64 or 128 dividing K={k}, got {group_size}")
-    check_tensor("scales", scales, dtypes=(torch.float32,), shape=(n, k // group_size), device=data.device)
-    check_tensor("zeros", zeros, dtypes=(torch.uint8,), shape=(n, k // group_size), device=data.device)
+    check_packed(Packed4bit("int4", data, (data.shape[0], 2 * data.shape[1]), group_size, scales=scales,
+                            zeros=zeros))
 
 
 # ---- the ops ----------------------------------------------------------------------------------------------
@@ -86,9 +66,10 @@ def dequantize_nf4_op(
     k: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
+    check_nf4(data, absmax, nested_absmax, nested_code, blocksize, n, k, dtype, nested_offset)
     _, impl = select("dequantize_nf4", data.device, dtype)
-    return impl(data.contiguous(), absmax.contiguous(), nested_absmax, nested_code, nested_offset, blocksize, n, k,
-                dtype)
+    return impl(data.contiguous(), absmax.contiguous(), nested_absmax, nested_code, nested_offset, blocksize,
+                n, k, dtype)
 
 
 @dequantize_nf4_op.register_fake
@@ -100,6 +81,7 @@ def _(data, absmax, nested_absmax, nested_code, nested_offset, blocksize, n, k, 
 def dequantize_int4_op(
     data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
+    check_int4(data, scales, zeros, group_size, dtype)
     _, impl = select("dequantize_int4", data.device, dtype)
     return impl(data.contiguous(), scales.contiguous(), zeros.contiguous(), group_size, dtype)
 
@@ -111,6 +93,7 @@ def _(data, scales, zeros, group_size, dtype):
 
 @torch.library.custom_op("fusedlora::quantize_nf4", mutates_args=())
 def quantize_nf4_op(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    check_nf4_input(w, blocksize)
     _, impl = select("quantize_nf4", w.device, w.dtype)
     return impl(w.contiguous(), blocksize)
 
@@ -184,22 +167,15 @@ if extension_loaded() and hasattr(torch.ops.fusedlora, "dequantize_nf4_cuda"):
 
 
 def dequantize(packed: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
-    """W[N, K] in ``dtype`` from a ``Packed4bit``, by the backend of its device (``fl.backend``)."""
-    if not isinstance(packed, Packed4bit):
-        raise TypeError(f"packed: expected a Packed4bit, got {type(packed).__name__}")
-    n, k = packed.shape
+    """W[N, K] in ``dtype`` from a ``Packed4bit``, by the backend of its device (``fl.backend``); the ops
+    validate their arguments."""
+    check_packed(packed)
     if packed.scheme == "nf4":
-        check_nf4(packed.data, packed.absmax, packed.nested_absmax, packed.nested_code, packed.block, n, k, dtype)
         return torch.ops.fusedlora.dequantize_nf4(
             packed.data, packed.absmax, packed.nested_absmax, packed.nested_code, float(packed.nested_offset),
-            packed.block, n, k, dtype,
+            packed.block, *packed.shape, dtype,
         )
-    if packed.scheme == "int4":
-        if tuple(packed.data.shape) != (n, k // 2):
-            raise ValueError(f"data: expected INT4 bytes of shape {(n, k // 2)}, got {tuple(packed.data.shape)}")
-        check_int4(packed.data, packed.scales, packed.zeros, packed.block, dtype)
-        return torch.ops.fusedlora.dequantize_int4(packed.data, packed.scales, packed.zeros, packed.block, dtype)
-    raise ValueError(f"packed.scheme: expected one of {SCHEMES}, got {packed.scheme!r}")
+    return torch.ops.fusedlora.dequantize_int4(packed.data, packed.scales, packed.zeros, packed.block, dtype)
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> Packed4bit:

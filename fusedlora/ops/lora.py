@@ -11,16 +11,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..formats.packed import Packed4bit
+from ..formats.packed import Packed4bit, check_packed
 from .checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from .registry import register, select
+
+# The largest LoRA rank the ops run (the kernels loop over rank slices, so this is a tested bound, not a
+# register limit: ranks up to it are compiled and checked for spills in CI).
+MAX_RANK = 512
 
 
 def _weight_shape_dtype(weight) -> tuple[tuple[int, int], torch.dtype | None, torch.device]:
     if isinstance(weight, Packed4bit):
+        check_packed(weight, _WEIGHT_NAMES)  # every backend indexes its tensors from shape and block size
         return weight.shape, None, weight.device
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
     return tuple(weight.shape), weight.dtype, weight.device
+
+
+_WEIGHT_NAMES = {f: f"weight.{f}" for f in ("scheme", "data", "shape", "block", "absmax", "nested_absmax",
+                                             "nested_code", "nested_offset", "scales", "zeros")}
 
 
 def check_lora_args(x, weight, lora_A, lora_B, scale, bias, dropout_p, dropout_mask) -> None:
@@ -39,6 +48,8 @@ def check_lora_args(x, weight, lora_A, lora_B, scale, bias, dropout_p, dropout_m
     r = lora_A.shape[0]
     if r < 1 or lora_A.shape[1] != k:
         raise ValueError(f"lora_A: expected shape [r, K={k}] with r >= 1, got {tuple(lora_A.shape)}")
+    if r > MAX_RANK:
+        raise ValueError(f"lora_A: rank r={r} is above the largest supported rank, {MAX_RANK}")
     check_tensor("lora_B", lora_B, shape=(n, r), device=x.device)
     check_same_dtype("lora_B", lora_B, x.dtype)
     if bias is not None:
@@ -67,8 +78,19 @@ def lora_linear(
     check_lora_args(x, weight, lora_A, lora_B, scale, bias, dropout_p, dropout_mask)
     if dropout_mask is not None and not (training and dropout_p > 0):
         raise ValueError("dropout_mask: given, but dropout is off (needs training=True and dropout_p > 0)")
+    if x.numel() == 0:
+        return _no_tokens(x, weight, lora_A, lora_B, float(scale), bias)
     _, impl = select("lora_linear", x.device, x.dtype)
     return impl(x, weight, lora_A, lora_B, float(scale), bias, float(dropout_p), bool(training), dropout_mask)
+
+
+def _no_tokens(x, weight, lora_A, lora_B, scale, bias):
+    """M = 0 (an expert that got no tokens): the empty [..., N] output of every backend, computed by plain
+    torch so that autograd gives zero gradients to A, B, bias (and a dense W) and an empty one to x."""
+    y = scale * F.linear(F.linear(x, lora_A), lora_B)
+    if not isinstance(weight, Packed4bit):
+        y = y + F.linear(x, weight)
+    return y if bias is None else y + bias
 
 
 def draw_dropout_mask_reference(x: torch.Tensor, p: float) -> torch.Tensor:
