@@ -55,24 +55,31 @@ def test_labels_cover_completion_and_eos_only():
     assert labels == [IGNORE, 120, 121, tok.eos_token_id]
 
 
-def test_packing_and_padding():
+def test_packing_places_records_whole_and_padding():
     tok = ByteTokenizer()
     records = [("p", "abc"), ("", "defgh"), ("qq", "i")]
-    lengths = [len(tokenize(r, tok)[0]) for r in records]  # 6, 7, 5
-    packed = build_sequences(records, tok, seq_len=7, pack=True)
-    assert packed.input_ids.shape == (3, 7)  # 18 tokens -> rows of 7, 7, 4 (+3 padding)
-    flat = packed.input_ids.flatten()[: sum(lengths)].tolist()
-    assert flat == sum((tokenize(r, tok)[0] for r in records), [])
-    assert packed.attention_mask.sum() == sum(lengths)
-    assert packed.attention_mask[-1].tolist() == [1, 1, 1, 1, 0, 0, 0]
-    assert (packed.labels[-1, 4:] == IGNORE).all() and (packed.input_ids[-1, 4:] == tok.pad_token_id).all()
+    encoded = [tokenize(r, tok) for r in records]
+    assert [len(ids) for ids, _ in encoded] == [6, 7, 5]
+    packed = build_sequences(records, tok, seq_len=12, pack=True)
+    # 6 + 7 > 12: the second record starts a row of its own, the third fits after it (7 + 5 = 12).
+    assert packed.input_ids.shape == (2, 12)
+    assert packed.input_ids[0, :6].tolist() == encoded[0][0] and packed.labels[0, :6].tolist() == encoded[0][1]
+    assert packed.input_ids[1].tolist() == encoded[1][0] + encoded[2][0]
+    assert packed.labels[1].tolist() == encoded[1][1] + encoded[2][1]
+    assert packed.attention_mask.sum(1).tolist() == [6, 12]
+    # Positions restart with each record; the padding closing row 0 is a block of its own.
+    assert packed.position_ids[1].tolist() == [*range(7), *range(5)]
+    assert packed.position_ids[0].tolist() == [*range(6), *range(6)]
+    assert (packed.labels[0, 6:] == IGNORE).all() and (packed.input_ids[0, 6:] == tok.pad_token_id).all()
+    assert set(packed.rows(torch.arange(2))) == {"input_ids", "labels", "position_ids"}
 
     padded = build_sequences(records, tok, seq_len=6, pack=False)
     assert padded.input_ids.shape == (3, 6)
     assert padded.attention_mask.sum(1).tolist() == [6, 6, 5]  # the second record is cut at 6
-    ids, labels = tokenize(records[2], tok)
+    ids, labels = encoded[2]
     assert padded.input_ids[2, :5].tolist() == ids and padded.labels[2, :5].tolist() == labels
     assert padded.labels[2, 5] == IGNORE and padded.input_ids[2, 5] == tok.pad_token_id
+    assert set(padded.rows(torch.arange(2))) == {"input_ids", "labels", "attention_mask"}
 
 
 def test_split_is_fixed_and_disjoint():
@@ -113,8 +120,14 @@ def test_resume_takes_checkpoint_config_and_rejects_differences(tmp_path):
     # Given values equal to the checkpoint's pass, also when the types differ (an int for a float field).
     assert resolve(_given(["--resume", "--steps", "40", "--rank", "4"]), saved).steps == 40
     with pytest.raises(ValueError, match=r"--lr: checkpoint has 0.001, command line gives 0.002") as info:
-        resolve(_given(["--resume", "--lr", "2e-3", "--steps", "41"]), saved)
-    assert "--steps: checkpoint has 40, command line gives 41" in str(info.value)
+        resolve(_given(["--resume", "--lr", "2e-3", "--steps", "39"]), saved)
+    assert "--steps: checkpoint has 40, command line gives 39 (a run can be extended, not shortened)" in str(info.value)
+    # A larger --steps extends the run; a larger --epochs too (steps are then recomputed from the data).
+    assert resolve(_given(["--resume", "--steps", "60"]), saved).steps == 60
+    extended = resolve(_given(["--resume", "--epochs", "2"]), {**saved, "epochs": 1.0})
+    assert extended.epochs == 2.0
+    with pytest.raises(ValueError, match=r"--epochs: checkpoint has 1.0, command line gives 0.5"):
+        resolve(_given(["--resume", "--epochs", "0.5"]), {**saved, "epochs": 1.0})
 
 
 def test_config_rejects_bad_values():

@@ -290,7 +290,7 @@ def test_bad_jsonl_line_and_too_long_sequences_write_nothing(tmp_path, capsys):
                     + json.dumps({"prompt": "no completion"}) + "\n")
     out = tmp_path / "out"
     _fails(capsys, [*SMALL, "--data", str(data), "--out", str(out)],
-           f'{data} line 3: expected a "text" field, or "prompt" and "completion" fields')
+           f'{data} line 3: expected a "text" field, or "prompt" and "completion", or "instruction" and "output"')
     _fails(capsys, ["--seq-len", "4096", "--out", str(out)],
            "--seq-len: 4096 is longer than the built-in model allows (max_position_embeddings=1024)")
     _fails(capsys, [*SMALL, "--data", str(tmp_path / "none.jsonl"), "--out", str(out)], "does not exist")
@@ -306,26 +306,31 @@ def test_resume_with_another_config_and_fresh_run_over_a_run_change_nothing(fini
     assert _tree_digest(finished_run) == before
 
 
-def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(finished_run, tmp_path, monkeypatch):
-    """A crash after the new checkpoint folder is in place but before trainer_state.json moves: the state
-    still names the previous, whole checkpoint, and --resume continues from it."""
+def test_kill_between_checkpoint_rename_and_state_replacement_resumes_from_it(finished_run, tmp_path, monkeypatch):
+    """A kill after checkpoint 4's folder is renamed into place but before DIR/trainer_state.json moves: the
+    file still names checkpoint 2, yet --resume finds the newer complete folder and continues from it (the
+    result is the uninterrupted run's), and the pruning that follows removes only the older checkpoint."""
     out = str(tmp_path / "run")
-    shutil.copytree(finished_run, out)
-    state = checkpoint.require_latest(out)
-    assert state["step"] == 4
+    real = checkpoint._replace_copy
 
-    def crash(*a, **k):
-        raise KeyboardInterrupt("killed")
+    def crash_at_step_4(src, dst):
+        if "checkpoint-000004" in src:
+            raise KeyboardInterrupt("killed")
+        real(src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "_replace_copy", crash)
+        m.setattr(checkpoint, "_replace_copy", crash_at_step_4)
         with pytest.raises(KeyboardInterrupt):
-            checkpoint.save(out, 6, {"config": state["config"]}, lambda d: fl.save_adapter(
-                fl.load_adapter(_tiny_base(), out), d), {"x": torch.ones(1)}, {"cpu/0": torch.get_rng_state()})
-    assert os.path.isdir(os.path.join(out, "checkpoint-000006"))
-    assert checkpoint.require_latest(out)["step"] == 4  # the previous checkpoint, whole
-    assert main(["--resume", "--out", out, "--steps", "4"]) == 0  # nothing left to do: rewrites the outputs
-    assert not os.path.exists(os.path.join(out, "checkpoint-000006"))  # the orphan is gone
+            main([*SMALL, "--steps", "4", "--save-every", "2", "--eval-every", "2", "--out", out])
+    assert json.load(open(os.path.join(out, "trainer_state.json")))["step"] == 2
+    assert {"checkpoint-000002", "checkpoint-000004"} <= set(os.listdir(out))
+    assert checkpoint.require_latest(out)["step"] == 4
+
+    assert main(["--resume", "--out", out]) == 0  # nothing left to do: the outputs show checkpoint 4
+    assert json.load(open(os.path.join(out, "trainer_state.json")))["step"] == 4
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-000004"]
+    a, b = _adapter(finished_run), _adapter(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert math.isfinite(json.load(open(os.path.join(out, "summary.json")))["loss_last"])
 
 

@@ -26,6 +26,7 @@ import math
 import os
 import resource
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -35,10 +36,11 @@ from safetensors.torch import save_file
 import fusedlora as fl
 
 from ..ops.backend import backend
-from . import checkpoint
+from . import checkpoint, outdir
 from .config import TrainConfig
-from .data import IGNORE, SampleOrder, build_sequences, builtin_records, file_sha256, load_jsonl, split
-from .model import check_seq_len, load_hf, tiny_llama
+from .data import IGNORE, SampleOrder, Sequences, build_sequences, builtin_records, file_sha256, load_jsonl, split
+from .model import check_seq_len, load_model, load_tokenizer, tiny_llama
+from .stop import Interrupted, StopRequest
 
 LOG = "log.jsonl"
 SUMMARY = "summary.json"
@@ -167,7 +169,7 @@ def _set_rng(tensors: dict[str, torch.Tensor], device: torch.device, rank: int) 
 def _token_loss_sum(model, batch: dict, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropies over label tokens, number of label tokens)."""
     with autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
@@ -178,7 +180,8 @@ def evaluate(model, seqs, config: TrainConfig, device, autocast, rank: int, worl
     """Mean token loss over the first eval_batches global batches (B·W rows each) of the held-out split;
     process r takes every W-th batch of B rows, so the number of processes does not change the result.
     Every process runs the same number of forwards (a sharded model gathers its layers in each, with all the
-    processes): one left without a batch of its own runs the first batch again and counts nothing."""
+    processes): one left without a batch of its own runs the first rows again (no more than the split holds)
+    and counts nothing."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -187,7 +190,8 @@ def evaluate(model, seqs, config: TrainConfig, device, autocast, rank: int, worl
     with torch.no_grad():
         for b in range(rank, math.ceil(n_batches / world) * world, world):
             mine = b < n_batches
-            rows = torch.arange(b * b_size, min((b + 1) * b_size, len(seqs))) if mine else torch.arange(b_size)
+            rows = (torch.arange(b * b_size, min((b + 1) * b_size, len(seqs))) if mine
+                    else torch.arange(min(b_size, len(seqs))))
             batch = {k: v.to(device) for k, v in seqs.rows(rows).items()}
             loss, n = _token_loss_sum(model, batch, autocast)
             if mine:
@@ -233,70 +237,159 @@ def save_pretrained_quietly(model, path: str) -> None:
 # ------------------------------------------------------------------------------------------------ train
 
 
-def prepare(config: TrainConfig, dtype: torch.dtype):
-    """Everything checked before anything is written: (model, tokenizer, records, data fingerprint)."""
-    if config.model is None:
-        model, tok = tiny_llama()
-        what = "the built-in model"
-    else:
-        model, tok = load_hf(config.model, dtype)
-        what = f"the model in {config.model}"
-    check_seq_len(model, config.seq_len, what)
+@dataclass
+class Inputs:
+    """What a run reads besides the model, checked whole before the model loads."""
+
+    tokenizer: object
+    seqs: Sequences
+    eval_seqs: Sequences | None
+    fingerprint: str
+
+
+def prepare(config: TrainConfig) -> Inputs:
+    """Every input but the model, parsed and checked: the tokenizer, every line of the data file, the sequence
+    length against the model's config. With --epochs, sets config.steps. Nothing is written."""
+    check_seq_len(config.model, config.seq_len)
+    if config.data is not None and not os.path.isfile(config.data):
+        what = "is a folder, not a file" if os.path.isdir(config.data) else "does not exist"
+        raise FileNotFoundError(f"--data: {config.data} {what}")
+    tok = load_tokenizer(config.model)
     if config.data is None:
         records, fingerprint = builtin_records(), "builtin"
     else:
-        if not os.path.isfile(config.data):
-            raise FileNotFoundError(f"--data: {config.data} does not exist")
         records, fingerprint = load_jsonl(config.data), file_sha256(config.data)
-    return model, tok, records, fingerprint
-
-
-def train(config: TrainConfig, saved_state: dict | None = None, progress: bool = True) -> dict:
-    """Run (or, with ``saved_state``, continue) the training ``config`` describes; returns the summary.
-
-    The built-in model runs on one CPU thread unless OMP_NUM_THREADS says otherwise: its matmuls (at most
-    1024×384×128) gain little from a second thread, and OpenMP threads waiting on each other for a busy core
-    lose much more. Measured on a 2-core machine with other work running: the default run took 91 s with
-    two threads and 34 s with one, with equal losses."""
-    threads = torch.get_num_threads()
-    if config.model is None and "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
-        torch.set_num_threads(1)
-    try:
-        return _train(config, saved_state, progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dict:
-    rank, world, local_rank = _distributed()
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    on_gpu = device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
-    if on_gpu:
-        torch.cuda.set_device(device)
-    out = config.out
-
-    # -- everything that can fail on bad input, before anything is written
-    model, tok, records, fingerprint = prepare(config, torch.bfloat16 if on_gpu else torch.float32)
-    if saved_state is not None:
-        if saved_state.get("data_sha256") != fingerprint:
-            raise ValueError(f"--resume: the data differs from the checkpoint's (sha256 {fingerprint} vs "
-                             f"{saved_state.get('data_sha256')})")
-        if saved_state.get("world_size") != world:
-            raise ValueError(f"--resume: the checkpoint ran on {saved_state.get('world_size')} processes, this "
-                             f"run has {world} (the global batch would change)")
     # The split does not depend on eval_every: how often the held-out loss is measured never changes training.
     train_records, eval_records = split(records, config.eval_fraction)
     seqs = build_sequences(train_records, tok, config.seq_len, config.pack)
     eval_seqs = (build_sequences(eval_records, tok, config.seq_len, config.pack)
                  if eval_records and config.eval_every else None)
-    base_dtype = torch.bfloat16 if on_gpu else torch.float32
+    if config.epochs is not None:
+        per_step = config.batch_size * config.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+        config.steps = max(1, math.ceil(config.epochs * len(seqs) / per_step))
+    return Inputs(tok, seqs, eval_seqs, fingerprint)
 
-    # -- the model: base in the compute dtype, then adapters (fp32) on the targeted linears
+
+def train(config: TrainConfig, saved_state: dict | None = None, progress: bool = True) -> dict:
+    """Run (or, with ``saved_state``, continue) the training ``config`` describes; returns the summary.
+    Inputs are checked before the output folder is claimed (process 0 locks it) and the model loads.
+    SIGINT/SIGTERM end the run after the current step with a checkpoint (``Interrupted``).
+
+    The built-in model runs on one CPU thread unless OMP_NUM_THREADS says otherwise: its matmuls (at most
+    1024×384×128) gain little from a second thread, and OpenMP threads waiting on each other for a busy core
+    lose much more. Measured on a 2-core machine with other work running: the default run took 91 s with
+    two threads and 34 s with one, with equal losses."""
+    inputs = prepare(config)
+    lock = outdir.claim(config.out) if int(os.environ.get("RANK", "0")) == 0 else None
+    threads = torch.get_num_threads()
+    if config.model is None and "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    try:
+        with StopRequest() as stop:
+            return _train(config, saved_state, inputs, stop, progress)
+    finally:
+        torch.set_num_threads(threads)
+        if lock:
+            lock.release()
+
+
+@dataclass
+class Run:
+    """A run's state between its steps."""
+
+    config: TrainConfig
+    inputs: Inputs
+    rank: int
+    world: int
+    device: torch.device
+    autocast: object
+    model: torch.nn.Module
+    net: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    fsdp: bool
+    ddp: bool
+    start: int
+    saved_step: int | None
+    history: list = field(default_factory=list)
+    log_file: object = None
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def per_step(self) -> int:
+        """Sequences per optimizer step, all processes."""
+        return self.config.batch_size * self.config.grad_accum * self.world
+
+    def log(self, row: dict) -> None:
+        self.history.append(row)
+        if self.log_file:
+            self.log_file.write(json.dumps(row) + "\n")
+            self.log_file.flush()
+
+
+def _train(config: TrainConfig, saved_state: dict | None, inputs: Inputs, stop: StopRequest, progress: bool) -> dict:
+    run = _setup(config, saved_state, inputs)
+    try:
+        _open_outputs(run, saved_state)
+        _check_stop(run, stop)
+        order = SampleOrder(len(inputs.seqs), config.seed)
+        if run.start == 0 and inputs.eval_seqs is not None:
+            _evaluate(run, 0)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=config.steps, initial=run.start, disable=not (run.writer and progress), desc="train",
+                  unit="step", dynamic_ncols=True) as bar:
+            for step in range(run.start, config.steps):
+                row = _step(run, order, step)
+                done = step + 1
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{run.tokens / run.seconds:,.0f}",
+                                mem=f"{peak_memory(run.device) / 2**20:,.0f}MiB", refresh=False)
+                bar.update(1)
+                if inputs.eval_seqs is not None and (done % config.eval_every == 0 or done == config.steps):
+                    ev = _evaluate(run, done)
+                    if run.writer and progress:
+                        bar.write(f"step {done}: eval loss {ev:.4f}")
+                if (config.save_every and done % config.save_every == 0) or done == config.steps:
+                    _save(run, done)
+                _check_stop(run, stop, bar)
+    finally:
+        if run.log_file:
+            run.log_file.close()
+    return _finish(run, saved_state)
+
+
+def _setup(config: TrainConfig, saved_state: dict | None, inputs: Inputs) -> Run:
+    """Processes, device, the model (base in the compute dtype, adapters in fp32 on the targeted linears), the
+    optimizer and scheduler, and the checkpoint's state when resuming."""
+    rank, world, local_rank = _distributed()
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+    base_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(config.dtype,
+                                                                      torch.bfloat16 if on_gpu else torch.float32)
+    bf16_gpu = on_gpu and base_dtype == torch.bfloat16
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16_gpu else contextlib.nullcontext
+    if on_gpu:
+        torch.cuda.set_device(device)
+    if saved_state is not None:
+        if saved_state.get("data_sha256") != inputs.fingerprint:
+            raise ValueError(f"--resume: the data differs from the checkpoint's (sha256 {inputs.fingerprint} vs "
+                             f"{saved_state.get('data_sha256')})")
+        if saved_state.get("world_size") != world:
+            raise ValueError(f"--resume: the checkpoint ran on {saved_state.get('world_size')} processes, this "
+                             f"run has {world} (the global batch would change)")
+    model = load_model(config.model, base_dtype)
     torch.manual_seed(config.seed)
     model.to(device=device, dtype=base_dtype)
+    quantize = {"none": None, "int4": {"scheme": "int4", "group_size": config.group_size}}.get(config.quantize,
+                                                                                               config.quantize)
     fl.inject(model, target_modules=config.target_modules, r=config.rank, alpha=config.alpha,
-              dropout=config.dropout, quantize=None if config.quantize == "none" else config.quantize)
+              dropout=config.dropout, quantize=quantize)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -309,107 +402,117 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
     optimizer = torch.optim.AdamW([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     torch.manual_seed(config.seed + DROPOUT_SEED_OFFSET * (rank + 1))
-
-    history: list[dict] = []
-    start = 0
+    run = Run(config, inputs, rank, world, device, autocast, model, model, params, optimizer, scheduler, fsdp,
+              ddp=world > 1 and not fsdp, start=0, saved_step=None)
     if saved_state is not None:
-        rng = checkpoint.load(out, saved_state, params, optimizer)
+        _set_rng(checkpoint.load(config.out, saved_state, params, optimizer), device, rank)
         scheduler.load_state_dict(saved_state["scheduler"])
-        _set_rng(rng, device, rank)
-        start, history = saved_state["step"], list(saved_state["log_history"])
-    ddp = world > 1 and not fsdp
-    net = _ddp(model, device) if ddp else model
-    per_step = config.batch_size * config.grad_accum * world  # sequences per optimizer step, all processes
+        run.start = run.saved_step = saved_state["step"]
+        run.history = list(saved_state["log_history"])
+    if run.ddp:
+        run.net = _ddp(model, device)
+    return run
 
-    # -- outputs: rank 0 only
-    writer = rank == 0
-    if writer:
-        os.makedirs(out, exist_ok=True)
-        checkpoint.remove_stale(out, keep=saved_state["checkpoint"] if saved_state else None)
-        if config.model is None and not os.path.isdir(os.path.join(out, BASE_DIR)):
-            tmp = os.path.join(out, f"{checkpoint.TMP_PREFIX}{BASE_DIR}")
-            save_pretrained_quietly(tiny_llama()[0], tmp)
-            os.rename(tmp, os.path.join(out, BASE_DIR))
-        with open(os.path.join(out, LOG), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
-    log_file = open(os.path.join(out, LOG), "a", encoding="utf-8") if writer else None
 
-    def log(row: dict) -> None:
-        history.append(row)
-        if log_file:
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
+def _open_outputs(run: Run, saved_state: dict | None) -> None:
+    """Process 0: the folder's top-level files shown at the checkpoint resumed from, stale folders of the
+    trainer's own removed, the built-in base saved beside the adapter, the log rewritten up to the start."""
+    if not run.writer:
+        return
+    out = run.config.out
+    if saved_state is not None:
+        checkpoint.promote(out, saved_state)
+    checkpoint.remove_stale(out, keep=saved_state["checkpoint"] if saved_state else None)
+    if run.config.model is None and not os.path.isdir(os.path.join(out, BASE_DIR)):
+        outdir.own(out, BASE_DIR)
+        tmp = os.path.join(out, f"{checkpoint.TMP_PREFIX}{BASE_DIR}")
+        save_pretrained_quietly(tiny_llama()[0], tmp)
+        os.rename(tmp, os.path.join(out, BASE_DIR))
+    with open(os.path.join(out, LOG), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(h) + "\n" for h in run.history)
+    run.log_file = open(os.path.join(out, LOG), "a", encoding="utf-8")
 
-    base_name = os.path.abspath(os.path.join(out, BASE_DIR)) if config.model is None else config.model
 
-    def save(step: int) -> None:
-        tensors = checkpoint.optimizer_tensors(params, optimizer)  # whole tensors, gathered by all processes
-        rng = _rng_tensors(device, world)
-        if not writer:
-            return
-        state = {"config": config.to_dict(), "samples_seen": step * per_step, "world_size": world,
-                 "data_sha256": fingerprint, "scheduler": scheduler.state_dict(),
-                 "optimizer": {"param_groups": checkpoint.optimizer_groups(optimizer)}, "log_history": history}
-        whole = {n: tensors[f"param/{n}"] for n, _ in params} if fsdp else {}
-        with _whole_parameters(model, whole):
-            checkpoint.save(out, step, state, lambda d: fl.save_adapter(
-                model, d, task_type="CAUSAL_LM", base_model_name_or_path=base_name), tensors, rng)
+def _step(run: Run, order: SampleOrder, step: int) -> dict:
+    """One optimizer step over the global batch of ``step`` (see the module docstring); returns its log row."""
+    config, seqs, world, rank = run.config, run.inputs.seqs, run.world, run.rank
+    t0 = time.perf_counter()
+    rows = order(step * run.per_step, run.per_step)
+    n_label = max(int((seqs.labels[rows][:, 1:] != IGNORE).sum()), 1)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    for g in range(config.grad_accum):
+        mine = rows[(g * world + rank) * config.batch_size:(g * world + rank + 1) * config.batch_size]
+        batch = {k: v.to(run.device) for k, v in seqs.rows(mine).items()}
+        last = g == config.grad_accum - 1
+        sync = contextlib.nullcontext() if not run.ddp or last else run.net.no_sync()
+        if run.fsdp:
+            run.net.set_requires_gradient_sync(last)  # accumulate whole gradients; reduce-scatter at the last
+        with sync:
+            loss, _ = _token_loss_sum(run.net, batch, run.autocast)
+            # DDP and FSDP2 average gradients over processes; the factor world turns that into the global sum.
+            (loss * (world / n_label)).backward()
+        loss_sum += loss.detach().double()
+    loss_value = float(_all_sum(loss_sum, world)) / n_label
+    grad_norm = float(checkpoint.full(torch.nn.utils.clip_grad_norm_([p for _, p in run.params],
+                                                                    config.max_grad_norm)))
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    run.seconds += time.perf_counter() - t0
+    run.tokens += int(seqs.attention_mask[rows].sum())
+    row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+    run.log(row)
+    return row
 
-    # -- the loop
-    order = SampleOrder(len(seqs), config.seed)
-    if start == 0 and eval_seqs is not None:
-        log({"step": 0, "eval_loss": evaluate(model, eval_seqs, config, device, autocast, rank, world)})
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.steps, initial=start, disable=not (writer and progress), desc="train", unit="step",
-               dynamic_ncols=True)
-    tokens_done, train_time = 0, 0.0
-    for step in range(start, config.steps):
-        t0 = time.perf_counter()
-        rows = order(step * per_step, per_step)
-        labels = seqs.labels[rows][:, 1:]
-        n_label = int((labels != IGNORE).sum())
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for g in range(config.grad_accum):
-            mine = rows[(g * world + rank) * config.batch_size:(g * world + rank + 1) * config.batch_size]
-            batch = {k: v.to(device) for k, v in seqs.rows(mine).items()}
-            last = g == config.grad_accum - 1
-            sync = contextlib.nullcontext() if not ddp or last else net.no_sync()
-            if fsdp:
-                net.set_requires_gradient_sync(last)  # accumulate whole gradients; reduce-scatter at the last
-            with sync:
-                loss, _ = _token_loss_sum(net, batch, autocast)
-                # DDP and FSDP2 average gradients over processes; the factor world turns that into the global sum.
-                (loss * (world / max(n_label, 1))).backward()
-            loss_sum += loss.detach().double()
-        loss_value = float(_all_sum(loss_sum, world)) / max(n_label, 1)
-        grad_norm = float(checkpoint.full(torch.nn.utils.clip_grad_norm_([p for _, p in params],
-                                                                        config.max_grad_norm)))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if on_gpu:
-            torch.cuda.synchronize(device)
-        train_time += time.perf_counter() - t0
-        tokens_done += int(seqs.attention_mask[rows].sum())
-        done = step + 1
-        log({"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
-        mem = peak_memory(device)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_done / train_time:,.0f}",
-                        mem=f"{mem / 2**20:,.0f}MiB", refresh=False)
-        bar.update(1)
-        if eval_seqs is not None and (done % config.eval_every == 0 or done == config.steps):
-            ev = evaluate(model, eval_seqs, config, device, autocast, rank, world)
-            log({"step": done, "eval_loss": ev})
-            if writer and progress:
-                bar.write(f"step {done}: eval loss {ev:.4f}")
-        if (config.save_every and done % config.save_every == 0) or done == config.steps:
-            save(done)
-    bar.close()
-    if log_file:
-        log_file.close()
+def _evaluate(run: Run, done: int) -> float:
+    ev = evaluate(run.model, run.inputs.eval_seqs, run.config, run.device, run.autocast, run.rank, run.world)
+    run.log({"step": done, "eval_loss": ev})
+    return ev
 
+
+def _save(run: Run, step: int) -> None:
+    """Checkpoint ``step``: every process gathers its part, process 0 writes."""
+    tensors = checkpoint.optimizer_tensors(run.params, run.optimizer)  # whole tensors, gathered by all processes
+    rng = _rng_tensors(run.device, run.world)
+    run.saved_step = step
+    if not run.writer:
+        return
+    config = run.config
+    state = {"config": config.to_dict(), "samples_seen": step * run.per_step, "world_size": run.world,
+             "data_sha256": run.inputs.fingerprint, "scheduler": run.scheduler.state_dict(),
+             "optimizer": {"param_groups": checkpoint.optimizer_groups(run.optimizer)}, "log_history": run.history}
+    base_name = os.path.abspath(os.path.join(config.out, BASE_DIR)) if config.model is None else config.model
+    whole = {n: tensors[f"param/{n}"] for n, _ in run.params} if run.fsdp else {}
+    with _whole_parameters(run.model, whole):
+        checkpoint.save(config.out, step, state, lambda d: fl.save_adapter(
+            run.model, d, task_type="CAUSAL_LM", base_model_name_or_path=base_name), tensors, rng)
+
+
+def _check_stop(run: Run, stop: StopRequest, bar=None) -> None:
+    """After a step: when a process got SIGINT/SIGTERM, every process (they agree through one all-reduce)
+    checkpoints the step just taken, if that is not saved yet, and ends the run."""
+    signum = stop.signal or 0
+    if run.world > 1:
+        flag = torch.tensor([signum], dtype=torch.int64, device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+    if not signum:
+        return
+    done = run.history[-1]["step"] if run.history else run.start
+    if done > run.start and run.saved_step != done:
+        _save(run, done)
+    if bar is not None:
+        bar.close()
+    raise Interrupted(signum, done, run.saved_step, run.config.out, run.world)
+
+
+def _finish(run: Run, saved_state: dict | None) -> dict:
+    """The summary (process 0 writes it and the loss plot)."""
+    device, history = run.device, run.history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     summary = {
@@ -417,19 +520,19 @@ def _train(config: TrainConfig, saved_state: dict | None, progress: bool) -> dic
         "loss_last": train_losses[-1] if train_losses else None,
         "eval_loss_first": eval_losses[0] if eval_losses else None,
         "eval_loss_last": eval_losses[-1] if eval_losses else None,
-        "tokens_per_s": tokens_done / train_time if train_time else None,
+        "tokens_per_s": run.tokens / run.seconds if run.seconds else None,
         "peak_memory_bytes": peak_memory(device),
         "backend": backend(device),
-        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
-        "world_size": world,
-        "parallel": "fsdp" if fsdp else "ddp" if ddp else None,
-        "steps": config.steps,
-        "resumed_from_step": start if saved_state is not None else None,
-        "train_seconds": train_time,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": run.world,
+        "parallel": "fsdp" if run.fsdp else "ddp" if run.ddp else None,
+        "steps": run.config.steps,
+        "resumed_from_step": run.start if saved_state is not None else None,
+        "train_seconds": run.seconds,
     }
-    if writer:
-        checkpoint.write_json(os.path.join(out, SUMMARY), summary)
-        write_plot(os.path.join(out, PLOT), history)
-    if world > 1:
+    if run.writer:
+        checkpoint.write_json(os.path.join(run.config.out, SUMMARY), summary)
+        write_plot(os.path.join(run.config.out, PLOT), history)
+    if run.world > 1:
         dist.barrier()
     return summary

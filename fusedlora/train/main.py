@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from .config import TrainConfig, add_arguments, given_fields, resolve
+from .config import TrainConfig, add_arguments, default_out, given_fields, resolve
+from .outdir import WRITE_ERRORS
 
 HELP = "LoRA / QLoRA fine-tuning of a local Hugging Face causal LM, or of the built-in tiny model on CPU"
 
@@ -21,13 +22,15 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None]:
     """(config, saved state to resume from or None). Nothing is written; every conflict is an error."""
-    from . import checkpoint
+    from . import checkpoint, outdir
 
     given = given_fields(args)
-    out = given.get("out", TrainConfig.out)
+    out = given.get("out") or default_out(given.get("model"))
+    given["out"] = out
     if given.get("resume"):
         state = checkpoint.require_latest(out)
         return resolve(given, state["config"]), state
+    outdir.check(out)
     existing = checkpoint.latest(out)
     if existing is not None:
         raise FileExistsError(f"--out: {out} already holds a run (checkpoint at step {existing.get('step')}); "
@@ -35,15 +38,29 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None
     return resolve(given, None), None
 
 
+def _error(message: str) -> int:
+    print(f"fusedlora train: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
+    from .stop import Interrupted
+
     try:
         config, state = config_from_args(args)
         from .loop import train
 
         summary = train(config, saved_state=state)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"fusedlora train: error: {exc}", file=sys.stderr)
-        return 2
+    except Interrupted as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fusedlora train: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
+        return _error(str(exc))
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        return _error(f"cannot write {exc.filename or 'the output folder'}: {exc.strerror}")
     if summary.get("loss_first") is not None and os.environ.get("RANK", "0") == "0":
         speed = f"{summary['tokens_per_s']:,.0f} tokens/s, " if summary.get("tokens_per_s") else ""
         print(f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}, {speed}"

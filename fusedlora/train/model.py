@@ -55,35 +55,62 @@ def tiny_llama():
     return model, ByteTokenizer()
 
 
-def load_hf(path: str, dtype: torch.dtype):
-    """(model, tokenizer) from a local transformers checkpoint directory (never the network)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_model_dir(path: str) -> dict:
+    """The checkpoint's config.json as a dict, read without loading anything else."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model: {path} is not a directory (expected a local Hugging Face checkpoint)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
         raise FileNotFoundError(f"--model: {path} has no config.json (expected a Hugging Face checkpoint)")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        with open(config, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--model: {config} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"--model: {config} is not a JSON object")
+    return doc
+
+
+def load_tokenizer(path: str | None):
+    """The run's tokenizer: the built-in byte tokenizer, or the checkpoint's (never the network)."""
+    if path is None:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    check_model_dir(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model: cannot load the tokenizer in {path} ({str(exc).splitlines()[0]})") from None
+    return HFTokenizer(tok)
+
+
+def load_model(path: str | None, dtype: torch.dtype):
+    """The built-in model, or a local transformers checkpoint; a bitsandbytes 4-bit one keeps its 4-bit
+    weights as they are (fused layers over the stored NF4 tensors), never requantized."""
+    if path is None:
+        return tiny_llama()[0]
+    from transformers import AutoModelForCausalLM
+
     if is_bnb_4bit(path):
-        # Its 4-bit weights are kept as they are (fused layers over the stored NF4 tensors), never requantized.
-        model = fl.load_quantized(path, dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    return model, HFTokenizer(tok)
+        return fl.load_quantized(path, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
 
 
 def is_bnb_4bit(path: str) -> bool:
     """Whether the checkpoint was saved by transformers with a bitsandbytes 4-bit quantization_config."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        qc = json.load(f).get("quantization_config") or {}
+    qc = check_model_dir(path).get("quantization_config") or {}
     return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
 
 
-def max_positions(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
-
-
-def check_seq_len(model, seq_len: int, what: str) -> None:
-    limit = max_positions(model)
-    if limit is not None and seq_len > limit:
+def check_seq_len(path: str | None, seq_len: int) -> None:
+    """--seq-len against the model's max_position_embeddings, read from its config (before it loads)."""
+    if path is None:
+        limit, what = tiny_llama_config().max_position_embeddings, "the built-in model"
+    else:
+        doc = check_model_dir(path)
+        limit = doc.get("max_position_embeddings", (doc.get("text_config") or {}).get("max_position_embeddings"))
+        what = f"the model in {path}"
+    if isinstance(limit, int) and seq_len > limit:
         raise ValueError(f"--seq-len: {seq_len} is longer than {what} allows (max_position_embeddings={limit})")
