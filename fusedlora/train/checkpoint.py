@@ -165,13 +165,6 @@ def promote(out_dir: str, state: dict) -> None:
         write_json(top, state)
 
 
-def _user_modes(folder: str) -> None:
-    """Files as the user's umask makes them (some writers create theirs through mkstemp, which gives 0600)."""
-    mode = 0o666 & ~outdir.umask()
-    for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), mode)
-
-
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a sharded one (FSDP2's DTensor) gathered from every process, which must all call this
     in the same order; any other tensor as it is."""
@@ -218,7 +211,7 @@ def save(out_dir: str, step: int, state: dict, save_adapter, tensors: dict, rng:
     save_file(rng, os.path.join(tmp, RNG))
     state = {**state, "step": step, "checkpoint": name}
     write_json(os.path.join(tmp, STATE), state)
-    _user_modes(tmp)
+    outdir.user_modes(tmp)
     if os.path.exists(final):
         if not mine:
             raise FileExistsError(f"{final} exists and was not made by this trainer; it was left as it is")

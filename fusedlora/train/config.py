@@ -8,11 +8,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from ..modules import MAX_RANK
+
 QUANTIZE_CHOICES = ("nf4", "int4", "none")
 DTYPE_CHOICES = ("auto", "bf16", "fp32")
 GROUP_SIZES = (64, 128)
-# The largest LoRA rank the kernels run (DESIGN.md, "Ranks"); the layers refuse a larger one too.
-MAX_RANK = 512
 # Fields that name where a run writes or how it was started, not what it computes.
 NOT_COMPARED = ("out", "resume")
 # Fields a resumed run may raise: it then trains on (the schedule is recomputed over the new total).

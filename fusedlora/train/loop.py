@@ -427,6 +427,7 @@ def _open_outputs(run: Run, saved_state: dict | None) -> None:
         outdir.own(out, BASE_DIR)
         tmp = os.path.join(out, f"{checkpoint.TMP_PREFIX}{BASE_DIR}")
         save_pretrained_quietly(tiny_llama()[0], tmp)
+        outdir.user_modes(tmp)
         os.rename(tmp, os.path.join(out, BASE_DIR))
     with open(os.path.join(out, LOG), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(h) + "\n" for h in run.history)

@@ -29,6 +29,13 @@ def umask() -> int:
     return mask
 
 
+def user_modes(folder: str) -> None:
+    """Files as the user's umask makes them (mkstemp and some writers, safetensors among them, give 0600)."""
+    mode = 0o666 & ~umask()
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), mode)
+
+
 def write_json(path: str, obj) -> None:
     """``obj`` as JSON at ``path``, replaced in one rename (a kill leaves the old file or the new one)."""
     tmp = f"{path}.tmp"
