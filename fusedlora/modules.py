@@ -17,6 +17,7 @@ the base alone until ``reset_adapter`` gives it one.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -33,6 +34,9 @@ _QUANT_FIELDS = ("data", "absmax", "nested_absmax", "nested_code", "scales", "ze
 # quant_meta = [N, K, block, scheme index, compute-dtype index]: enough to rebuild the Packed4bit.
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INIT_CHOICES = (True, False, "gaussian")
+
+# The largest rank the kernels run (DESIGN.md, "Ranks").
+MAX_RANK = 512
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -256,8 +260,14 @@ class LoRALinear(nn.Module):
         _check_int("r", r, 0)
         if init_lora_weights not in INIT_CHOICES:
             raise ValueError(f"init_lora_weights: expected one of {INIT_CHOICES}, got {init_lora_weights!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise ValueError(f"alpha: expected a number, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha: expected a positive finite number, got {alpha!r}")
+        if r > MAX_RANK:
+            raise ValueError(f"r: {r} is beyond the largest supported rank, {MAX_RANK}")
+        if r > min(self.in_features, self.out_features):
+            warnings.warn(f"r = {r} is larger than min(in_features, out_features) = "
+                          f"{min(self.in_features, self.out_features)} of this {self.in_features}->"
+                          f"{self.out_features} layer: the update's rank cannot exceed that", stacklevel=3)
         self.dropout = _check_dropout(dropout)
         self.r, self.alpha, self.use_rslora = r, alpha, bool(use_rslora)
         if r == 0:
