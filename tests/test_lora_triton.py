@@ -7,9 +7,10 @@ Tolerance rule (flash-attention's): for every output and gradient, the kernel's 
 float64 oracle (the reference op run in fp64 on the same, exactly decoded weight) is at most twice the
 error of plain torch doing the same math in the input dtype, plus a floor of one ulp of the dtype at the
 result's scale (guards the rare case where torch's own error happens to be near zero). The kernels
-accumulate in fp32 like torch does, but round different intermediates (the decoded weight and s·xa go to
-the input dtype before the tensor-core dots, and the sums run in a different order), so bit equality is
-not expected; a wrong mask, index or scale shows up as errors orders of magnitude above the bound.
+accumulate in fp32 like torch does, but round different intermediates (the decoded weight, and s·xa
+unless the dtype is fp16, go to the input dtype before the tensor-core dots, and the sums run in a
+different order), so bit equality is not expected; a wrong mask, index or scale shows up as errors
+orders of magnitude above the bound.
 """
 
 from __future__ import annotations
@@ -169,10 +170,18 @@ SHAPES = [
 ]
 
 
+# (weight kind, training path): a 4-bit weight runs both paths (decoded in the GEMM's loop, or decoded into
+# the scratch buffer and read as a dense weight), whatever M the rule of ops.paths would pick
+KIND_PATHS = [("dense", None)] + [(kind, path) for kind in ("nf4", "nf4-dq", "int4")
+                                  for path in ("inloop", "dequant")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kind", ["dense", "nf4", "nf4-dq", "int4"])
+@pytest.mark.parametrize("kind,path", KIND_PATHS)
 @pytest.mark.parametrize("m,k,n,r,bias", SHAPES)
-def test_matches_reference(dtype, kind, m, k, n, r, bias):
+def test_matches_reference(dtype, kind, path, m, k, n, r, bias):
+    from fusedlora.ops.paths import forced_path
+
     if kind == "int4" and k % 64:
         pytest.skip("INT4 needs K to be a multiple of the group size")
     torch.manual_seed(m * 1000 + k + n)
@@ -180,7 +189,8 @@ def test_matches_reference(dtype, kind, m, k, n, r, bias):
     x, a, b, bias_t = lora_inputs(m, k, n, r, dtype, bias)
     dy = torch.randn(m, n, dtype=dtype)
     scale = 1.75
-    ours = run(triton_fn(weight, scale), x, a, b, bias_t, dy)
+    with forced_path(path):
+        ours = run(triton_fn(weight, scale), x, a, b, bias_t, dy)
     check_all(ours, run(oracle(w64, scale), x, a, b, bias_t, dy), run(plain(wlow, scale), x, a, b, bias_t, dy),
               dtype)
 
@@ -263,9 +273,10 @@ def _seed_drawn_after(manual_seed: int) -> int:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
-def test_dropout_matches_reference_given_the_mask(dtype, kind):
+@pytest.mark.parametrize("kind,path", [("dense", None), ("nf4", "inloop"), ("nf4", "dequant")])
+def test_dropout_matches_reference_given_the_mask(dtype, kind, path):
     from fusedlora.kernels.dropout import dropout_mask
+    from fusedlora.ops.paths import forced_path
 
     m, k, n, r, p, scale = 37, 192, 97, 8, 0.3, 2.0
     torch.manual_seed(11)
@@ -274,7 +285,8 @@ def test_dropout_matches_reference_given_the_mask(dtype, kind):
     dy = torch.randn(m, n, dtype=dtype)
     seed = _seed_drawn_after(1234)
     torch.manual_seed(1234)  # the op draws the same seed
-    ours = run(triton_fn(weight, scale, p, True), x, a, b, bias, dy)
+    with forced_path(path):
+        ours = run(triton_fn(weight, scale, p, True), x, a, b, bias, dy)
     mask = dropout_mask(seed, x.shape, p, "cpu")
     # forward and backward agree with the reference given the mask: dX and dA would differ at O(1)
     # relative error if the backward regenerated another mask than the forward used

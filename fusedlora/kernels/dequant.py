@@ -150,10 +150,13 @@ def _code(device: torch.device) -> torch.Tensor:
     return _CODES[device]
 
 
-def dequantize_nf4_triton(data, absmax, nested_absmax, nested_code, nested_offset, blocksize, n, k, dtype):
-    """Launcher; arguments already validated by the op (``fusedlora.ops.dequant``)."""
+def dequantize_nf4_triton(data, absmax, nested_absmax, nested_code, nested_offset, blocksize, n, k, dtype,
+                          out=None):
+    """Launcher; arguments already validated by the op (``fusedlora.ops.dequant``). ``out``: a contiguous
+    [n, k] tensor of ``dtype`` to write into (the dequant path's scratch), else a new one."""
     numel = n * k
-    out = torch.empty((n, k), dtype=dtype, device=data.device)
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=data.device)
     dq = nested_absmax is not None
     n_bytes = (numel + 1) // 2
     grid = (triton.cdiv(n_bytes, _BYTES),)
@@ -165,10 +168,11 @@ def dequantize_nf4_triton(data, absmax, nested_absmax, nested_code, nested_offse
     return out
 
 
-def dequantize_int4_triton(data, scales, zeros, group_size, dtype):
+def dequantize_int4_triton(data, scales, zeros, group_size, dtype, out=None):
     n, half_k = data.shape
     k = 2 * half_k
-    out = torch.empty((n, k), dtype=dtype, device=data.device)
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=data.device)
     grid = (triton.cdiv(n * half_k, _BYTES),)
     _dequant_int4_kernel[grid](
         data, scales, zeros, out, n * k, n * half_k,

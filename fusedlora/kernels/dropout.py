@@ -1,17 +1,19 @@
-"""Dropout keep-masks drawn with Philox from (seed, offset), regenerated wherever they are needed.
+"""Dropout keep-masks drawn with Philox from (seed, counter), regenerated wherever they are needed.
 
-For a 2-D input x [M, K] the element (m, k) has offset ``m*K + k`` (its flat index) and is kept iff
-``tl.rand(seed, m*K + k) >= p``, i.e. with probability 1 - p. Every kernel that applies dropout (the
-forward pre-kernel, the dX and dA kernels) calls ``keep`` with these offsets, so the mask is never stored:
-forward and backward agree because they recompute the same numbers. ``tl.rand`` splits 64-bit offsets
-into two Philox counter words, so offsets below 2^32 give the same numbers whether computed in int32 or
-int64, and inputs with M*K >= 2^31 elements draw distinct numbers.
+One Philox call (10 rounds) gives four 32-bit outputs, and each of them decides one element, so a mask
+costs a quarter of a call per element. For a 2-D input x [M, K] element (m, k) takes output ``k % 4`` of
+the call with counter ``m * ceil(K / 4) + k // 4`` (groups of four never straddle two rows, so any tile
+whose columns start at a multiple of 4 draws whole calls), and is kept iff that output is
+>= ``threshold(p)`` = round(p · 2³²), i.e. with probability 1 − p up to 2⁻³². Every kernel that applies
+dropout (the forward pre-kernel, the dX and dA kernels) calls ``keep_tile`` with these counters, so the
+mask is never stored: forward and backward agree because they recompute the same numbers. Counters are
+int64 (Philox takes them as two 32-bit words), so inputs with M·K ≥ 2³¹ elements draw distinct numbers.
 
 The seed is an int64 scalar read from a 1-element device tensor (drawn by the op from torch's default
 generator of x's device), so drawing it never synchronizes the host with the device.
 
 ``dropout_mask(seed, shape, p, device)`` materializes the bool keep-mask (x's shape; leading dimensions
-are flattened into M, which keeps the flat index) so that tests can hand it to the reference op.
+are flattened into M) so that tests can hand it to the reference op.
 """
 
 from __future__ import annotations
@@ -20,11 +22,23 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_guard
+
+
+def threshold(p: float) -> int:
+    """The uint32 threshold of drop probability p: an output u keeps its element iff u >= threshold."""
+    return min(int(round(p * 2.0**32)), 2**32 - 1)
+
 
 @triton.jit
-def keep(seed, offsets, p):
-    """Bool keep-mask for ``offsets`` (flat indices m*K + k): rand >= p, so P(keep) = 1 - p."""
-    return tl.rand(seed, offsets) >= p
+def keep_tile(seed, rows, k0, K, thresh, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Bool keep-mask [BLOCK_M, BLOCK_K] of the elements (rows[i], k0 + j); rows int64, k0 % 4 == 0."""
+    groups = (K + 3) // 4
+    c = rows[:, None] * groups + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
+    u0, u1, u2, u3 = tl.randint4x(seed, c)
+    # element 4c + i takes output i: interleave the four outputs along K
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK_M, BLOCK_K))
+    return u >= thresh.to(tl.uint32)
 
 
 @triton.jit
@@ -32,17 +46,21 @@ def _dropout_mask_kernel(
     # pointers
     seed_ptr, out_ptr,
     # sizes
-    numel, p,
+    M, K, thresh,
     # meta-parameters
-    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
     seed = tl.load(seed_ptr)
-    kept = keep(seed, offs, p)
-    tl.store(out_ptr + offs, kept.to(tl.int8), mask=offs < numel)
+    kept = keep_tile(seed, rows, k0, K, thresh, BLOCK_M, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], kept.to(tl.int8),
+             mask=(rows < M)[:, None] & (cols < K)[None, :])
 
 
-_MASK_BLOCK = 1024
+_MASK_BLOCK_M = 16
+_MASK_BLOCK_K = 64
 
 
 def seed_tensor(seed, device) -> torch.Tensor:
@@ -62,10 +80,13 @@ def dropout_mask(seed, shape, p: float, device) -> torch.Tensor:
         raise ValueError(f"p: expected a float in [0, 1), got {p!r}")
     device = torch.device(device)
     out = torch.empty(tuple(shape), dtype=torch.int8, device=device)
-    numel = out.numel()
-    if numel:
-        grid = (triton.cdiv(numel, _MASK_BLOCK),)
-        _dropout_mask_kernel[grid](seed_tensor(seed, device), out, numel, float(p), BLOCK=_MASK_BLOCK)
+    if out.numel():
+        k = out.shape[-1]
+        m = out.numel() // k
+        grid = (triton.cdiv(m, _MASK_BLOCK_M), triton.cdiv(k, _MASK_BLOCK_K))
+        with device_guard(device):
+            _dropout_mask_kernel[grid](seed_tensor(seed, device), out, m, k, threshold(p),
+                                       BLOCK_M=_MASK_BLOCK_M, BLOCK_K=_MASK_BLOCK_K)
     return out.view(torch.bool)
 
 
@@ -74,9 +95,9 @@ def aot_specs() -> list[dict]:
         {
             "name": "dropout_mask",
             "fn": _dropout_mask_kernel,
-            "signature": {"seed_ptr": "*i64", "out_ptr": "*i8", "numel": "i64", "p": "fp32",
-                          "BLOCK": "constexpr"},
-            "constexprs": {"BLOCK": _MASK_BLOCK},
+            "signature": {"seed_ptr": "*i64", "out_ptr": "*i8", "M": "i32", "K": "i32", "thresh": "i64",
+                          "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"},
+            "constexprs": {"BLOCK_M": _MASK_BLOCK_M, "BLOCK_K": _MASK_BLOCK_K},
             "num_warps": 4,
             "num_stages": 1,
             "large_m_gemm": False,

@@ -28,16 +28,18 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .dropout import keep
+from .dropout import keep_tile, threshold
 from .lora_fwd import (
     AOT_R,
     DTYPES,
     band_tile,
     block_r,
+    fp16_widened,
     gemm_kernel,
-    gemm_spec_variants,
-    lowrank,
+    gemm_specs,
+    low_rank_operand,
     m_bucket,
+    rank_variants,
     spec,
     weight_signature,
 )
@@ -52,8 +54,8 @@ def _lora_dx_kernel(
     M, N, K, R, M_BUCKET,
     # strides
     stride_dym, stride_dxm,
-    # s/(1-p) and the drop probability
-    lora_scale, p,
+    # s/(1-p) and the dropout keep threshold (``dropout.threshold``)
+    lora_scale, thresh,
     # meta-parameters
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -82,14 +84,16 @@ def _lora_dx_kernel(
                              k_mask[None, :], K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
         acc = tl.dot(dyt, wt.to(dyt.dtype), acc)
 
-    rj = tl.arange(0, BLOCK_R)
-    j_mask = rj < R
-    gt = tl.load(g_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
-    at = tl.load(a_ptr + rj[:, None] * K + rk[None, :], mask=j_mask[:, None] & k_mask[None, :], other=0.0)
-    lo = tl.dot((gt * lora_scale).to(at.dtype), at)
+    lo = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for j0 in range(0, R, BLOCK_R):
+        rj = j0 + tl.arange(0, BLOCK_R)
+        j_mask = rj < R
+        gt = tl.load(g_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
+        at = tl.load(a_ptr + rj[:, None] * K + rk[None, :], mask=j_mask[:, None] & k_mask[None, :], other=0.0)
+        lo = tl.dot(low_rank_operand(gt * lora_scale, at), fp16_widened(at), lo)
     if DROPOUT:
         seed = tl.load(seed_ptr)
-        lo = tl.where(keep(seed, rm64[:, None] * K + rk[None, :], p), lo, 0.0)
+        lo = tl.where(keep_tile(seed, rm64, k0, K, thresh, BLOCK_M, BLOCK_K), lo, 0.0)
     acc += lo
     tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_mask[:, None] & k_mask[None, :])
@@ -97,63 +101,116 @@ def _lora_dx_kernel(
 
 @triton.jit
 def _reduce_m_kernel(
-    # pointers: big [M, C] (x or dY), thin fp32 [M, R] (g or xa), workspace fp32 [splits, ...]
+    # pointers: big [M, C] (x), thin fp32 [M, R] (g), workspace fp32 [splits, R, C]
     big_ptr, thin_ptr, seed_ptr, ws_ptr,
     # sizes
     M, C, R, rows_per_split,
-    # strides: big's rows; the workspace element (c, j) of a split at c*stride_oc + j*stride_or
-    stride_bm, stride_oc, stride_or,
-    # output scale and the drop probability applied to big
-    out_scale, p,
+    # strides: big's rows
+    stride_bm,
+    # output scale and the dropout keep threshold applied to big
+    out_scale, thresh,
     # meta-parameters
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Partial sums over one slice of M: out[c, j] = out_scale · Σ_m drop(big)[m, c] · thin[m, j]."""
+    """Partial sums over one slice of M: out[j, c] = out_scale · Σ_m thin[m, j] · drop(big)[m, c]."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rj = tl.arange(0, BLOCK_R)
+    rj = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     c_mask = rc < C
     j_mask = rj < R
     m_start = pid_s * rows_per_split
     m_end = min(M, m_start + rows_per_split)
     if DROPOUT:
         seed = tl.load(seed_ptr)
-    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_mask = rm < m_end
         rm64 = rm.to(tl.int64)
-        bt = tl.load(big_ptr + rm64[None, :] * stride_bm + rc[:, None], mask=c_mask[:, None] & m_mask[None, :],
+        bt = tl.load(big_ptr + rm64[:, None] * stride_bm + rc[None, :], mask=m_mask[:, None] & c_mask[None, :],
                      other=0.0)
         if DROPOUT:
-            bt = tl.where(keep(seed, rm64[None, :] * C + rc[:, None], p), bt, 0.0)
-        tt = tl.load(thin_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
-        acc = tl.dot(bt.to(tl.float32), tt, acc)
+            bt = tl.where(keep_tile(seed, rm64, pid_c * BLOCK_C, C, thresh, BLOCK_M, BLOCK_C), bt, 0.0)
+        tt = tl.load(thin_ptr + rm64[None, :] * R + rj[:, None], mask=j_mask[:, None] & m_mask[None, :], other=0.0)
+        acc = tl.dot(tt, bt.to(tl.float32), acc)
     out = ws_ptr + pid_s.to(tl.int64) * C * R
-    tl.store(out + rc.to(tl.int64)[:, None] * stride_oc + rj[None, :] * stride_or, acc * out_scale,
-             mask=c_mask[:, None] & j_mask[None, :])
+    tl.store(out + rj.to(tl.int64)[:, None] * C + rc[None, :], acc * out_scale,
+             mask=j_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _g_db_kernel(
+    # pointers: dY [M, N], B [N, R], xa fp32 [M, R]; workspaces fp32 g [n_splits, M, R], dB [m_tiles, N, R]
+    dy_ptr, b_ptr, xa_ptr, g_ws_ptr, db_ws_ptr,
+    # sizes: N columns per split (a multiple of BLOCK_N)
+    M, N, R, cols_per_split,
+    # strides
+    stride_dym,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One pass over dY for both thin products: program (row tile, column split, rank slice) streams its
+    [BLOCK_M, cols_per_split] part of dY once and writes g's partial sum over those columns and dB's
+    partial sum over those rows (unscaled; the launcher sums the partials)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rj = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_mask = rm < M
+    j_mask = rj < R
+    rm64 = rm.to(tl.int64)
+    xa = tl.load(xa_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
+    n_start = pid_s * cols_per_split
+    n_end = min(N, n_start + cols_per_split)
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    db_rows = db_ws_ptr + pid_m.to(tl.int64) * N * R
+    for n0 in range(n_start, n_end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_mask = rn < n_end
+        dyt = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                      other=0.0)
+        bt = tl.load(b_ptr + rn.to(tl.int64)[:, None] * R + rj[None, :], mask=n_mask[:, None] & j_mask[None, :],
+                     other=0.0)
+        g = tl.dot(dyt, bt, g)
+        db = tl.dot(tl.trans(fp16_widened(dyt)), low_rank_operand(xa, dyt))
+        tl.store(db_rows + rn.to(tl.int64)[:, None] * R + rj[None, :], db, mask=n_mask[:, None] & j_mask[None, :])
+    g_out = g_ws_ptr + pid_s.to(tl.int64) * M * R
+    tl.store(g_out + rm64[:, None] * R + rj[None, :], g, mask=m_mask[:, None] & j_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # launch configs
 
-# dA / dB stream x or dY once; a 64-wide column tile with 64-row steps keeps the fp32 operand tiles at
-# 16 KiB each, and the split over M aims at ~2 programs per SM of an H100 (132 SMs).
+# dA streams x once; a 64-wide column tile with 64-row steps keeps the fp32 operand tiles at 16 KiB each,
+# and the split over M aims at ~2 programs per SM of an H100 (132 SMs).
 REDUCE_CONFIG = {"BLOCK_M": 64, "BLOCK_COLS": 64, "num_warps": 4, "num_stages": 3}
 INTERPRET_REDUCE_CONFIG = {"BLOCK_M": 16, "BLOCK_COLS": 32, "num_warps": 4, "num_stages": 1}
+# g and dB stream dY once. dB's partial sums cost 4·r bytes per (row tile, column) in the workspace, written
+# and read back: 256-row tiles keep that at an eighth of dY's bytes at r = 16 (64-row tiles would make it
+# half); the column splits then give ~1 program per SM at M = 4096, whose g partials cost 4·r bytes per
+# (split, row).
+G_DB_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+INTERPRET_G_DB_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 TARGET_PROGRAMS = 264
+G_DB_TARGET_PROGRAMS = 132
+
 
 def _reduce_config() -> dict:
     return INTERPRET_REDUCE_CONFIG if interpreted() else REDUCE_CONFIG
 
 
-def _splits(m: int, col_tiles: int, block_m: int) -> tuple[int, int]:
-    """(number of M slices, rows per slice), slices a multiple of block_m rows."""
-    m_tiles = triton.cdiv(max(m, 1), block_m)
-    splits = max(1, min(m_tiles, TARGET_PROGRAMS // max(col_tiles, 1)))
-    rows = triton.cdiv(m_tiles, splits) * block_m
-    return triton.cdiv(max(m, 1), rows), rows
+def _g_db_config() -> dict:
+    return INTERPRET_G_DB_CONFIG if interpreted() else G_DB_CONFIG
+
+
+def split_len(length: int, other_programs: int, block: int, target: int) -> tuple[int, int]:
+    """(number of slices, slice length) cutting ``length`` into slices of whole ``block``s so that
+    ``other_programs`` x slices is about ``target`` programs."""
+    tiles = triton.cdiv(max(length, 1), block)
+    splits = max(1, min(tiles, target // max(other_programs, 1)))
+    size = triton.cdiv(tiles, splits) * block
+    return triton.cdiv(max(length, 1), size), size
 
 
 def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, seed) -> torch.Tensor:
@@ -164,32 +221,55 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, seed) -> 
         return dx
     wfmt = FORMATS[fmt]
     dummy = g
-    gemm_kernel(_lora_dx_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)](
+    kernel = gemm_kernel(_lora_dx_kernel, "dx", wfmt == 0, dy.device)
+    kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)](
         dy, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
         g, lora_A, seed if p > 0 else dummy, dx,
-        m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), float(scale) / (1.0 - p), float(p),
+        m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), float(scale) / (1.0 - p), threshold(p),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=(wfmt != 0 and k % block == 0),
         DROPOUT=p > 0, BLOCK_R=block_r(r),
     )
     return dx
 
 
-def reduce_m(big, thin, out_scale, p=0.0, seed=None, transpose_out=False) -> torch.Tensor:
-    """fp32 out_scale · drop(big)ᵀ·thin: [C, R], or [R, C] with ``transpose_out`` (split over M, summed)."""
-    m, c = big.shape
-    r = thin.shape[1]
+def reduce_da(x, g, out_scale, p=0.0, seed=None) -> torch.Tensor:
+    """fp32 [R, K] = out_scale · gᵀ·drop(x) (split over M, the partial sums added by torch)."""
+    m, c = x.shape
+    r = g.shape[1]
     cfg = _reduce_config()
     col_tiles = triton.cdiv(c, cfg["BLOCK_COLS"])
-    splits, rows = _splits(m, col_tiles, cfg["BLOCK_M"])
-    shape = (splits, r, c) if transpose_out else (splits, c, r)
-    ws = torch.empty(shape, dtype=torch.float32, device=big.device)
-    stride_oc, stride_or = (1, c) if transpose_out else (r, 1)
-    _reduce_m_kernel[(col_tiles, splits)](
-        big, thin, seed if p > 0 else thin, ws, m, c, r, rows, big.stride(0), stride_oc, stride_or,
-        float(out_scale), float(p), DROPOUT=p > 0, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_COLS"],
-        BLOCK_R=block_r(r), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    br = block_r(r)
+    splits, rows = split_len(m, col_tiles, cfg["BLOCK_M"], TARGET_PROGRAMS)
+    ws = torch.empty((splits, r, c), dtype=torch.float32, device=x.device)
+    _reduce_m_kernel[(col_tiles, splits, triton.cdiv(r, br))](
+        x, g, seed if p > 0 else g, ws, m, c, r, rows, x.stride(0),
+        float(out_scale), threshold(p), DROPOUT=p > 0, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_COLS"],
+        BLOCK_R=br, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return ws.sum(0) if splits > 1 else ws[0]
+
+
+def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float):
+    """(g = dY·B fp32 [M, r] or None, dB = s·dYᵀ·xa fp32 [N, r] or None) from one pass over dY."""
+    m, n = dy.shape
+    r = lora_B.shape[1]
+    cfg = _g_db_config()
+    br = block_r(r)
+    m_tiles = triton.cdiv(max(m, 1), cfg["BLOCK_M"])
+    splits, cols = split_len(n, m_tiles, cfg["BLOCK_N"], G_DB_TARGET_PROGRAMS)
+    g_ws = torch.empty((splits, m, r), dtype=torch.float32, device=dy.device)
+    db_ws = torch.empty((m_tiles, n, r), dtype=torch.float32, device=dy.device)
+    if m == 0:
+        db_ws.zero_()
+    else:
+        _g_db_kernel[(m_tiles, splits, triton.cdiv(r, br))](
+            dy, lora_B, xa, g_ws, db_ws, m, n, r, cols, dy.stride(0),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=br,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    g = (g_ws.sum(0) if splits > 1 else g_ws[0]) if need_g else None
+    db = (db_ws.sum(0) if m_tiles > 1 else db_ws[0]) * scale if need_db else None
+    return g, db
 
 
 def lora_backward(
@@ -199,14 +279,10 @@ def lora_backward(
     need_dx: bool = True, need_da: bool = True, need_db: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dX in x's dtype, dA, dB in fp32) — each None when not needed. dY, x [M, *] with unit column stride."""
-    r = lora_A.shape[0]
-    g = None
-    if need_dx or need_da:
-        g = lowrank(dy, lora_B, lora_B.stride(1), lora_B.stride(0), r)
+    g, db = g_and_db(dy, lora_B, xa, need_dx or need_da, need_db, scale)
     dx = lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, seed) if need_dx else None
-    # dA = s/(1-p)·(m ⊙ x)ᵀ·g stored as [r, K]; dB = s·dYᵀ·xa
-    da = reduce_m(x, g, scale / (1.0 - p), p, seed, transpose_out=True) if need_da else None
-    db = reduce_m(dy, xa, scale) if need_db else None
+    # dA = s/(1-p)·(m ⊙ x)ᵀ·g, stored as [r, K]
+    da = reduce_da(x, g, scale / (1.0 - p), p, seed) if need_da else None
     return dx, da, db
 
 
@@ -215,26 +291,25 @@ def lora_backward(
 
 def aot_specs() -> list[dict]:
     specs = []
-    rc = REDUCE_CONFIG
+    rc, gc = REDUCE_CONFIG, G_DB_CONFIG
     for dname, dptr in DTYPES.items():
-        for dropout in (False, True):  # dB: no dropout; dA: dropout
+        ranks = list(rank_variants()) if dname == "bf16" else [("", block_r(AOT_R))]
+        for suffix, br in ranks:
             specs.append(spec(
-                f"reduce_m_{dname}{'_dropout' if dropout else ''}", _reduce_m_kernel,
-                {"big_ptr": dptr, "thin_ptr": "*fp32", "seed_ptr": "*i64", "ws_ptr": "*fp32", "M": "i32", "C": "i32",
-                 "R": "i32", "rows_per_split": "i32", "stride_bm": "i32", "stride_oc": "i32", "stride_or": "i32",
-                 "out_scale": "fp32", "p": "fp32"},
-                {"DROPOUT": dropout, "BLOCK_M": rc["BLOCK_M"], "BLOCK_C": rc["BLOCK_COLS"],
-                 "BLOCK_R": block_r(AOT_R)},
+                f"reduce_m_{dname}_dropout{suffix}", _reduce_m_kernel,
+                {"big_ptr": dptr, "thin_ptr": "*fp32", "seed_ptr": "*i64", "ws_ptr": "*fp32", "M": "i32",
+                 "C": "i32", "R": "i32", "rows_per_split": "i32", "stride_bm": "i32", "out_scale": "fp32",
+                 "thresh": "i32"},
+                {"DROPOUT": True, "BLOCK_M": rc["BLOCK_M"], "BLOCK_C": rc["BLOCK_COLS"], "BLOCK_R": br},
                 rc["num_warps"], rc["num_stages"]))
-    for dname, dptr, fname, fid, qblock, aligned, cfg in gemm_spec_variants():
-        sig = {"dy_ptr": dptr, **weight_signature(fid, dptr), "g_ptr": "*fp32", "a_ptr": dptr,
-               "seed_ptr": "*i64", "dx_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-               "M_BUCKET": "i32", "stride_dym": "i32", "stride_dxm": "i32", "lora_scale": "fp32", "p": "fp32"}
-        # the same tile sizes as the forward: the output tile is [BLOCK_M, BLOCK_K], the N loop steps BLOCK_N
-        meta = {k: v for k, v in cfg.items() if not k.startswith("num_")}
-        specs.append(spec(
-            f"lora_dx_{dname}_{fname}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}", _lora_dx_kernel,
-            sig, {"WFMT": fid, "QBLOCK": qblock, "ROWS_ALIGNED": aligned, "DROPOUT": True, **meta,
-                  "BLOCK_R": block_r(AOT_R)},
-            cfg["num_warps"], cfg["num_stages"], large_m_gemm=cfg["BLOCK_M"] >= 64))
-    return specs
+            specs.append(spec(
+                f"g_db_{dname}{suffix}", _g_db_kernel,
+                {"dy_ptr": dptr, "b_ptr": dptr, "xa_ptr": "*fp32", "g_ws_ptr": "*fp32", "db_ws_ptr": "*fp32",
+                 "M": "i32", "N": "i32", "R": "i32", "cols_per_split": "i32", "stride_dym": "i32"},
+                {"BLOCK_M": gc["BLOCK_M"], "BLOCK_N": gc["BLOCK_N"], "BLOCK_R": br},
+                gc["num_warps"], gc["num_stages"]))
+    # the dX output tile is [BLOCK_M, BLOCK_K], its N loop steps BLOCK_N
+    return specs + gemm_specs("dx", _lora_dx_kernel, lambda dptr, fid: {
+        "dy_ptr": dptr, **weight_signature(fid, dptr), "g_ptr": "*fp32", "a_ptr": dptr, "seed_ptr": "*i64",
+        "dx_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "stride_dym": "i32",
+        "stride_dxm": "i32", "lora_scale": "fp32", "thresh": "i32"}, {"DROPOUT": True})

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .dropout import keep
+from .dropout import keep_tile, threshold
 from .weight_tile import FORMATS, load_w_pairs, load_w_tile
 
 
@@ -59,14 +59,15 @@ def _lowrank_kernel(
     M, K, R,
     # strides
     stride_xm, stride_vj, stride_vk,
-    # dropout: drop probability, 1/(1-p)
-    p, inv_keep,
+    # dropout: keep threshold (``dropout.threshold``), 1/(1-p)
+    thresh, inv_keep,
     # meta-parameters
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # programs are (row block, column block of out): ranks above BLOCK_R re-read x once per column block
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    rj = tl.arange(0, BLOCK_R)
+    rj = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_mask = rm < M
     j_mask = rj < R
     rm64 = rm.to(tl.int64)
@@ -79,13 +80,44 @@ def _lowrank_kernel(
         k_mask = k < K
         xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if DROPOUT:
-            xt = tl.where(keep(seed, rm64[:, None] * K + k[None, :], p), xt, 0.0)
+            xt = tl.where(keep_tile(seed, rm64, k0, K, thresh, BLOCK_M, BLOCK_K), xt, 0.0)
         vt = tl.load(v_ptr + k[:, None] * stride_vk + rj[None, :] * stride_vj,
                      mask=k_mask[:, None] & j_mask[None, :], other=0.0)
         acc = tl.dot(xt, vt, acc)
     if DROPOUT:
         acc = acc * inv_keep
     tl.store(out_ptr + rm64[:, None] * R + rj[None, :], acc, mask=m_mask[:, None] & j_mask[None, :])
+
+
+@triton.jit
+def lora_epilogue(acc, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R: tl.constexpr):
+    """acc + s·xa[rm, :]·B[rn, :]ᵀ, in BLOCK_R-wide slices of r (any rank, registers bounded by BLOCK_R)."""
+    for j0 in range(0, R, BLOCK_R):
+        rj = j0 + tl.arange(0, BLOCK_R)
+        j_mask = rj < R
+        xa = tl.load(xa_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
+        bt = tl.load(b_ptr + rn.to(tl.int64)[None, :] * R + rj[:, None], mask=j_mask[:, None] & n_mask[None, :],
+                     other=0.0)
+        acc = tl.dot(low_rank_operand(xa * scale, bt), fp16_widened(bt), acc)
+    return acc
+
+
+@triton.jit
+def low_rank_operand(v, other):
+    """The fp32 left factor of an r-deep dot, as the dot's operand type: ``other``'s dtype for bf16 (fp32's
+    range, so no overflow) and fp32; fp32 for fp16, whose 65504 limit s·xa or s·g may pass where the fp32
+    reference does not (the dot then runs in tf32, the same 10-bit mantissa as fp16)."""
+    if other.dtype == tl.float16:
+        return v
+    return v.to(other.dtype)
+
+
+@triton.jit
+def fp16_widened(v):
+    """``v`` as the right operand of an r-deep dot whose left one is ``low_rank_operand``."""
+    if v.dtype == tl.float16:
+        return v.to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -137,12 +169,7 @@ def _lora_fwd_kernel(
         acc = tl.dot(xt, wt.to(xt.dtype), acc)
 
     # the LoRA term as r extra K-steps of the same accumulator
-    rj = tl.arange(0, BLOCK_R)
-    j_mask = rj < R
-    xa = tl.load(xa_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
-    bt = tl.load(b_ptr + rn.to(tl.int64)[None, :] * R + rj[:, None], mask=j_mask[:, None] & n_mask[None, :],
-                 other=0.0)
-    acc = tl.dot((xa * scale).to(bt.dtype), bt, acc)
+    acc = lora_epilogue(acc, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -157,27 +184,45 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
             "num_warps": warps, "num_stages": stages}
 
 
-# BLOCK_K stays 64 so that every NF4/INT4 block size (64, 128, 256) is a multiple of it: one scale per row
-# per K tile (the ROWS_ALIGNED path) instead of a gather per element.
+# The 4-bit in-loop GEMMs: BLOCK_K stays 64 so that every NF4/INT4 block size (64, 128, 256) is a multiple
+# of it: one scale per row per K tile (the ROWS_ALIGNED path) instead of a gather per element.
 GEMM_CONFIGS = [
-    # large M (>= 2048 tokens): the classic 128x128 tile; 8 warps = two warpgroups, each a 64-row wgmma
-    # (sm_90) or 4 mma.sync warps (sm_80); 3 stages of x and W tiles (48 KiB in bf16) fit both chips.
+    # 128x128 tile; 8 warps = two warpgroups, each a 64-row wgmma (sm_90) or 4 mma.sync warps (sm_80);
+    # 3 stages of x and W tiles (48 KiB in bf16) fit both chips.
     _cfg(128, 128, 64, 8, 3),
-    # medium M (256-2048): half the rows per tile doubles the tile count (4096x4096 at M=512 gives 256
-    # tiles for 132 SMs); one warpgroup, a deeper pipeline to hide the 4-bit loads and decode.
+    # medium M: half the rows per tile doubles the tile count (4096x4096 at M=512 gives 256 tiles for
+    # 132 SMs); one warpgroup, a deeper pipeline to hide the 4-bit loads and decode.
     _cfg(64, 128, 64, 4, 4),
-    # small M (1-128): tokens pad a 16/32-row MMA less than a 64-row one, and narrow N tiles give
-    # N/64 programs so the weight stream (the bound at small M) is spread over all SMs.
+    # small M: tokens pad a 16/32-row MMA less than a 64-row one, and narrow N tiles give N/64 programs so
+    # the weight stream (the bound at small M) is spread over all SMs.
+    _cfg(32, 64, 64, 4, 4),
+]
+# Dense weights (a dense base, or a 4-bit one decoded into the scratch by the dequant path): no scale
+# block to respect, so a deeper pipeline (4 stages of 32 KiB in bf16). 128x256 tiles would halve the x
+# reloads but hold a 128-register accumulator per thread: the LoRA epilogue then spills (sm_90 build).
+DENSE_FWD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(32, 64, 64, 4, 4),
+]
+# dX writes [BLOCK_M, BLOCK_K] tiles and steps BLOCK_N along the reduction: 128-wide output tiles (the
+# 4-bit dX is held to 64 by the scale blocks); 256-wide ones spill on sm_90.
+DENSE_DX_CONFIGS = [
+    _cfg(128, 64, 128, 8, 4),
+    _cfg(64, 64, 128, 4, 4),
     _cfg(32, 64, 64, 4, 4),
 ]
 # the interpreter runs one config; 32-wide tiles make small test shapes cover several tiles and masks
 INTERPRET_CONFIG = _cfg(32, 32, 32, 4, 1, group_m=2)
-# the thin r-wide GEMMs (pre-kernel, dY·B): memory-bound streams of x or dY; 32 rows per program gives
-# M/32 programs (128 at M=4096) and a 32x128 tile keeps one warpgroup's loads 16 bytes wide.
+# the thin r-wide GEMMs (pre-kernel): memory-bound streams of x; 32 rows per program gives M/32 programs
+# (128 at M=4096) and a 32x128 tile keeps one warpgroup's loads 16 bytes wide.
 LOWRANK_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 LOWRANK_SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 INTERPRET_LOWRANK_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
 M_BUCKET_CAP = 16384
+# Ranks are processed in slices of at most RANK_SLICE columns, so registers and shared memory are bounded
+# for any r (the largest rank the ops accept is ``ops.lora.MAX_RANK``).
+RANK_SLICE = 64
 
 
 def m_bucket(m: int) -> int:
@@ -185,17 +230,23 @@ def m_bucket(m: int) -> int:
 
 
 def block_r(r: int) -> int:
-    """tl.dot needs every dimension >= 16; r pads up to a power of two."""
-    return max(16, triton.next_power_of_2(r))
+    """Width of one rank slice: tl.dot needs every dimension >= 16; r pads up to a power of two, at most
+    RANK_SLICE (larger ranks loop over slices)."""
+    return min(max(16, triton.next_power_of_2(r)), RANK_SLICE)
 
 
 _CONFIG_OVERRIDE: list[dict] | None = None
 
 
-def gemm_configs() -> list[dict]:
+def gemm_configs(role: str, dense: bool) -> list[dict]:
+    """Launch configs of a fused GEMM: ``role`` "fwd" or "dx", over a dense or a 4-bit weight."""
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
-    return [INTERPRET_CONFIG] if interpreted() else GEMM_CONFIGS
+    if interpreted():
+        return [INTERPRET_CONFIG]
+    if not dense:
+        return GEMM_CONFIGS
+    return DENSE_FWD_CONFIGS if role == "fwd" else DENSE_DX_CONFIGS
 
 
 def set_gemm_configs(configs: list[dict] | None = None) -> None:
@@ -228,11 +279,13 @@ def autotuned(kernel, configs: list[dict]):
 _AUTOTUNED: dict = {}
 
 
-def gemm_kernel(kernel):
-    """``kernel`` (a fused GEMM) autotuned over ``gemm_configs()``, built once per config list."""
-    if kernel not in _AUTOTUNED:
-        _AUTOTUNED[kernel] = autotuned(kernel, gemm_configs())
-    return _AUTOTUNED[kernel]
+def gemm_kernel(kernel, role: str, dense: bool, device: torch.device):
+    """``kernel`` (a fused GEMM) autotuned over ``gemm_configs(role, dense)``, one autotuner per device (the
+    best config of one GPU says nothing about another)."""
+    key = (kernel, role, dense, torch.device(device))
+    if key not in _AUTOTUNED:
+        _AUTOTUNED[key] = autotuned(kernel, gemm_configs(role, dense))
+    return _AUTOTUNED[key]
 
 
 def _grid_2d(rows: int, cols: int, rows_key: str, cols_key: str):
@@ -263,10 +316,11 @@ def lowrank(x: torch.Tensor, v: torch.Tensor, stride_vj: int, stride_vk: int, r:
         return out
     cfg = lowrank_config(m)
     dropout = p > 0.0
-    _lowrank_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+    br = block_r(r)
+    _lowrank_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, br))](
         x, v, seed if dropout else out, out, m, k, r, x.stride(0), stride_vj, stride_vk,
-        float(p), 1.0 / (1.0 - p), DROPOUT=dropout, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=block_r(r), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        threshold(p), 1.0 / (1.0 - p), DROPOUT=dropout, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=br, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
@@ -289,7 +343,7 @@ def lora_forward(
         return y, xa
     wfmt = FORMATS[fmt]
     dummy = xa
-    gemm_kernel(_lora_fwd_kernel)[_grid_2d(m, n, "BLOCK_M", "BLOCK_N")](
+    gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device)[_grid_2d(m, n, "BLOCK_M", "BLOCK_N")](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
         xa, lora_B, bias if bias is not None else dummy, y,
         m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale),
@@ -333,13 +387,26 @@ def spec(name, fn, signature, constexprs, num_warps, num_stages, large_m_gemm=Fa
             "num_stages": num_stages, "large_m_gemm": large_m_gemm, "divisible_by_16": divisible}
 
 
-def gemm_spec_variants():
-    """(dtype name, pointer type, format name, WFMT, QBLOCK, ROWS_ALIGNED, config) to compile."""
+# rank slices compiled besides AOT_R's (16): every width a rank can take, so spills or shared-memory
+# overflow at any r fail the AOT build rather than a user's launch
+RANK_GRID = (32, RANK_SLICE)
+
+
+def gemm_spec_variants(role: str):
+    """(dtype name, pointer type, format name, WFMT, QBLOCK, ROWS_ALIGNED, config) to compile for ``role``
+    ("fwd" or "dx"): every config a launch can pick."""
     for dname, dptr in DTYPES.items():
         for fname, fid, qblock, aligned in SPEC_FORMATS:
-            for cfg in GEMM_CONFIGS:
+            for cfg in gemm_configs(role, fid == 0):
                 yield dname, dptr, fname, fid, qblock, aligned, cfg
         yield dname, dptr, "nf4-unaligned", 1, 64, False, GEMM_CONFIGS[0]
+
+
+def rank_variants():
+    """(name suffix, BLOCK_R): the default slice, then the rank grid on one config per kernel."""
+    yield "", block_r(AOT_R)
+    for br in RANK_GRID:
+        yield f"_r{br}", br
 
 
 def aot_specs() -> list[dict]:
@@ -350,22 +417,33 @@ def aot_specs() -> list[dict]:
     for dname, dptr in DTYPES.items():
         for cname, cfg in (("small_m", LOWRANK_SMALL_M_CONFIG), ("large_m", LOWRANK_CONFIG)):
             for dropout in (False, True):
-                specs.append(spec(
-                    f"lowrank_{dname}_{cname}{'_dropout' if dropout else ''}", _lowrank_kernel,
-                    {"x_ptr": dptr, "v_ptr": dptr, "seed_ptr": "*i64", "out_ptr": "*fp32", "M": "i32",
-                     "K": "i32", "R": "i32", "stride_xm": "i32", "stride_vj": "i32", "stride_vk": "i32",
-                     "p": "fp32", "inv_keep": "fp32"},
-                    {"DROPOUT": dropout, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"],
-                     "BLOCK_R": block_r(AOT_R)},
-                    cfg["num_warps"], cfg["num_stages"]))
-    for dname, dptr, fname, fid, qblock, aligned, cfg in gemm_spec_variants():
-        sig = {"x_ptr": dptr, **weight_signature(fid, dptr), "xa_ptr": "*fp32", "b_ptr": dptr,
-               "bias_ptr": dptr, "y_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-               "M_BUCKET": "i32", "stride_xm": "i32", "stride_ym": "i32", "scale": "fp32"}
+                grid = (cname, dropout, dname) == ("large_m", True, "bf16")
+                for suffix, br in rank_variants() if grid else [("", block_r(AOT_R))]:
+                    specs.append(spec(
+                        f"lowrank_{dname}_{cname}{'_dropout' if dropout else ''}{suffix}", _lowrank_kernel,
+                        {"x_ptr": dptr, "v_ptr": dptr, "seed_ptr": "*i64", "out_ptr": "*fp32", "M": "i32",
+                         "K": "i32", "R": "i32", "stride_xm": "i32", "stride_vj": "i32", "stride_vk": "i32",
+                         "thresh": "i32", "inv_keep": "fp32"},
+                        {"DROPOUT": dropout, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"], "BLOCK_R": br},
+                        cfg["num_warps"], cfg["num_stages"]))
+    return specs + gemm_specs("fwd", _lora_fwd_kernel, lambda dptr, fid: {
+        "x_ptr": dptr, **weight_signature(fid, dptr), "xa_ptr": "*fp32", "b_ptr": dptr, "bias_ptr": dptr,
+        "y_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "stride_xm": "i32",
+        "stride_ym": "i32", "scale": "fp32"}, {"HAS_BIAS": True})
+
+
+def gemm_specs(role: str, fn, signature, constexprs: dict) -> list[dict]:
+    """AOT specs of the fused GEMM ``fn`` (``role`` "fwd" or "dx") for every format and config a launch can
+    pick, plus the rank grid on the first config of each format in bf16. ``signature(dtype_ptr, WFMT)``
+    gives the argument types; the name carries the tile as BLOCK_M x BLOCK_N x BLOCK_K."""
+    specs = []
+    for dname, dptr, fname, fid, qblock, aligned, cfg in gemm_spec_variants(role):
         meta = {k: v for k, v in cfg.items() if not k.startswith("num_")}
-        specs.append(spec(
-            f"lora_fwd_{dname}_{fname}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}", _lora_fwd_kernel,
-            sig, {"WFMT": fid, "QBLOCK": qblock, "ROWS_ALIGNED": aligned, "HAS_BIAS": True, **meta,
-                  "BLOCK_R": block_r(AOT_R)},
-            cfg["num_warps"], cfg["num_stages"], large_m_gemm=cfg["BLOCK_M"] >= 64))
+        first = cfg is gemm_configs(role, fid == 0)[0] and fname != "nf4-unaligned" and dname == "bf16"
+        for suffix, br in rank_variants() if first else [("", block_r(AOT_R))]:
+            specs.append(spec(
+                f"lora_{role}_{dname}_{fname}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}{suffix}", fn,
+                signature(dptr, fid), {"WFMT": fid, "QBLOCK": qblock, "ROWS_ALIGNED": aligned, **constexprs,
+                                       **meta, "BLOCK_R": br},
+                cfg["num_warps"], cfg["num_stages"], large_m_gemm=cfg["BLOCK_M"] >= 64))
     return specs

@@ -30,18 +30,37 @@ import torch
 from torch import Tensor
 
 from ..formats.packed import Packed4bit
+from ..kernels import device_guard
 from .dequant import check_int4, check_nf4
+from .paths import training_path
 from .registry import register
+from .scratch import weight_scratch
 
 _EMPTY = (0,)
 
 
-def _impl_scales(w_scales, nested_absmax, nested_code, nested_offset):
+def _gemm_weight(m, w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n, k, block, nested_offset, dtype):
+    """(w, scales, zeros, fmt) that a fused GEMM over M = ``m`` tokens reads, by the rule of ``ops.paths``:
+    the 4-bit weight itself with its absmax decoded to fp32 ("inloop"), or its decode in ``dtype`` written
+    into the device's scratch buffer, read as a dense weight ("dequant")."""
+    path = training_path(m, n, k, fmt)
+    if path == "dense":
+        return w, None, None, fmt
+    if path == "dequant":
+        from ..kernels.dequant import dequantize_int4_triton, dequantize_nf4_triton
+
+        out = weight_scratch(n, k, dtype, w.device)
+        if fmt == "nf4":
+            dequantize_nf4_triton(w, w_scales, nested_absmax, nested_code, nested_offset, block, n, k, dtype,
+                                  out=out)
+        else:
+            dequantize_int4_triton(w, w_scales, w_zeros, block, dtype, out=out)
+        return out, None, None, "dense"
     if nested_absmax is None:
-        return w_scales
+        return w, w_scales, w_zeros, fmt
     from ..kernels.lora_fwd import decode_absmax
 
-    return decode_absmax(w_scales, nested_code, nested_absmax, nested_offset)
+    return w, decode_absmax(w_scales, nested_code, nested_absmax, nested_offset), w_zeros, fmt
 
 
 @torch.library.custom_op("fusedlora::lora_fwd", mutates_args=())
@@ -52,8 +71,10 @@ def lora_fwd(
 ) -> tuple[Tensor, Tensor]:
     from ..kernels.lora_fwd import lora_forward
 
-    scales = _impl_scales(w_scales, nested_absmax, nested_code, nested_offset)
-    return lora_forward(x, w, scales, w_zeros, fmt, n, block, lora_A, lora_B, bias, scale, dropout_p, seed)
+    with device_guard(x.device):
+        w, scales, zeros, fmt = _gemm_weight(x.shape[0], w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n,
+                                             x.shape[1], block, nested_offset, x.dtype)
+        return lora_forward(x, w, scales, zeros, fmt, n, block, lora_A, lora_B, bias, scale, dropout_p, seed)
 
 
 @lora_fwd.register_fake
@@ -72,9 +93,12 @@ def lora_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels.lora_bwd import lora_backward
 
-    scales = _impl_scales(w_scales, nested_absmax, nested_code, nested_offset) if need_dx else w_scales
-    dx, da, db = lora_backward(dy, x, xa, seed, w, scales, w_zeros, fmt, block, lora_A, lora_B, scale,
-                               dropout_p, need_dx, need_da, need_db)
+    with device_guard(dy.device):
+        if need_dx:
+            w, w_scales, w_zeros, fmt = _gemm_weight(dy.shape[0], w, w_scales, w_zeros, nested_absmax, nested_code,
+                                                     fmt, dy.shape[1], x.shape[1], block, nested_offset, dy.dtype)
+        dx, da, db = lora_backward(dy, x, xa, seed, w, w_scales, w_zeros, fmt, block, lora_A, lora_B, scale,
+                                   dropout_p, need_dx, need_da, need_db)
     empty = dy.new_empty(_EMPTY)
     return (
         dx if dx is not None else empty,

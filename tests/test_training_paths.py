@@ -1,0 +1,193 @@
+"""The training path's pieces around the fused GEMMs: which path a 4-bit weight takes (ops.paths), the
+scratch buffer of the dequant path, every rank up to the largest supported, fp16 activations whose LoRA
+term overflows fp16 before the product with B, and the Philox dropout mask read bit by bit.
+
+The kernels run under TRITON_INTERPRET=1 on CPU (fp32 and fp16), as in test_lora_triton.py, whose
+weight builders and tolerance rule these tests reuse.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_lora_triton import assert_within, check_all, lora_inputs, make_weight, oracle, plain, run, triton_fn
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    from fusedlora.ops.backend import triton_interpreted
+    from fusedlora.ops.scratch import release_scratch
+
+    if not torch.cuda.is_available() and not triton_interpreted():
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    release_scratch()
+    yield
+    release_scratch()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the rule
+
+def test_rule_picks_by_tokens_and_format():
+    from fusedlora.ops.paths import CUTOVERS, forced_path, training_path
+
+    for fmt in ("nf4", "int4"):
+        cut = CUTOVERS[fmt]
+        assert training_path(cut - 1, 4096, 4096, fmt) == "inloop"
+        assert training_path(cut, 4096, 4096, fmt) == "dequant"
+        assert training_path(8192, 4096, 4096, fmt) == "dequant"
+    assert training_path(8192, 4096, 4096, "dense") == "dense"
+    with forced_path("inloop"):
+        assert training_path(8192, 64, 64, "nf4") == "inloop"
+        assert training_path(8192, 64, 64, "dense") == "dense"
+    assert training_path(8192, 64, 64, "nf4") == "dequant"
+    with pytest.raises(ValueError, match="path"):
+        with forced_path("sometimes"):
+            pass
+    with pytest.raises(ValueError, match="fmt"):
+        training_path(1, 1, 1, "nf8")
+
+
+def test_measured_cutovers_replace_the_arithmetic(tmp_path):
+    from fusedlora.ops.paths import ARITHMETIC_CUTOVERS, _load_cutovers
+
+    assert _load_cutovers(tmp_path / "absent.json") == ARITHMETIC_CUTOVERS
+    table = tmp_path / "cutovers.json"
+    table.write_text(json.dumps({"gpu": "NVIDIA H200", "nf4": 384}))
+    assert _load_cutovers(table) == {**ARITHMETIC_CUTOVERS, "nf4": 384}
+    for bad in ('{"nf4": -3}', '{"nf4": 1.5}', '{"int4": true}', "[1, 2]", "{nf4"):
+        table.write_text(bad)
+        with pytest.raises(RuntimeError, match="cutovers.json"):
+            _load_cutovers(table)
+
+
+def test_rule_chooses_the_path_that_runs():
+    # past the cut-over the op decodes into the scratch buffer; below it nothing is allocated there
+    import fusedlora as fl
+    from fusedlora.ops.paths import CUTOVERS
+    from fusedlora.ops.scratch import scratch_nbytes
+
+    torch.manual_seed(0)
+    n, k = 48, 64
+    weight, w64, wlow = make_weight("nf4", n, k, torch.float32)
+    for m, expect in ((CUTOVERS["nf4"] - 1, 0), (CUTOVERS["nf4"], n * k * 4)):
+        x, a, b, _ = lora_inputs(m, k, n, 4, torch.float32)
+        y = fl.lora_linear(x, weight, a, b, 1.0)
+        assert scratch_nbytes("cpu") == expect, m
+        assert_within(y, oracle(w64, 1.0)(x, a, b, None), plain(wlow, 1.0)(x, a, b, None), "y", torch.float32)
+
+
+def test_scratch_is_one_buffer_shared_by_layers():
+    import fusedlora as fl
+    from fusedlora.ops.paths import forced_path
+    from fusedlora.ops.scratch import release_scratch, scratch_nbytes, weight_scratch
+
+    torch.manual_seed(1)
+    small, _, _ = make_weight("nf4", 32, 64, torch.float16)
+    big, _, _ = make_weight("int4", 48, 128, torch.float16)
+    with forced_path("dequant"):
+        for weight, (n, k) in ((big, (48, 128)), (small, (32, 64)), (big, (48, 128))):
+            x, a, b, _ = lora_inputs(5, k, n, 4, torch.float16)
+            fl.lora_linear(x, weight, a, b, 1.0)
+            # one buffer, the size of the largest weight in the compute dtype, whatever ran last
+            assert scratch_nbytes() == scratch_nbytes("cpu") == 48 * 128 * 2
+    view_small = weight_scratch(32, 64, torch.float16, torch.device("cpu"))
+    view_big = weight_scratch(48, 128, torch.float32, torch.device("cpu"))  # grows: the old one is dropped
+    assert view_small.data_ptr() != view_big.data_ptr() and scratch_nbytes() == 48 * 128 * 4
+    assert weight_scratch(32, 64, torch.float16, torch.device("cpu")).data_ptr() == view_big.data_ptr()
+    release_scratch()
+    assert scratch_nbytes() == 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# ranks
+
+@pytest.mark.parametrize("r", [1, 100, 512])
+def test_every_rank_up_to_the_largest(r):
+    # r = 100 and 512 run in several rank slices in every kernel (pre-kernel, epilogues, g/dB, dA)
+    from fusedlora.ops.paths import forced_path
+
+    torch.manual_seed(r)
+    m, k, n = 21, 64, 40
+    weight, w64, wlow = make_weight("nf4", n, k, torch.float32)
+    x, a, b, bias = lora_inputs(m, k, n, r, torch.float32)
+    dy = torch.randn(m, n)
+    with forced_path("dequant" if r == 512 else "inloop"):
+        ours = run(triton_fn(weight, 0.25), x, a, b, bias, dy)
+    check_all(ours, run(oracle(w64, 0.25), x, a, b, bias, dy), run(plain(wlow, 0.25), x, a, b, bias, dy),
+              torch.float32)
+
+
+def test_rank_above_the_largest_is_refused():
+    import fusedlora as fl
+    from fusedlora.ops.lora import MAX_RANK
+
+    x, a, b, _ = lora_inputs(2, 16, 8, MAX_RANK + 1, torch.float32)
+    with pytest.raises(ValueError, match=rf"rank r={MAX_RANK + 1} is above the largest supported rank, {MAX_RANK}"):
+        fl.lora_linear(x, torch.randn(8, 16), a, b, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# fp16: the LoRA term in fp32 until the product with B
+
+@pytest.mark.parametrize("path", ["inloop", "dequant"])
+def test_fp16_activation_outlier_stays_finite(path):
+    # an outlier makes x·Aᵀ ~ 1e5, beyond fp16's 65504, while y (B small) and dX stay well inside it: the
+    # fp32 reference is finite, so the kernels must be too (rounding s·xa or s·g to fp16 first gives inf)
+    from fusedlora.ops.paths import forced_path
+
+    torch.manual_seed(5)
+    m, k, n, r, scale = 8, 64, 48, 4, 2.0
+    weight, w64, wlow = make_weight("nf4", n, k, torch.float16)
+    x, a, b, bias = lora_inputs(m, k, n, r, torch.float16)
+    x[3, 10] = 3000.0
+    a[:, 10] = 20.0
+    b = (torch.randn(n, r) * 1e-3).half()
+    dy = torch.randn(m, n, dtype=torch.float16) * 1e3
+    ref64 = run(oracle(w64, scale), x, a, b, bias, dy)
+    assert (x[3].double() @ a.double().t()).abs().max() * scale > 65504  # the premise
+    assert all(torch.isfinite(t).all() for t in ref64[:2])
+    with forced_path(path):
+        ours = run(triton_fn(weight, scale), x, a, b, bias, dy)
+    for name, o, ref in zip(("y", "dx"), ours[:2], ref64[:2], strict=True):
+        assert torch.isfinite(o).all(), name
+        # fp16 output rounding (2^-11 relative) plus tf32 operands: within 1e-2 of the largest value
+        assert (o.double() - ref).abs().max() <= 1e-2 * ref.abs().max(), name
+
+
+# ------------------------------------------------------------------------------------------------------
+# dropout: four decisions per Philox call
+
+MASK32 = 0xFFFFFFFF
+
+
+def _philox4x32_10(seed: int, counter: int) -> tuple[int, int, int, int]:
+    """Philox4x32 with 10 rounds: key = the seed's two 32-bit halves, counter = (lo, hi, 0, 0)."""
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    c0, c1, c2, c3 = counter & MASK32, (counter >> 32) & MASK32, 0, 0
+    for _ in range(10):
+        p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p2 >> 32) ^ c1 ^ k0) & MASK32, p2 & MASK32, ((p0 >> 32) ^ c3 ^ k1) & MASK32, p0 & MASK32
+        k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
+    return c0, c1, c2, c3
+
+
+def test_dropout_mask_uses_all_four_outputs_of_each_call():
+    from fusedlora.kernels.dropout import dropout_mask, threshold
+
+    seed, p = 123456789012, 0.4
+    m, k = 5, 11  # K not a multiple of 4: each row starts a new call
+    mask = dropout_mask(seed, (m, k), p, "cpu")
+    groups = -(-k // 4)
+    expect = torch.zeros(m, k, dtype=torch.bool)
+    for row in range(m):
+        for g in range(groups):
+            outs = _philox4x32_10(seed, row * groups + g)
+            for i in range(4):
+                if 4 * g + i < k:
+                    expect[row, 4 * g + i] = outs[i] >= threshold(p)
+    assert torch.equal(mask, expect)
+    assert threshold(0.0) == 0 and threshold(0.5) == 2**31
