@@ -141,6 +141,9 @@ def _chat(messages, where: str) -> Chat:
                              f"got {json.dumps(m)[:80]}")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: no assistant message (the loss covers assistant turns only)")
+    if messages[0]["role"] == "assistant":
+        raise ValueError(f"{where}: the conversation opens with an assistant message (expected a system or user "
+                         "message first: the template renders what the assistant answers)")
     return Chat(tuple({"role": m["role"], "content": m["content"]} for m in messages), where)
 
 
@@ -218,26 +221,28 @@ def chat_segments(chat: Chat, tokenizer) -> list[tuple[str, bool]]:
                          "(--model's tokenizer_config.json has none; the built-in model has none)")
     msgs = list(chat.messages)
     pieces, done = [], ""
-    try:
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            before = tokenizer.render_chat(msgs[:i], add_generation_prompt=True)
-            through = tokenizer.render_chat(msgs[:i + 1], add_generation_prompt=False)
-            if not (before.startswith(done) and through.startswith(before)):
-                raise ValueError(f"{chat.where}: the chat template does not render the conversation turn by turn "
-                                 "(a shorter conversation is not a prefix of a longer one), so the assistant "
-                                 "tokens cannot be found")
-            pieces += [(before[len(done):], False), (through[len(before):], True)]
-            done = through
-        whole = tokenizer.render_chat(msgs, add_generation_prompt=False)
-    except ValueError:
-        raise
-    except Exception as exc:  # jinja2's errors, raised from the template
-        raise ValueError(f"{chat.where}: the chat template failed ({type(exc).__name__}: {exc})") from None
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, chat, msgs[:i], True)
+        through = _render(tokenizer, chat, msgs[:i + 1], False)
+        if not (before.startswith(done) and through.startswith(before)):
+            raise ValueError(f"{chat.where}: the chat template does not render the conversation turn by turn "
+                             "(a shorter conversation is not a prefix of a longer one), so the assistant "
+                             "tokens cannot be found")
+        pieces += [(before[len(done):], False), (through[len(before):], True)]
+        done = through
+    whole = _render(tokenizer, chat, msgs, False)
     if whole.startswith(done) and len(whole) > len(done):
         pieces.append((whole[len(done):], False))
     return [(text, label) for text, label in pieces if text]
+
+
+def _render(tokenizer, chat: Chat, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.render_chat(messages, add_generation_prompt)
+    except Exception as exc:  # jinja2's and transformers' errors, raised from the template
+        raise ValueError(f"{chat.where}: the chat template failed ({type(exc).__name__}: {exc})") from None
 
 
 def _tokenize_chat(chat: Chat, tokenizer) -> tuple[list[int], list[int]]:
