@@ -237,3 +237,78 @@ def test_layer_rank_and_alpha_rules():
     for alpha in (-1.0, 0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="alpha: expected a positive finite number"):
             LoRALinear.from_linear(lin, r=4, alpha=alpha)
+
+
+# ------------------------------------------------------------------------------------ interruption
+
+
+def _env():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _start(args, out):
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "fusedlora.train", *args, "--out", out], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(out, "trainer_state.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    return proc
+
+
+@pytest.mark.slow
+def test_sigint_checkpoints_the_step_and_resume_equals_an_uninterrupted_run(tmp_path):
+    """Ctrl-C: the current step finishes and is saved, one line says where and how to resume, the exit code is
+    130; resuming gives the uninterrupted run's losses and adapter, to the bit."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    args = [*SMALL, "--steps", "40", "--save-every", "4"]
+    ref = str(tmp_path / "ref")
+    assert main([*args, "--out", ref]) == 0
+
+    out = str(tmp_path / "stopped")
+    proc = _start(args, out)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    state = checkpoint.require_latest(out)
+    step = state["step"]
+    assert step < 40, "the run finished before it was interrupted; the test needs a slower run"
+    assert last == (f"fusedlora train: interrupted (SIGINT) at step {step}; last checkpoint step {step}; "
+                    f"resume with: fusedlora train --resume --out {out}")
+    assert "Traceback" not in err
+    assert main(["--resume", "--out", out]) == 0
+    read = lambda d: [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
+    assert read(out) == read(ref)
+    a, b = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (ref, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+
+def test_stop_request_records_the_first_signal_and_exits_at_the_second(monkeypatch):
+    import signal
+
+    from fusedlora.train import stop
+
+    exits = []
+    monkeypatch.setattr(stop.os, "_exit", exits.append)
+    before = signal.getsignal(signal.SIGTERM)
+    with stop.StopRequest() as request:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert request.signal == signal.SIGTERM and exits == []
+        os.kill(os.getpid(), signal.SIGINT)
+        assert exits == [130]
+    assert signal.getsignal(signal.SIGTERM) is before
+    message = str(stop.Interrupted(signal.SIGTERM, 7, None, "runs/x", 2))
+    assert message == "interrupted (SIGTERM) at step 7; no checkpoint was written"
+    assert stop.Interrupted(signal.SIGTERM, 7, 6, "runs/x", 2).exit_code == 143
+    assert str(stop.Interrupted(signal.SIGINT, 7, 6, "runs/x", 2)).endswith(
+        "resume with: torchrun --nproc_per_node 2 -m fusedlora.train --resume --out runs/x")
