@@ -417,13 +417,14 @@ def test_opcheck(kind, p):
     for i in (0, 6, 7, 8):  # x, A, B, bias: exercises the autograd registration
         args[i] = args[i].clone().requires_grad_(True)
     torch.library.opcheck(torch.ops.fusedlora.lora_fwd.default, tuple(args))
-    y, xa = torch.ops.fusedlora.lora_fwd(*[t.detach() if isinstance(t, torch.Tensor) else t for t in args])
+    y, xa, bits = torch.ops.fusedlora.lora_fwd(*[t.detach() if isinstance(t, torch.Tensor) else t for t in args])
+    assert bits.dtype == torch.uint8 and bits.shape == ((x.shape[0], x.shape[1] // 8) if p > 0 else (0,))
     dy = torch.randn_like(y)
-    x_, w, ws, wz, na, nc, a, b, _, seed, scale, p_, fmt, _, block, off = (
+    x_, w, ws, wz, na, nc, a, b, _, _, scale, p_, fmt, _, block, off = (
         t.detach() if isinstance(t, torch.Tensor) else t for t in args)
     for need in ((True, True, True), (False, True, False)):
         torch.library.opcheck(torch.ops.fusedlora.lora_bwd.default,
-                              (dy, x_, xa, seed, w, ws, wz, na, nc, a, b, scale, p_, fmt, block, off, *need))
+                              (dy, x_, xa, bits, w, ws, wz, na, nc, a, b, scale, p_, fmt, block, off, *need))
 
 
 def test_torch_compile_fullgraph():

@@ -159,7 +159,7 @@ def test_fp16_activation_outlier_stays_finite(path):
 
 
 # ------------------------------------------------------------------------------------------------------
-# dropout: four decisions per Philox call
+# dropout: eight decisions per Philox call
 
 MASK32 = 0xFFFFFFFF
 
@@ -175,19 +175,40 @@ def _philox4x32_10(seed: int, counter: int) -> tuple[int, int, int, int]:
     return c0, c1, c2, c3
 
 
-def test_dropout_mask_uses_all_four_outputs_of_each_call():
+def test_dropout_mask_uses_every_half_of_each_call():
     from fusedlora.kernels.dropout import dropout_mask, threshold
 
     seed, p = 123456789012, 0.4
-    m, k = 5, 11  # K not a multiple of 4: each row starts a new call
+    m, k = 5, 21  # K not a multiple of 8: each row starts a new call
     mask = dropout_mask(seed, (m, k), p, "cpu")
-    groups = -(-k // 4)
+    groups = -(-k // 8)
     expect = torch.zeros(m, k, dtype=torch.bool)
     for row in range(m):
         for g in range(groups):
             outs = _philox4x32_10(seed, row * groups + g)
-            for i in range(4):
-                if 4 * g + i < k:
-                    expect[row, 4 * g + i] = outs[i] >= threshold(p)
+            halves = [h for u in outs for h in (u & 0xFFFF, u >> 16)]
+            for i in range(8):
+                if 8 * g + i < k:
+                    expect[row, 8 * g + i] = halves[i] >= threshold(p)
     assert torch.equal(mask, expect)
-    assert threshold(0.0) == 0 and threshold(0.5) == 2**31
+    assert threshold(0.0) == 0 and threshold(0.5) == 2**15 and threshold(0.999999) == 2**16 - 1
+
+
+@pytest.mark.parametrize("m,k", [(37, 192), (5, 59)])
+def test_forward_saves_the_mask_as_bits(m, k):
+    # the backward reads these bits: they must be the mask the forward applied, 1 bit per element
+    from fusedlora.kernels.dropout import dropout_mask
+    from fusedlora.kernels.lora_fwd import lowrank
+
+    torch.manual_seed(3)
+    x = torch.randn(m, k)
+    a = torch.randn(8, k)
+    seed = torch.tensor([987654321], dtype=torch.int64)
+    xa, bits = lowrank(x, a, a.stride(0), a.stride(1), 8, 0.3, seed)
+    assert bits.dtype == torch.uint8 and bits.shape == (m, -(-k // 8))
+    unpacked = ((bits[:, :, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(m, -1)[:, :k].bool()
+    mask = dropout_mask(987654321, (m, k), 0.3, "cpu")
+    assert torch.equal(unpacked, mask)
+    torch.testing.assert_close(xa, (x * mask / 0.7) @ a.t(), rtol=1e-5, atol=1e-4)
+    _, no_bits = lowrank(x, a, a.stride(0), a.stride(1), 8)
+    assert no_bits.numel() == 0

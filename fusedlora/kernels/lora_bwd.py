@@ -1,24 +1,24 @@
-"""Fused LoRA backward: dX, dA and dB from dY, the saved x and xa, and the dropout seed.
+"""Fused LoRA backward: dX, dA and dB from dY, the saved x and xa, and the forward's dropout keep bits.
 
-Shapes: dY [M, N], x [M, K], xa = drop(x)·Aᵀ [M, r] (fp32, saved by the forward), W [N, K] dense or 4-bit,
-A [r, K], B [N, r]. With m the keep-mask regenerated from the seed (never stored) and q = 1/(1-p):
+Shapes: dY [M, N], x [M, K], xa = drop(x)·Aᵀ [M, r] (fp32, saved by the forward), W [N, K] dense or 4-bit
+(or, on the dequant path, its decode in the scratch buffer, read as dense), A [r, K], B [N, r]. With m
+the keep-mask (1 bit per element, saved by the forward's pre-kernel) and q = 1/(1-p):
 
-    g  = dY·B                                   [M, r]  fp32 (the forward's pre-kernel, V = Bᵀ)
-    dX = dY·deq(W) + m ⊙ ((s·q·g)·A)            [M, K]  ``_lora_dx_kernel``
-    dA = s·gᵀ·drop(x) = s·q·((m ⊙ x)ᵀ·g)ᵀ       [r, K]  ``_reduce_m_kernel`` (big = x, thin = g)
-    dB = s·dYᵀ·xa                               [N, r]  ``_reduce_m_kernel`` (big = dY, thin = xa)
-    dbias = Σ_m dY                              [N]     (torch)
+    g  = dY·B,  dB = s·dYᵀ·xa                   [M, r], [N, r]  ``_g_db_kernel`` (one pass over dY)
+    dX = dY·deq(W) + m ⊙ ((s·q·g)·A)            [M, K]          ``_lora_dx_kernel``
+    dA = s·gᵀ·drop(x) = s·q·gᵀ·(m ⊙ x)          [r, K]          ``_reduce_m_kernel``
+    dbias = Σ_m dY                              [N]             (torch)
 
-``_lora_dx_kernel`` is one GEMM over tiles of dX whose N loop dequantizes W tiles [BLOCK_N, BLOCK_K] in
-registers (the transposed access of the forward's tile, same decoder), then adds the LoRA term as an
-r-deep epilogue dot whose result is masked by the regenerated dropout mask (the mask multiplies the
-product, so it cannot share the main accumulator before it).
+``_lora_dx_kernel`` is one GEMM over tiles of dX whose N loop reads W tiles [BLOCK_N, BLOCK_K] (decoded in
+registers for a 4-bit weight on the in-loop path, the transposed access of the forward's tile, same
+decoder), then adds the LoRA term as r-deep epilogue dots, in rank slices, masked by the saved keep bits
+(the mask multiplies the product, so it cannot share the main accumulator before it).
 
-dA and dB are the same reduction over M, out = scale·drop(big)ᵀ·thin with a thin fp32 right side: each
-program owns a column tile of big and a contiguous slice of M (split-M, so that short outputs still fill
-the GPU) and writes fp32 partial sums to a [splits, ...] workspace that torch sums (deterministic, no
-atomics); dA's workspace is laid out [r, K] directly. The dots run in fp32 (tf32 on GPUs): g and xa are
-fp32, and x, dY convert exactly.
+``_g_db_kernel`` streams dY once: each program owns a row tile and a split of the columns, accumulates g
+over its columns and writes dB's partial sum over its rows; ``_reduce_m_kernel`` streams x once for dA,
+each program a column tile and a slice of M. Partial sums go to fp32 workspaces that torch adds
+(deterministic, no atomics). The r-deep dots take bf16 operands for bf16 layers (the rounding plain torch
+does too), fp32 (tf32 on GPUs) for fp16 layers, whose range g, xa and s·g may exceed, and fp32 for fp32.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .dropout import keep_tile, threshold
+from .dropout import load_bits
 from .lora_fwd import (
     AOT_R,
     DTYPES,
@@ -48,14 +48,14 @@ from .weight_tile import FORMATS, load_w_pairs, load_w_tile
 
 @triton.jit
 def _lora_dx_kernel(
-    # pointers: dY [M, N], W (format WFMT), g fp32 [M, R], A [R, K], dX [M, K]
-    dy_ptr, w_ptr, ws_ptr, wz_ptr, g_ptr, a_ptr, seed_ptr, dx_ptr,
+    # pointers: dY [M, N], W (format WFMT), g fp32 [M, R], A [R, K], keep bits [M, ceil(K/8)], dX [M, K]
+    dy_ptr, w_ptr, ws_ptr, wz_ptr, g_ptr, a_ptr, bits_ptr, dx_ptr,
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
     stride_dym, stride_dxm,
-    # s/(1-p) and the dropout keep threshold (``dropout.threshold``)
-    lora_scale, thresh,
+    # s/(1-p)
+    lora_scale,
     # meta-parameters
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -92,8 +92,7 @@ def _lora_dx_kernel(
         at = tl.load(a_ptr + rj[:, None] * K + rk[None, :], mask=j_mask[:, None] & k_mask[None, :], other=0.0)
         lo = tl.dot(low_rank_operand(gt * lora_scale, at), fp16_widened(at), lo)
     if DROPOUT:
-        seed = tl.load(seed_ptr)
-        lo = tl.where(keep_tile(seed, rm64, k0, K, thresh, BLOCK_M, BLOCK_K), lo, 0.0)
+        lo = tl.where(load_bits(bits_ptr, rm64, k0, (K + 7) // 8, m_mask, BLOCK_M, BLOCK_K), lo, 0.0)
     acc += lo
     tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_mask[:, None] & k_mask[None, :])
@@ -101,14 +100,14 @@ def _lora_dx_kernel(
 
 @triton.jit
 def _reduce_m_kernel(
-    # pointers: big [M, C] (x), thin fp32 [M, R] (g), workspace fp32 [splits, R, C]
-    big_ptr, thin_ptr, seed_ptr, ws_ptr,
+    # pointers: big [M, C] (x), thin fp32 [M, R] (g), keep bits [M, ceil(C/8)], workspace fp32 [splits, R, C]
+    big_ptr, thin_ptr, bits_ptr, ws_ptr,
     # sizes
     M, C, R, rows_per_split,
     # strides: big's rows
     stride_bm,
-    # output scale and the dropout keep threshold applied to big
-    out_scale, thresh,
+    # output scale
+    out_scale,
     # meta-parameters
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -121,8 +120,6 @@ def _reduce_m_kernel(
     j_mask = rj < R
     m_start = pid_s * rows_per_split
     m_end = min(M, m_start + rows_per_split)
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
@@ -131,9 +128,9 @@ def _reduce_m_kernel(
         bt = tl.load(big_ptr + rm64[:, None] * stride_bm + rc[None, :], mask=m_mask[:, None] & c_mask[None, :],
                      other=0.0)
         if DROPOUT:
-            bt = tl.where(keep_tile(seed, rm64, pid_c * BLOCK_C, C, thresh, BLOCK_M, BLOCK_C), bt, 0.0)
+            bt = tl.where(load_bits(bits_ptr, rm64, pid_c * BLOCK_C, (C + 7) // 8, m_mask, BLOCK_M, BLOCK_C), bt, 0.0)
         tt = tl.load(thin_ptr + rm64[None, :] * R + rj[:, None], mask=j_mask[:, None] & m_mask[None, :], other=0.0)
-        acc = tl.dot(tt, bt.to(tl.float32), acc)
+        acc = tl.dot(low_rank_operand(tt, bt), fp16_widened(bt), acc)
     out = ws_ptr + pid_s.to(tl.int64) * C * R
     tl.store(out + rj.to(tl.int64)[:, None] * C + rc[None, :], acc * out_scale,
              mask=j_mask[:, None] & c_mask[None, :])
@@ -213,7 +210,7 @@ def split_len(length: int, other_programs: int, block: int, target: int) -> tupl
     return triton.cdiv(max(length, 1), size), size
 
 
-def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, seed) -> torch.Tensor:
+def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits) -> torch.Tensor:
     m, n = dy.shape
     r, k = lora_A.shape
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
@@ -224,15 +221,15 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, seed) -> 
     kernel = gemm_kernel(_lora_dx_kernel, "dx", wfmt == 0, dy.device)
     kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)](
         dy, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        g, lora_A, seed if p > 0 else dummy, dx,
-        m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), float(scale) / (1.0 - p), threshold(p),
+        g, lora_A, bits if p > 0 else dummy, dx,
+        m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), float(scale) / (1.0 - p),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=(wfmt != 0 and k % block == 0),
         DROPOUT=p > 0, BLOCK_R=block_r(r),
     )
     return dx
 
 
-def reduce_da(x, g, out_scale, p=0.0, seed=None) -> torch.Tensor:
+def reduce_da(x, g, out_scale, p=0.0, bits=None) -> torch.Tensor:
     """fp32 [R, K] = out_scale · gᵀ·drop(x) (split over M, the partial sums added by torch)."""
     m, c = x.shape
     r = g.shape[1]
@@ -242,8 +239,8 @@ def reduce_da(x, g, out_scale, p=0.0, seed=None) -> torch.Tensor:
     splits, rows = split_len(m, col_tiles, cfg["BLOCK_M"], TARGET_PROGRAMS)
     ws = torch.empty((splits, r, c), dtype=torch.float32, device=x.device)
     _reduce_m_kernel[(col_tiles, splits, triton.cdiv(r, br))](
-        x, g, seed if p > 0 else g, ws, m, c, r, rows, x.stride(0),
-        float(out_scale), threshold(p), DROPOUT=p > 0, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_COLS"],
+        x, g, bits if p > 0 else g, ws, m, c, r, rows, x.stride(0),
+        float(out_scale), DROPOUT=p > 0, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_COLS"],
         BLOCK_R=br, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return ws.sum(0) if splits > 1 else ws[0]
@@ -273,16 +270,17 @@ def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float):
 
 
 def lora_backward(
-    dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor | None,
+    dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, bits: torch.Tensor | None,
     w: torch.Tensor, w_scales: torch.Tensor | None, w_zeros: torch.Tensor | None, fmt: str, block: int,
     lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, p: float,
     need_dx: bool = True, need_da: bool = True, need_db: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dX in x's dtype, dA, dB in fp32) — each None when not needed. dY, x [M, *] with unit column stride."""
+    """(dX in x's dtype, dA, dB in fp32) — each None when not needed. dY, x [M, *] with unit column stride;
+    ``bits`` the forward's dropout keep bits when p > 0."""
     g, db = g_and_db(dy, lora_B, xa, need_dx or need_da, need_db, scale)
-    dx = lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, seed) if need_dx else None
+    dx = lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits) if need_dx else None
     # dA = s/(1-p)·(m ⊙ x)ᵀ·g, stored as [r, K]
-    da = reduce_da(x, g, scale / (1.0 - p), p, seed) if need_da else None
+    da = reduce_da(x, g, scale / (1.0 - p), p, bits) if need_da else None
     return dx, da, db
 
 
@@ -297,9 +295,8 @@ def aot_specs() -> list[dict]:
         for suffix, br in ranks:
             specs.append(spec(
                 f"reduce_m_{dname}_dropout{suffix}", _reduce_m_kernel,
-                {"big_ptr": dptr, "thin_ptr": "*fp32", "seed_ptr": "*i64", "ws_ptr": "*fp32", "M": "i32",
-                 "C": "i32", "R": "i32", "rows_per_split": "i32", "stride_bm": "i32", "out_scale": "fp32",
-                 "thresh": "i32"},
+                {"big_ptr": dptr, "thin_ptr": "*fp32", "bits_ptr": "*u8", "ws_ptr": "*fp32", "M": "i32",
+                 "C": "i32", "R": "i32", "rows_per_split": "i32", "stride_bm": "i32", "out_scale": "fp32"},
                 {"DROPOUT": True, "BLOCK_M": rc["BLOCK_M"], "BLOCK_C": rc["BLOCK_COLS"], "BLOCK_R": br},
                 rc["num_warps"], rc["num_stages"]))
             specs.append(spec(
@@ -310,6 +307,6 @@ def aot_specs() -> list[dict]:
                 gc["num_warps"], gc["num_stages"]))
     # the dX output tile is [BLOCK_M, BLOCK_K], its N loop steps BLOCK_N
     return specs + gemm_specs("dx", _lora_dx_kernel, lambda dptr, fid: {
-        "dy_ptr": dptr, **weight_signature(fid, dptr), "g_ptr": "*fp32", "a_ptr": dptr, "seed_ptr": "*i64",
+        "dy_ptr": dptr, **weight_signature(fid, dptr), "g_ptr": "*fp32", "a_ptr": dptr, "bits_ptr": "*u8",
         "dx_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "stride_dym": "i32",
-        "stride_dxm": "i32", "lora_scale": "fp32", "thresh": "i32"}, {"DROPOUT": True})
+        "stride_dxm": "i32", "lora_scale": "fp32"}, {"DROPOUT": True})

@@ -4,23 +4,27 @@ Shapes: x [M, K] (row stride ``stride_xm``, unit column stride), W [N, K] dense 
 ``weight_tile``), A [r, K], B [N, r], bias [N], y [M, N]; xa [M, r] is fp32.
 
 Two launches:
-1. ``_lowrank_kernel``: out = drop(x)·Vᵀ for a thin V [r, K] (strides given, so the backward reuses it for
-   g = dY·B with V = Bᵀ). Dropout keeps x[m, k] iff ``keep(seed, m*K + k, p)`` and scales the fp32 result by
-   1/(1-p). One program owns BLOCK_M rows and streams them once; V is tiny and stays in cache.
-2. ``_lora_fwd_kernel``: one GEMM over tiles of y whose K loop dequantizes W tiles in registers (no
-   dequantized W is ever written to memory), followed by r extra K-steps: y_tile += (s·xa_tile)·B_tileᵀ,
-   i.e. y = [x | s·xa]·[W | B]ᵀ, then bias, then one store. Accumulation is fp32; operands of the tensor
-   core dots are x's dtype (fp32 inputs run tf32 dots on GPUs). Tiles are visited in GROUP_M-row bands so
-   consecutive programs share W tiles in L2.
+1. ``_lowrank_kernel``: xa = drop(x)·Aᵀ (A given by strides). Dropout keeps x[m, k] by ``dropout.keep_bytes``
+   (Philox, eight elements per call), scales the fp32 result by 1/(1-p), and writes the keep-mask as bits
+   for the backward. A program owns BLOCK_M rows and one slice of at most 64 ranks and streams its rows
+   once; A is tiny and stays in cache.
+2. ``_lora_fwd_kernel``: one GEMM over tiles of y whose K loop reads W tiles (a dense W, or a 4-bit one
+   decoded in registers: the in-loop path of ``ops.paths``; on its dequant path the op hands over the
+   decode in the scratch buffer as a dense W), followed by r extra K-steps in rank slices:
+   y_tile += (s·xa_tile)·B_tileᵀ, i.e. y = [x | s·xa]·[W | B]ᵀ, then bias, then one store. Accumulation is
+   fp32; operands of the tensor core dots are x's dtype (fp32 inputs run tf32 dots on GPUs), except s·xa
+   for fp16 inputs, which stays fp32 (tf32 dot) so it cannot overflow. Tiles are visited in GROUP_M-row
+   bands so consecutive programs share W tiles in L2.
 
 Offsets that scale with M·K, M·N or N·K are built in int64 once per row; per-element offsets stay int32.
 
 ``decode_absmax`` turns double-quantized NF4 absmax codes into fp32 (one small launch over n_blocks
 elements, ≈ N·K/64): absmax[i] = nested_code[qa[i]] · nested_absmax[i // 256] + nested_offset.
 
-Launch configs: the GEMMs (this forward and the backward's dX) are autotuned over a short list keyed on
-M rounded up to a power of two (so a new token count inside a bucket does not retune), N, K and the weight
-format; under TRITON_INTERPRET=1 a single small config; ``set_gemm_configs`` replaces the list (sweeps).
+Launch configs: the GEMMs (this forward and the backward's dX) are autotuned over a short list (one for
+4-bit weights, one per GEMM for dense ones) keyed on M rounded up to a power of two (so a new token count
+inside a bucket does not retune), N, K and the weight format, one autotuner per device; under
+TRITON_INTERPRET=1 a single small config; ``set_gemm_configs`` replaces the lists (sweeps).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .dropout import keep_tile, threshold
+from .dropout import keep_bytes, threshold, unpack_bits
 from .weight_tile import FORMATS, load_w_pairs, load_w_tile
 
 
@@ -53,8 +57,9 @@ def _decode_absmax_kernel(
 
 @triton.jit
 def _lowrank_kernel(
-    # pointers: x [M, K]; V element (j, k) at v_ptr + j*stride_vj + k*stride_vk; out fp32 [M, R]
-    x_ptr, v_ptr, seed_ptr, out_ptr,
+    # pointers: x [M, K]; V element (j, k) at v_ptr + j*stride_vj + k*stride_vk; out fp32 [M, R]; with
+    # dropout the keep-mask bits [M, ceil(K / 8)] written by the first rank slice
+    x_ptr, v_ptr, seed_ptr, out_ptr, bits_ptr,
     # sizes
     M, K, R,
     # strides
@@ -80,7 +85,12 @@ def _lowrank_kernel(
         k_mask = k < K
         xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if DROPOUT:
-            xt = tl.where(keep_tile(seed, rm64, k0, K, thresh, BLOCK_M, BLOCK_K), xt, 0.0)
+            byte = keep_bytes(seed, rm64, k0, K, thresh, BLOCK_M, BLOCK_K)
+            xt = tl.where(unpack_bits(byte, BLOCK_M, BLOCK_K), xt, 0.0)
+            if tl.program_id(1) == 0:
+                jb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                kb = (K + 7) // 8
+                tl.store(bits_ptr + rm64[:, None] * kb + jb[None, :], byte, mask=m_mask[:, None] & (jb < kb)[None, :])
         vt = tl.load(v_ptr + k[:, None] * stride_vk + rj[None, :] * stride_vj,
                      mask=k_mask[:, None] & j_mask[None, :], other=0.0)
         acc = tl.dot(xt, vt, acc)
@@ -308,21 +318,23 @@ def decode_absmax(qa: torch.Tensor, nested_code: torch.Tensor, nested_absmax: to
 
 
 def lowrank(x: torch.Tensor, v: torch.Tensor, stride_vj: int, stride_vk: int, r: int,
-            p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 [M, r] = drop(x)·Vᵀ, V element (j, k) at offset j*stride_vj + k*stride_vk of ``v``."""
+            p: float = 0.0, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 [M, r] = drop(x)·Vᵀ, uint8 keep bits [M, ceil(K/8)] or [0] without dropout); V element (j, k)
+    at offset j*stride_vj + k*stride_vk of ``v``."""
     m, k = x.shape
     out = torch.empty((m, r), dtype=torch.float32, device=x.device)
-    if m == 0:
-        return out
-    cfg = lowrank_config(m)
     dropout = p > 0.0
+    bits = torch.empty((m, triton.cdiv(k, 8)) if dropout else (0,), dtype=torch.uint8, device=x.device)
+    if m == 0:
+        return out, bits
+    cfg = lowrank_config(m)
     br = block_r(r)
     _lowrank_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, br))](
-        x, v, seed if dropout else out, out, m, k, r, x.stride(0), stride_vj, stride_vk,
+        x, v, seed if dropout else out, out, bits, m, k, r, x.stride(0), stride_vj, stride_vk,
         threshold(p), 1.0 / (1.0 - p), DROPOUT=dropout, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=br, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
+    return out, bits
 
 
 def lora_forward(
@@ -330,17 +342,18 @@ def lora_forward(
     fmt: str, n: int, block: int, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
     scale: float, p: float, seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [M, N] in x's dtype, xa [M, r] fp32). x [M, K] with unit column stride; all else contiguous.
+    """(y [M, N] in x's dtype, xa [M, r] fp32, dropout keep bits [M, ceil(K/8)] uint8 or [0]). x [M, K] with
+    unit column stride; all else contiguous.
 
     ``fmt`` is "dense" (w [N, K]), "nf4" (w the packed bytes, w_scales fp32 absmax) or "int4" (w bytes
     [N, K/2], w_scales fp32 [N, K/block], w_zeros uint8); ``seed`` a 1-element int64 tensor when p > 0.
     """
     m, k = x.shape
     r = lora_A.shape[0]
-    xa = lowrank(x, lora_A, lora_A.stride(0), lora_A.stride(1), r, p, seed)
+    xa, bits = lowrank(x, lora_A, lora_A.stride(0), lora_A.stride(1), r, p, seed)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
-        return y, xa
+        return y, xa, bits
     wfmt = FORMATS[fmt]
     dummy = xa
     gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device)[_grid_2d(m, n, "BLOCK_M", "BLOCK_N")](
@@ -350,7 +363,7 @@ def lora_forward(
         WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=(wfmt != 0 and k % block == 0),
         HAS_BIAS=bias is not None, BLOCK_R=block_r(r),
     )
-    return y, xa
+    return y, xa, bits
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,11 +383,12 @@ def weight_signature(fmt_id: int, dtype_ptr: str) -> dict:
     return {"w_ptr": "*u8", "ws_ptr": "*fp32", "wz_ptr": "*u8" if fmt_id == 2 else "*fp32"}
 
 
-# Integer arguments that real layers pass as multiples of 16 (K, N, row strides). The JIT specializes on
+# Integer arguments that real layers pass as multiples of 16 (K, N, row strides, split lengths). The JIT specializes on
 # that at launch (and on 16-byte aligned pointers, which torch allocations are); the AOT builds declare the
 # same, so they compile the code that runs: without it no load is provably 16-byte aligned and the
 # pipeliner leaves the GEMM main loops without asynchronous copies.
-DIVISIBLE_INTS = ("K", "N", "stride_xm", "stride_ym", "stride_dym", "stride_dxm")
+DIVISIBLE_INTS = ("K", "N", "C", "stride_xm", "stride_ym", "stride_dym", "stride_dxm", "stride_bm", "stride_vj",
+                  "rows_per_split", "cols_per_split")
 
 
 def spec(name, fn, signature, constexprs, num_warps, num_stages, large_m_gemm=False) -> dict:
@@ -421,7 +435,8 @@ def aot_specs() -> list[dict]:
                 for suffix, br in rank_variants() if grid else [("", block_r(AOT_R))]:
                     specs.append(spec(
                         f"lowrank_{dname}_{cname}{'_dropout' if dropout else ''}{suffix}", _lowrank_kernel,
-                        {"x_ptr": dptr, "v_ptr": dptr, "seed_ptr": "*i64", "out_ptr": "*fp32", "M": "i32",
+                        {"x_ptr": dptr, "v_ptr": dptr, "seed_ptr": "*i64", "out_ptr": "*fp32", "bits_ptr": "*u8",
+                         "M": "i32",
                          "K": "i32", "R": "i32", "stride_xm": "i32", "stride_vj": "i32", "stride_vk": "i32",
                          "thresh": "i32", "inv_keep": "fp32"},
                         {"DROPOUT": dropout, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"], "BLOCK_R": br},

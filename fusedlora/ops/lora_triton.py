@@ -2,22 +2,28 @@
 
 Ops (namespace ``fusedlora``), opaque to torch.compile, with fake impls and a registered autograd formula:
 - ``fusedlora::lora_fwd(x2, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, bias, seed,
-  scale, dropout_p, fmt, n, block, nested_offset) -> (y2 [M, N], xa [M, r] fp32)``
-- ``fusedlora::lora_bwd(dy2, x2, xa, seed, w, ..., need_dx, need_da, need_db) -> (dx2, dA, dB)``; an output
+  scale, dropout_p, fmt, n, block, nested_offset) -> (y2 [M, N], xa [M, r] fp32, bits)``, bits the dropout
+  keep-mask, uint8 [M, ceil(K / 8)] with 1 bit per element (an empty [0] tensor when dropout is off)
+- ``fusedlora::lora_bwd(dy2, x2, xa, bits, w, ..., need_dx, need_da, need_db) -> (dx2, dA, dB)``; an output
   that is not needed comes back as an empty [0] tensor.
 
 The weight travels as its tensors: ``fmt`` "dense" (w = W [N, K]), "nf4" (w = packed bytes, w_scales =
 absmax as fp32, or uint8 codes with nested_absmax/nested_code/nested_offset for double quantization, decoded
 to fp32 by one small kernel before each GEMM) or "int4" (w = bytes [N, K/2], w_scales fp32, w_zeros uint8).
 
-Saved for backward: x, xa and the seed (plus the weight and LoRA tensors, which are parameters or buffers);
-no dropout mask, no dropped-out x, no dequantized weight. The backward returns dX, dA, dB, dbias and, for a
-dense weight that requires grad, dW = dYᵀ·x (plain torch).
+Saved for backward: x, xa and the keep bits (M·K/8 bytes, with dropout) plus the weight and LoRA tensors,
+which are parameters or buffers; no dropped-out x, no byte mask, no dequantized weight. The backward
+returns dX, dA, dB, dbias and, for a dense weight that requires grad, dW = dYᵀ·x (plain torch).
+
+Where a 4-bit weight is decoded depends on M (``ops.paths``): inside the GEMMs' loops, or once per call
+into the device's scratch buffer (``ops.scratch``) that the dense GEMMs then read, in the forward and
+again in the backward; nothing decoded is kept between them.
 
 Dropout: the seed is one draw from torch's default generator of x's device, kept as a 1-element int64 tensor
-on that device (no host sync; torch.manual_seed reproduces a run). The kernels regenerate the mask from it
-(``fusedlora.kernels.dropout.dropout_mask`` materializes it). An explicit ``dropout_mask`` is refused with a
-ValueError: the kernels only draw masks from seeds; the reference backend is the one that takes masks.
+on that device (no host sync; torch.manual_seed reproduces a run). The forward draws the mask from it and
+saves it as bits for the backward (``fusedlora.kernels.dropout.dropout_mask`` materializes the same
+mask). An explicit ``dropout_mask`` is refused with a ValueError: the kernels only draw masks from seeds;
+the reference backend is the one that takes masks.
 
 Inputs: leading batch dimensions are flattened into M. x needs a unit stride along K (row strides are
 passed to the kernels); otherwise it is copied to a contiguous tensor. W, A, B, bias are made contiguous
@@ -68,7 +74,7 @@ def lora_fwd(
     x: Tensor, w: Tensor, w_scales: Tensor | None, w_zeros: Tensor | None, nested_absmax: Tensor | None,
     nested_code: Tensor | None, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, seed: Tensor | None,
     scale: float, dropout_p: float, fmt: str, n: int, block: int, nested_offset: float,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels.lora_fwd import lora_forward
 
     with device_guard(x.device):
@@ -80,13 +86,15 @@ def lora_fwd(
 @lora_fwd.register_fake
 def _(x, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, bias, seed, scale, dropout_p, fmt,
       n, block, nested_offset):
-    m = x.shape[0]
-    return x.new_empty((m, n)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
+    m, k = x.shape
+    bits = (m, (k + 7) // 8) if dropout_p > 0 else _EMPTY
+    return (x.new_empty((m, n)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty(bits, dtype=torch.uint8))
 
 
 @torch.library.custom_op("fusedlora::lora_bwd", mutates_args=())
 def lora_bwd(
-    dy: Tensor, x: Tensor, xa: Tensor, seed: Tensor | None, w: Tensor, w_scales: Tensor | None,
+    dy: Tensor, x: Tensor, xa: Tensor, bits: Tensor, w: Tensor, w_scales: Tensor | None,
     w_zeros: Tensor | None, nested_absmax: Tensor | None, nested_code: Tensor | None, lora_A: Tensor,
     lora_B: Tensor, scale: float, dropout_p: float, fmt: str, block: int, nested_offset: float,
     need_dx: bool, need_da: bool, need_db: bool,
@@ -97,7 +105,7 @@ def lora_bwd(
         if need_dx:
             w, w_scales, w_zeros, fmt = _gemm_weight(dy.shape[0], w, w_scales, w_zeros, nested_absmax, nested_code,
                                                      fmt, dy.shape[1], x.shape[1], block, nested_offset, dy.dtype)
-        dx, da, db = lora_backward(dy, x, xa, seed, w, w_scales, w_zeros, fmt, block, lora_A, lora_B, scale,
+        dx, da, db = lora_backward(dy, x, xa, bits, w, w_scales, w_zeros, fmt, block, lora_A, lora_B, scale,
                                    dropout_p, need_dx, need_da, need_db)
     empty = dy.new_empty(_EMPTY)
     return (
@@ -108,7 +116,7 @@ def lora_bwd(
 
 
 @lora_bwd.register_fake
-def _(dy, x, xa, seed, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, scale, dropout_p,
+def _(dy, x, xa, bits, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, scale, dropout_p,
       fmt, block, nested_offset, need_dx, need_da, need_db):
     return (
         dy.new_empty((dy.shape[0], x.shape[1]) if need_dx else _EMPTY),
@@ -125,20 +133,20 @@ _N_INPUTS = 16
 def _setup_context(ctx, inputs, output):
     (x, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, bias, seed, scale, dropout_p, fmt,
      n, block, nested_offset) = inputs
-    _, xa = output
-    ctx.save_for_backward(x, xa, seed, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B)
+    _, xa, bits = output
+    ctx.save_for_backward(x, xa, bits, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B)
     ctx.args = (scale, dropout_p, fmt, block, nested_offset)
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, dxa):
-    # xa is an internal output (saved for backward, never returned to the user): its gradient is ignored
-    x, xa, seed, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B = ctx.saved_tensors
+def _backward(ctx, dy, dxa, dbits):
+    # xa and bits are internal outputs (saved for backward, never returned to the user): no gradients
+    x, xa, bits, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B = ctx.saved_tensors
     scale, dropout_p, fmt, block, nested_offset = ctx.args
     need = ctx.needs_input_grad
     dy = dy.contiguous()  # autograd may hand over expanded (stride-0) gradients
     dx, da, db = torch.ops.fusedlora.lora_bwd(
-        dy, x, xa, seed, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, scale, dropout_p,
+        dy, x, xa, bits, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, scale, dropout_p,
         fmt, block, nested_offset, need[_X], need[_A], need[_B],
     )
     grads = [None] * _N_INPUTS
@@ -202,7 +210,7 @@ def lora_linear_triton(x, weight, lora_A, lora_B, scale, bias, dropout_p, traini
     p = float(dropout_p) if training and dropout_p > 0 else 0.0
     seed = draw_seed(x.device) if p > 0 else None
     w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
-    y2, _ = torch.ops.fusedlora.lora_fwd(
+    y2, _, _ = torch.ops.fusedlora.lora_fwd(
         x2, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A.contiguous(), lora_B.contiguous(),
         None if bias is None else bias.contiguous(), seed, float(scale), p, fmt, n, block, nested_offset,
     )
