@@ -95,3 +95,78 @@ def test_bnb_baselines_read_our_bytes_and_compute_our_function(dq):
     got = baselines.bnb_lora(bnb, x, qw.packed.data, state, A, B, 2.0)
     ref = lora_linear_reference(x, qw.packed, A, B, 2.0, None, 0.0, False, None)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ spread, labels, roofline, plots
+
+
+def test_timing_median_and_iqr():
+    from fusedlora.bench.timing import Timing
+
+    t = Timing.of([5.0, 1.0, 2.0, 3.0, 4.0])
+    assert (t.ms, t.q1, t.q3, t.n) == (3.0, 2.0, 4.0, 5) and t.iqr == 2.0 and t.spread == pytest.approx(2 / 3)
+    assert Timing.of([7.0]).iqr == 0.0
+
+
+def test_noisy_rows_warn_and_the_table_shows_the_spread():
+    quiet = results.make_row(bench="layer", shape=(64, 96), m=16, r=4, dropout=0.1, dtype="fp32", quant="nf4",
+                             ours_ms=1.0, baseline="dequant_cublas_lora", baseline_ms=2.0, ours_iqr_ms=0.05,
+                             baseline_iqr_ms=0.1)
+    loud = {**quiet, "m": 64, "ours_iqr_ms": 0.5}
+    warnings = results.noisy([quiet, loud], 0.10)
+    assert len(warnings) == 1 and "M=64" in warnings[0] and "ours 1 ms with an IQR of 0.5 ms (50 %" in warnings[0]
+    md = report.markdown({"gpu": "cpu", "date": "d", "commit": "c", "rows": [quiet]})
+    assert "| 1 ± 0.05 | 2 ± 0.1 |" in md
+
+
+def test_baseline_labels_say_what_ran():
+    assert results.baseline_label("cublas_bf16_dense", "bf16", gpu=True) == "cublas_bf16_dense"
+    assert results.baseline_label("cublas_bf16_dense", "fp32", gpu=False) == "torch_cpu_fp32_dense"
+    assert results.baseline_label("peft_bf16", "fp32", gpu=False) == "peft_fp32"
+    assert results.baseline_label("dequant_cublas_lora", "fp16", gpu=True) == "dequant_cublas_lora"
+    assert results.is_speed_of_light("torch_cpu_fp32_dense") and not results.is_speed_of_light("peft_fp32")
+    row = results.make_row(bench="layer", shape=(64, 96), m=16, r=4, dropout=0.1, dtype="fp32", quant="nf4",
+                           ours_ms=1.0, baseline="torch_cpu_fp32_dense", baseline_ms=2.0)
+    assert "torch_cpu_fp32_dense (computes less)" in report.markdown({"gpu": "cpu", "date": "d", "commit": "c",
+                                                                      "rows": [row]})
+
+
+def test_roofline_above_100_carries_a_note_and_variant_is_kept():
+    row = results.make_row(bench="layer", shape=(64, 96), m=16, r=4, dropout=0.1, dtype="fp32", quant="nf4",
+                           ours_ms=1.0, baseline="peft_fp32", baseline_ms=2.0, pct_roofline=282.0, variant="dora")
+    assert row["note"].startswith("% of roofline above 100") and row["variant"] == "dora"
+    assert "note" not in results.make_row(**{**_row_args(), "pct_roofline": 99.0})
+    md = report.markdown({"gpu": "cpu", "date": "d", "commit": "c", "rows": [row]})
+    assert "| 282 [1] |" in md and "\n[1] % of roofline above 100" in md and "ours (dora)" in md
+    with pytest.raises(ValueError, match="unknown keys"):
+        results.check_row({**row, "colour": "red"})
+
+
+def _row_args():
+    return dict(bench="layer", shape=(64, 96), m=16, r=4, dropout=0.1, dtype="fp32", quant="nf4", ours_ms=1.0,
+                baseline="peft_fp32", baseline_ms=2.0)
+
+
+def test_plots_with_few_points_are_bars_and_roofline_lines_are_not_repeated(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    rows = [results.make_row(**{**_row_args(), "m": m, "baseline": b, "pct_roofline": 10.0 + m / 100})
+            for m in (16, 64) for b in ("peft_fp32", "torch_cpu_fp32_dense", "dequant_cublas_lora")]
+    report.plots({"gpu": "cpu", "date": "d", "commit": "c", "rows": rows}, "/nonexistent")
+    speed, roof = figures[0].axes
+    assert len(speed.patches) == 6 and len(speed.lines) == 1  # 3 baselines × 2 M as bars, and the 1× line
+    assert len(roof.patches) == 2  # ours' roofline once per (shape, quant, M), not once per baseline
+
+    many = [results.make_row(**{**_row_args(), "m": m, "pct_roofline": 20.0}) for m in (16, 32, 64)]
+    report.plots({"gpu": "cpu", "date": "d", "commit": "c", "rows": many}, "/nonexistent")
+    speed, roof = figures[1].axes
+    assert speed.get_xscale() == "linear" and [t.get_text() for t in speed.get_xticklabels()] == ["16", "32", "64"]
+    assert len(roof.lines) == 1 and speed.get_legend() is not None
+    wide = [results.make_row(**{**_row_args(), "m": m}) for m in (16, 128, 1024)]
+    report.plots({"gpu": "cpu", "date": "d", "commit": "c", "rows": wide}, "/nonexistent")
+    assert figures[2].axes[0].get_xscale() == "log" and len(figures[2].axes) == 1  # no roofline: one panel

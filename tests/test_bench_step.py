@@ -35,7 +35,7 @@ def test_rows_follow_schema(tmp_path):
     assert failed == [] and len(rows) == 1
     row = rows[0]
     assert (row["bench"], row["shape"], row["m"], row["r"], row["dropout"], row["dtype"], row["quant"],
-            row["baseline"]) == ("step", [128, 2], SEQ, 16, 0.1, "fp32", "nf4-dq", "peft_bf16")
+            row["baseline"]) == ("step", [128, 2], SEQ, 16, 0.1, "fp32", "nf4-dq", "peft_fp32")  # what ran: fp32
     assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ours_ms"])
     assert row["pct_roofline"] == pytest.approx(100 * case.flops() / 1e12 / (row["ours_ms"] * 1e-3))
     assert results.load(out)["rows"] == rows

@@ -24,8 +24,8 @@ from ..functional import lora_linear
 from ..ops.lora import lora_linear_reference
 from ..quantized import QuantizedWeight, quantize
 from . import baselines
-from .results import make_row, save
-from .timing import peak_memory_bytes, time_ms
+from .results import baseline_label, make_row, save
+from .timing import measure, peak_memory_bytes
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 LAYER_BASELINES = ("cublas_bf16_dense", "dequant_cublas_lora", "peft_bnb", "peft_bf16", "torch_compile")
@@ -132,22 +132,23 @@ def run_layer(cases, *, r=16, dropout_p=0.1, dtype=torch.bfloat16, baseline_name
             break
         case = LayerCase(m, k, n, r, dtype, quant, dropout_p, device, bnb=bnb, copies=3 if gpu else 1)
         ours = case.ours()
-        ours_ms = time_ms(ours)
+        ours_t = measure(ours)
         ours_mem = peak_memory_bytes(ours)
         pct = None
         if ceilings:
-            pct = 100.0 * layer_flops(m, k, n, r) / (ceilings["matmul_tflops"] * 1e12) / (ours_ms * 1e-3)
+            pct = 100.0 * layer_flops(m, k, n, r) / (ceilings["matmul_tflops"] * 1e12) / (ours_t.ms * 1e-3)
         for name in baseline_names:
             fn = case.baseline(name, compiled_ref)
             if fn is None:
                 continue
-            base_ms = time_ms(fn)
+            base_t = measure(fn)
+            label = baseline_label(name, DTYPE_NAMES[dtype], gpu)
             rows.append(make_row(
                 bench="layer", shape=(k, n), m=m, r=r, dropout=dropout_p, dtype=DTYPE_NAMES[dtype], quant=quant,
-                ours_ms=ours_ms, baseline=name, baseline_ms=base_ms, pct_roofline=pct, ours_peak_mem=ours_mem,
-                baseline_peak_mem=peak_memory_bytes(fn)))
-            log(f"{k}->{n} M={m} {quant}: ours {ours_ms:.3f} ms, {name} {base_ms:.3f} ms "
-                f"({base_ms / ours_ms:.2f}x)  [{time.perf_counter() - t0:.0f} s]")
+                ours_ms=ours_t.ms, baseline=label, baseline_ms=base_t.ms, pct_roofline=pct, ours_peak_mem=ours_mem,
+                baseline_peak_mem=peak_memory_bytes(fn), ours_iqr_ms=ours_t.iqr, baseline_iqr_ms=base_t.iqr))
+            log(f"{k}->{n} M={m} {quant}: ours {ours_t.ms:.3f} ms, {label} {base_t.ms:.3f} ms "
+                f"({base_t.ms / ours_t.ms:.2f}x)  [{time.perf_counter() - t0:.0f} s]")
             if out_path is not None:
                 save(rows, out_path, env)
         del case

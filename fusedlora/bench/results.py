@@ -1,8 +1,14 @@
-"""Benchmark results: one schema for every bench (DESIGN.md, "Benchmark results").
+"""Benchmark results: one schema for every bench (DESIGN.md, "Benchmark results", extended here).
 
 {"gpu", "date", "commit", "torch", "triton", "rows": [{"bench", "shape", "m", "r", "dropout", "dtype",
  "quant", "ours_ms", "baseline", "baseline_ms", "speedup", "pct_roofline", "ours_peak_mem",
- "baseline_peak_mem"}]}
+ "baseline_peak_mem", and optionally "ours_iqr_ms", "baseline_iqr_ms", "variant", "note"}]}
+
+- ``ours_ms``/``baseline_ms`` are medians of repeated timings; ``*_iqr_ms`` their interquartile ranges.
+- ``baseline`` names what really ran: DESIGN.md's names on a GPU in bf16; elsewhere the library and dtype
+  that ran (``baseline_label``: e.g. ``torch_cpu_fp32_dense`` and ``peft_fp32`` for fp32 on a CPU).
+- ``variant``: which variant of ours a row times when a bench has several (e.g. "dora"); absent: the plain one.
+- ``note``: why a value needs reading with care; a ``pct_roofline`` above 100 always carries one.
 """
 
 from __future__ import annotations
@@ -20,8 +26,26 @@ QUANTS = ("nf4", "nf4-dq", "int4", "none")
 BASELINES = ("cublas_bf16", "cublas_bf16_dense", "dequant_cublas_lora", "peft_bnb", "peft_bf16", "bnb", "torch_compile")
 # These two compute less than ours on purpose (no LoRA, no 4-bit): they are the speed of light.
 SPEED_OF_LIGHT = ("cublas_bf16", "cublas_bf16_dense")
+OPTIONAL_KEYS = ("ours_iqr_ms", "baseline_iqr_ms", "variant", "note")
+DTYPES = ("bf16", "fp16", "fp32")
 ROW_KEYS = ("bench", "shape", "m", "r", "dropout", "dtype", "quant", "ours_ms", "baseline", "baseline_ms",
             "speedup", "pct_roofline", "ours_peak_mem", "baseline_peak_mem")
+
+
+def baseline_label(name: str, dtype: str, gpu: bool) -> str:
+    """DESIGN.md's baseline ``name`` as it ran: its "cublas" is torch's CPU matmul without a GPU, its "bf16"
+    the dtype of the run."""
+    label = name.replace("_bf16", f"_{dtype}")
+    return label if gpu else label.replace("cublas", "torch_cpu")
+
+
+# Every label a row may carry: DESIGN.md's names in every dtype, on a GPU or not.
+BASELINE_LABELS = {baseline_label(b, d, g): b for b in BASELINES for d in DTYPES for g in (True, False)}
+
+
+def is_speed_of_light(label: str) -> bool:
+    """Whether the baseline computes less than ours on purpose (no LoRA, no 4-bit)."""
+    return BASELINE_LABELS.get(label) in SPEED_OF_LIGHT
 
 
 def commit(root: str | None = None) -> str:
@@ -51,7 +75,8 @@ def environment() -> dict:
 
 
 def make_row(*, bench, shape, m, r, dropout, dtype, quant, ours_ms, baseline, baseline_ms, pct_roofline=None,
-             ours_peak_mem=None, baseline_peak_mem=None) -> dict:
+             ours_peak_mem=None, baseline_peak_mem=None, ours_iqr_ms=None, baseline_iqr_ms=None, variant=None,
+             note=None) -> dict:
     row = {
         "bench": bench, "shape": list(shape), "m": int(m), "r": int(r), "dropout": float(dropout),
         "dtype": dtype, "quant": quant, "ours_ms": float(ours_ms), "baseline": baseline,
@@ -59,8 +84,31 @@ def make_row(*, bench, shape, m, r, dropout, dtype, quant, ours_ms, baseline, ba
         "pct_roofline": None if pct_roofline is None else float(pct_roofline),
         "ours_peak_mem": ours_peak_mem, "baseline_peak_mem": baseline_peak_mem,
     }
+    for key, value in (("ours_iqr_ms", ours_iqr_ms), ("baseline_iqr_ms", baseline_iqr_ms)):
+        if value is not None:
+            row[key] = float(value)
+    if variant is not None:
+        row["variant"] = variant
+    if row["pct_roofline"] is not None and row["pct_roofline"] > 100 and note is None:
+        note = ("% of roofline above 100: faster than the ceiling measured in this run, so that measurement "
+                "was low (noisy, or a size the library runs slower than this one)")
+    if note is not None:
+        row["note"] = note
     check_row(row)
     return row
+
+
+def noisy(rows: list[dict], limit: float) -> list[str]:
+    """A warning line per row whose ours or baseline timing spreads more than ``limit`` (IQR / median)."""
+    out = []
+    for r in rows:
+        for side in ("ours", "baseline"):
+            iqr = r.get(f"{side}_iqr_ms")
+            if iqr is not None and iqr > limit * r[f"{side}_ms"]:
+                out.append(f"warning: {r['bench']} {r['shape']} M={r['m']} {r['quant']}: {side} "
+                           f"{r[f'{side}_ms']:.4g} ms with an IQR of {iqr:.3g} ms ({100 * iqr / r[f'{side}_ms']:.0f} "
+                           f"% of the median): noisy; rerun on an idle machine before reading the speedup")
+    return out
 
 
 def check_row(row: dict) -> None:
@@ -71,8 +119,12 @@ def check_row(row: dict) -> None:
         raise ValueError(f"results row: bench expected one of {BENCHES}, got {row['bench']!r}")
     if row["quant"] not in QUANTS:
         raise ValueError(f"results row: quant expected one of {QUANTS}, got {row['quant']!r}")
-    if row["baseline"] not in BASELINES:
-        raise ValueError(f"results row: baseline expected one of {BASELINES}, got {row['baseline']!r}")
+    if row["baseline"] not in BASELINE_LABELS:
+        raise ValueError(f"results row: baseline expected one of {BASELINES} (or, off a GPU or in another "
+                         f"dtype, their labels from baseline_label), got {row['baseline']!r}")
+    unknown = set(row) - set(ROW_KEYS) - set(OPTIONAL_KEYS)
+    if unknown:
+        raise ValueError(f"results row: unknown keys {sorted(unknown)}")
     if not (row["ours_ms"] > 0 and row["baseline_ms"] > 0):
         raise ValueError(f"results row: times must be positive, got {row['ours_ms']}, {row['baseline_ms']}")
 

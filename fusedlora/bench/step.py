@@ -26,7 +26,7 @@ base weights), so the check below covers the LoRA path too.
 
 One step = forward + loss (next-token cross entropy: transformers' ``labels=input_ids``) + backward +
 AdamW step on the LoRA parameters (fp32 adapters in every variant, as PEFT keeps them), under bf16 autocast
-on a GPU as ``fusedlora train`` runs; no gradient checkpointing. Timing: ``timing.time_ms`` (triton's
+on a GPU as ``fusedlora train`` runs; no gradient checkpointing. Timing: ``timing.measure`` (triton's
 do_bench on a GPU: CUDA events, median of the repetitions) after one untimed step that compiles the kernels
 and creates AdamW's moments. Peak memory: ``torch.cuda.max_memory_allocated`` over one steady-state step,
 reset just before it, counting everything allocated (weights, adapters, AdamW moments, activations,
@@ -59,8 +59,9 @@ from ..inject import find_targets, inject, lora_layers, set_submodule
 from ..modules import LoRALinear
 from . import baselines
 from .layer import DTYPE_NAMES, layer_flops
-from .results import make_row, save
-from .timing import peak_memory_bytes, time_ms
+from .results import baseline_label, make_row, save
+from .timing import measure as measure_time
+from .timing import peak_memory_bytes
 
 STEP_BASELINES = ("peft_bnb", "peft_bf16")
 # DESIGN.md's targets: ours' tokens/s at least this many times the baseline's (and peak memory ≤ peft_bnb's)
@@ -305,7 +306,7 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(case: StepCase, name: str, *, rep_ms: int = 1000, cpu_reps: int = 5) -> dict:
+def measure(case: StepCase, name: str, *, rep_ms: int = 1000, cpu_reps: int = 9) -> dict:
     """Build variant ``name``, check its outputs, time its step and take its peak memory; the model is freed."""
     model = case.build(name)
     check = case.check_outputs(model)
@@ -315,15 +316,15 @@ def measure(case: StepCase, name: str, *, rep_ms: int = 1000, cpu_reps: int = 5)
     peak = None
     if case.device.type == "cuda":
         peak = torch.cuda.memory_allocated() + peak_memory_bytes(step)
-    ms = time_ms(step, rep_ms=rep_ms, cpu_reps=cpu_reps)
+    t = measure_time(step, rep_ms=rep_ms, cpu_reps=cpu_reps)
     del step, model
     _free(case.device)
     left = torch.cuda.memory_allocated() if case.device.type == "cuda" else None
-    return {"check": check, "ms": ms, "peak": peak, "left": left}
+    return {"check": check, "ms": t.ms, "iqr": t.iqr, "peak": peak, "left": left}
 
 
 def run_step(case: StepCase, *, baseline_names=STEP_BASELINES, ceilings=None, budget_s=None, out_path=None,
-             env=None, rep_ms: int = 1000, cpu_reps: int = 5, log=print):
+             env=None, rep_ms: int = 1000, cpu_reps: int = 9, log=print):
     """Rows of ``case``: ours, then each available baseline in order, one row per baseline whose outputs
     match ours (compare). Stops starting baselines once ``budget_s`` is spent; rewrites ``out_path`` after
     every row. Returns (rows, failed baseline names)."""
@@ -332,7 +333,8 @@ def run_step(case: StepCase, *, baseline_names=STEP_BASELINES, ceilings=None, bu
     shape = (c.hidden_size, c.num_hidden_layers)
 
     def line(name, res):
-        text = f"{name}: {res['ms']:.2f} ms/step, {case.tokens / (res['ms'] * 1e-3):,.0f} tokens/s"
+        text = (f"{name}: {res['ms']:.2f} ms/step (IQR {res['iqr']:.2f}), "
+                f"{case.tokens / (res['ms'] * 1e-3):,.0f} tokens/s")
         if res["peak"] is not None:
             text += f", peak {res['peak'] / 2**20:,.0f} MiB"
         if res["left"]:  # what the freed model left allocated (0 when nothing leaks into the next variant)
@@ -370,8 +372,10 @@ def run_step(case: StepCase, *, baseline_names=STEP_BASELINES, ceilings=None, bu
             log(verdict)
         rows.append(make_row(
             bench="step", shape=shape, m=case.tokens, r=case.r, dropout=case.dropout,
-            dtype=DTYPE_NAMES[case.dtype], quant=case.quant, ours_ms=ours["ms"], baseline=name,
-            baseline_ms=res["ms"], pct_roofline=pct, ours_peak_mem=ours["peak"], baseline_peak_mem=res["peak"]))
+            dtype=DTYPE_NAMES[case.dtype], quant=case.quant, ours_ms=ours["ms"],
+            baseline=baseline_label(name, DTYPE_NAMES[case.dtype], case.device.type == "cuda"),
+            baseline_ms=res["ms"], pct_roofline=pct, ours_peak_mem=ours["peak"], baseline_peak_mem=res["peak"],
+            ours_iqr_ms=ours["iqr"], baseline_iqr_ms=res["iqr"]))
         if out_path is not None:
             save(rows, out_path, env)
     return rows, failed

@@ -15,6 +15,7 @@ from .dequant import SHAPES as DEQUANT_SHAPES
 from .dequant import run as run_dequant
 from .layer import run_layer
 from .step import STEP_BASELINES, StepCase, llama_config, run_step
+from .timing import NOISY_SPREAD
 from .timing import ceilings as measure_ceilings
 
 # Llama-3-8B projections (K -> N), DESIGN.md's performance targets.
@@ -33,7 +34,8 @@ def matrix(quick: bool, gpu: bool):
 
 def step_rows(quick: bool, gpu: bool, ceil: dict) -> list[dict]:
     """The whole-step bench: on a GPU the ~1B model (4 layers with ``quick``) against peft_bnb and peft_bf16;
-    on a CPU the tiny model against peft_bf16 (bitsandbytes' CPU kernels are not what a QLoRA run uses)."""
+    on a CPU the tiny model against PEFT over the same fp32 base (labelled peft_fp32; bitsandbytes' CPU
+    kernels are not what a QLoRA run uses)."""
     if any(importlib.util.find_spec(m) is None for m in ("transformers", "peft")):
         print("step bench: skipped (needs transformers and peft)")
         return []
@@ -58,6 +60,8 @@ def run(quick: bool, out_dir: str) -> dict:
         rows += run_decode(DECODE_SHAPES[:1] if quick else DECODE_SHAPES, DECODE_MS, ceilings=ceil)
     else:
         print("dequant and decode benches: skipped (no GPU; they time the CUDA and Triton kernels)")
+    for line in results.noisy(rows, NOISY_SPREAD):
+        print(line)
     os.makedirs(out_dir, exist_ok=True)
     env = results.environment()
     env["ceilings"] = ceil

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -13,23 +14,60 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def time_ms(fn: Callable[[], object], *, rep_ms: int = 100, cpu_reps: int = 5) -> float:
-    """Median milliseconds of ``fn``.
+# An interquartile range above this share of the median marks a timing as noisy (another process, clock
+# changes, a cold cache): the row is kept, its spread shown, and the run warns.
+NOISY_SPREAD = 0.10
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Repeated timings of one callable: the median and the interquartile range, in milliseconds."""
+
+    ms: float
+    q1: float
+    q3: float
+    n: int
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @property
+    def spread(self) -> float:
+        """IQR / median."""
+        return self.iqr / self.ms if self.ms > 0 else 0.0
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Timing:
+        if len(samples) < 2:
+            return cls(samples[0], samples[0], samples[0], len(samples))
+        q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+        return cls(q2, q1, q3, len(samples))
+
+
+def measure(fn: Callable[[], object], *, rep_ms: int = 100, cpu_reps: int = 9) -> Timing:
+    """Median and IQR of ``fn``'s milliseconds.
 
     GPU: triton's do_bench (CUDA events, warm-up, and an L2 flush before every repetition, so a weight
-    that fits in L2 is not timed from the cache). CPU: wall-clock median after one warm-up call.
+    that fits in L2 is not timed from the cache), every repetition kept. CPU: wall-clock times of
+    ``cpu_reps`` calls after one warm-up call.
     """
     if on_gpu():
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+        return Timing.of([float(t) for t in triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="all")])
     fn()
     samples = []
     for _ in range(cpu_reps):
         t = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(samples)
+    return Timing.of(samples)
+
+
+def time_ms(fn: Callable[[], object], *, rep_ms: int = 100, cpu_reps: int = 9) -> float:
+    """Median milliseconds of ``fn`` (``measure``)."""
+    return measure(fn, rep_ms=rep_ms, cpu_reps=cpu_reps).ms
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
@@ -56,14 +94,17 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def matmul_tflops(n: int = 8192) -> float:
-    """Dense matmul rate through torch (cuBLAS on GPU), random data (zeros run faster than real data)."""
-    if not on_gpu():
-        n = 512
+    """Dense matmul rate through torch (cuBLAS on GPU; bf16 there, fp32 on a CPU, the dtypes the benches
+    run), random data (zeros run faster than real data). On a CPU the best of a few sizes: a single small
+    size underrates what the library reaches on the benches' shapes, which would put rows above 100 %."""
     device, dtype = ("cuda", torch.bfloat16) if on_gpu() else ("cpu", torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = time_ms(lambda: a @ b)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
+    rates = []
+    for size in ([n] if on_gpu() else [256, 512, 1024]):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        t = measure(lambda a=a, b=b: a @ b)
+        rates.append(2 * size**3 / (t.q1 * 1e-3) / 1e12)  # the faster quartile: a ceiling, not a typical time
+    return max(rates)
 
 
 def ceilings() -> dict:
