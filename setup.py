@@ -2,7 +2,9 @@
 
 The extension is built when torch is a CUDA build and nvcc is found (``CUDA_HOME``, else
 ``/usr/local/cuda``). ``FUSEDLORA_SKIP_CUDA_BUILD=1`` skips it. Target architectures come from
-``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0``); ``MAX_JOBS`` bounds the parallel compile.
+``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0+PTX``: binaries for sm_80 and sm_90, and PTX that newer GPUs
+compile when they load the extension; ``fusedlora.backend`` checks that a device can run the build and
+falls back to the triton family where it cannot); ``MAX_JOBS`` bounds the parallel compile.
 Install with ``pip install --no-build-isolation -e .`` after torch, so the build sees the installed
 torch instead of fetching another copy into an isolated environment.
 """
@@ -37,7 +39,7 @@ def _extension_or_reason():
         return "nvcc not found (set CUDA_HOME)"
     # torch.utils.cpp_extension reads CUDA_HOME at import; its own search prefers /usr/local.
     os.environ["CUDA_HOME"] = home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))

@@ -7,7 +7,11 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
 #include <optional>
+#include <string>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,70 +21,128 @@
 #include "decode_lora.h"
 #include "dequant_nf4.h"
 
-// Checks whose messages name the tensor and what was expected.
-#define CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x ": expected a CUDA tensor, got one on ", (x).device())
+// Checks whose messages name the tensor and what was expected: ValueError / TypeError in Python.
+#define CHECK_CUDA(x) \
+  TORCH_CHECK_VALUE((x).is_cuda(), #x ": expected a CUDA tensor, got one on ", (x).device())
 #define CHECK_CONTIGUOUS(x) \
-  TORCH_CHECK((x).is_contiguous(), #x ": expected a contiguous tensor, got strides ", (x).strides())
+  TORCH_CHECK_VALUE((x).is_contiguous(), #x ": expected a contiguous tensor, got strides ", (x).strides())
 #define CHECK_DTYPE(x, dt) \
-  TORCH_CHECK((x).scalar_type() == (dt), #x ": expected dtype ", (dt), ", got ", (x).scalar_type())
-#define CHECK_NUMEL(x, n) \
-  TORCH_CHECK((x).numel() == (n), #x ": expected ", (n), " elements, got ", (x).numel(), " (shape ", (x).sizes(), ")")
-#define CHECK_SAME_DEVICE(x, ref)                                                                     \
-  TORCH_CHECK((x).device() == (ref).device(), #x ": expected a tensor on ", (ref).device(), " (where " #ref \
-              " is), got one on ",                                                                    \
-              (x).device())
-#define CHECK_ALIGNED16(x)                                                                           \
-  TORCH_CHECK(reinterpret_cast<uintptr_t>((x).data_ptr()) % 16 == 0, #x ": expected a 16-byte aligned data " \
-              "pointer (16-byte vector loads), got one at offset ",                                       \
-              reinterpret_cast<uintptr_t>((x).data_ptr()) % 16)
-#define CHECK_INPUT(x, ref) \
-  CHECK_CUDA(x);            \
+  TORCH_CHECK_TYPE((x).scalar_type() == (dt), #x ": expected dtype ", (dt), ", got ", (x).scalar_type())
+#define CHECK_NUMEL(x, n)                                                                                   \
+  TORCH_CHECK_VALUE((x).numel() == (n), #x ": expected ", (n), " elements, got ", (x).numel(), " (shape ", \
+                    (x).sizes(), ")")
+#define CHECK_SAME_DEVICE(x, ref)                                                                           \
+  TORCH_CHECK_VALUE((x).device() == (ref).device(), #x ": expected a tensor on ", (ref).device(),         \
+                    " (where " #ref " is), got one on ", (x).device())
+#define CHECK_ALIGNED16(x)                                                                                  \
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>((x).data_ptr()) % 16 == 0,                                 \
+                    #x ": expected a 16-byte aligned data pointer (16-byte vector loads), got one at offset ", \
+                    reinterpret_cast<uintptr_t>((x).data_ptr()) % 16)
+#define CHECK_INPUT(x, ref)  \
   CHECK_SAME_DEVICE(x, ref); \
   CHECK_CONTIGUOUS(x)
 
 namespace {
+
+constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();  // N, K (the kernels take 32-bit sizes)
+constexpr int64_t kNestedBlock = 256;
+
+// A tensor argument of a 4-bit weight: on data's device, contiguous, of `dtype` and `numel` elements.
+void check_part(const char* name, const at::Tensor& t, const at::Tensor& data, at::ScalarType dtype,
+                int64_t numel) {
+  TORCH_CHECK_VALUE(t.device() == data.device(), name, ": expected a tensor on ", data.device(),
+                    ", got one on ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.numel() == numel, name, ": expected ", numel, " elements, got ", t.numel(), " (shape ",
+                    t.sizes(), ")");
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides());
+}
+
+void check_absent(const char* name, const std::optional<at::Tensor>& t, const char* scheme) {
+  TORCH_CHECK_VALUE(!t.has_value(), name, ": expected None for a ", scheme, " weight, got a tensor");
+}
+
+const at::Tensor& required(const char* name, const std::optional<at::Tensor>& t, const char* why) {
+  TORCH_CHECK_VALUE(t.has_value(), name, ": expected a tensor ", why, ", got None");
+  return *t;
+}
+
+// The one check of a 4-bit weight's metadata on the C++ side, the rules of fusedlora.formats.check_packed:
+// scheme; N, K in 1..2^31-1; block size (NF4 64/128/256, INT4 64/128 dividing K); a finite nested_offset;
+// dtype, size, device and contiguity of the codes, absmax (fp32, or uint8 codes with nested_absmax and
+// nested_code), scales and zeros. Nothing indexes the tensors before this has passed.
+void check_weight_4bit(int64_t scheme, const char* data_name, const at::Tensor& data, const char* absmax_name,
+                       const std::optional<at::Tensor>& absmax, const std::optional<at::Tensor>& nested_absmax,
+                       const std::optional<at::Tensor>& nested_code, double nested_offset,
+                       const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& zeros,
+                       const char* block_name, int64_t block, int64_t n, int64_t k) {
+  TORCH_CHECK_VALUE(scheme == 0 || scheme == 1, "scheme: expected 0 (nf4) or 1 (int4), got ", scheme);
+  TORCH_CHECK_VALUE(n >= 1 && k >= 1 && n <= kMaxDim && k <= kMaxDim, "n, k: expected a weight shape [N, K] with ",
+                    "1 <= N, K <= ", kMaxDim, ", got [", n, ", ", k, "]");
+  TORCH_CHECK_VALUE(std::isfinite(nested_offset), "nested_offset: expected a finite number, got ", nested_offset);
+  const int64_t numel = n * k;
+  if (scheme == 1) {
+    TORCH_CHECK_VALUE((block == 64 || block == 128) && k % block == 0, block_name,
+                      ": expected an int4 group size of 64 or 128 dividing K=", k, ", got ", block);
+    check_absent(absmax_name, absmax, "int4");
+    check_absent("nested_absmax", nested_absmax, "int4");
+    check_absent("nested_code", nested_code, "int4");
+    check_part(data_name, data, data, at::kByte, numel / 2);
+    check_part("scales", required("scales", scales, "for scheme int4"), data, at::kFloat, numel / block);
+    check_part("zeros", required("zeros", zeros, "for scheme int4"), data, at::kByte, numel / block);
+    return;
+  }
+  TORCH_CHECK_VALUE(block == 64 || block == 128 || block == 256, block_name,
+                    ": expected an nf4 blocksize of 64, 128 or 256, got ", block);
+  check_absent("scales", scales, "nf4");
+  check_absent("zeros", zeros, "nf4");
+  check_part(data_name, data, data, at::kByte, (numel + 1) / 2);
+  const int64_t n_blocks = (numel + block - 1) / block;
+  const bool dq = nested_absmax.has_value();
+  TORCH_CHECK_VALUE(dq == nested_code.has_value(), dq ? "nested_code" : "nested_absmax",
+                    ": expected a tensor with ", dq ? "nested_absmax" : "nested_code",
+                    " (double quantization), got None");
+  check_part(absmax_name, required(absmax_name, absmax, "for scheme nf4"), data, dq ? at::kByte : at::kFloat,
+             n_blocks);
+  if (dq) {
+    check_part("nested_absmax", *nested_absmax, data, at::kFloat, (n_blocks + kNestedBlock - 1) / kNestedBlock);
+    check_part("nested_code", *nested_code, data, at::kFloat, 256);
+  }
+}
 
 fusedlora::OutDtype out_dtype_of(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat: return fusedlora::OutDtype::kFloat32;
     case at::kHalf: return fusedlora::OutDtype::kFloat16;
     case at::kBFloat16: return fusedlora::OutDtype::kBFloat16;
-    default: TORCH_CHECK(false, "dtype: expected float32, float16 or bfloat16, got ", dtype);
+    default: TORCH_CHECK_TYPE(false, "dtype: expected float32, float16 or bfloat16, got ", dtype);
   }
 }
 
+void check_dequantize_nf4(const at::Tensor& data, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                          double nested_offset, int64_t blocksize, int64_t n, int64_t k, at::ScalarType dtype) {
+  check_weight_4bit(0, "data", data, "absmax", absmax, nested_absmax, nested_code, nested_offset, std::nullopt,
+                    std::nullopt, "blocksize", blocksize, n, k);
+  out_dtype_of(dtype);
+}
+
+// What the CPU registration of a CUDA op does once its arguments passed every check.
+[[noreturn]] void refuse_cpu(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(false, arg, ": expected a CUDA tensor, got one on ", t.device(), " (", op,
+                    " runs on the GPU; on the CPU it only checks its arguments)");
+  std::abort();  // not reached
+}
+
+template <bool kCpu>  // the CPU registration: checks, then refuse_cpu
 at::Tensor dequantize_nf4_cuda(const at::Tensor& data, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code, double nested_offset, int64_t blocksize,
                                int64_t n, int64_t k, at::ScalarType dtype) {
-  TORCH_CHECK(n >= 1 && k >= 1, "n, k: expected a weight shape [N, K] with N, K >= 1, got [", n, ", ", k, "]");
-  TORCH_CHECK(blocksize == 64 || blocksize == 128 || blocksize == 256,
-              "blocksize: expected 64, 128 or 256, got ", blocksize);
-  const int64_t numel = n * k;
-  const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
+  check_dequantize_nf4(data, absmax, nested_absmax, nested_code, nested_offset, blocksize, n, k, dtype);
+  if constexpr (kCpu) refuse_cpu("dequantize_nf4_cuda", "data", data);
   CHECK_CUDA(data);
-  CHECK_CONTIGUOUS(data);
-  CHECK_DTYPE(data, at::kByte);
-  CHECK_NUMEL(data, (numel + 1) / 2);
-  CHECK_INPUT(absmax, data);
-  CHECK_NUMEL(absmax, n_blocks);
   const bool dq = nested_absmax.has_value();
-  TORCH_CHECK(dq == nested_code.has_value(),
-              "nested_absmax, nested_code: expected both (double quantization) or neither, got ",
-              dq ? "nested_absmax only" : "nested_code only");
-  if (dq) {
-    CHECK_DTYPE(absmax, at::kByte);
-    CHECK_INPUT(*nested_absmax, data);
-    CHECK_DTYPE(*nested_absmax, at::kFloat);
-    CHECK_NUMEL(*nested_absmax, (n_blocks + 255) / 256);
-    CHECK_INPUT(*nested_code, data);
-    CHECK_DTYPE(*nested_code, at::kFloat);
-    CHECK_NUMEL(*nested_code, 256);
-  } else {
-    CHECK_DTYPE(absmax, at::kFloat);
-  }
-  const fusedlora::OutDtype out_dtype = out_dtype_of(dtype);
-
   const c10::cuda::CUDAGuard guard(data.device());
   at::Tensor out = at::empty({n, k}, data.options().dtype(dtype));
   fusedlora::DequantNf4Args args{};
@@ -91,12 +153,22 @@ at::Tensor dequantize_nf4_cuda(const at::Tensor& data, const at::Tensor& absmax,
   args.nested_code = dq ? nested_code->data_ptr<float>() : nullptr;
   args.nested_offset = static_cast<float>(nested_offset);
   args.blocksize = static_cast<int>(blocksize);
-  args.numel = numel;
+  args.numel = n * k;
   args.out = out.data_ptr();
-  args.out_dtype = out_dtype;
+  args.out_dtype = out_dtype_of(dtype);
   const cudaError_t err = fusedlora::launch_dequantize_nf4(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "dequantize_nf4_cuda: kernel launch failed: ", cudaGetErrorString(err));
   return out;
+}
+
+// "" when the extension holds a kernel image that CUDA device `device` can run, else why not.
+std::string kernel_image_error(int64_t device) {
+  const int64_t count = c10::cuda::device_count();
+  TORCH_CHECK_VALUE(device >= 0 && device < count, "device: expected a CUDA device index in [0, ", count,
+                    "), got ", device);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaError_t err = fusedlora::kernel_image_status();
+  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
 }
 
 // Programmatic dependent launch exists from sm_90 on. The compute capability is asked once per device.
@@ -117,8 +189,57 @@ const T* optional_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
+// Every argument check of decode_lora_cuda (the CUDA implementation and the CPU registration run it).
+void check_decode_lora(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
+                       const std::optional<at::Tensor>& absmax_q, const std::optional<at::Tensor>& nested_absmax,
+                       const std::optional<at::Tensor>& nested_code, double nested_offset,
+                       const std::optional<at::Tensor>& code, const std::optional<at::Tensor>& scales,
+                       const std::optional<at::Tensor>& zeros, int64_t scheme, int64_t block, int64_t n, int64_t k,
+                       const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == k, "x: expected shape [M, K=", k, "], got ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   "x: expected dtype bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.size(0) <= fusedlora::kDecodeMaxM, "x: expected 0 <= M <= ", fusedlora::kDecodeMaxM,
+                    " rows, got ", x.size(0));
+  CHECK_CONTIGUOUS(x);
+  CHECK_ALIGNED16(x);
+  CHECK_SAME_DEVICE(w, x);
+  TORCH_CHECK_VALUE(k % 32 == 0, "k: expected a multiple of 32 (16-byte loads within a row), got ", k);
+  // NF4 without double quantization passes fp32 `absmax`, with it uint8 `absmax_q`: exactly one of them.
+  TORCH_CHECK_VALUE(scheme != 0 || absmax.has_value() != absmax_q.has_value(),
+                    "absmax, absmax_q: expected exactly one for scheme nf4 (absmax_q with double quantization)");
+  TORCH_CHECK_VALUE(!absmax_q.has_value() || nested_absmax.has_value(),
+                    "nested_absmax: expected a tensor with absmax_q (double quantization), got None");
+  TORCH_CHECK_VALUE(!absmax.has_value() || !nested_absmax.has_value(),
+                    "absmax: expected absmax_q (uint8 codes) with nested_absmax, got absmax");
+  const bool q = absmax_q.has_value();
+  check_weight_4bit(scheme, "w", w, q ? "absmax_q" : "absmax", q ? absmax_q : absmax, nested_absmax, nested_code,
+                    nested_offset, scales, zeros, "block", block, n, k);
+  CHECK_ALIGNED16(w);
+  if (scheme == 0) {
+    check_part("code", required("code", code, "(the 16 NF4 values) for scheme nf4"), x, at::kFloat, 16);
+  }
+  CHECK_INPUT(lora_A, x);
+  CHECK_ALIGNED16(lora_A);
+  CHECK_DTYPE(lora_A, x.scalar_type());
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == k && lora_A.size(0) >= 1,
+                    "lora_A: expected shape [r, K=", k, "], got ", lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  CHECK_INPUT(lora_B, x);
+  CHECK_DTYPE(lora_B, x.scalar_type());
+  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == n && lora_B.size(1) == r,
+                    "lora_B: expected shape [N=", n, ", r=", r, "], got ", lora_B.sizes());
+  if (bias.has_value()) {
+    CHECK_INPUT(*bias, x);
+    CHECK_DTYPE(*bias, x.scalar_type());
+    CHECK_NUMEL(*bias, n);
+  }
+}
+
 // y[M, N] = x·deq(W)ᵀ + scale·(x·Aᵀ)·Bᵀ + bias for M <= 16 (csrc/decode_lora.cu); x [M, K] bf16/fp16.
-// M >= mma_min_m (and K % 128 == 0) runs the tensor-core kernel, smaller M the CUDA-core GEMV.
+// M >= mma_min_m (and K % 128 == 0) runs the tensor-core kernel, smaller M the CUDA-core GEMV; M = 0 launches
+// nothing. kCpu: the CPU registration (checks, then refuse_cpu).
+template <bool kCpu>
 at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
                             const std::optional<at::Tensor>& absmax_q,
                             const std::optional<at::Tensor>& nested_absmax,
@@ -127,70 +248,13 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
                             const std::optional<at::Tensor>& zeros, int64_t scheme, int64_t block, int64_t n,
                             int64_t k, const at::Tensor& lora_A, const at::Tensor& lora_B,
                             const std::optional<at::Tensor>& bias, double scale, int64_t mma_min_m) {
+  check_decode_lora(x, w, absmax, absmax_q, nested_absmax, nested_code, nested_offset, code, scales, zeros, scheme,
+                    block, n, k, lora_A, lora_B, bias);
+  if constexpr (kCpu) refuse_cpu("decode_lora_cuda", "x", x);
   CHECK_CUDA(x);
-  CHECK_CONTIGUOUS(x);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: expected shape [M, K=", k, "], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "x: expected dtype bfloat16 or float16, got ", x.scalar_type());
   const int64_t m_rows = x.size(0);
-  TORCH_CHECK(m_rows >= 1 && m_rows <= fusedlora::kDecodeMaxM, "x: expected 1 <= M <= ", fusedlora::kDecodeMaxM,
-              " rows, got ", m_rows);
-  TORCH_CHECK(k % 32 == 0, "k: expected a multiple of 32 (16-byte loads within a row), got ", k);
-  TORCH_CHECK(block >= 32 && (block & (block - 1)) == 0,
-              "block: expected a power of two >= 32 (one scale per 16-byte load), got ", block);
-  TORCH_CHECK(scheme == 0 || scheme == 1, "scheme: expected 0 (nf4) or 1 (int4), got ", scheme);
-  CHECK_ALIGNED16(x);
-  CHECK_INPUT(w, x);
-  CHECK_ALIGNED16(w);
-  CHECK_DTYPE(w, at::kByte);
-  CHECK_NUMEL(w, n * k / 2);
-  const int64_t n_blocks = (n * k + block - 1) / block;
-  if (scheme == 0) {
-    TORCH_CHECK(code.has_value(), "code: expected the 16 NF4 values for scheme nf4, got None");
-    CHECK_INPUT(*code, x);
-    CHECK_NUMEL(*code, 16);
-    TORCH_CHECK(absmax.has_value() != absmax_q.has_value(),
-                "absmax, absmax_q: expected exactly one (absmax_q with double quantization)");
-    if (absmax.has_value()) {
-      CHECK_INPUT(*absmax, x);
-      CHECK_DTYPE(*absmax, at::kFloat);
-      CHECK_NUMEL(*absmax, n_blocks);
-    } else {
-      CHECK_INPUT(*absmax_q, x);
-      CHECK_DTYPE(*absmax_q, at::kByte);
-      CHECK_NUMEL(*absmax_q, n_blocks);
-      TORCH_CHECK(nested_absmax.has_value() && nested_code.has_value(),
-                  "nested_absmax, nested_code: expected both with absmax_q");
-      CHECK_INPUT(*nested_absmax, x);
-      CHECK_DTYPE(*nested_absmax, at::kFloat);
-      CHECK_INPUT(*nested_code, x);
-      CHECK_NUMEL(*nested_code, 256);
-    }
-  } else {
-    TORCH_CHECK(scales.has_value() && zeros.has_value(), "scales, zeros: expected both for scheme int4");
-    CHECK_INPUT(*scales, x);
-    CHECK_DTYPE(*scales, at::kFloat);
-    CHECK_NUMEL(*scales, n_blocks);
-    CHECK_INPUT(*zeros, x);
-    CHECK_DTYPE(*zeros, at::kByte);
-    CHECK_NUMEL(*zeros, n_blocks);
-  }
-  CHECK_INPUT(lora_A, x);
-  CHECK_ALIGNED16(lora_A);
-  CHECK_DTYPE(lora_A, x.scalar_type());
-  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == k && lora_A.size(0) >= 1,
-              "lora_A: expected shape [r, K=", k, "], got ", lora_A.sizes());
   const int64_t r = lora_A.size(0);
-  CHECK_INPUT(lora_B, x);
-  CHECK_DTYPE(lora_B, x.scalar_type());
-  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == n && lora_B.size(1) == r,
-              "lora_B: expected shape [N=", n, ", r=", r, "], got ", lora_B.sizes());
-  if (bias.has_value()) {
-    CHECK_INPUT(*bias, x);
-    CHECK_DTYPE(*bias, x.scalar_type());
-    CHECK_NUMEL(*bias, n);
-  }
-
+  if (m_rows == 0) return at::empty({0, n}, x.options());
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({m_rows, n}, x.options());
   at::Tensor xa = at::empty({m_rows, r}, x.options().dtype(at::kFloat));
@@ -229,6 +293,7 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
 }  // namespace
 
 TORCH_LIBRARY(fusedlora, m) {
+  m.def("kernel_image_error(int device) -> str", &kernel_image_error);
   m.def(
       "dequantize_nf4_cuda(Tensor data, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "float nested_offset, int blocksize, int n, int k, ScalarType dtype) -> Tensor");
@@ -239,8 +304,15 @@ TORCH_LIBRARY(fusedlora, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedlora, CUDA, m) {
-  m.impl("dequantize_nf4_cuda", &dequantize_nf4_cuda);
-  m.impl("decode_lora_cuda", &decode_lora_cuda);
+  m.impl("dequantize_nf4_cuda", &dequantize_nf4_cuda<false>);
+  m.impl("decode_lora_cuda", &decode_lora_cuda<false>);
+}
+
+// On CPU tensors the CUDA ops run every check of their arguments, then refuse: the binding's checks run
+// (and are tested) on machines without a GPU.
+TORCH_LIBRARY_IMPL(fusedlora, CPU, m) {
+  m.impl("dequantize_nf4_cuda", &dequantize_nf4_cuda<true>);
+  m.impl("decode_lora_cuda", &decode_lora_cuda<true>);
 }
 
 // `import fusedlora._C` runs the registrations above; the module itself carries nothing (no pybind11,

@@ -105,6 +105,18 @@ cudaError_t launch_dq(const DequantNf4Args& a, cudaStream_t stream) {
 
 }  // namespace
 
+#if !defined(FUSEDLORA_EMULATE)
+cudaError_t kernel_image_status() {
+  // Asking for a kernel's attributes loads the module for the current device: it fails, as a launch would,
+  // when the build holds neither a binary for the device's architecture nor PTX it can compile. Every .cu
+  // of the build is compiled for the same architectures, so one kernel answers for all.
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, dequantize_nf4_kernel<float, false, true>);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky: clear it so that later launches see none
+  return err;
+}
+#endif
+
 cudaError_t launch_dequantize_nf4(const DequantNf4Args& args, cudaStream_t stream) {
   if (args.numel <= 0) return cudaSuccess;
   if (args.blocksize <= 0 || args.blocksize % kElementsPer16B != 0) return cudaErrorInvalidValue;

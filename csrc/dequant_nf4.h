@@ -25,4 +25,8 @@ struct DequantNf4Args {
 // Launches on `stream`; returns the launch error (cudaSuccess when none).
 cudaError_t launch_dequantize_nf4(const DequantNf4Args& args, cudaStream_t stream);
 
+// cudaSuccess when this build holds a kernel image the current device can run, else the error a launch
+// would return (cudaErrorNoKernelImageForDevice): the build's architectures do not include the device's.
+cudaError_t kernel_image_status();
+
 }  // namespace fusedlora

@@ -13,6 +13,7 @@ so a reader never sees half a file. Only JSON and safetensors are read: nothing 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -24,7 +25,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .inject import CONFIG_ATTR, find_targets, freeze_all_but_adapters, inject, layer_settings, lora_layers
+from .inject import (
+    CONFIG_ATTR,
+    PatternMatcher,
+    find_targets,
+    freeze_all_but_adapters,
+    inject,
+    layer_settings,
+    lora_layers,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -161,8 +170,24 @@ def save_adapter(model: nn.Module, out_dir, task_type: str | None = None,
     return out
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _positive_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _names(v, allow_none: bool) -> bool:
+    """A regex string, or a list of non-empty name strings (or None where allowed)."""
+    if v is None:
+        return allow_none
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) and t for t in v))
+
+
 def read_adapter_config(adapter_dir) -> dict:
-    """adapter_config.json of ``adapter_dir``, checked for what a fused LoRA can represent."""
+    """adapter_config.json of ``adapter_dir``, checked for what a fused LoRA can represent and for the types
+    and ranges of every field it uses (it may come from anywhere: nothing is allocated from it before)."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"load_adapter: {path} does not exist")
@@ -177,17 +202,71 @@ def read_adapter_config(adapter_dir) -> dict:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise ValueError(f"load_adapter: {path}: the field {key!r} is missing")
-    if not isinstance(config["r"], int) or isinstance(config["r"], bool) or config["r"] < 1:
-        raise ValueError(f"load_adapter: {path}: 'r' must be a positive int, got {config['r']!r}")
+
+    def refuse(key: str, expected: str, value):
+        shown = key if "[" in key else repr(key)  # rank_pattern['q_proj'] as it is
+        raise ValueError(f"load_adapter: {path}: {shown} must be {expected}, got {value!r}")
+
+    if not _positive_int(config["r"]):
+        refuse("r", "a positive int", config["r"])
+    if not _positive_finite(config["lora_alpha"]):
+        refuse("lora_alpha", "a finite number > 0", config["lora_alpha"])
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
+                                    and 0.0 <= dropout < 1.0):
+        refuse("lora_dropout", "a number in [0, 1)", dropout)
+    if not isinstance(config.get("use_rslora", False), bool):
+        refuse("use_rslora", "true or false", config["use_rslora"])
+    if not _names(config["target_modules"], allow_none=False):
+        refuse("target_modules", "a regular expression or a list of module names", config["target_modules"])
+    if not _names(config.get("exclude_modules"), allow_none=True):
+        refuse("exclude_modules", "null, a regular expression or a list of module names", config["exclude_modules"])
     for key, neutral in _UNSUPPORTED.items():
-        if config.get(key, neutral[0]) not in neutral:
+        value = config.get(key, neutral[0])
+        if not any(type(value) is type(n) and value == n for n in neutral):  # 0 is not False here
             raise ValueError(f"load_adapter: {path}: {key}={config[key]!r} is not supported by fused layers")
     if config.get("bias", "none") != "none":
         raise ValueError(f"load_adapter: {path}: bias={config['bias']!r} is not supported (only 'none')")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise ValueError(f"load_adapter: {path}: {key!r} must be an object, got {config[key]!r}")
+    for key, valid, expected in (("rank_pattern", _positive_int, "a positive int"),
+                                 ("alpha_pattern", _positive_finite, "a finite number > 0")):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            refuse(key, "an object", config[key])
+        for k, v in pattern.items():
+            if not valid(v):
+                refuse(f"{key}[{k!r}]", expected, v)
     return config
+
+
+def _check_against_file(model: nn.Module, config: dict, tensors: dict, weights_path: Path) -> dict[str, tuple]:
+    """{layer name: (r, alpha)} of every layer the config targets, after checking, before anything is
+    allocated, that the file holds exactly their A [r, K] and B [N, r] (floating point) and nothing else."""
+    r, alpha = config["r"], config["lora_alpha"]
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    names = find_targets(model, config["target_modules"], config.get("exclude_modules"))
+    matcher = PatternMatcher()
+    settings, used = {}, set()
+    for name in names:
+        module = model.get_submodule(name)
+        r_i, alpha_i = layer_settings(name, r, alpha, rank_pattern, alpha_pattern, matcher)
+        settings[name] = (r_i, alpha_i)
+        want = ((r_i, module.in_features), (module.out_features, r_i))
+        for key, shape in zip(adapter_keys(name), want, strict=True):
+            if key not in tensors:
+                raise KeyError(f"load_adapter: {weights_path} has no tensor {key!r} (needed by layer {name})")
+            t = tensors[key]
+            if tuple(t.shape) != shape or not t.is_floating_point():
+                raise ValueError(
+                    f"load_adapter: {weights_path}: {key!r} is {t.dtype} of shape {tuple(t.shape)}, expected a "
+                    f"floating-point tensor of shape {shape} (r={r_i} from {CONFIG_NAME}, layer {name} is "
+                    f"[{module.out_features}, {module.in_features}])"
+                )
+            used.add(key)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"load_adapter: {weights_path} has tensors no layer takes: {unused[:8]}"
+                         f"{' ...' if len(unused) > 8 else ''}")
+    return settings
 
 
 def _read_tensors(adapter_dir) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -215,46 +294,33 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     weights_path, tensors = _read_tensors(adapter_dir)
     r, alpha = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    dropout, rslora = float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora", False))
+    dropout, rslora = float(config.get("lora_dropout") or 0.0), config.get("use_rslora", False)
     targets, exclude = config["target_modules"], config.get("exclude_modules")
     layers = {n: m for n, m in lora_layers(model).items() if m.r}
-    if not layers:
-        inject(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora,
-               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, exclude_modules=exclude)
-        layers = {n: m for n, m in lora_layers(model).items() if m.r}
-    else:
-        chosen = set(find_targets(model, targets, exclude))
-        if chosen != set(layers):
-            extra, missing = sorted(set(layers) - chosen), sorted(chosen - set(layers))
+    settings = _check_against_file(model, config, tensors, weights_path)
+    if layers:
+        if set(settings) != set(layers):
+            extra, missing = sorted(set(layers) - set(settings)), sorted(set(settings) - set(layers))
             raise ValueError(
                 f"load_adapter: the model's adapter layers differ from those {CONFIG_NAME} targets "
                 f"(adapters the config does not name: {extra}; named layers without an adapter: {missing})"
             )
         for name, layer in layers.items():
-            r_i, alpha_i = layer_settings(name, r, alpha, rank_pattern, alpha_pattern)
-            if layer.r != r_i:
-                raise ValueError(f"load_adapter: layer {name} has r={layer.r}, {CONFIG_NAME} gives r={r_i}")
-            layer.set_scaling(alpha_i, rslora)
+            if layer.r != settings[name][0]:
+                raise ValueError(f"load_adapter: layer {name} has r={layer.r}, {CONFIG_NAME} gives "
+                                 f"r={settings[name][0]}")
+        for name, layer in layers.items():
+            layer.set_scaling(settings[name][1], rslora)
             layer.dropout = dropout
         freeze_all_but_adapters(model)
-    used = set()
+    else:
+        inject(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora,
+               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, exclude_modules=exclude)
+        layers = {n: m for n, m in lora_layers(model).items() if m.r}
     with torch.no_grad():
         for name, layer in layers.items():
             for key, param in zip(adapter_keys(name), (layer.lora_A, layer.lora_B), strict=True):
-                if key not in tensors:
-                    raise KeyError(f"load_adapter: {weights_path} has no tensor {key!r} (needed by layer {name})")
-                t = tensors[key]
-                if tuple(t.shape) != tuple(param.shape) or not t.is_floating_point():
-                    raise ValueError(
-                        f"load_adapter: {weights_path}: {key!r} is {t.dtype} of shape {tuple(t.shape)}, "
-                        f"expected a floating-point tensor of shape {tuple(param.shape)}"
-                    )
-                param.copy_(t)
-                used.add(key)
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise ValueError(f"load_adapter: {weights_path} has tensors no layer takes: {unused[:8]}"
-                         f"{' ...' if len(unused) > 8 else ''}")
+                param.copy_(tensors[key])
     setattr(model, CONFIG_ATTR, {
         "target_modules": targets, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
         "rank_pattern": dict(rank_pattern), "alpha_pattern": dict(alpha_pattern), "exclude_modules": exclude,

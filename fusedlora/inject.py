@@ -7,15 +7,20 @@
   model has it, else a top-level ``lm_head``).
 ``rank_pattern`` / ``alpha_pattern`` map a pattern to a rank / alpha: the first key ``k`` for which
 ``re.match(rf"(.*\\.)?({k})$", name)`` holds applies (PEFT's rule); other layers get ``r`` / ``alpha``.
+
+Patterns may come from untrusted adapter configs, so they are matched by the ``regex`` package (``re``'s
+syntax and semantics) under one time budget per call (``PATTERN_TIME_LIMIT_S``): a pattern that
+backtracks without end is an error naming it, not a hang.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-import re
+import time
 from collections.abc import Iterable, Mapping
 
+import regex
 import torch
 from torch import nn
 
@@ -28,19 +33,63 @@ ALL_LINEAR = "all-linear"
 CONFIG_ATTR = "fusedlora_adapter_config"
 
 
-def pattern_key(patterns: Iterable[str], name: str) -> str | None:
+# Seconds that all the pattern matching of one call (find_targets, layer_settings) may take together.
+PATTERN_TIME_LIMIT_S = 2.0
+
+
+class PatternMatcher:
+    """Regular-expression matching with one time budget for every match it makes."""
+
+    def __init__(self, limit_s: float | None = None):
+        self.limit_s = PATTERN_TIME_LIMIT_S if limit_s is None else limit_s
+        self.deadline = time.monotonic() + self.limit_s
+
+    def _run(self, what: str, pattern: str, text: str, wrapped: str, full: bool) -> bool:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{what}: expected a regular expression string, got {type(pattern).__name__}")
+        try:
+            rx = regex.compile(wrapped)
+        except regex.error as exc:
+            raise ValueError(f"{what}: {pattern!r} is not a valid regular expression ({exc})") from None
+        left = self.deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            found = (rx.fullmatch if full else rx.match)(text, timeout=left)
+        except TimeoutError:
+            raise ValueError(
+                f"{what}: matching {pattern!r} against the module names took more than {self.limit_s:g} s "
+                "(a pattern that backtracks without end, such as nested repetition?)"
+            ) from None
+        return found is not None
+
+    def fullmatch(self, what: str, pattern: str, name: str) -> bool:
+        """``re.fullmatch(pattern, name)``: PEFT's rule for a target_modules / exclude_modules string."""
+        return self._run(what, pattern, name, pattern, True)
+
+    def suffix_match(self, what: str, pattern: str, name: str) -> bool:
+        r"""``re.match(rf"(.*\.)?({pattern})$", name)``: PEFT's rule for rank_pattern / alpha_pattern keys."""
+        return self._run(what, pattern, name, rf"(.*\.)?({pattern})$", False)
+
+
+def pattern_key(patterns: Iterable[str], name: str, matcher: PatternMatcher | None = None,
+                what: str = "rank_pattern") -> str | None:
     """The first pattern of ``rank_pattern`` / ``alpha_pattern`` that applies to module ``name``."""
+    matcher = matcher or PatternMatcher()
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if matcher.suffix_match(what, key, name):
             return key
     return None
 
 
-def layer_settings(name: str, r: int, alpha: float, rank_pattern: Mapping | None, alpha_pattern: Mapping | None):
-    """(r, alpha) of the layer called ``name`` under PEFT's pattern rules."""
+def layer_settings(name: str, r: int, alpha: float, rank_pattern: Mapping | None, alpha_pattern: Mapping | None,
+                   matcher: PatternMatcher | None = None):
+    """(r, alpha) of the layer called ``name`` under PEFT's pattern rules (``matcher``: the time budget to
+    share with other calls)."""
     rank_pattern, alpha_pattern = rank_pattern or {}, alpha_pattern or {}
-    rk = pattern_key(rank_pattern, name)
-    ak = pattern_key(alpha_pattern, name)
+    matcher = matcher or PatternMatcher()
+    rk = pattern_key(rank_pattern, name, matcher, "rank_pattern")
+    ak = pattern_key(alpha_pattern, name, matcher, "alpha_pattern")
     return (rank_pattern[rk] if rk is not None else r), (alpha_pattern[ak] if ak is not None else alpha)
 
 
@@ -69,11 +118,11 @@ def _close_matches(word: str, names: list[str]) -> str:
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
-def _excluded(name: str, exclude_modules) -> bool:
+def _excluded(name: str, exclude_modules, matcher: PatternMatcher) -> bool:
     if not exclude_modules:
         return False
     if isinstance(exclude_modules, str):
-        return re.fullmatch(exclude_modules, name) is not None
+        return matcher.fullmatch("exclude_modules", exclude_modules, name)
     return any(name == e or name.endswith("." + e) for e in exclude_modules)
 
 
@@ -85,15 +134,12 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
     """
     modules = dict(model.named_modules(remove_duplicate=False))
     names = [n for n in modules if n]
+    matcher = PatternMatcher()
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         heads = _output_head_names(model)
         chosen = [n for n in names if _is_linear(modules[n]) and n not in heads]
     elif isinstance(target_modules, str):
-        try:
-            rx = re.compile(target_modules)
-        except re.error as exc:
-            raise ValueError(f"target_modules: {target_modules!r} is not a valid regular expression ({exc})") from exc
-        chosen = [n for n in names if rx.fullmatch(n)]
+        chosen = [n for n in names if matcher.fullmatch("target_modules", target_modules, n)]
         if not chosen:
             raise ValueError(
                 f"target_modules: the regular expression {target_modules!r} matches no module name "
@@ -113,7 +159,7 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
             f"target_modules: expected a list of names, a regex string or {ALL_LINEAR!r}, "
             f"got {type(target_modules).__name__}"
         )
-    chosen = [n for n in chosen if not _excluded(n, exclude_modules)]
+    chosen = [n for n in chosen if not _excluded(n, exclude_modules, matcher)]
     bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not _is_linear(modules[n])]
     if bad:
         raise ValueError(f"target_modules: only linear layers can take a LoRA adapter, but it selects {', '.join(bad)}")
@@ -171,9 +217,10 @@ def inject(
     if already:
         raise ValueError(f"inject: these layers already have an adapter: {', '.join(already)}")
     done: dict[int, LoRALinear] = {}  # a module reachable under two names stays one module
+    matcher = PatternMatcher()
     for name in names:
         old = modules[name]
-        r_i, alpha_i = layer_settings(name, r, alpha, rank_pattern, alpha_pattern)
+        r_i, alpha_i = layer_settings(name, r, alpha, rank_pattern, alpha_pattern, matcher)
         if isinstance(r_i, bool) or not isinstance(r_i, int) or r_i < 1:
             raise ValueError(f"inject: {name}: expected a rank r >= 1 (r or rank_pattern), got {r_i!r}")
         adapter = dict(r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora,

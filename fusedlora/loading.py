@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -43,12 +43,25 @@ def _parameters_on_meta():
         nn.Module.register_parameter = original
 
 
+def _inside(root: Path, name, index: Path) -> str:
+    """``name`` from the index, refused unless it names a file inside ``root``: a relative path without
+    ``..`` (symbolic links inside the folder are followed, as in a Hugging Face cache snapshot)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"load_quantized: {index}: expected file names in weight_map, got {name!r}")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if PurePosixPath(name).is_absolute() or Path(name).is_absolute() or ".." in parts or not parts:
+        raise ValueError(f"load_quantized: {index}: weight_map names {name!r}, outside the checkpoint folder "
+                         f"{root}; only files inside it are read")
+    return name
+
+
 def _read_safetensors(root: Path) -> dict[str, torch.Tensor]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({_inside(root, name, index) for name in weight_map.values()})
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
             raise ValueError(f"load_quantized: {index} is not a valid index ({exc})") from exc
     elif (root / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -67,12 +80,16 @@ def _read_safetensors(root: Path) -> dict[str, torch.Tensor]:
 
 
 def _model_class(config):
+    """The transformers model class that ``config.architectures`` names: only classes deriving from
+    ``PreTrainedModel`` are taken (the list comes from the checkpoint's config.json)."""
     import transformers
 
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            continue
         cls = getattr(transformers, name, None)
-        if cls is not None:
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     raise ValueError(f"load_quantized: config.architectures {names} names no transformers model class")
 

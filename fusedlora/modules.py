@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats.packed import SCHEMES, Packed4bit, check_packed
+from .formats.packed import SCHEMES, Packed4bit, check_packed, field_names
 from .functional import lora_linear
 from .ops.backend import backend
 from .quantized import QuantizedWeight, quantize
@@ -134,7 +134,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"weight: expected a quant scheme in {SCHEMES}, got {p.scheme!r}")
         if qw.dtype not in _DTYPES:
             raise TypeError(f"weight: expected a compute dtype in {_DTYPES}, got {qw.dtype}")
-        check_packed(p, {f: f"weight.{f}" for f in _QUANT_FIELDS})
+        check_packed(p, field_names("weight."))
         self.quant_scheme = p.scheme
         self.quant_block = int(p.block)
         self.quant_nested_offset = float(p.nested_offset)

@@ -6,7 +6,12 @@ import torch
 
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests skip cleanly without CUDA; FUSEDLORA_REQUIRE_GPU=1 (the device check) turns a skip into
-    a failure, so a GPU run cannot pass by skipping."""
+    a failure, so a GPU run cannot pass by skipping. `multigpu` tests (not part of `-m gpu`) skip without two
+    GPUs."""
+    if torch.cuda.device_count() < 2:
+        for item in items:
+            if "multigpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
     if torch.cuda.is_available():
         return
     if os.environ.get("FUSEDLORA_REQUIRE_GPU") == "1":

@@ -152,9 +152,9 @@ def test_gpu_cuda_op_checks_name_the_tensor():
     if not fl.extension_loaded():
         pytest.fail("the CUDA extension is not loaded on a GPU machine")
     p = quantize_nf4(weight((8, 64)), 64, False)
-    with pytest.raises(RuntimeError, match="data: expected a CUDA tensor"):
+    with pytest.raises(ValueError, match="data: expected a CUDA tensor"):
         torch.ops.fusedlora.dequantize_nf4_cuda(p.data, p.absmax, None, None, 0.0, 64, 8, 64, torch.float16)
-    with pytest.raises(RuntimeError, match="absmax: expected 8 elements"):
+    with pytest.raises(ValueError, match="absmax: expected 8 elements"):
         torch.ops.fusedlora.dequantize_nf4_cuda(p.data.cuda(), p.absmax[:-1].cuda(), None, None, 0.0, 64, 8, 64,
                                                 torch.float16)
 

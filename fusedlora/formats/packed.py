@@ -60,6 +60,13 @@ class Packed4bit:
         return self.shape[0] * self.shape[1]
 
 
+def field_names(prefix: str) -> dict[str, str]:
+    """``check_packed``'s ``names`` for a weight reported as ``prefix`` + field (``"weight."``)."""
+    fields = ("scheme", "data", "shape", "block", "absmax", "nested_absmax", "nested_code", "nested_offset",
+              "scales", "zeros")
+    return {f: prefix + f for f in fields}
+
+
 def n_blocks(numel: int, blocksize: int) -> int:
     return -(-numel // blocksize)
 

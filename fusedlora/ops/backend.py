@@ -3,7 +3,8 @@
 - ``reference``: plain torch; every op has one; the default for CPU tensors.
 - ``triton``: the Triton kernels; on CPU tensors only when forced under ``TRITON_INTERPRET=1``.
 - ``cuda``: the compiled extension where it has a kernel, the Triton kernels for the rest; the default on
-  a GPU when ``fusedlora._C`` is built, else ``triton`` is.
+  a GPU when ``fusedlora._C`` is built and holds a kernel image for that GPU's architecture, else ``triton``
+  is (saying so in one logged line per device, when the extension is built but not for that GPU).
 
 ``FUSEDLORA_BACKEND=cuda|triton|reference`` forces a family. Forcing one that cannot run on the device is
 an error, never a silent fallback. float64 inputs always run the reference (the kernels have no fp64 path).
@@ -12,7 +13,9 @@ an error, never a silent fallback. float64 inputs always run the reference (the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import logging
 import os
 
 import torch
@@ -21,6 +24,7 @@ from .._ext import EXTENSION_ERROR, extension_loaded
 
 FAMILIES = ("cuda", "triton", "reference")
 ENV_VAR = "FUSEDLORA_BACKEND"
+logger = logging.getLogger("fusedlora")
 
 
 def triton_interpreted() -> bool:
@@ -37,6 +41,31 @@ def _resolve_device(device) -> torch.device:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
     return torch.device(device)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def kernel_image_error(index: int) -> str:
+    """"" when the extension holds a kernel image CUDA device ``index`` can run, else the CUDA error."""
+    return torch.ops.fusedlora.kernel_image_error(index)
+
+
+@functools.cache
+def _no_kernel_for(index: int) -> str | None:
+    """Why the extension cannot run on CUDA device ``index`` (None: it can); asked once per device."""
+    err = kernel_image_error(index)
+    if not err:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return (f"the CUDA extension fusedlora._C has no kernel for compute capability {major}.{minor} ({err}); "
+            f"rebuild it with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
+
+
+@functools.cache
+def _log_fallback(index: int, reason: str) -> None:
+    logger.warning("fusedlora: cuda:%d runs the triton backend: %s", index, reason)
 
 
 def why_not(family: str, device: torch.device) -> str | None:
@@ -56,7 +85,7 @@ def why_not(family: str, device: torch.device) -> str | None:
             return f"the CUDA extension runs on CUDA tensors, got device {device}"
         if not extension_loaded():
             return f"the CUDA extension fusedlora._C is not loaded ({EXTENSION_ERROR})"
-        return None
+        return _no_kernel_for(_device_index(device))
     raise ValueError(f"{ENV_VAR}: expected one of {FAMILIES}, got {family!r}")
 
 
@@ -72,7 +101,14 @@ def backend(device=None) -> str:
             raise RuntimeError(f"{ENV_VAR}={forced} cannot run on {device}: {reason}")
         return forced
     if device.type == "cuda":
-        return "cuda" if extension_loaded() else "triton"
+        if not extension_loaded():
+            return "triton"
+        index = _device_index(device)
+        reason = _no_kernel_for(index)
+        if reason is None:
+            return "cuda"
+        _log_fallback(index, reason)
+        return "triton"
     return "reference"
 
 

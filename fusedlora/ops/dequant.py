@@ -21,6 +21,7 @@ from ..formats import dequantize_int4 as _int4_reference
 from ..formats import dequantize_nf4 as _nf4_reference
 from ..formats.nf4 import assemble_nf4, check_nf4_input, quantize_nf4_bytes
 from ..formats.packed import Packed4bit, check_packed, n_blocks
+from ..kernels import device_guard
 from .checks import check_tensor
 from .registry import register, select
 
@@ -68,8 +69,9 @@ def dequantize_nf4_op(
 ) -> torch.Tensor:
     check_nf4(data, absmax, nested_absmax, nested_code, blocksize, n, k, dtype, nested_offset)
     _, impl = select("dequantize_nf4", data.device, dtype)
-    return impl(data.contiguous(), absmax.contiguous(), nested_absmax, nested_code, nested_offset, blocksize,
-                n, k, dtype)
+    with device_guard(data.device):  # Triton launches on the current device, not the tensors'
+        return impl(data.contiguous(), absmax.contiguous(), nested_absmax, nested_code, nested_offset, blocksize,
+                    n, k, dtype)
 
 
 @dequantize_nf4_op.register_fake
@@ -83,7 +85,8 @@ def dequantize_int4_op(
 ) -> torch.Tensor:
     check_int4(data, scales, zeros, group_size, dtype)
     _, impl = select("dequantize_int4", data.device, dtype)
-    return impl(data.contiguous(), scales.contiguous(), zeros.contiguous(), group_size, dtype)
+    with device_guard(data.device):
+        return impl(data.contiguous(), scales.contiguous(), zeros.contiguous(), group_size, dtype)
 
 
 @dequantize_int4_op.register_fake
@@ -95,7 +98,8 @@ def _(data, scales, zeros, group_size, dtype):
 def quantize_nf4_op(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     check_nf4_input(w, blocksize)
     _, impl = select("quantize_nf4", w.device, w.dtype)
-    return impl(w.contiguous(), blocksize)
+    with device_guard(w.device):
+        return impl(w.contiguous(), blocksize)
 
 
 @quantize_nf4_op.register_fake

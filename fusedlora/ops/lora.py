@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..formats.packed import Packed4bit, check_packed
+from ..formats.packed import Packed4bit, check_packed, field_names
 from .checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from .registry import register, select
 
@@ -28,8 +28,7 @@ def _weight_shape_dtype(weight) -> tuple[tuple[int, int], torch.dtype | None, to
     return tuple(weight.shape), weight.dtype, weight.device
 
 
-_WEIGHT_NAMES = {f: f"weight.{f}" for f in ("scheme", "data", "shape", "block", "absmax", "nested_absmax",
-                                             "nested_code", "nested_offset", "scales", "zeros")}
+_WEIGHT_NAMES = field_names("weight.")
 
 
 def check_lora_args(x, weight, lora_A, lora_B, scale, bias, dropout_p, dropout_mask) -> None:
