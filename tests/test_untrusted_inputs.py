@@ -443,16 +443,19 @@ def test_checkpoint_loader_stays_in_its_folder_and_builds_only_models(row_id, ma
 
 # ---- which backend runs: the extension must hold a kernel for the GPU ----------------------------------------
 
+@pytest.fixture
+def fresh_probe(monkeypatch):
+    monkeypatch.setattr(backend_module, "_NO_KERNEL", {})
+    monkeypatch.setattr(backend_module, "_LOGGED", set())
+
+
 def _pretend_gpu(monkeypatch, error: str):
     monkeypatch.setattr(backend_module, "extension_loaded", lambda: True)
     monkeypatch.setattr(backend_module, "kernel_image_error", lambda index: error)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (12, 0))
-    backend_module._no_kernel_for.cache_clear()
-    backend_module._log_fallback.cache_clear()
-    monkeypatch.setattr(backend_module, "_no_kernel_for", functools.cache(backend_module._no_kernel_for.__wrapped__))
 
 
-def test_gpu_without_a_kernel_image_falls_back_to_triton_with_one_line(monkeypatch, caplog):
+def test_gpu_without_a_kernel_image_falls_back_to_triton_with_one_line(monkeypatch, caplog, fresh_probe):
     _pretend_gpu(monkeypatch, "no kernel image is available for execution on the device")
     with caplog.at_level("WARNING", logger="fusedlora"):
         assert fl.backend("cuda:0") == "triton"
@@ -464,9 +467,30 @@ def test_gpu_without_a_kernel_image_falls_back_to_triton_with_one_line(monkeypat
         fl.backend("cuda:0")
 
 
-def test_gpu_with_a_kernel_image_runs_the_extension(monkeypatch):
+def test_gpu_with_a_kernel_image_runs_the_extension(monkeypatch, fresh_probe):
     _pretend_gpu(monkeypatch, "")
     assert fl.backend("cuda:0") == "cuda"
+
+
+@pytest.mark.parametrize("error", ["", "no kernel image is available for execution on the device"])
+def test_the_kernel_probe_is_a_constant_to_torch_compile(error, monkeypatch, fresh_probe):
+    # The probe calls into the extension, which torch.compile cannot trace: its result must be a constant of
+    # the trace (a model on a GPU compiles with fullgraph=True, and the probe runs once).
+    calls = []
+
+    def untraceable_probe(index):
+        calls.append(index)
+        with open(__file__, "rb"):  # file I/O: a graph break if it were traced
+            pass
+        return error
+
+    _pretend_gpu(monkeypatch, error)
+    monkeypatch.setattr(backend_module, "kernel_image_error", untraceable_probe)
+    family = "triton" if error else "cuda"
+    compiled = torch.compile(lambda x: x * (2.0 if fl.backend("cuda:0") == family else 3.0), fullgraph=True,
+                             backend="aot_eager")
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+    assert calls == [0]
 
 
 @_needs_ext

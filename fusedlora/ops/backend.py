@@ -13,7 +13,6 @@ an error, never a silent fallback. float64 inputs always run the reference (the 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import logging
 import os
@@ -52,20 +51,33 @@ def kernel_image_error(index: int) -> str:
     return torch.ops.fusedlora.kernel_image_error(index)
 
 
-@functools.cache
+_NO_KERNEL: dict[int, str | None] = {}  # device index -> why the extension cannot run there (None: it can)
+_LOGGED: set[int] = set()
+
+
+# Plain functions over the dicts above (not functools caches, which torch.compile traces through): constants
+# to torch.compile, so that a compiled model does not trace the probe of the extension.
+@torch.compiler.assume_constant_result
 def _no_kernel_for(index: int) -> str | None:
     """Why the extension cannot run on CUDA device ``index`` (None: it can); asked once per device."""
-    err = kernel_image_error(index)
-    if not err:
-        return None
-    major, minor = torch.cuda.get_device_capability(index)
-    return (f"the CUDA extension fusedlora._C has no kernel for compute capability {major}.{minor} ({err}); "
-            f"rebuild it with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
+    if index not in _NO_KERNEL:
+        err = kernel_image_error(index)
+        reason = None
+        if err:
+            major, minor = torch.cuda.get_device_capability(index)
+            reason = (f"the CUDA extension fusedlora._C has no kernel for compute capability {major}.{minor} "
+                      f"({err}); rebuild it with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
+        _NO_KERNEL[index] = reason
+    return _NO_KERNEL[index]
 
 
-@functools.cache
-def _log_fallback(index: int, reason: str) -> None:
-    logger.warning("fusedlora: cuda:%d runs the triton backend: %s", index, reason)
+@torch.compiler.assume_constant_result
+def _log_fallback(index: int, reason: str) -> bool:
+    """One logged line per device that runs the triton family because the extension cannot."""
+    if index not in _LOGGED:
+        _LOGGED.add(index)
+        logger.warning("fusedlora: cuda:%d runs the triton backend: %s", index, reason)
+    return True
 
 
 def why_not(family: str, device: torch.device) -> str | None:
