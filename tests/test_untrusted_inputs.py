@@ -394,21 +394,29 @@ def test_patterns_keep_peft_semantics():
 
 # ---- bitsandbytes checkpoint folders ------------------------------------------------------------------------
 
-def _checkpoint(root, architectures=("LlamaForCausalLM",), weight_map=None):
+def _checkpoint(root, architectures=("LlamaForCausalLM",), weight_map=None, corrupt=None):
+    """A one-layer Llama saved as transformers saves a bitsandbytes 4-bit model (q_proj in NF4 with double
+    quantization, its other tensors dense), or with ``weight_map`` only its index. ``corrupt``: a mutation
+    of q_proj's 4-bit weight before it is written."""
     pytest.importorskip("transformers")
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2).to_dict()
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    config = cfg.to_dict()
     config.update(architectures=list(architectures), quantization_config={
         "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})
     (root / "config.json").write_text(json.dumps(config))
-    if weight_map is None:
-        save_file({"model.norm.weight": torch.ones(64)}, root / "model.safetensors")
-    else:
+    if weight_map is not None:
         (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return root
+    tensors = {k: v.contiguous() for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    prefix = "model.layers.0.self_attn.q_proj"
+    packed = fl.quantize(tensors.pop(f"{prefix}.weight"), "nf4").packed
+    tensors.update(bnb_format.to_state_dict((corrupt or _replace())(packed), torch.float32, prefix))
+    save_file(tensors, root / "model.safetensors")
     return root
 
 
@@ -430,15 +438,25 @@ CHECKPOINTS = [
     ("architectures-function", lambda t: dict(architectures=["pipeline"]), "names no transformers model class"),
     ("architectures-config-class", lambda t: dict(architectures=["AutoConfig"]), "names no transformers model"),
     ("architectures-private", lambda t: dict(architectures=["__class__"]), "names no transformers model class"),
+    # the loader reads 4-bit weights through check_packed, naming the file's key
+    ("nested_absmax-short", lambda t: dict(corrupt=_replace(nested_absmax=lambda p: p.nested_absmax[:0])),
+     r"model\.layers\.0\.self_attn\.q_proj\.weight\.nested_absmax: expected shape \(1,\), got \(0,\)"),
+    ("nested_offset-nan", lambda t: dict(corrupt=_replace(nested_offset=math.nan)),
+     "bitsandbytes__nf4: nested_offset: expected a finite number, got nan"),
 ]
 
 
 @pytest.mark.parametrize("row_id, make, match", CHECKPOINTS, ids=[r[0] for r in CHECKPOINTS])
-def test_checkpoint_loader_stays_in_its_folder_and_builds_only_models(row_id, make, match, tmp_path):
+def test_checkpoint_loader_refuses_what_points_elsewhere_or_is_corrupted(row_id, make, match, tmp_path):
     _outside(tmp_path)
     root = _checkpoint(tmp_path / "ckpt", **make(tmp_path))
     with pytest.raises(ValueError, match=match):
         fl.load_quantized(root)
+
+
+def test_checkpoint_loader_reads_a_valid_folder(tmp_path):
+    model = fl.load_quantized(_checkpoint(tmp_path / "ckpt"))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
 
 
 # ---- which backend runs: the extension must hold a kernel for the GPU ----------------------------------------
