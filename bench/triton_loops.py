@@ -293,7 +293,15 @@ def weight_bytes(n: int, k: int, fmt: str, elem: int = 2) -> float:
 
 
 def work(role: str, c: dict, dims: dict, sms: int) -> Work:
-    """The launch of a kernel of ``role`` with constexprs ``c`` on the call's ``dims``."""
+    """The launch of a kernel of ``role`` with constexprs ``c`` on the call's ``dims``, plus the 1-bit
+    dropout keep-mask over its input (written by the low-rank pre-kernel, read by dX and dA) when it drops."""
+    w = _work(role, c, dims, sms)
+    if c.get("DROPOUT"):
+        w.bytes += dims["m"] * dims.get("k", dims.get("c", 0)) / 8
+    return w
+
+
+def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
     e = 2  # bf16 / fp16 bytes
     if role in ("fwd", "dx"):
         m, n, k, r = dims["m"], dims["n"], dims["k"], dims["r"]
