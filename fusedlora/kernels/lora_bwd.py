@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
+from .code_lookup import load_w_codes, table_tensor
 from .dropout import load_bits
 from .lora_fwd import (
     AOT_R,
@@ -43,13 +44,14 @@ from .lora_fwd import (
     spec,
     weight_signature,
 )
-from .weight_tile import FORMATS, load_w_pairs, load_w_tile
+from .weight_tile import FORMATS, load_w_tile
 
 
 @triton.jit
 def _lora_dx_kernel(
-    # pointers: dY [M, N], W (format WFMT), g fp32 [M, R], A [R, K], keep bits [M, ceil(K/8)], dX [M, K]
-    dy_ptr, w_ptr, ws_ptr, wz_ptr, g_ptr, a_ptr, bits_ptr, dx_ptr,
+    # pointers: dY [M, N], W (format WFMT; tab_ptr the code table words of ``code_lookup``), g fp32 [M, R],
+    # A [R, K], keep bits [M, ceil(K/8)], dX [M, K]
+    dy_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, g_ptr, a_ptr, bits_ptr, dx_ptr,
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
@@ -58,6 +60,7 @@ def _lora_dx_kernel(
     lora_scale,
     # meta-parameters
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DROPOUT: tl.constexpr,
+    USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -72,30 +75,64 @@ def _lora_dx_kernel(
     rm64 = rm.to(tl.int64)
     dy_rows = dy_ptr + rm64[:, None] * stride_dym
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        n = n0 + rn
-        n_mask = n < N
-        dyt = tl.load(dy_rows + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        if WFMT != 0 and ROWS_ALIGNED and QBLOCK % BLOCK_K == 0:
-            wt = load_w_pairs(w_ptr, ws_ptr, wz_ptr, n, k0, n_mask, K, WFMT, QBLOCK, BLOCK_N, BLOCK_K)
-        else:
+    if WFMT != 0 and ROWS_ALIGNED and QBLOCK % BLOCK_K == 0:
+        # dXᵀ = Wᵀ·dYᵀ: the decoded W tile, transposed, is the register-sourced left operand of the tensor
+        # cores (as in the forward); the scale varies along the reduction, so it is applied per element
+        acc_t = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + rn
+            n_mask = n < N
+            dyt = tl.load(dy_rows + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            wt, w_scale = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, n, k0, n_mask, K, WFMT, QBLOCK, BLOCK_N,
+                                       BLOCK_K, dyt.dtype, USE_ASM)
+            if WFMT == 1:
+                wt = (wt.to(tl.float32) * w_scale[:, None]).to(dyt.dtype)
+            acc_t = tl.dot(tl.trans(wt), tl.trans(dyt), acc_t)
+        acc_t += dx_lora_term(g_ptr, a_ptr, bits_ptr, rm64, rk, k0, m_mask, k_mask, K, R, lora_scale, DROPOUT,
+                              BLOCK_M, BLOCK_K, BLOCK_R, True)
+        tl.store(dx_ptr + rm64[None, :] * stride_dxm + rk[:, None], acc_t.to(dx_ptr.dtype.element_ty),
+                 mask=k_mask[:, None] & m_mask[None, :])
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + rn
+            n_mask = n < N
+            dyt = tl.load(dy_rows + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
             wt = load_w_tile(w_ptr, ws_ptr, wz_ptr, n[:, None], rk[None, :], k0, n_mask[:, None],
                              k_mask[None, :], K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
-        acc = tl.dot(dyt, wt.to(dyt.dtype), acc)
+            acc = tl.dot(dyt, wt.to(dyt.dtype), acc)
+        acc += dx_lora_term(g_ptr, a_ptr, bits_ptr, rm64, rk, k0, m_mask, k_mask, K, R, lora_scale, DROPOUT,
+                            BLOCK_M, BLOCK_K, BLOCK_R)
+        tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & k_mask[None, :])
 
-    lo = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+
+@triton.jit
+def dx_lora_term(g_ptr, a_ptr, bits_ptr, rm64, rk, k0, m_mask, k_mask, K, R, lora_scale, DROPOUT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                 TRANSPOSED: tl.constexpr = False):
+    """m ⊙ ((s/(1-p)·g)·A) for the dX tile [BLOCK_M, BLOCK_K] (or its transpose), in rank slices."""
+    if TRANSPOSED:
+        lo = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    else:
+        lo = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for j0 in range(0, R, BLOCK_R):
         rj = j0 + tl.arange(0, BLOCK_R)
         j_mask = rj < R
-        gt = tl.load(g_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
-        at = tl.load(a_ptr + rj[:, None] * K + rk[None, :], mask=j_mask[:, None] & k_mask[None, :], other=0.0)
-        lo = tl.dot(low_rank_operand(gt * lora_scale, at), fp16_widened(at), lo)
+        if TRANSPOSED:
+            gt = tl.load(g_ptr + rm64[None, :] * R + rj[:, None], mask=j_mask[:, None] & m_mask[None, :], other=0.0)
+            at = tl.load(a_ptr + rj[None, :] * K + rk[:, None], mask=k_mask[:, None] & j_mask[None, :], other=0.0)
+            lo = tl.dot(fp16_widened(at), low_rank_operand(gt * lora_scale, at), lo)
+        else:
+            gt = tl.load(g_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
+            at = tl.load(a_ptr + rj[:, None] * K + rk[None, :], mask=j_mask[:, None] & k_mask[None, :], other=0.0)
+            lo = tl.dot(low_rank_operand(gt * lora_scale, at), fp16_widened(at), lo)
     if DROPOUT:
-        lo = tl.where(load_bits(bits_ptr, rm64, k0, (K + 7) // 8, m_mask, BLOCK_M, BLOCK_K), lo, 0.0)
-    acc += lo
-    tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & k_mask[None, :])
+        kept = load_bits(bits_ptr, rm64, k0, (K + 7) // 8, m_mask, BLOCK_M, BLOCK_K)
+        if TRANSPOSED:
+            kept = tl.trans(kept)
+        lo = tl.where(kept, lo, 0.0)
+    return lo
 
 
 @triton.jit
@@ -221,10 +258,10 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits) -> 
     kernel = gemm_kernel(_lora_dx_kernel, "dx", wfmt == 0, dy.device)
     kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)](
         dy, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        g, lora_A, bits if p > 0 else dummy, dx,
+        table_tensor(wfmt, dy.dtype, dy.device), g, lora_A, bits if p > 0 else dummy, dx,
         m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), float(scale) / (1.0 - p),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=(wfmt != 0 and k % block == 0),
-        DROPOUT=p > 0, BLOCK_R=block_r(r),
+        DROPOUT=p > 0, USE_ASM=not interpreted(), BLOCK_R=block_r(r),
     )
     return dx
 
@@ -307,6 +344,6 @@ def aot_specs() -> list[dict]:
                 gc["num_warps"], gc["num_stages"]))
     # the dX output tile is [BLOCK_M, BLOCK_K], its N loop steps BLOCK_N
     return specs + gemm_specs("dx", _lora_dx_kernel, lambda dptr, fid: {
-        "dy_ptr": dptr, **weight_signature(fid, dptr), "g_ptr": "*fp32", "a_ptr": dptr, "bits_ptr": "*u8",
-        "dx_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "stride_dym": "i32",
-        "stride_dxm": "i32", "lora_scale": "fp32"}, {"DROPOUT": True})
+        "dy_ptr": dptr, **weight_signature(fid, dptr), "tab_ptr": "*i32", "g_ptr": "*fp32", "a_ptr": dptr,
+        "bits_ptr": "*u8", "dx_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32",
+        "stride_dym": "i32", "stride_dxm": "i32", "lora_scale": "fp32"}, {"DROPOUT": True, "USE_ASM": True})

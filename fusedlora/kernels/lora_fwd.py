@@ -34,8 +34,9 @@ import triton
 import triton.language as tl
 
 from . import interpreted
+from .code_lookup import load_w_codes, table_tensor
 from .dropout import keep_bytes, threshold, unpack_bits
-from .weight_tile import FORMATS, load_w_pairs, load_w_tile
+from .weight_tile import FORMATS, load_w_tile
 
 
 @triton.jit
@@ -100,15 +101,26 @@ def _lowrank_kernel(
 
 
 @triton.jit
-def lora_epilogue(acc, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R: tl.constexpr):
-    """acc + s·xa[rm, :]·B[rn, :]ᵀ, in BLOCK_R-wide slices of r (any rank, registers bounded by BLOCK_R)."""
+def lora_epilogue(acc, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R: tl.constexpr,
+                  TRANSPOSED: tl.constexpr = False):
+    """acc + s·xa[rm, :]·B[rn, :]ᵀ for acc [BLOCK_M, BLOCK_N], or its transpose acc + B[rn, :]·(s·xa[rm, :])ᵀ
+    for acc [BLOCK_N, BLOCK_M] when TRANSPOSED; in BLOCK_R-wide slices of r (any rank, registers bounded
+    by BLOCK_R)."""
     for j0 in range(0, R, BLOCK_R):
         rj = j0 + tl.arange(0, BLOCK_R)
         j_mask = rj < R
-        xa = tl.load(xa_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
-        bt = tl.load(b_ptr + rn.to(tl.int64)[None, :] * R + rj[:, None], mask=j_mask[:, None] & n_mask[None, :],
-                     other=0.0)
-        acc = tl.dot(low_rank_operand(xa * scale, bt), fp16_widened(bt), acc)
+        if TRANSPOSED:
+            xa = tl.load(xa_ptr + rm64[None, :] * R + rj[:, None], mask=j_mask[:, None] & m_mask[None, :],
+                         other=0.0)
+            bt = tl.load(b_ptr + rn.to(tl.int64)[:, None] * R + rj[None, :], mask=n_mask[:, None] & j_mask[None, :],
+                         other=0.0)
+            acc = tl.dot(fp16_widened(bt), low_rank_operand(xa * scale, bt), acc)
+        else:
+            xa = tl.load(xa_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :],
+                         other=0.0)
+            bt = tl.load(b_ptr + rn.to(tl.int64)[None, :] * R + rj[:, None], mask=j_mask[:, None] & n_mask[None, :],
+                         other=0.0)
+            acc = tl.dot(low_rank_operand(xa * scale, bt), fp16_widened(bt), acc)
     return acc
 
 
@@ -118,16 +130,20 @@ def low_rank_operand(v, other):
     range, so no overflow) and fp32; fp32 for fp16, whose 65504 limit s·xa or s·g may pass where the fp32
     reference does not (the dot then runs in tf32, the same 10-bit mantissa as fp16)."""
     if other.dtype == tl.float16:
-        return v
-    return v.to(other.dtype)
+        out = v
+    else:
+        out = v.to(other.dtype)
+    return out
 
 
 @triton.jit
 def fp16_widened(v):
     """``v`` as the right operand of an r-deep dot whose left one is ``low_rank_operand``."""
     if v.dtype == tl.float16:
-        return v.to(tl.float32)
-    return v
+        out = v.to(tl.float32)
+    else:
+        out = v
+    return out
 
 
 @triton.jit
@@ -144,8 +160,8 @@ def band_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexp
 
 @triton.jit
 def _lora_fwd_kernel(
-    # pointers
-    x_ptr, w_ptr, ws_ptr, wz_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    # pointers (tab_ptr: the code table words of ``code_lookup``)
+    x_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
@@ -154,6 +170,7 @@ def _lora_fwd_kernel(
     scale,
     # meta-parameters
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -166,24 +183,40 @@ def _lora_fwd_kernel(
     rm64 = rm.to(tl.int64)
     x_rows = x_ptr + rm64[:, None] * stride_xm
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        k_mask = k < K
-        xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if WFMT != 0 and ROWS_ALIGNED and QBLOCK % BLOCK_K == 0:
-            wt = tl.trans(load_w_pairs(w_ptr, ws_ptr, wz_ptr, rn, k0, n_mask, K, WFMT, QBLOCK, BLOCK_N, BLOCK_K))
-        else:
+    if WFMT != 0 and ROWS_ALIGNED and QBLOCK % BLOCK_K == 0:
+        # yᵀ = W·xᵀ: the decoded tile is the left operand, which the tensor cores (wgmma) take straight from
+        # registers. NF4: each K step is one scale block per row, applied to the step's product (BLOCK_M /
+        # BLOCK_K FMAs per weight element) instead of to each weight element; INT4 applies zero and scale
+        # per element (two fp32 operations; its zero point would cost a second FMA per output element).
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xt = tl.load(x_rows + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
+            wt, w_scale = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, rn, k0, n_mask, K, WFMT, QBLOCK, BLOCK_N,
+                                       BLOCK_K, xt.dtype, USE_ASM)
+            if WFMT == 1:
+                acc_t += tl.dot(wt, tl.trans(xt)) * w_scale[:, None]
+            else:
+                acc_t = tl.dot(wt, tl.trans(xt), acc_t)
+        acc_t = lora_epilogue(acc_t, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R, True)
+        if HAS_BIAS:
+            acc_t += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rm64[None, :] * stride_ym + rn[:, None], acc_t.to(y_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & m_mask[None, :])
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + rk
+            k_mask = k < K
+            xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             wt = load_w_tile(w_ptr, ws_ptr, wz_ptr, rn[None, :], k[:, None], k0, n_mask[None, :],
                              k_mask[:, None], K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
-        acc = tl.dot(xt, wt.to(xt.dtype), acc)
-
-    # the LoRA term as r extra K-steps of the same accumulator
-    acc = lora_epilogue(acc, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+            acc = tl.dot(xt, wt.to(xt.dtype), acc)
+        # the LoRA term as r extra K-steps of the same accumulator
+        acc = lora_epilogue(acc, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,17 +227,16 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
             "num_warps": warps, "num_stages": stages}
 
 
-# The 4-bit in-loop GEMMs: BLOCK_K stays 64 so that every NF4/INT4 block size (64, 128, 256) is a multiple
-# of it: one scale per row per K tile (the ROWS_ALIGNED path) instead of a gather per element.
+# The 4-bit in-loop GEMMs (M below the dequant path's cut-over, ``ops.paths``). BLOCK_K stays 64 so that
+# every NF4/INT4 block size (64, 128, 256) is a multiple of it: one scale per row per K step. One warpgroup
+# per program: the sm_90 build of the forward issues 6.9 (NF4) / 7.4 (INT4) instructions per weight
+# element with 64x128 tiles, 9.5 with two warpgroups on 128x128 tiles (the per-step product scaling costs
+# BLOCK_M / BLOCK_K FMAs per weight element), so no 128-row 4-bit config.
 GEMM_CONFIGS = [
-    # 128x128 tile; 8 warps = two warpgroups, each a 64-row wgmma (sm_90) or 4 mma.sync warps (sm_80);
-    # 3 stages of x and W tiles (48 KiB in bf16) fit both chips.
-    _cfg(128, 128, 64, 8, 3),
-    # medium M: half the rows per tile doubles the tile count (4096x4096 at M=512 gives 256 tiles for
-    # 132 SMs); one warpgroup, a deeper pipeline to hide the 4-bit loads and decode.
+    # mid M: 128 weight rows per program (the register operand of two 64-row wgmma), 64 tokens
     _cfg(64, 128, 64, 4, 4),
-    # small M: tokens pad a 16/32-row MMA less than a 64-row one, and narrow N tiles give N/64 programs so
-    # the weight stream (the bound at small M) is spread over all SMs.
+    # small M: tokens pad a 32-row tile less, and narrow N tiles give N/64 programs so the weight stream
+    # (the bound at small M) is spread over more SMs
     _cfg(32, 64, 64, 4, 4),
 ]
 # Dense weights (a dense base, or a 4-bit one decoded into the scratch by the dequant path): no scale
@@ -358,10 +390,10 @@ def lora_forward(
     dummy = xa
     gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device)[_grid_2d(m, n, "BLOCK_M", "BLOCK_N")](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        xa, lora_B, bias if bias is not None else dummy, y,
+        table_tensor(wfmt, x.dtype, x.device), xa, lora_B, bias if bias is not None else dummy, y,
         m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=(wfmt != 0 and k % block == 0),
-        HAS_BIAS=bias is not None, BLOCK_R=block_r(r),
+        HAS_BIAS=bias is not None, USE_ASM=not interpreted(), BLOCK_R=block_r(r),
     )
     return y, xa, bits
 
@@ -442,9 +474,9 @@ def aot_specs() -> list[dict]:
                         {"DROPOUT": dropout, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"], "BLOCK_R": br},
                         cfg["num_warps"], cfg["num_stages"]))
     return specs + gemm_specs("fwd", _lora_fwd_kernel, lambda dptr, fid: {
-        "x_ptr": dptr, **weight_signature(fid, dptr), "xa_ptr": "*fp32", "b_ptr": dptr, "bias_ptr": dptr,
-        "y_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "stride_xm": "i32",
-        "stride_ym": "i32", "scale": "fp32"}, {"HAS_BIAS": True})
+        "x_ptr": dptr, **weight_signature(fid, dptr), "tab_ptr": "*i32", "xa_ptr": "*fp32", "b_ptr": dptr,
+        "bias_ptr": dptr, "y_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32",
+        "stride_xm": "i32", "stride_ym": "i32", "scale": "fp32"}, {"HAS_BIAS": True, "USE_ASM": True})
 
 
 def gemm_specs(role: str, fn, signature, constexprs: dict) -> list[dict]:
@@ -460,5 +492,5 @@ def gemm_specs(role: str, fn, signature, constexprs: dict) -> list[dict]:
                 f"lora_{role}_{dname}_{fname}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}{suffix}", fn,
                 signature(dptr, fid), {"WFMT": fid, "QBLOCK": qblock, "ROWS_ALIGNED": aligned, **constexprs,
                                        **meta, "BLOCK_R": br},
-                cfg["num_warps"], cfg["num_stages"], large_m_gemm=cfg["BLOCK_M"] >= 64))
+                cfg["num_warps"], cfg["num_stages"], large_m_gemm=fid == 0 and cfg["BLOCK_M"] >= 64))
     return specs

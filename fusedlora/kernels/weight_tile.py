@@ -15,13 +15,9 @@ Formats (``WFMT``), layouts as in ``fusedlora.formats``:
 Offsets: the row part (n*K, up to N*K) is computed in int64 once per row; the per-element part stays
 int32, so sizes with N*K >= 2^31 address correctly without int64 arithmetic on every element.
 
-Two readers:
-- ``load_w_pairs`` (the fast path, 4-bit only): when every row starts on a byte and a K tile never crosses
-  a scale block inside a row (``ROWS_ALIGNED``: K % QBLOCK == 0, so K is even; and QBLOCK % BLOCK_K == 0),
-  each byte is loaded once, the loads are contiguous along K (vectorized), both nibbles are split with
-  ``tl.join`` + reshape, and one scale per row is broadcast over the tile.
-- ``load_w_tile`` (any layout: dense weights, NF4 with K % blocksize != 0): one index per element, the byte
-  of each element and its own block's scale gathered.
+This is the general reader (dense weights, NF4 with K % blocksize != 0), used by the dense GEMMs and by
+the 4-bit GEMMs where rows do not start on a byte or tiles cross scale blocks; the aligned 4-bit tiles
+(every real layer) are read by ``code_lookup.load_w_codes``, which decodes bytes by byte permutes.
 """
 
 from __future__ import annotations
@@ -98,28 +94,3 @@ def load_w_tile(
                 scale = tl.load((s_ptr + srow) + g, mask=mask, other=0.0)
                 zero = tl.load((z_ptr + srow) + g, mask=mask, other=0)
             return (q.to(tl.float32) - zero.to(tl.float32)) * scale
-
-
-@triton.jit
-def load_w_pairs(
-    w_ptr, s_ptr, z_ptr,
-    rn, k0, n_mask,
-    K,
-    WFMT: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """fp32 tile W[rn, k0:k0+BLOCK_K] as [BLOCK_N, BLOCK_K] of a 4-bit weight with K % QBLOCK == 0 and
-    QBLOCK % BLOCK_K == 0 (rows start on a byte; one scale per row for the tile). Columns >= K are finite."""
-    n64 = rn.to(tl.int64)
-    j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    mask = n_mask[:, None] & (j < K // 2)[None, :]
-    byte = tl.load((w_ptr + n64 * (K // 2))[:, None] + j[None, :], mask=mask, other=0)
-    # element 2j is the high nibble, 2j+1 the low one: join on a new last axis, then fold it into K
-    q = tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_N, BLOCK_K))
-    if WFMT == 1:
-        absmax = tl.load(s_ptr + (n64 * K + k0) // QBLOCK, mask=n_mask, other=0.0)
-        return nf4_value(q) * absmax[:, None]
-    else:
-        srow = n64 * (K // QBLOCK) + k0 // QBLOCK
-        scale = tl.load(s_ptr + srow, mask=n_mask, other=0.0)
-        zero = tl.load(z_ptr + srow, mask=n_mask, other=0)
-        return (q.to(tl.float32) - zero.to(tl.float32)[:, None]) * scale[:, None]

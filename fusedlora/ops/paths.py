@@ -10,14 +10,14 @@ Two paths compute the same function (forward and dX):
   mostly from L2 at large M) plus one launch, whatever M is.
 
 The arithmetic behind the default (H100 SXM: 132 SMs x 4 schedulers x 1.98 GHz = 1.05e12 warp
-instructions/s; copy bandwidth ~3.0 TB/s): the in-loop decode costs c instructions per weight element per
-M tile, i.e. N·K·c / 32 / 1.05e12 s per tile row, against N·K·2.5 B / 3.0e12 B/s for the dequant pass.
-With the sm_90 count of the in-loop loops (``bench/triton_loops.py``: c ≈ 24 decode instructions per
-element) one M tile of decode (~0.72 ns per 1000 elements) costs about what the whole dequant pass costs
-(~0.83 ns per 1000 elements), so the dequant path wins from the second M tile on. The small-M configs use
-32-row tiles and the mid-M ones 64-row tiles, hence the default: in-loop below M = 128 tokens, dequant from
-128. At M < 128 the in-loop path also avoids the dense GEMM's 2-byte weight reads, which dominate there.
-
+instructions/s, i.e. 3.3e13 lane instructions/s; copy bandwidth ~3.0 TB/s). Per weight element, the dequant
+path costs two passes (forward and backward) of ~2.5 bytes, ~0.83 ns per 1000 elements each: the time of
+~28 lane instructions per element per pass, ~56 for a training step. The in-loop path instead decodes
+once per 64-token tile, forward and dX: with the sm_90 counts of the in-loop loops (``bench/triton_loops.py``:
+~7 instructions per weight element forward, ~12 for dX, of which ~6 would be spent by the dense loops
+anyway) that is ~13 extra per element per 64 tokens. The two meet near 56 / 13 x 64 ≈ 280 tokens; the
+default cut-over is the power of two below, 256 (the dequant path's two extra launches favour the in-loop
+path at small layers, the in-loop path's issue-bound loops favour the dequant path at large ones).
 A GPU run replaces the arithmetic: ``bench/device_check.sh`` measures both paths per shape and writes the
 measured cut-overs to ``cutovers.json`` beside this file ({"nf4": M, "int4": M}, the smallest M from
 which the dequant path was faster), which this module reads at import.
@@ -32,7 +32,7 @@ from pathlib import Path
 PATHS = ("inloop", "dequant")
 CUTOVER_FILE = Path(__file__).with_name("cutovers.json")
 # tokens from which a 4-bit weight takes the dequant path (see the module docstring for the arithmetic)
-ARITHMETIC_CUTOVERS = {"nf4": 128, "int4": 128}
+ARITHMETIC_CUTOVERS = {"nf4": 256, "int4": 256}
 
 
 def _load_cutovers(path: Path = CUTOVER_FILE) -> dict[str, int]:
