@@ -9,6 +9,7 @@ from .loading import load_quantized
 from .modules import LoRALinear
 from .ops.backend import backend
 from .peft import from_peft
+from .peft_accelerate import accelerate
 from .quantized import QuantizedWeight, quantize
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRALinear",
     "QuantizedWeight",
+    "accelerate",
     "backend",
     "extension_loaded",
     "from_peft",
