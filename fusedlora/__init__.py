@@ -11,6 +11,7 @@ from .ops.backend import backend
 from .peft import from_peft
 from .peft_accelerate import accelerate
 from .quantized import QuantizedWeight, quantize
+from .sharding import fully_shard
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "backend",
     "extension_loaded",
     "from_peft",
+    "fully_shard",
     "inject",
     "load_adapter",
     "load_quantized",

@@ -140,7 +140,12 @@ class LoRALinear(nn.Module):
         self.quant_nested_offset = float(p.nested_offset)
         self.compute_dtype = qw.dtype
         for field in _QUANT_FIELDS:
-            self.register_buffer(f"quant_{field}", getattr(p, field))
+            t = getattr(p, field)
+            if field == "nested_code" and t is not None:
+                # the 256-entry code book is one cached tensor shared by every weight (ours and
+                # bitsandbytes'); a copy per layer keeps state dicts free of shared tensors
+                t = t.clone()
+            self.register_buffer(f"quant_{field}", t)
         meta = [p.shape[0], p.shape[1], p.block, SCHEMES.index(p.scheme), _DTYPES.index(qw.dtype)]
         self.register_buffer("quant_meta", torch.tensor(meta, dtype=torch.int64, device=p.data.device))
         # fp32 exactly as the checkpoint has it (a Python float holds any fp32 value exactly).
@@ -228,19 +233,23 @@ class LoRALinear(nn.Module):
         # its new compute dtype (probed on an empty tensor of the current one).
         if self.quant_scheme is None:
             return super()._apply(fn, recurse)
+        # (fusedlora.fully_shard holds the storage tensors as frozen parameters of the same names)
         names = [f"quant_{f}" for f in _QUANT_FIELDS] + ["quant_meta", "quant_offset"]
-        held = {name: self._buffers.pop(name) for name in names}
+        stores = {name: self._parameters if name in self._parameters else self._buffers for name in names}
+        held = {name: stores[name].pop(name) for name in names}
         try:
             super()._apply(fn, recurse)
             probe = fn(torch.empty(0, dtype=self.compute_dtype, device=held["quant_data"].device))
         finally:
-            self._buffers.update(held)
+            for name, t in held.items():
+                stores[name][name] = t
         if probe.is_floating_point() and probe.dtype in _DTYPES:
             self.compute_dtype = probe.dtype
             held["quant_meta"][4] = _DTYPES.index(probe.dtype)
         for name, t in held.items():
             if t is not None and t.device != probe.device:
-                self._buffers[name] = t.to(probe.device)
+                moved = t.to(probe.device)
+                stores[name][name] = nn.Parameter(moved, requires_grad=False) if name in self._parameters else moved
         return self
 
     # -------------------------------------------------------------------------------------- adapter

@@ -1,5 +1,5 @@
 """`fusedlora train --fsdp` on CPU (gloo, 2 processes): FSDP2 gives the adapter DDP gives, a run killed and
-resumed under --fsdp equals one never interrupted, and a 4-bit base is refused with a clear error."""
+resumed under --fsdp equals one never interrupted. A 4-bit base under --fsdp: tests/test_sharding.py."""
 
 import json
 import os
@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import fusedlora as fl
 from fusedlora.train import checkpoint
 from fusedlora.train.main import main
 
@@ -123,28 +122,11 @@ def test_fsdp_kill_and_resume_equals_uninterrupted(fsdp_run, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "int4"])
-def test_fsdp_with_a_4bit_base_is_refused(scheme, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["--fsdp", "--quantize", scheme, "--steps", "1", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert f"--fsdp with --quantize {scheme}" in err and "buffers, which it does not shard" in err, err
-    assert not out.exists()
-    if scheme == "nf4":  # the default
-        assert main(["--fsdp", "--out", str(out)]) == 2
-        assert "--fsdp with --quantize nf4" in capsys.readouterr().err
+def test_fsdp_takes_a_4bit_base(scheme):
+    """--fsdp with a 4-bit base is a valid config (tests/test_sharding.py runs it)."""
+    from fusedlora.train.config import TrainConfig
 
-
-def test_fsdp_refuses_a_4bit_checkpoint():
-    """A bitsandbytes 4-bit checkpoint is trained over its packed weights whatever --quantize says: the
-    model itself is checked, not only the flag."""
-    from fusedlora.train.loop import _check_shardable
-    from fusedlora.train.model import tiny_llama
-
-    model = tiny_llama()[0]
-    _check_shardable(fl.inject(tiny_llama()[0], target_modules="all-linear", r=2, alpha=4.0, quantize=None))
-    fl.inject(model, target_modules="all-linear", r=2, alpha=4.0, quantize="nf4")
-    with pytest.raises(ValueError, match="4-bit weights .* kept in buffers, which FSDP2 does not shard"):
-        _check_shardable(model)
+    assert TrainConfig(fsdp=True, quantize=scheme).fsdp
 
 
 def test_fsdp_flag_is_in_the_help(capsys):

@@ -71,8 +71,8 @@ class TrainConfig:
     weight_decay: float = arg(0.0, "AdamW weight decay", metavar="W")
     max_grad_norm: float = arg(1.0, "clip the gradient norm to this", metavar="N")
     fsdp: bool = arg(False, "under torchrun with several processes: shard the frozen base and the LoRA weights "
-                     "with FSDP2 (each decoder layer, then the whole model) instead of replicating them with DDP; "
-                     "needs a dense base (--quantize none); one process runs as without it")
+                     "with FSDP2 (each decoder layer, then the whole model; a 4-bit base in whole quantization "
+                     "blocks) instead of replicating them with DDP; one process runs as without it")
     eval_fraction: float = arg(0.05, "share of the records held out", metavar="F")
     eval_batches: int = arg(8, "at most this many batches of the held-out split per evaluation", metavar="N")
     out: str | None = arg(None, "output directory (default: runs/<the --model folder's name>, or runs/tiny)",
@@ -101,10 +101,6 @@ class TrainConfig:
             raise ValueError(f"--dtype: expected one of {DTYPE_CHOICES}, got {self.dtype!r}")
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"--group-size: expected one of {GROUP_SIZES}, got {self.group_size!r}")
-        if self.fsdp and self.quantize != "none":
-            raise ValueError(f"--fsdp with --quantize {self.quantize}: FSDP2 shards parameters only, and a 4-bit "
-                             "base keeps its packed weights in buffers, which it does not shard; use --fsdp with "
-                             "--quantize none, or train a 4-bit base with DDP (without --fsdp)")
         _check_float("alpha", self.alpha, 0.0, None, "a positive finite number", low_open=True)
         _check_float("lr", self.lr, 0.0, None, "a positive finite number", low_open=True)
         _check_float("max_grad_norm", self.max_grad_norm, 0.0, None, "a positive finite number", low_open=True)

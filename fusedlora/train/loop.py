@@ -7,11 +7,12 @@ by its number of label tokens (every process knows it: each holds the whole data
 batch B compute the same gradient as one process with batch W·B, up to the order of the sums.
 
 Sharding. Under torchrun with several processes the model is wrapped in DDP, or with --fsdp in FSDP2
-(fully_shard on each decoder layer, then on the whole model): every parameter, frozen base and LoRA alike,
-is split across the processes and gathered layer by layer for the forward and backward. Both average the
-gradients over the processes, so the loss scaling below serves both. Checkpoints hold whole tensors either
-way (gathered from the shards; rank 0 writes them). A 4-bit base keeps its packed weights in buffers, which
-FSDP2 does not shard, so --fsdp takes a dense base only.
+(``fusedlora.fully_shard``: each 4-bit layer, each decoder layer, then the whole model): every parameter,
+frozen base (dense or 4-bit, in whole quantization blocks) and LoRA alike, is split across the processes
+and gathered unit by unit for the forward and backward. Both average the gradients over the processes, so
+the loss scaling below serves both. Checkpoints hold whole tensors either way (gathered from the shards;
+rank 0 writes them), so a run resumes on another number of processes (the global batch is kept: see
+``_resume_world``).
 
 Exact resumption. A step depends on the trainable parameters, AdamW's state, the scheduler, torch's random
 state (LoRA dropout) and the sample position; a checkpoint stores all of them, and the data order is a pure
@@ -102,28 +103,18 @@ def _ddp(model, device: torch.device):
 
 
 def _fully_shard(model) -> None:
-    """FSDP2 over ``model``: each decoder layer (the classes transformers names in ``_no_split_modules``) is one
-    unit, gathered just before it runs and freed after; the root unit holds the rest (embeddings, final norm,
-    output head). fully_shard replaces the parameters with sharded ones: take them (and build the optimizer)
-    after this call."""
-    from torch.distributed.fsdp import fully_shard
+    """FSDP2 over ``model`` (fl.fully_shard): each decoder layer (the classes transformers names in
+    ``_no_split_modules``) is one unit, gathered just before it runs and freed after, each 4-bit layer one
+    too; the root unit holds the rest (embeddings, final norm, output head). fully_shard replaces the
+    parameters with sharded ones: take them (and build the optimizer) after this call."""
+    from ..sharding import decoder_layers
 
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = decoder_layers(model)
     if not layers:
+        names = sorted(getattr(model, "_no_split_modules", None) or ())
         raise ValueError(f"--fsdp: found no decoder layers in {type(model).__name__} (its _no_split_modules "
-                         f"{sorted(names)} match no submodule)")
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
-
-
-def _check_shardable(model) -> None:
-    packed = [n for n, m in model.named_modules() if isinstance(m, fl.LoRALinear) and m.quantized]
-    if packed:
-        raise ValueError(f"--fsdp: the base has 4-bit weights ({packed[0]}, ...; a bitsandbytes 4-bit checkpoint "
-                         "is trained over its packed weights), kept in buffers, which FSDP2 does not shard; "
-                         "train it without --fsdp (DDP), or start from a dense checkpoint")
+                         f"{names} match no submodule)")
+    fl.fully_shard(model)
 
 
 @contextlib.contextmanager
@@ -161,6 +152,9 @@ def _rng_tensors(device: torch.device, world: int) -> dict[str, torch.Tensor]:
 
 
 def _set_rng(tensors: dict[str, torch.Tensor], device: torch.device, rank: int) -> None:
+    """This process's saved generator states; a process the saved run did not have keeps its fresh seed."""
+    if f"cpu/{rank}" not in tensors:
+        return
     torch.set_rng_state(tensors[f"cpu/{rank}"])
     if device.type == "cuda" and f"cuda/{rank}" in tensors:
         torch.cuda.set_rng_state(tensors[f"cuda/{rank}"], device)
@@ -279,6 +273,8 @@ def train(config: TrainConfig, saved_state: dict | None = None, progress: bool =
     1024×384×128) gain little from a second thread, and OpenMP threads waiting on each other for a busy core
     lose much more. Measured on a 2-core machine with other work running: the default run took 91 s with
     two threads and 34 s with one, with equal losses."""
+    if saved_state is not None:
+        _resume_world(config, saved_state, int(os.environ.get("WORLD_SIZE", "1")))
     inputs = prepare(config)
     lock = outdir.claim(config.out) if int(os.environ.get("RANK", "0")) == 0 else None
     threads = torch.get_num_threads()
@@ -291,6 +287,23 @@ def train(config: TrainConfig, saved_state: dict | None = None, progress: bool =
         torch.set_num_threads(threads)
         if lock:
             lock.release()
+
+
+def _resume_world(config: TrainConfig, saved_state: dict, world: int) -> None:
+    """Resuming on another number of processes keeps the global batch, B·G·W sequences per step: G becomes
+    G·W_saved / W, which must be a whole number (else a clear error). The sum over the global batch is the
+    same; which process takes which rows, and so the dropout draws, differ from the saved run's."""
+    saved = saved_state.get("world_size")
+    if saved == world:
+        return
+    b = config.batch_size
+    per_step = b * config.grad_accum * saved if isinstance(saved, int) and saved > 0 else None
+    if per_step is None or per_step % (b * world):
+        raise ValueError(f"--resume: the checkpoint ran on {saved!r} processes with {per_step} sequences per step "
+                         f"(--batch-size {b} × --grad-accum {config.grad_accum} × processes); {world} processes "
+                         f"with --batch-size {b} cannot split that into whole micro-batches: resume on a number "
+                         f"of processes dividing {per_step // b if per_step else '?'}")
+    config.grad_accum = per_step // (b * world)
 
 
 @dataclass
@@ -380,9 +393,6 @@ def _setup(config: TrainConfig, saved_state: dict | None, inputs: Inputs) -> Run
         if saved_state.get("data_sha256") != inputs.fingerprint:
             raise ValueError(f"--resume: the data differs from the checkpoint's (sha256 {inputs.fingerprint} vs "
                              f"{saved_state.get('data_sha256')})")
-        if saved_state.get("world_size") != world:
-            raise ValueError(f"--resume: the checkpoint ran on {saved_state.get('world_size')} processes, this "
-                             f"run has {world} (the global batch would change)")
     model = load_model(config.model, base_dtype)
     torch.manual_seed(config.seed)
     model.to(device=device, dtype=base_dtype)
@@ -393,8 +403,6 @@ def _setup(config: TrainConfig, saved_state: dict | None, inputs: Inputs) -> Run
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    if config.fsdp:
-        _check_shardable(model)
     fsdp = config.fsdp and world > 1
     if fsdp:
         _fully_shard(model)
