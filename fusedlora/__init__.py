@@ -4,7 +4,7 @@ from . import ops
 from ._ext import extension_loaded
 from .adapters import load_adapter, save_adapter
 from .functional import lora_linear
-from .inject import inject, merge, print_trainable_parameters, trainable_parameters
+from .inject import disable_adapter, inject, merge, print_trainable_parameters, trainable_parameters
 from .loading import load_quantized
 from .modules import LoRALinear
 from .ops.backend import backend
@@ -20,6 +20,7 @@ __all__ = [
     "QuantizedWeight",
     "accelerate",
     "backend",
+    "disable_adapter",
     "extension_loaded",
     "from_peft",
     "fully_shard",

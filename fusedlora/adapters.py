@@ -282,16 +282,79 @@ def _read_tensors(adapter_dir) -> tuple[Path, dict[str, torch.Tensor]]:
         raise ValueError(f"load_adapter: {path} is not a readable safetensors file ({exc})") from exc
 
 
-def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
+def _trained_on(config: dict, model: nn.Module) -> str:
+    """A sentence naming the base model the adapter was trained on, when the config names one that is not
+    this model's (or '' when it names none)."""
+    trained = config.get("base_model_name_or_path")
+    ours = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if not isinstance(trained, str) or not trained or trained == ours:
+        return ""
+    return f"; this adapter was trained on base model {trained!r}" + (f", this model is {ours!r}" if ours else "")
+
+
+_LAYER_STATE = ("r", "alpha", "use_rslora", "scaling", "dropout", "lora_A", "lora_B")
+
+
+def _snapshot(model: nn.Module):
+    """What ``load_adapter`` may change in ``model``; ``_restore`` puts it back."""
+    layers = {n: ({k: getattr(m, k) for k in _LAYER_STATE},
+                  None if m.lora_A is None else (m.lora_A.detach().clone(), m.lora_B.detach().clone()))
+              for n, m in lora_layers(model).items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    return dict(model.named_modules(remove_duplicate=False)), getattr(model, CONFIG_ATTR, None), layers, grads
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, snapshot) -> None:
+    from .inject import set_submodule
+
+    modules, config, layers, grads = snapshot
+    now = dict(model.named_modules(remove_duplicate=False))
+    for name, module in modules.items():
+        if name and now.get(name) is not module:
+            set_submodule(model, name, module)
+    if config is not None:
+        setattr(model, CONFIG_ATTR, config)
+    elif hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    current = lora_layers(model)
+    for name, (state, values) in layers.items():
+        for key, value in state.items():
+            setattr(current[name], key, value)
+        if values is not None:
+            current[name].lora_A.copy_(values[0])
+            current[name].lora_B.copy_(values[1])
+    for name, p in model.named_parameters():
+        if name in grads:
+            p.requires_grad_(grads[name])
+
+
+def load_adapter(model: nn.Module, adapter_dir, quantize=None) -> nn.Module:
     """Load a PEFT LoRA adapter into ``model``, in place; returns ``model``.
 
     A model without adapters first gets LoRALinear layers where the config's target_modules say
-    (``fusedlora.inject`` with its r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern);
-    an injected model must have exactly those layers with those ranks, and takes the config's alpha,
-    rsLoRA and dropout. Every key of the file must be used and every layer must find its keys.
+    (``fusedlora.inject`` with its r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern,
+    and ``quantize``: None keeps dense bases dense, "nf4" / "int4" or a mapping of ``fusedlora.quantize``
+    arguments quantizes them, e.g. to run a QLoRA adapter over a 4-bit base); an injected model must have
+    exactly those layers with those ranks, and takes the config's alpha, rsLoRA and dropout. Every key of
+    the file must be used and every layer must find its keys. All or nothing: on an error the model is
+    left as it was (modules, adapters, settings), and an adapter that does not fit says which base model
+    it was trained on.
     """
     config = read_adapter_config(adapter_dir)
     weights_path, tensors = _read_tensors(adapter_dir)
+    snapshot = _snapshot(model)
+    try:
+        return _load_adapter(model, config, weights_path, tensors, quantize)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        _restore(model, snapshot)
+        hint = _trained_on(config, model)
+        if hint and hint not in str(exc):
+            raise type(exc)(f"{exc.args[0] if exc.args else exc}{hint}") from exc
+        raise
+
+
+def _load_adapter(model, config, weights_path, tensors, quantize) -> nn.Module:
     r, alpha = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout, rslora = float(config.get("lora_dropout") or 0.0), config.get("use_rslora", False)
@@ -314,7 +377,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
             layer.dropout = dropout
         freeze_all_but_adapters(model)
     else:
-        inject(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora,
+        inject(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora, quantize=quantize,
                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, exclude_modules=exclude)
         layers = {n: m for n, m in lora_layers(model).items() if m.r}
     with torch.no_grad():

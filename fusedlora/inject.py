@@ -15,6 +15,7 @@ backtracks without end is an error naming it, not a hang.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import time
@@ -284,3 +285,24 @@ def merge(model: nn.Module) -> nn.Module:
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Within the block, every LoRALinear of ``model`` computes its base alone (e.g. the reference model of
+    a DPO run); the adapters come back on exit, also on an exception. The layers keep running the fused op
+    with the update's scale set to 0 (x·Wᵀ + 0·(...) is the base exactly for finite adapters), so nothing
+    weight-sized is decoded. Merged adapters are refused: their update is inside the base."""
+    layers = {m for m in lora_layers(model).values() if m.r}
+    merged = sorted(n for n, m in lora_layers(model).items() if m.merged)
+    if merged:
+        raise ValueError(f"disable_adapter: adapters merged into their bases cannot be disabled: {', '.join(merged)}"
+                         " (unmerge() them first)")
+    saved = {layer: layer.scaling for layer in layers}
+    for layer in saved:
+        layer.scaling = 0.0
+    try:
+        yield model
+    finally:
+        for layer, scaling in saved.items():
+            layer.scaling = scaling

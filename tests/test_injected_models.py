@@ -1,0 +1,106 @@
+"""Injected models in the workflows of transformers users: save_pretrained, a disabled adapter (DPO's
+reference model), load_adapter that is all or nothing and can build the 4-bit base."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lora_models import FP32_TOL, outputs, peft_model, tiny_llama, token_ids
+from safetensors import safe_open
+
+import fusedlora as fl
+from fusedlora.inject import CONFIG_ATTR, lora_layers
+
+
+def test_save_pretrained_with_double_quant_has_no_shared_tensors(tmp_path):
+    model = fl.inject(tiny_llama(), r=4, alpha=8, quantize="nf4", init_lora_weights=False)
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        code = f.get_tensor("model.layers.1.self_attn.o_proj.quant_nested_code")
+    assert "model.layers.0.mlp.down_proj.quant_nested_code" in keys and "model.layers.0.mlp.down_proj.lora_B" in keys
+    q = lora_layers(model)["model.layers.1.self_attn.o_proj"]
+    assert torch.equal(code, q.quant_nested_code)
+    codes = {m.quant_nested_code.data_ptr() for m in lora_layers(model).values()}
+    assert len(codes) == 14  # one code book per layer
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_disable_adapter_runs_the_base_alone(quantize):
+    base = tiny_llama()
+    model = fl.inject(copy.deepcopy(base), r=4, alpha=8, quantize=quantize, init_lora_weights=False)
+    ids = token_ids()
+    with_adapter = outputs(model, ids)
+    reference = fl.inject(copy.deepcopy(base), r=4, alpha=8, quantize=quantize)  # B = 0: the base alone
+    with fl.disable_adapter(model) as same:
+        assert same is model
+        # the same base and op with the update scaled by 0 (exactly 0 for finite A, B): bit for bit
+        torch.testing.assert_close(outputs(model, ids), outputs(reference, ids), atol=0, rtol=0)
+        with fl.disable_adapter(model):
+            pass
+        torch.testing.assert_close(outputs(model, ids), outputs(reference, ids), atol=0, rtol=0)
+    torch.testing.assert_close(outputs(model, ids), with_adapter, atol=0, rtol=0)
+    with pytest.raises(RuntimeError), fl.disable_adapter(model):
+        raise RuntimeError("inside")
+    torch.testing.assert_close(outputs(model, ids), with_adapter, atol=0, rtol=0)
+    lora_layers(model)["model.layers.0.self_attn.q_proj"].merge()
+    with pytest.raises(ValueError, match="merged"), fl.disable_adapter(model):
+        pass
+
+
+def _saved_adapter(tmp_path, r=4, **kwargs):
+    pm = peft_model(tiny_llama(), r=r, lora_alpha=8, **kwargs)
+    pm.save_pretrained(tmp_path)
+    return pm
+
+
+def test_load_adapter_with_quantize_builds_the_4bit_base(tmp_path):
+    _saved_adapter(tmp_path, target_modules="all-linear")
+    model = fl.load_adapter(tiny_llama(), tmp_path, quantize="nf4")
+    layers = lora_layers(model)
+    assert len(layers) == 14 and all(m.quantized and m.r == 4 for m in layers.values())
+    # the same as quantizing first, then loading into that injected model
+    by_hand = fl.inject(tiny_llama(), r=4, alpha=8, quantize="nf4")
+    fl.load_adapter(by_hand, tmp_path)
+    ids = token_ids()
+    torch.testing.assert_close(outputs(model, ids), outputs(by_hand, ids), atol=0, rtol=0)
+
+
+def test_load_adapter_failure_leaves_the_model_as_it_was(tmp_path):
+    pm = _saved_adapter(tmp_path, target_modules=["q_proj", "down_proj"])
+    plain = tiny_llama()
+    modules = dict(plain.named_modules())
+    # inject fails half way: q_proj (K = 64) quantizes in groups of 64, then down_proj (K = 96) cannot
+    with pytest.raises(ValueError, match="quantizing model.layers.0.mlp.down_proj"):
+        fl.load_adapter(plain, tmp_path, quantize={"scheme": "int4", "group_size": 64})
+    assert dict(plain.named_modules()) == modules and not lora_layers(plain)
+    assert not hasattr(plain, CONFIG_ATTR)
+    assert all(p.requires_grad for p in plain.parameters())
+
+    # an injected model keeps its adapter values when a second adapter does not fit
+    model = fl.load_adapter(tiny_llama(), tmp_path)
+    ids = token_ids()
+    expected = outputs(model, ids)
+    torch.testing.assert_close(expected, outputs(pm.eval(), ids), **FP32_TOL)
+    other = tmp_path / "other"
+    _saved_adapter(other, target_modules=["q_proj", "down_proj"], r=2)
+    with pytest.raises(ValueError, match="r=4"):
+        fl.load_adapter(model, other)
+    torch.testing.assert_close(outputs(model, ids), expected, atol=0, rtol=0)
+
+
+def test_an_adapter_for_another_base_names_it(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    _saved_adapter(tmp_path, target_modules=["q_proj", "down_proj"])
+    config = tmp_path / "adapter_config.json"
+    config.write_text(config.read_text().replace('"base_model_name_or_path": null',
+                                                 '"base_model_name_or_path": "org/llama-tiny"'))
+    bert = BertModel(BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=96))
+    bert.config._name_or_path = "org/bert-tiny"
+    with pytest.raises(ValueError, match="trained on base model 'org/llama-tiny', this model is 'org/bert-tiny'"):
+        fl.load_adapter(bert, tmp_path)
+    assert not lora_layers(bert)
