@@ -1,4 +1,4 @@
-"""The ``fusedlora`` command line: ``fusedlora {info,train,bench}``."""
+"""The ``fusedlora`` command line: ``fusedlora {info,train,bench,plan}``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import add_subparser as add_train
 
     add_train(sub)
+    from .plan import add_parser as add_plan
+
+    add_plan(sub)
     return parser
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 import fusedlora as fl
 
+from ..plan import read_config
 from .data import ByteTokenizer, HFTokenizer
 
 TINY_NAME = "fusedlora-tiny-llama"
@@ -62,14 +62,7 @@ def check_model_dir(path: str) -> dict:
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"--model: {path} has no config.json (expected a Hugging Face checkpoint)")
-    try:
-        with open(config, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--model: {config} is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"--model: {config} is not a JSON object")
-    return doc
+    return read_config(config)
 
 
 def load_tokenizer(path: str | None):
