@@ -90,3 +90,23 @@ def dequantized_twin(bnb_model, dense):
             if getattr(w, "quant_state", None) is not None:
                 twin.get_submodule(name).weight.copy_(bnbf.dequantize_4bit(w.data, w.quant_state))
     return twin
+
+
+def trainer_run(model, out_dir, max_steps=4, resume=None, stop_after=None):
+    """Trainer.train of 4 planned steps; ``stop_after``: the run is cut there (after its checkpoint)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == stop_after:
+                control.should_training_stop = True
+
+    data = [{"input_ids": ids, "labels": ids} for ids in token_ids(seed=11, batch=8, seq=12)]
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=1e-2,
+        save_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0, remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Stop()] if stop_after else None)
+    trainer.train(resume_from_checkpoint=resume)
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}

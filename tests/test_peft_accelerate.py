@@ -11,7 +11,16 @@ import logging
 
 import pytest
 import torch
-from lora_models import FP32_TOL, bnb_nf4_checkpoint, outputs, peft_model, tiny_bert, tiny_llama, token_ids
+from lora_models import (
+    FP32_TOL,
+    bnb_nf4_checkpoint,
+    outputs,
+    peft_model,
+    tiny_bert,
+    tiny_llama,
+    token_ids,
+    trainer_run,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -329,26 +338,6 @@ def test_bnb_nf4_save_pretrained_loads_in_plain_peft(nf4_checkpoint, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ transformers Trainer
-def _train(pm, out_dir, max_steps=4, resume=None, stop_after=None):
-    """Trainer.train of 4 planned steps; ``stop_after``: the run is cut there (after its checkpoint)."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == stop_after:
-                control.should_training_stop = True
-
-    data = [{"input_ids": ids, "labels": ids} for ids in token_ids(seed=11, batch=8, seq=12)]
-    args = TrainingArguments(
-        output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=1e-2,
-        save_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0, remove_unused_columns=False,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model=pm, args=args, train_dataset=data, callbacks=[Stop()] if stop_after else None)
-    trainer.train(resume_from_checkpoint=resume)
-    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
-
-
 def test_trainer_checkpoints_resume_and_reload_in_plain_peft(tmp_path, monkeypatch):
     """transformers' Trainer trains an accelerated PEFT model, saves PEFT adapter checkpoints, and a run
     resumed from one reaches the same losses as an uninterrupted run; a checkpoint loads in plain PEFT."""
@@ -357,7 +346,7 @@ def test_trainer_checkpoints_resume_and_reload_in_plain_peft(tmp_path, monkeypat
     base = tiny_llama()
     log = CallLog(monkeypatch)
     pm = fl.accelerate(peft_model(base, r=4, lora_alpha=8, target_modules="all-linear"))
-    full = _train(pm, tmp_path / "full")
+    full = trainer_run(pm, tmp_path / "full")
     assert log.calls and len(full) == 4
     ckpt = tmp_path / "full" / "checkpoint-4"
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "adapter_config.json").is_file()
@@ -367,9 +356,9 @@ def test_trainer_checkpoints_resume_and_reload_in_plain_peft(tmp_path, monkeypat
     torch.testing.assert_close(outputs(again, ids), outputs(pm.eval(), ids), **FP32_TOL)
 
     first = fl.accelerate(peft_model(base, r=4, lora_alpha=8, target_modules="all-linear"))
-    assert sorted(_train(first, tmp_path / "cut", stop_after=2)) == [1, 2]
+    assert sorted(trainer_run(first, tmp_path / "cut", stop_after=2)) == [1, 2]
     resumed = fl.accelerate(peft_model(base, r=4, lora_alpha=8, target_modules="all-linear"))
-    rest = _train(resumed, tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
+    rest = trainer_run(resumed, tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
     # the same computation resumed from saved adapter, optimizer, scheduler and RNG states: the losses
     # agree up to fp32 ordering of the same sums
     for step in (3, 4):
