@@ -363,3 +363,20 @@ def test_trainer_checkpoints_resume_and_reload_in_plain_peft(tmp_path, monkeypat
     # agree up to fp32 ordering of the same sums
     for step in (3, 4):
         assert rest[step] == pytest.approx(full[step], rel=1e-4, abs=1e-4)
+
+
+def test_autocast_bf16_matches_peft_under_autocast(monkeypatch):
+    pm = peft_model(tiny_llama(), r=4, lora_alpha=8, target_modules="all-linear")
+    plain = copy.deepcopy(pm)
+    log = CallLog(monkeypatch)
+    fl.accelerate(pm)
+    ids = token_ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = outputs(pm, ids), outputs(plain, ids)
+    assert len(log.calls) == 14 and log.calls[0][1].dtype == torch.bfloat16
+    # Both run every linear in bf16 (autocast casts PEFT's; the op gets bf16 operands), rounding at different
+    # points (fp32 accumulation inside the op; bf16 outputs between PEFT's three matmuls). Each layer's
+    # output then differs by a few bf16 ulps (2^-8 relative); through 2 layers on logits of magnitude ~1,
+    # 3e-2 covers that with margin, while a missing or doubled LoRA update moves logits by ~1e-1 or more.
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
