@@ -378,25 +378,34 @@ def dequant_baseline_us(n: int, k: int, chip: dict) -> float:
     return memory_us(2 * blocks + 4 * blocks, chip) + memory_us(n * k / 2 + 4 * blocks + 2 * n * k, chip)
 
 
-def layer_kernels(path: str, m: int, n: int, k: int, r: int, p_drop: bool = True) -> list[list[list[tuple]]]:
+def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True) -> list[list[list[tuple]]]:
     """The launches of our training layer (forward + backward, NF4 with double quantization) as stages, each
     a list of options (the first whose kernels all have compiled specs is taken), each option a list of
-    (role, selection, dims): selection picks candidate specs (fmt, dropout), dims are the call's sizes."""
-    wfmt = "dense" if path == "dequant" else "nf4"
-    decode = [[("dequant", {"fmt": "nf4-dq"}, {"n": n, "k": k})]] if path == "dequant" else \
-        [[("decode_absmax", {}, {"n": n, "k": k})]]
+    (role, selection, dims): selection picks candidate specs (fmt, dropout), dims are the call's sizes.
+    ``path``: "dequant" or "inloop" for both GEMMs, or a (forward, dX) pair of them."""
+    fwd_path, dx_path = (path, path) if isinstance(path, str) else path
+
+    def decode(p):
+        if p == "dequant":
+            return [[("dequant", {"fmt": "nf4-dq"}, {"n": n, "k": k})]]
+        return [[("decode_absmax", {}, {"n": n, "k": k})]]
+
+    def gemm(role, p):
+        wfmt = "dense" if p == "dequant" else "nf4"
+        return [[(role, {"fmt": wfmt}, {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt})]]
+
     return [
         # forward: xa = drop(x) . A^T, W decoded (scratch or absmax), y = x . W^T + s . xa . B^T
         [[("lowrank", {"dropout": p_drop}, {"m": m, "k": k, "r": r})]],
-        decode,
-        [[("fwd", {"fmt": wfmt}, {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt})]],
+        decode(fwd_path),
+        gemm("fwd", fwd_path),
         # backward: g = dY . B and dB = s dY^T xa (one pass over dY, or two kernels)
         [[("g_db", {}, {"m": m, "n": n, "r": r})],
          [("lowrank", {"dropout": False}, {"m": m, "k": n, "r": r}),
           ("reduce_m", {"dropout": False}, {"m": m, "c": n, "r": r})]],
         # dX = dY . W + mask * (s g A), dA = s drop(x)^T g
-        decode,
-        [[("dx", {"fmt": wfmt}, {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt})]],
+        decode(dx_path),
+        gemm("dx", dx_path),
         [[("reduce_m", {"dropout": p_drop}, {"m": m, "c": k, "r": r})]],
     ]
 
@@ -432,7 +441,7 @@ def launch_us(lp: Loop, role: str, dims: dict, chip: dict) -> float:
     return t
 
 
-def path_kernels(loops: list[Loop], path: str, m: int, n: int, k: int, chip: dict) -> list[tuple] | None:
+def path_kernels(loops: list[Loop], path, m: int, n: int, k: int, chip: dict) -> list[tuple] | None:
     """(role, spec, µs) of each launch of our layer on ``path``, each at its fastest compiled spec; None
     when a stage has no option whose kernels all have compiled specs."""
     out = []
@@ -453,7 +462,7 @@ def path_kernels(loops: list[Loop], path: str, m: int, n: int, k: int, chip: dic
     return out
 
 
-def path_us(loops: list[Loop], path: str, m: int, n: int, k: int, chip: dict) -> float | None:
+def path_us(loops: list[Loop], path, m: int, n: int, k: int, chip: dict) -> float | None:
     kernels = path_kernels(loops, path, m, n, k, chip)
     return None if kernels is None else sum(t for _, _, t in kernels)
 
@@ -489,8 +498,13 @@ def predictions(loops: list[Loop]) -> list[dict]:
                 known = {p: v for p, v in t.items() if v is not None}
                 if not known:
                     continue
-                path = pick(m, n, k, "nf4") if pick else min(known, key=known.get)
-                ours = t.get(path)
+                if pick:
+                    per_gemm = (pick(m, n, k, "nf4", "fwd"), pick(m, n, k, "nf4", "dx"))
+                    path = per_gemm[0] if per_gemm[0] == per_gemm[1] else "/".join(per_gemm)
+                    ours = path_us(loops, per_gemm, m, n, k, chip)
+                else:
+                    path = min(known, key=known.get)
+                    ours = t.get(path)
                 rows.append({"chip": chip_name, "k": k, "n": n, "m": m, "path": path + ("" if pick else "*"),
                              "ours": ours, **{f"{p}_us": v for p, v in t.items()}, **baselines_us(m, n, k, chip)})
     return rows

@@ -12,7 +12,17 @@ import json
 
 import pytest
 import torch
-from test_lora_triton import assert_within, check_all, lora_inputs, make_weight, oracle, plain, run, triton_fn
+from test_lora_triton import (
+    _seed_drawn_after,
+    assert_within,
+    check_all,
+    lora_inputs,
+    make_weight,
+    oracle,
+    plain,
+    run,
+    triton_fn,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,24 +41,28 @@ def _triton_backend(monkeypatch):
 # ------------------------------------------------------------------------------------------------------
 # the rule
 
-def test_rule_picks_by_tokens_and_format():
+def test_rule_picks_by_tokens_format_and_gemm():
     from fusedlora.ops.paths import CUTOVERS, forced_path, training_path
 
     for fmt in ("nf4", "int4"):
-        cut = CUTOVERS[fmt]
-        assert training_path(cut - 1, 4096, 4096, fmt) == "inloop"
-        assert training_path(cut, 4096, 4096, fmt) == "dequant"
-        assert training_path(8192, 4096, 4096, fmt) == "dequant"
-    assert training_path(8192, 4096, 4096, "dense") == "dense"
-    with forced_path("inloop"):
-        assert training_path(8192, 64, 64, "nf4") == "inloop"
+        for gemm in ("fwd", "dx"):
+            cut = CUTOVERS[f"{fmt}-{gemm}"]
+            if cut is None:
+                assert training_path(1 << 20, 4096, 4096, fmt, gemm) == "inloop"
+            else:
+                assert training_path(cut - 1, 4096, 4096, fmt, gemm) == "inloop"
+                assert training_path(cut, 4096, 4096, fmt, gemm) == "dequant"
+    assert training_path(8192, 4096, 4096, "dense", "dx") == "dense"
+    with forced_path("dequant"):
+        assert training_path(1, 64, 64, "nf4", "fwd") == "dequant"
         assert training_path(8192, 64, 64, "dense") == "dense"
-    assert training_path(8192, 64, 64, "nf4") == "dequant"
     with pytest.raises(ValueError, match="path"):
         with forced_path("sometimes"):
             pass
     with pytest.raises(ValueError, match="fmt"):
         training_path(1, 1, 1, "nf8")
+    with pytest.raises(ValueError, match="gemm"):
+        training_path(1, 1, 1, "nf4", "dw")
 
 
 def test_measured_cutovers_replace_the_arithmetic(tmp_path):
@@ -56,28 +70,36 @@ def test_measured_cutovers_replace_the_arithmetic(tmp_path):
 
     assert _load_cutovers(tmp_path / "absent.json") == ARITHMETIC_CUTOVERS
     table = tmp_path / "cutovers.json"
-    table.write_text(json.dumps({"gpu": "NVIDIA H200", "nf4": 384}))
-    assert _load_cutovers(table) == {**ARITHMETIC_CUTOVERS, "nf4": 384}
-    for bad in ('{"nf4": -3}', '{"nf4": 1.5}', '{"int4": true}', "[1, 2]", "{nf4"):
+    table.write_text(json.dumps({"gpu": "NVIDIA H200", "nf4-dx": 4096, "nf4-fwd": 8192, "int4-dx": None}))
+    assert _load_cutovers(table) == {**ARITHMETIC_CUTOVERS, "nf4-dx": 4096, "nf4-fwd": 8192, "int4-dx": None}
+    for bad in ('{"nf4-dx": -3}', '{"nf4-dx": 1.5}', '{"int4-fwd": true}', "[1, 2]", "{nf4"):
         table.write_text(bad)
         with pytest.raises(RuntimeError, match="cutovers.json"):
             _load_cutovers(table)
 
 
 def test_rule_chooses_the_path_that_runs():
-    # past the cut-over the op decodes into the scratch buffer; below it nothing is allocated there
-    import fusedlora as fl
+    # past the dX cut-over the backward decodes into the scratch buffer; the forward (in-loop at every M)
+    # and the backward below it allocate nothing there
     from fusedlora.ops.paths import CUTOVERS
-    from fusedlora.ops.scratch import scratch_nbytes
+    from fusedlora.ops.scratch import release_scratch, scratch_nbytes
 
     torch.manual_seed(0)
-    n, k = 48, 64
+    n, k = 16, 64
+    cut = CUTOVERS["nf4-dx"]
     weight, w64, wlow = make_weight("nf4", n, k, torch.float32)
-    for m, expect in ((CUTOVERS["nf4"] - 1, 0), (CUTOVERS["nf4"], n * k * 4)):
+    for m, expect in ((cut - 1, 0), (cut, n * k * 4)):
+        release_scratch()
         x, a, b, _ = lora_inputs(m, k, n, 4, torch.float32)
-        y = fl.lora_linear(x, weight, a, b, 1.0)
+        x.requires_grad_(True)
+        dy = torch.randn(m, n)
+        y = triton_fn(weight, 1.0)(x, a, b, None)
+        assert scratch_nbytes("cpu") == 0, m
+        y.backward(dy)
         assert scratch_nbytes("cpu") == expect, m
-        assert_within(y, oracle(w64, 1.0)(x, a, b, None), plain(wlow, 1.0)(x, a, b, None), "y", torch.float32)
+        x = x.detach()
+        assert_within(y.detach(), oracle(w64, 1.0)(x, a, b, None), plain(wlow, 1.0)(x, a, b, None), "y",
+                      torch.float32)
 
 
 def test_scratch_is_one_buffer_shared_by_layers():
@@ -212,3 +234,26 @@ def test_forward_saves_the_mask_as_bits(m, k):
     torch.testing.assert_close(xa, (x * mask / 0.7) @ a.t(), rtol=1e-5, atol=1e-4)
     _, no_bits = lowrank(x, a, a.stride(0), a.stride(1), 8)
     assert no_bits.numel() == 0
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "int4"])
+def test_few_tokens_split_the_reduction(kind, monkeypatch):
+    # few tokens and a long reduction: the in-loop forward slices K, dX slices N and the pre-kernel slices
+    # K, each slice an fp32 partial sum; with dropout and bias the result is the reference's
+    from fusedlora.kernels import lora_fwd
+    from fusedlora.kernels.dropout import dropout_mask
+
+    monkeypatch.setitem(lora_fwd._SMS, torch.device("cpu"), 64)  # a GPU-sized machine: slices needed
+    m, k, n, r, p = 9, 1024, 1024, 4, 0.2
+    cpu = torch.device("cpu")
+    assert lora_fwd.reduction_splits(m, n, k, cpu) == lora_fwd.reduction_splits(m, k, n, cpu) == 4  # premise
+    torch.manual_seed(17)
+    weight, w64, wlow = make_weight(kind, n, k, torch.float32)
+    x, a, b, bias = lora_inputs(m, k, n, r, torch.float32)
+    dy = torch.randn(m, n)
+    seed = _seed_drawn_after(99)
+    torch.manual_seed(99)
+    ours = run(triton_fn(weight, 0.5, p, True), x, a, b, bias, dy)
+    mask = dropout_mask(seed, x.shape, p, "cpu")
+    check_all(ours, run(oracle(w64, 0.5, p, mask), x, a, b, bias, dy),
+              run(plain(wlow, 0.5, p, mask), x, a, b, bias, dy), torch.float32)

@@ -181,3 +181,14 @@ def int4_weights(byte, scale, zero, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
     q = tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_N, BLOCK_K)).to(tl.int32)
     qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
     return ((qf - (8388608.0 + zero[:, None])) * scale[:, None]).to(DTYPE)
+
+
+@triton.jit
+def scaled_codes(tile, scale, WFMT: tl.constexpr):
+    """The weight tile itself from ``load_w_codes``'s tile: NF4 code values times the row's absmax (fp32
+    product, rounded once to the tile's dtype); INT4 tiles are W already."""
+    if WFMT == 1:
+        out = (tile.to(tl.float32) * scale[:, None]).to(tile.dtype)
+    else:
+        out = tile
+    return out

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .code_lookup import load_w_codes, table_tensor
+from .code_lookup import load_w_codes, scaled_codes, table_tensor
 from .dropout import load_bits
 from .lora_fwd import (
     AOT_R,
@@ -41,7 +41,9 @@ from .lora_fwd import (
     low_rank_operand,
     m_bucket,
     rank_variants,
+    reduction_splits,
     spec,
+    split_range,
     weight_signature,
 )
 from .weight_tile import FORMATS, load_w_tile
@@ -60,10 +62,11 @@ def _lora_dx_kernel(
     lora_scale,
     # meta-parameters
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DROPOUT: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # SPLIT as in the forward: slices of N, fp32 partial sums in dx_ptr [splits, M, K], LoRA term in slice 0
     # output tiles are [BLOCK_M, BLOCK_K]; the reduction runs over N in BLOCK_N steps
     pid_m, pid_k = band_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     k0 = pid_k * BLOCK_K
@@ -79,18 +82,21 @@ def _lora_dx_kernel(
         # dXᵀ = Wᵀ·dYᵀ: the decoded W tile, transposed, is the register-sourced left operand of the tensor
         # cores (as in the forward); the scale varies along the reduction, so it is applied per element
         acc_t = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        n_lo, n_hi = split_range(N, BLOCK_N)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
             n = n0 + rn
             n_mask = n < N
             dyt = tl.load(dy_rows + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
             wt, w_scale = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, n, k0, n_mask, K, WFMT, QBLOCK, BLOCK_N,
                                        BLOCK_K, dyt.dtype, USE_ASM)
-            if WFMT == 1:
-                wt = (wt.to(tl.float32) * w_scale[:, None]).to(dyt.dtype)
-            acc_t = tl.dot(tl.trans(wt), tl.trans(dyt), acc_t)
-        acc_t += dx_lora_term(g_ptr, a_ptr, bits_ptr, rm64, rk, k0, m_mask, k_mask, K, R, lora_scale, DROPOUT,
-                              BLOCK_M, BLOCK_K, BLOCK_R, True)
-        tl.store(dx_ptr + rm64[None, :] * stride_dxm + rk[:, None], acc_t.to(dx_ptr.dtype.element_ty),
+            acc_t = tl.dot(tl.trans(scaled_codes(wt, w_scale, WFMT)), tl.trans(dyt), acc_t)
+        if tl.program_id(1) == 0:
+            acc_t += dx_lora_term(g_ptr, a_ptr, bits_ptr, rm64, rk, k0, m_mask, k_mask, K, R, lora_scale, DROPOUT,
+                                  BLOCK_M, BLOCK_K, BLOCK_R, True)
+        out = dx_ptr
+        if SPLIT:
+            out += tl.program_id(1).to(tl.int64) * M * stride_dxm
+        tl.store(out + rm64[None, :] * stride_dxm + rk[:, None], acc_t.to(dx_ptr.dtype.element_ty),
                  mask=k_mask[:, None] & m_mask[None, :])
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -255,14 +261,19 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits) -> 
         return dx
     wfmt = FORMATS[fmt]
     dummy = g
+    aligned = wfmt != 0 and k % block == 0
+    splits = reduction_splits(m, k, n, dy.device) if aligned else 1
+    out = dx if splits == 1 else torch.empty((splits, m, k), dtype=torch.float32, device=dy.device)
     kernel = gemm_kernel(_lora_dx_kernel, "dx", wfmt == 0, dy.device)
-    kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)](
+    kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), splits)](
         dy, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        table_tensor(wfmt, dy.dtype, dy.device), g, lora_A, bits if p > 0 else dummy, dx,
+        table_tensor(wfmt, dy.dtype, dy.device), g, lora_A, bits if p > 0 else dummy, out,
         m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), float(scale) / (1.0 - p),
-        WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=(wfmt != 0 and k % block == 0),
-        DROPOUT=p > 0, USE_ASM=not interpreted(), BLOCK_R=block_r(r),
+        WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=aligned, DROPOUT=p > 0,
+        USE_ASM=not interpreted(), SPLIT=splits > 1, BLOCK_R=block_r(r),
     )
+    if splits > 1:
+        dx.copy_(out.sum(0))
     return dx
 
 
@@ -346,4 +357,5 @@ def aot_specs() -> list[dict]:
     return specs + gemm_specs("dx", _lora_dx_kernel, lambda dptr, fid: {
         "dy_ptr": dptr, **weight_signature(fid, dptr), "tab_ptr": "*i32", "g_ptr": "*fp32", "a_ptr": dptr,
         "bits_ptr": "*u8", "dx_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32",
-        "stride_dym": "i32", "stride_dxm": "i32", "lora_scale": "fp32"}, {"DROPOUT": True, "USE_ASM": True})
+        "stride_dym": "i32", "stride_dxm": "i32", "lora_scale": "fp32"},
+        {"DROPOUT": True, "USE_ASM": True, "SPLIT": False})

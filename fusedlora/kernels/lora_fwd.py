@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .code_lookup import load_w_codes, table_tensor
+from .code_lookup import load_w_codes, scaled_codes, table_tensor
 from .dropout import keep_bytes, threshold, unpack_bits
 from .weight_tile import FORMATS, load_w_tile
 
@@ -70,10 +70,11 @@ def _lowrank_kernel(
     # meta-parameters
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # programs are (row block, column block of out): ranks above BLOCK_R re-read x once per column block
+    # programs are (row block, K slice, column block of out): ranks above BLOCK_R re-read x once per column
+    # block; at few rows K is cut into slices (split_range) whose fp32 partial sums out_ptr[s] holds
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    rj = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rj = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_mask = rm < M
     j_mask = rj < R
     rm64 = rm.to(tl.int64)
@@ -81,14 +82,15 @@ def _lowrank_kernel(
     if DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo, k_hi = split_range(K, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + rk
         k_mask = k < K
         xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if DROPOUT:
             byte = keep_bytes(seed, rm64, k0, K, thresh, BLOCK_M, BLOCK_K)
             xt = tl.where(unpack_bits(byte, BLOCK_M, BLOCK_K), xt, 0.0)
-            if tl.program_id(1) == 0:
+            if tl.program_id(2) == 0:
                 jb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
                 kb = (K + 7) // 8
                 tl.store(bits_ptr + rm64[:, None] * kb + jb[None, :], byte, mask=m_mask[:, None] & (jb < kb)[None, :])
@@ -97,7 +99,8 @@ def _lowrank_kernel(
         acc = tl.dot(xt, vt, acc)
     if DROPOUT:
         acc = acc * inv_keep
-    tl.store(out_ptr + rm64[:, None] * R + rj[None, :], acc, mask=m_mask[:, None] & j_mask[None, :])
+    out = out_ptr + tl.program_id(1).to(tl.int64) * M * R
+    tl.store(out + rm64[:, None] * R + rj[None, :], acc, mask=m_mask[:, None] & j_mask[None, :])
 
 
 @triton.jit
@@ -147,6 +150,15 @@ def fp16_widened(v):
 
 
 @triton.jit
+def split_range(L, STEP: tl.constexpr):
+    """[lo, hi) of this program's slice of a reduction of length L: slice program_id(1) of num_programs(1),
+    whole STEPs each."""
+    per = tl.cdiv(tl.cdiv(L, STEP), tl.num_programs(1)) * STEP
+    lo = tl.program_id(1) * per
+    return lo, min(L, lo + per)
+
+
+@triton.jit
 def band_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
     """(row tile, column tile) of program ``pid``, visiting tiles in bands of GROUP row tiles: consecutive
     programs share column tiles (the weight) while they are hot in L2."""
@@ -170,10 +182,12 @@ def _lora_fwd_kernel(
     scale,
     # meta-parameters
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # SPLIT (4-bit in-loop path, few tokens): program (tile, s) sums the s-th of num_programs(1) slices of K
+    # into fp32 y_ptr[s] ([splits, M, N]), the LoRA term and bias in slice 0; the launcher adds the slices
     pid_m, pid_n = band_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -185,22 +199,28 @@ def _lora_fwd_kernel(
 
     if WFMT != 0 and ROWS_ALIGNED and QBLOCK % BLOCK_K == 0:
         # yᵀ = W·xᵀ: the decoded tile is the left operand, which the tensor cores (wgmma) take straight from
-        # registers. NF4: each K step is one scale block per row, applied to the step's product (BLOCK_M /
-        # BLOCK_K FMAs per weight element) instead of to each weight element; INT4 applies zero and scale
-        # per element (two fp32 operations; its zero point would cost a second FMA per output element).
+        # registers. NF4 with BLOCK_M <= BLOCK_K: each K step is one scale block per row, applied to the
+        # step's product (BLOCK_M / BLOCK_K FMAs per weight element, but the loop then waits for its
+        # wgmma); wider token tiles scale each weight element (2.5 instructions) and keep a wgmma in
+        # flight. INT4 is always scaled per element (its zero point would cost a second FMA per output).
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_lo, k_hi = split_range(K, BLOCK_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             xt = tl.load(x_rows + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
             wt, w_scale = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, rn, k0, n_mask, K, WFMT, QBLOCK, BLOCK_N,
                                        BLOCK_K, xt.dtype, USE_ASM)
-            if WFMT == 1:
+            if WFMT == 1 and BLOCK_M <= BLOCK_K:
                 acc_t += tl.dot(wt, tl.trans(xt)) * w_scale[:, None]
             else:
-                acc_t = tl.dot(wt, tl.trans(xt), acc_t)
-        acc_t = lora_epilogue(acc_t, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R, True)
-        if HAS_BIAS:
-            acc_t += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + rm64[None, :] * stride_ym + rn[:, None], acc_t.to(y_ptr.dtype.element_ty),
+                acc_t = tl.dot(scaled_codes(wt, w_scale, WFMT), tl.trans(xt), acc_t)
+        if tl.program_id(1) == 0:
+            acc_t = lora_epilogue(acc_t, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R, True)
+            if HAS_BIAS:
+                acc_t += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        out = y_ptr
+        if SPLIT:
+            out += tl.program_id(1).to(tl.int64) * M * stride_ym
+        tl.store(out + rm64[None, :] * stride_ym + rn[:, None], acc_t.to(y_ptr.dtype.element_ty),
                  mask=n_mask[:, None] & m_mask[None, :])
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -227,16 +247,21 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
             "num_warps": warps, "num_stages": stages}
 
 
-# The 4-bit in-loop GEMMs (M below the dequant path's cut-over, ``ops.paths``). BLOCK_K stays 64 so that
-# every NF4/INT4 block size (64, 128, 256) is a multiple of it: one scale per row per K step. One warpgroup
-# per program: the sm_90 build of the forward issues 6.9 (NF4) / 7.4 (INT4) instructions per weight
-# element with 64x128 tiles, 9.5 with two warpgroups on 128x128 tiles (the per-step product scaling costs
-# BLOCK_M / BLOCK_K FMAs per weight element), so no 128-row 4-bit config.
-GEMM_CONFIGS = [
-    # mid M: 128 weight rows per program (the register operand of two 64-row wgmma), 64 tokens
+# The 4-bit in-loop GEMMs. BLOCK_K stays 64 so that every NF4/INT4 block size (64, 128, 256) is a multiple
+# of it: one scale per row per K step. In the forward BLOCK_N is the weight rows (the register operand of
+# wgmma, 64 per warpgroup) and BLOCK_M the tokens; in dX, BLOCK_K is the weight columns (the output width,
+# held to 64 by the scale blocks), BLOCK_N the reduction step. The decode costs a fixed number of
+# instructions per weight element (sm_90: ~7-9 forward, ~11 dX), the tensor work BLOCK_M MMAs per weight
+# element: 256-token tiles hide the decode under the tensor cores (~16 instructions per element fit at
+# 2048 FMA/clk per SM), 64- and 32-token tiles serve mid and small M.
+INLOOP_FWD_CONFIGS = [
+    _cfg(256, 128, 64, 8, 3),  # large M: two warpgroups of 64 weight rows x 256 tokens
+    _cfg(64, 128, 64, 4, 4),   # mid M
+    _cfg(32, 64, 64, 4, 4),    # small M: N/64 programs spread the weight stream over more SMs
+]
+INLOOP_DX_CONFIGS = [
+    _cfg(128, 128, 64, 4, 3),  # large M: one warpgroup, 64 weight columns x 128 tokens (256 spill)
     _cfg(64, 128, 64, 4, 4),
-    # small M: tokens pad a 32-row tile less, and narrow N tiles give N/64 programs so the weight stream
-    # (the bound at small M) is spread over more SMs
     _cfg(32, 64, 64, 4, 4),
 ]
 # Dense weights (a dense base, or a 4-bit one decoded into the scratch by the dequant path): no scale
@@ -287,14 +312,14 @@ def gemm_configs(role: str, dense: bool) -> list[dict]:
     if interpreted():
         return [INTERPRET_CONFIG]
     if not dense:
-        return GEMM_CONFIGS
+        return INLOOP_FWD_CONFIGS if role == "fwd" else INLOOP_DX_CONFIGS
     return DENSE_FWD_CONFIGS if role == "fwd" else DENSE_DX_CONFIGS
 
 
 def set_gemm_configs(configs: list[dict] | None = None) -> None:
     """Autotune the fused GEMMs (forward and dX) over ``configs`` from now on (None: the built-in lists).
 
-    For config sweeps on a GPU: pass one config to time it alone. Dicts as in ``GEMM_CONFIGS``.
+    For config sweeps on a GPU: pass one config to time it alone. Dicts as in ``INLOOP_FWD_CONFIGS``.
     """
     global _CONFIG_OVERRIDE
     _CONFIG_OVERRIDE = None if configs is None else [dict(c) for c in configs]
@@ -330,8 +355,33 @@ def gemm_kernel(kernel, role: str, dense: bool, device: torch.device):
     return _AUTOTUNED[key]
 
 
-def _grid_2d(rows: int, cols: int, rows_key: str, cols_key: str):
-    return lambda meta: (triton.cdiv(rows, meta[rows_key]) * triton.cdiv(cols, meta[cols_key]),)
+def _grid_2d(rows: int, cols: int, rows_key: str, cols_key: str, splits: int = 1):
+    return lambda meta: (triton.cdiv(rows, meta[rows_key]) * triton.cdiv(cols, meta[cols_key]), splits)
+
+
+_SMS: dict = {}
+# programs per SM the reduction splits aim at, and the fewest K steps (of 64) a slice keeps
+SPLIT_PROGRAMS_PER_SM = 2
+SPLIT_MIN_STEPS = 4
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (4 for CPU tensors under the interpreter, so tests see splits)."""
+    device = torch.device(device)
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
+            else 4
+    return _SMS[device]
+
+
+def reduction_splits(m: int, cols: int, length: int, device: torch.device) -> int:
+    """Slices of a 4-bit in-loop GEMM's reduction (K for the forward, N for dX) at few tokens: enough that
+    tiles x slices fill the GPU (~2 programs per SM), tiles counted at the smallest config (32 tokens x 64
+    columns), each slice at least SPLIT_MIN_STEPS steps of 64. Few tokens leave most SMs idle otherwise:
+    M <= 32 on a 4096-wide layer is 64 tiles for 132 SMs."""
+    tiles = triton.cdiv(m, 32) * triton.cdiv(cols, 64)
+    return max(1, min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sm_count(device), tiles),
+                      length // (64 * SPLIT_MIN_STEPS)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,11 +411,18 @@ def lowrank(x: torch.Tensor, v: torch.Tensor, stride_vj: int, stride_vk: int, r:
         return out, bits
     cfg = lowrank_config(m)
     br = block_r(r)
-    _lowrank_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, br))](
-        x, v, seed if dropout else out, out, bits, m, k, r, x.stride(0), stride_vj, stride_vk,
+    m_tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    # few rows: slices of K so that the stream of x still occupies the GPU (2 programs per SM)
+    splits = max(1, min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sm_count(x.device), m_tiles),
+                        k // (cfg["BLOCK_K"] * SPLIT_MIN_STEPS)))
+    part = out if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
+    _lowrank_kernel[(m_tiles, splits, triton.cdiv(r, br))](
+        x, v, seed if dropout else out, part, bits, m, k, r, x.stride(0), stride_vj, stride_vk,
         threshold(p), 1.0 / (1.0 - p), DROPOUT=dropout, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=br, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if splits > 1:
+        torch.sum(part, 0, out=out)
     return out, bits
 
 
@@ -388,13 +445,18 @@ def lora_forward(
         return y, xa, bits
     wfmt = FORMATS[fmt]
     dummy = xa
-    gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device)[_grid_2d(m, n, "BLOCK_M", "BLOCK_N")](
+    aligned = wfmt != 0 and k % block == 0
+    splits = reduction_splits(m, n, k, x.device) if aligned else 1
+    out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device)[_grid_2d(m, n, "BLOCK_M", "BLOCK_N", splits)](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        table_tensor(wfmt, x.dtype, x.device), xa, lora_B, bias if bias is not None else dummy, y,
+        table_tensor(wfmt, x.dtype, x.device), xa, lora_B, bias if bias is not None else dummy, out,
         m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale),
-        WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=(wfmt != 0 and k % block == 0),
-        HAS_BIAS=bias is not None, USE_ASM=not interpreted(), BLOCK_R=block_r(r),
+        WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=aligned, HAS_BIAS=bias is not None,
+        USE_ASM=not interpreted(), SPLIT=splits > 1, BLOCK_R=block_r(r),
     )
+    if splits > 1:
+        y.copy_(out.sum(0))
     return y, xa, bits
 
 
@@ -445,7 +507,7 @@ def gemm_spec_variants(role: str):
         for fname, fid, qblock, aligned in SPEC_FORMATS:
             for cfg in gemm_configs(role, fid == 0):
                 yield dname, dptr, fname, fid, qblock, aligned, cfg
-        yield dname, dptr, "nf4-unaligned", 1, 64, False, GEMM_CONFIGS[0]
+        yield dname, dptr, "nf4-unaligned", 1, 64, False, gemm_configs(role, False)[1]
 
 
 def rank_variants():
@@ -476,7 +538,7 @@ def aot_specs() -> list[dict]:
     return specs + gemm_specs("fwd", _lora_fwd_kernel, lambda dptr, fid: {
         "x_ptr": dptr, **weight_signature(fid, dptr), "tab_ptr": "*i32", "xa_ptr": "*fp32", "b_ptr": dptr,
         "bias_ptr": dptr, "y_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32",
-        "stride_xm": "i32", "stride_ym": "i32", "scale": "fp32"}, {"HAS_BIAS": True, "USE_ASM": True})
+        "stride_xm": "i32", "stride_ym": "i32", "scale": "fp32"}, {"HAS_BIAS": True, "USE_ASM": True, "SPLIT": False})
 
 
 def gemm_specs(role: str, fn, signature, constexprs: dict) -> list[dict]:

@@ -15,9 +15,9 @@ Saved for backward: x, xa and the keep bits (M·K/8 bytes, with dropout) plus th
 which are parameters or buffers; no dropped-out x, no byte mask, no dequantized weight. The backward
 returns dX, dA, dB, dbias and, for a dense weight that requires grad, dW = dYᵀ·x (plain torch).
 
-Where a 4-bit weight is decoded depends on M (``ops.paths``): inside the GEMMs' loops, or once per call
-into the device's scratch buffer (``ops.scratch``) that the dense GEMMs then read, in the forward and
-again in the backward; nothing decoded is kept between them.
+Where a 4-bit weight is decoded depends on the GEMM and M (``ops.paths``): inside the GEMM's loop, or
+once per call into the device's scratch buffer (``ops.scratch``) that the dense GEMM then reads; nothing
+decoded is kept between the forward and the backward.
 
 Dropout: the seed is one draw from torch's default generator of x's device, kept as a 1-element int64 tensor
 on that device (no host sync; torch.manual_seed reproduces a run). The forward draws the mask from it and
@@ -45,11 +45,12 @@ from .scratch import weight_scratch
 _EMPTY = (0,)
 
 
-def _gemm_weight(m, w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n, k, block, nested_offset, dtype):
-    """(w, scales, zeros, fmt) that a fused GEMM over M = ``m`` tokens reads, by the rule of ``ops.paths``:
-    the 4-bit weight itself with its absmax decoded to fp32 ("inloop"), or its decode in ``dtype`` written
-    into the device's scratch buffer, read as a dense weight ("dequant")."""
-    path = training_path(m, n, k, fmt)
+def _gemm_weight(gemm, m, w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n, k, block, nested_offset,
+                 dtype):
+    """(w, scales, zeros, fmt) that the fused GEMM ``gemm`` ("fwd" | "dx") over M = ``m`` tokens reads, by
+    the rule of ``ops.paths``: the 4-bit weight itself with its absmax decoded to fp32 ("inloop"), or its
+    decode in ``dtype`` written into the device's scratch buffer, read as a dense weight ("dequant")."""
+    path = training_path(m, n, k, fmt, gemm)
     if path == "dense":
         return w, None, None, fmt
     if path == "dequant":
@@ -78,8 +79,8 @@ def lora_fwd(
     from ..kernels.lora_fwd import lora_forward
 
     with device_guard(x.device):
-        w, scales, zeros, fmt = _gemm_weight(x.shape[0], w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n,
-                                             x.shape[1], block, nested_offset, x.dtype)
+        w, scales, zeros, fmt = _gemm_weight("fwd", x.shape[0], w, w_scales, w_zeros, nested_absmax, nested_code,
+                                             fmt, n, x.shape[1], block, nested_offset, x.dtype)
         return lora_forward(x, w, scales, zeros, fmt, n, block, lora_A, lora_B, bias, scale, dropout_p, seed)
 
 
@@ -103,8 +104,9 @@ def lora_bwd(
 
     with device_guard(dy.device):
         if need_dx:
-            w, w_scales, w_zeros, fmt = _gemm_weight(dy.shape[0], w, w_scales, w_zeros, nested_absmax, nested_code,
-                                                     fmt, dy.shape[1], x.shape[1], block, nested_offset, dy.dtype)
+            w, w_scales, w_zeros, fmt = _gemm_weight("dx", dy.shape[0], w, w_scales, w_zeros, nested_absmax,
+                                                     nested_code, fmt, dy.shape[1], x.shape[1], block, nested_offset,
+                                                     dy.dtype)
         dx, da, db = lora_backward(dy, x, xa, bits, w, w_scales, w_zeros, fmt, block, lora_A, lora_B, scale,
                                    dropout_p, need_dx, need_da, need_db)
     empty = dy.new_empty(_EMPTY)

@@ -1,26 +1,31 @@
 """Where a 4-bit weight is decoded on the training path: the one rule, read by the lora ops.
 
-Two paths compute the same function (forward and dX):
+Two paths compute the same function, chosen per GEMM (the forward, and the backward's dX):
 
-- ``"inloop"``: the fused GEMM decodes each W tile in registers inside its K loop. No extra memory
-  traffic, but every M tile decodes the same W tile again, so the decode's instructions grow with M.
+- ``"inloop"``: the fused GEMM decodes each W tile in registers inside its K loop (``kernels.code_lookup``).
+  No extra memory traffic, but every token tile decodes the same W tile again: the decode's instructions
+  grow with M, and are free only while the tensor cores take longer than issuing them.
 - ``"dequant"``: W is decoded once per call into a per-device scratch buffer (``ops.scratch``) in the
-  compute dtype, then the dense fused GEMM runs on it; the backward decodes again for dX. The cost is a
-  fixed ~2.5 bytes of extra traffic per weight element (read 0.5, write 2; the GEMM then reads 2 bytes,
-  mostly from L2 at large M) plus one launch, whatever M is.
+  compute dtype, then the dense fused GEMM runs on it. The cost is a fixed ~2.5 bytes of extra traffic
+  per weight element (read 0.5, write 2; the GEMM then reads 2 bytes, mostly from L2 at large M) plus one
+  launch, whatever M is.
 
-The arithmetic behind the default (H100 SXM: 132 SMs x 4 schedulers x 1.98 GHz = 1.05e12 warp
-instructions/s, i.e. 3.3e13 lane instructions/s; copy bandwidth ~3.0 TB/s). Per weight element, the dequant
-path costs two passes (forward and backward) of ~2.5 bytes, ~0.83 ns per 1000 elements each: the time of
-~28 lane instructions per element per pass, ~56 for a training step. The in-loop path instead decodes
-once per 64-token tile, forward and dX: with the sm_90 counts of the in-loop loops (``bench/triton_loops.py``:
-~7 instructions per weight element forward, ~12 for dX, of which ~6 would be spent by the dense loops
-anyway) that is ~13 extra per element per 64 tokens. The two meet near 56 / 13 x 64 ≈ 280 tokens; the
-default cut-over is the power of two below, 256 (the dequant path's two extra launches favour the in-loop
-path at small layers, the in-loop path's issue-bound loops favour the dequant path at large ones).
-A GPU run replaces the arithmetic: ``bench/device_check.sh`` measures both paths per shape and writes the
-measured cut-overs to ``cutovers.json`` beside this file ({"nf4": M, "int4": M}, the smallest M from
-which the dequant path was faster), which this module reads at import.
+The rule (from the sm_90 SASS counts of ``bench/triton_loops.py``; H100: 2048 bf16 FMA per clock per SM
+against 4 issued instructions, so a loop with T tokens per tile hides up to T / 16 instructions per weight
+element under the tensor cores):
+
+- forward: in-loop at every M. Its decode costs ~7 instructions per weight element with 64-token tiles
+  and ~11 with the 256-token tiles of large M, which stay under the tensor time (256 / 16 = 16), so a
+  dequant pass (~17 µs per 4096² weight on an H100) would only add time.
+- dX: in-loop up to ``CUTOVERS``, then dequant. Its decode also scales each element along the reduction
+  (~12 instructions per element; the widest tile without spills has 128 tokens, budget 8), so at large M
+  its loop is issue-bound: ~1.6x the tensor time, which costs more than the dequant pass from ~2048 tokens
+  on (the report's per-shape table shows the crossing; 2048 is its power of two).
+
+A GPU run replaces the arithmetic: ``bench/device_check.sh`` times both paths per shape
+(``bench/bench_cutover.py``) and writes the measured cut-overs to ``cutovers.json`` beside this file
+({"nf4-dx": M, "nf4-fwd": M or null, ...}: the smallest M from which the dequant path was faster, null for
+never), which this module reads at import.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ import json
 from pathlib import Path
 
 PATHS = ("inloop", "dequant")
+GEMMS = ("fwd", "dx")
+FORMATS = ("nf4", "int4")
 CUTOVER_FILE = Path(__file__).with_name("cutovers.json")
-# tokens from which a 4-bit weight takes the dequant path (see the module docstring for the arithmetic)
-ARITHMETIC_CUTOVERS = {"nf4": 256, "int4": 256}
+# tokens from which a GEMM over a 4-bit weight takes the dequant path; None: never (module docstring)
+ARITHMETIC_CUTOVERS: dict[str, int | None] = {"nf4-fwd": None, "nf4-dx": 512, "int4-fwd": None, "int4-dx": 512}
 
 
-def _load_cutovers(path: Path = CUTOVER_FILE) -> dict[str, int]:
+def _load_cutovers(path: Path = CUTOVER_FILE) -> dict[str, int | None]:
     """Cut-overs from ``path`` when present and well formed, else the arithmetic defaults."""
     cutovers = dict(ARITHMETIC_CUTOVERS)
     if not path.is_file():
@@ -45,13 +52,13 @@ def _load_cutovers(path: Path = CUTOVER_FILE) -> dict[str, int]:
     except (OSError, ValueError) as exc:
         raise RuntimeError(f"{path}: unreadable cut-over table ({exc})") from exc
     if not isinstance(measured, dict):
-        raise RuntimeError(f"{path}: expected a JSON object {{format: M}}, got {type(measured).__name__}")
-    for fmt, m in measured.items():
-        if fmt not in ARITHMETIC_CUTOVERS:
+        raise RuntimeError(f"{path}: expected a JSON object {{'<format>-<gemm>': M}}, got {type(measured).__name__}")
+    for key, m in measured.items():
+        if key not in ARITHMETIC_CUTOVERS:
             continue  # other keys (GPU name, date, commit) describe the measurement
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise RuntimeError(f"{path}: {fmt!r} must be a positive int (tokens), got {m!r}")
-        cutovers[fmt] = m
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            raise RuntimeError(f"{path}: {key!r} must be a positive int (tokens) or null, got {m!r}")
+        cutovers[key] = m
     return cutovers
 
 
@@ -59,17 +66,20 @@ CUTOVERS = _load_cutovers()
 _FORCED: str | None = None
 
 
-def training_path(m: int, n: int, k: int, fmt: str) -> str:
-    """"inloop" or "dequant" for a 4-bit weight of format ``fmt`` ("nf4" | "int4") and M tokens;
-    "dense" for a dense weight."""
+def training_path(m: int, n: int, k: int, fmt: str, gemm: str = "fwd") -> str:
+    """"inloop" or "dequant" for the GEMM ``gemm`` ("fwd" | "dx") over M tokens of a 4-bit weight of
+    format ``fmt`` ("nf4" | "int4"); "dense" for a dense weight."""
     if fmt == "dense":
         return "dense"
-    if fmt not in CUTOVERS:
+    if fmt not in FORMATS:
         raise ValueError(f"fmt: expected 'dense', 'nf4' or 'int4', got {fmt!r}")
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm: expected one of {GEMMS}, got {gemm!r}")
     if _FORCED is not None:
         return _FORCED
-    del n, k  # the rule is per format today; the measured table may refine it per shape
-    return "dequant" if m >= CUTOVERS[fmt] else "inloop"
+    del n, k  # the rule is per format and GEMM today; the measured table may refine it per shape
+    cut = CUTOVERS[f"{fmt}-{gemm}"]
+    return "dequant" if cut is not None and m >= cut else "inloop"
 
 
 @contextlib.contextmanager
