@@ -150,7 +150,9 @@ def compile_all(only: str = "", targets=TARGETS, jobs: int = 1, tool: str = "tri
     import tempfile
 
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusedlora-aot-")
-    tasks = [(mod, s["name"], cc) for mod, s in all_specs(tool) if only in s["name"] for cc in targets]
+    # a spec may name the targets it runs on ("targets": (90,)): configs that only a Hopper launch picks
+    tasks = [(mod, s["name"], cc) for mod, s in all_specs(tool) if only in s["name"] for cc in targets
+             if cc in s.get("targets", TARGETS)]
     if jobs > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(jobs) as pool:
             yield from pool.map(_compile_task, tasks)
@@ -159,7 +161,7 @@ def compile_all(only: str = "", targets=TARGETS, jobs: int = 1, tool: str = "tri
 
 
 def count_specs(only: str = "", tool: str = "triton_build") -> int:
-    return sum(only in s["name"] for _, s in all_specs(tool))
+    return sum(only in s["name"] for _, s in all_specs(tool))  # specs, whatever their targets
 
 
 def save(build: Build, folder: Path) -> None:

@@ -33,11 +33,13 @@ their FLOPs and bytes.
                                  [--write-ceilings] [--write-readme]
 
 --check (CI) exits 1 on a compile error, local memory (spills) in a main loop, a GEMM whose main loop has
-no MMA, a large-M GEMM loop (BLOCK_M >= 64) on sm_90 that waits for its own wgmma, a loop above its
+no MMA, a large-M GEMM loop (a spec marked ``large_m_gemm``: the configs that serve large M, 128 tokens
+and more per tile, at the default rank) on sm_90 that waits for its own wgmma, a loop above its
 committed ceiling (``triton_ceilings.json``: per triton version, target and spec, instructions per warp
-per iteration; a spec without one fails too), an aligned 4-bit in-loop decode loop above
-DECODE_ELEMENT_CEILING instructions per weight element, and a bench/README.md table that differs from
-the one computed here (compared when the README's table was made with the running triton version).
+per iteration; a spec without one fails too), and a bench/README.md table that differs from the one
+computed here (compared when the README's table was made with the running triton version). Aligned 4-bit
+in-loop decode loops above DECODE_ELEMENT_CEILING instructions per weight element are printed as targets
+missed, without failing.
 """
 
 from __future__ import annotations
@@ -638,19 +640,24 @@ def problems(loops: list[Loop], version: str) -> list[str]:
             out.append(f"{tag}: main loop touches local memory (LDL/STL: spills)")
         if lp.role in ("fwd", "dx") and lp.mma is None:
             out.append(f"{tag}: GEMM main loop without an MMA")
-        if lp.cc == 90 and lp.role in ("fwd", "dx") and (lp.large_m_gemm or (lp.block_m or 0) >= 64) \
-                and lp.wait == 0:
+        if lp.cc == 90 and lp.role in ("fwd", "dx") and lp.large_m_gemm and lp.wait == 0:
             out.append(f"{tag}: large-M GEMM loop waits for its own wgmma (WARPGROUP.DEPBAR.LE gsb0, 0x0)")
         ceiling = ceilings.get(f"sm_{lp.cc}", {}).get(lp.name)
         if ceiling is None:
             out.append(f"{tag}: no committed ceiling in {CEILINGS.name} (run --write-ceilings)")
         elif lp.count > ceiling:
             out.append(f"{tag}: {lp.count} instructions per iteration, above its ceiling {ceiling}")
-        if lp.role in ("fwd", "dx") and lp.fmt in ("nf4", "int4") and lp.per_element is not None \
-                and lp.per_element > DECODE_ELEMENT_CEILING:
-            out.append(f"{tag}: aligned 4-bit in-loop decode at {lp.per_element:.1f} instructions per weight "
-                       f"element, above {DECODE_ELEMENT_CEILING}")
     return out
+
+
+def decode_target_misses(loops: list[Loop]) -> list[str]:
+    """Aligned 4-bit in-loop decode loops above DECODE_ELEMENT_CEILING instructions per weight element: a
+    target, reported by --check next to the problems but not failing it (the committed per-loop ceilings
+    are what fails)."""
+    return [f"{lp.name} sm_{lp.cc}: {lp.per_element:.1f} instructions per weight element (target "
+            f"{DECODE_ELEMENT_CEILING})" for lp in loops
+            if lp.role in ("fwd", "dx") and lp.fmt in ("nf4", "int4") and lp.per_element is not None
+            and lp.per_element > DECODE_ELEMENT_CEILING and lp.constexprs.get("BLOCK_R", 16) == 16]
 
 
 def readme_diff(block: list[str]) -> list[str] | None:
@@ -748,6 +755,8 @@ def main() -> int:
             found.append("bench/README.md's generated table differs from the computed one "
                          "(run bench/triton_loops.py --write-readme):\n" + "\n".join(diff[:40]))
     print()
+    for miss in decode_target_misses(loops):
+        print("TARGET MISSED:", miss)
     for p in found:
         print("PROBLEM:", p)
     print(f"triton_loops --check: {len(found)} problem(s) in {len(loops)} loops")

@@ -264,7 +264,7 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits) -> 
     aligned = wfmt != 0 and k % block == 0
     splits = reduction_splits(m, k, n, dy.device) if aligned else 1
     out = dx if splits == 1 else torch.empty((splits, m, k), dtype=torch.float32, device=dy.device)
-    kernel = gemm_kernel(_lora_dx_kernel, "dx", wfmt == 0, dy.device)
+    kernel = gemm_kernel(_lora_dx_kernel, "dx", wfmt == 0, dy.device, aligned or wfmt == 0)
     kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), splits)](
         dy, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
         table_tensor(wfmt, dy.dtype, dy.device), g, lora_A, bits if p > 0 else dummy, out,

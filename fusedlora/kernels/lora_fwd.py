@@ -264,6 +264,12 @@ INLOOP_DX_CONFIGS = [
     _cfg(64, 128, 64, 4, 4),
     _cfg(32, 64, 64, 4, 4),
 ]
+# Configs that spill without wgmma's register operand (sm_80's mma.sync keeps both operands in registers
+# differently): launches on GPUs before sm_90 leave them out.
+HOPPER_ONLY = ({"BLOCK_M": 256, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 128})
+# 4-bit weights whose rows do not start on a byte or whose scale blocks cross K tiles (K % blocksize != 0,
+# no real layer): every element gathers its own byte and scale, which needs small tiles not to spill.
+UNALIGNED_CONFIGS = [_cfg(32, 32, 64, 4, 2)]
 # Dense weights (a dense base, or a 4-bit one decoded into the scratch by the dequant path): no scale
 # block to respect, so a deeper pipeline (4 stages of 32 KiB in bf16). 128x256 tiles would halve the x
 # reloads but hold a 128-register accumulator per thread: the LoRA epilogue then spills (sm_90 build).
@@ -288,8 +294,8 @@ LOWRANK_SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4, "num_st
 INTERPRET_LOWRANK_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
 M_BUCKET_CAP = 16384
 # Ranks are processed in slices of at most RANK_SLICE columns, so registers and shared memory are bounded
-# for any r (the largest rank the ops accept is ``ops.lora.MAX_RANK``).
-RANK_SLICE = 64
+# for any r (the largest rank the ops accept is ``ops.lora.MAX_RANK``); 64-wide slices spill on sm_80.
+RANK_SLICE = 32
 
 
 def m_bucket(m: int) -> int:
@@ -305,14 +311,22 @@ def block_r(r: int) -> int:
 _CONFIG_OVERRIDE: list[dict] | None = None
 
 
-def gemm_configs(role: str, dense: bool) -> list[dict]:
-    """Launch configs of a fused GEMM: ``role`` "fwd" or "dx", over a dense or a 4-bit weight."""
+def hopper_only(cfg: dict, dense: bool) -> bool:
+    return not dense and any(all(cfg[k] == v for k, v in h.items()) for h in HOPPER_ONLY)
+
+
+def gemm_configs(role: str, dense: bool, aligned: bool = True, hopper: bool = True) -> list[dict]:
+    """Launch configs of a fused GEMM: ``role`` "fwd" or "dx", over a dense or a 4-bit weight (``aligned``:
+    K a multiple of its block size), on an sm_90+ GPU or (``hopper`` False) an older one."""
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
     if interpreted():
         return [INTERPRET_CONFIG]
     if not dense:
-        return INLOOP_FWD_CONFIGS if role == "fwd" else INLOOP_DX_CONFIGS
+        if not aligned:
+            return UNALIGNED_CONFIGS
+        configs = INLOOP_FWD_CONFIGS if role == "fwd" else INLOOP_DX_CONFIGS
+        return [c for c in configs if hopper or not hopper_only(c, dense)]
     return DENSE_FWD_CONFIGS if role == "fwd" else DENSE_DX_CONFIGS
 
 
@@ -346,12 +360,14 @@ def autotuned(kernel, configs: list[dict]):
 _AUTOTUNED: dict = {}
 
 
-def gemm_kernel(kernel, role: str, dense: bool, device: torch.device):
-    """``kernel`` (a fused GEMM) autotuned over ``gemm_configs(role, dense)``, one autotuner per device (the
-    best config of one GPU says nothing about another)."""
-    key = (kernel, role, dense, torch.device(device))
+def gemm_kernel(kernel, role: str, dense: bool, device: torch.device, aligned: bool = True):
+    """``kernel`` (a fused GEMM) autotuned over ``gemm_configs(role, dense, aligned)``, one autotuner per
+    device (the best config of one GPU says nothing about another)."""
+    device = torch.device(device)
+    key = (kernel, role, dense, aligned, device)
     if key not in _AUTOTUNED:
-        _AUTOTUNED[key] = autotuned(kernel, gemm_configs(role, dense))
+        hopper = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+        _AUTOTUNED[key] = autotuned(kernel, gemm_configs(role, dense, aligned, hopper))
     return _AUTOTUNED[key]
 
 
@@ -448,7 +464,8 @@ def lora_forward(
     aligned = wfmt != 0 and k % block == 0
     splits = reduction_splits(m, n, k, x.device) if aligned else 1
     out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device)[_grid_2d(m, n, "BLOCK_M", "BLOCK_N", splits)](
+    kernel = gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device, aligned or wfmt == 0)
+    kernel[_grid_2d(m, n, "BLOCK_M", "BLOCK_N", splits)](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
         table_tensor(wfmt, x.dtype, x.device), xa, lora_B, bias if bias is not None else dummy, out,
         m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale),
@@ -485,19 +502,21 @@ DIVISIBLE_INTS = ("K", "N", "C", "stride_xm", "stride_ym", "stride_dym", "stride
                   "rows_per_split", "cols_per_split")
 
 
-def spec(name, fn, signature, constexprs, num_warps, num_stages, large_m_gemm=False) -> dict:
-    """One AOT spec; ``divisible_by_16`` lists the arguments the build may assume are multiples of 16."""
+def spec(name, fn, signature, constexprs, num_warps, num_stages, large_m_gemm=False, targets=(80, 90)) -> dict:
+    """One AOT spec; ``divisible_by_16`` lists the arguments the build may assume are multiples of 16,
+    ``targets`` the compute capabilities whose launches can pick it."""
     sig = dict(signature)
     for c in constexprs:
         sig[c] = "constexpr"
     divisible = [a for a, t in signature.items() if t.startswith("*") or a in DIVISIBLE_INTS]
     return {"name": name, "fn": fn, "signature": sig, "constexprs": dict(constexprs), "num_warps": num_warps,
-            "num_stages": num_stages, "large_m_gemm": large_m_gemm, "divisible_by_16": divisible}
+            "num_stages": num_stages, "large_m_gemm": large_m_gemm, "divisible_by_16": divisible,
+            "targets": tuple(targets)}
 
 
 # rank slices compiled besides AOT_R's (16): every width a rank can take, so spills or shared-memory
 # overflow at any r fail the AOT build rather than a user's launch
-RANK_GRID = (32, RANK_SLICE)
+RANK_GRID = tuple(w for w in (32, 64) if w <= RANK_SLICE)
 
 
 def gemm_spec_variants(role: str):
@@ -507,7 +526,7 @@ def gemm_spec_variants(role: str):
         for fname, fid, qblock, aligned in SPEC_FORMATS:
             for cfg in gemm_configs(role, fid == 0):
                 yield dname, dptr, fname, fid, qblock, aligned, cfg
-        yield dname, dptr, "nf4-unaligned", 1, 64, False, gemm_configs(role, False)[1]
+        yield dname, dptr, "nf4-unaligned", 1, 64, False, gemm_configs(role, False, aligned=False)[0]
 
 
 def rank_variants():
@@ -554,5 +573,8 @@ def gemm_specs(role: str, fn, signature, constexprs: dict) -> list[dict]:
                 f"lora_{role}_{dname}_{fname}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}{suffix}", fn,
                 signature(dptr, fid), {"WFMT": fid, "QBLOCK": qblock, "ROWS_ALIGNED": aligned, **constexprs,
                                        **meta, "BLOCK_R": br},
-                cfg["num_warps"], cfg["num_stages"], large_m_gemm=fid == 0 and cfg["BLOCK_M"] >= 64))
+                # the configs that serve large M (128+ tokens per tile) must keep a wgmma in flight; the rank
+                # grid is there for spills and shared memory, its speed is judged at the default rank
+                cfg["num_warps"], cfg["num_stages"], large_m_gemm=cfg["BLOCK_M"] >= 128 and not suffix,
+                targets=(90,) if hopper_only(cfg, fid == 0) else (80, 90)))
     return specs
