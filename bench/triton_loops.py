@@ -278,20 +278,34 @@ class Work:
     iters: int
     fma_per_iter: int
     bytes: float
+    splits: int = 1  # slices of the reduction whose partial sums torch adds
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def reduction_splits(m: int, cols: int, length: int, sms: int) -> int:
+    """The slicing rule of the launchers (``fusedlora.kernels.lora_fwd``), with the chip's SM count."""
+    from fusedlora.kernels.lora_fwd import reduction_splits as rule
+
+    return rule(m, cols, length, sms)
+
+
+def slices(programs: int, steps: int, sms: int) -> int:
+    from fusedlora.kernels.lora_fwd import slices as rule
+
+    return rule(programs, steps, sms)
+
+
 def weight_bytes(n: int, k: int, fmt: str, elem: int = 2) -> float:
-    """Bytes a GEMM reads for W: dense in the compute dtype, 4-bit codes plus fp32 scales (NF4's absmax is
-    decoded to fp32 before the GEMM; INT4 adds a uint8 zero per group of 128)."""
+    """Bytes a GEMM reads for W: dense in the compute dtype, 4-bit codes plus scales (NF4: fp32 absmax, or
+    with double quantization its uint8 code; INT4 adds a uint8 zero per group of 128)."""
     if fmt == "dense":
         return elem * n * k
     if fmt.startswith("int4"):
         return n * k / 2 + 5 * n * k / 128
-    return n * k / 2 + 4 * n * k / NF4_BLOCK
+    return n * k / 2 + (1 if fmt == "nf4-dq" else 4) * n * k / NF4_BLOCK
 
 
 def work(role: str, c: dict, dims: dict, sms: int) -> Work:
@@ -309,12 +323,17 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
         m, n, k, r = dims["m"], dims["n"], dims["k"], dims["r"]
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         out_cols, red, out_tile, red_tile = (n, k, bn, bk) if role == "fwd" else (k, n, bk, bn)
-        return Work(cdiv(m, bm) * cdiv(out_cols, out_tile), cdiv(red, red_tile), bm * bn * bk,
-                    e * m * red + weight_bytes(n, k, dims["wfmt"]) + e * m * out_cols + 4 * m * r + e * out_cols * r)
-    if role == "lowrank":  # out fp32 [m, r] = drop(x [m, k]) . V[r, k]^T
+        # the 4-bit in-loop GEMMs slice their reduction at few tokens (fp32 partials, added by torch)
+        splits = reduction_splits(m, out_cols, red, sms) if dims["wfmt"] != "dense" else 1
+        return Work(cdiv(m, bm) * cdiv(out_cols, out_tile) * splits, cdiv(cdiv(red, red_tile), splits), bm * bn * bk,
+                    e * m * red + weight_bytes(n, k, dims["wfmt"]) + e * m * out_cols + 4 * m * r + e * out_cols * r
+                    + (8 * splits * m * out_cols if splits > 1 else 0), splits)
+    if role == "lowrank":  # out fp32 [m, r] = drop(x [m, k]) . V[r, k]^T, K sliced at few rows
         m, k, r = dims["m"], dims["k"], dims["r"]
-        return Work(cdiv(m, c["BLOCK_M"]), cdiv(k, c["BLOCK_K"]), c["BLOCK_M"] * c["BLOCK_K"] * c["BLOCK_R"],
-                    e * m * k + 4 * m * r + e * r * k)
+        m_tiles, steps = cdiv(m, c["BLOCK_M"]), cdiv(k, c["BLOCK_K"])
+        splits = slices(m_tiles, steps, sms)
+        return Work(m_tiles * splits, cdiv(steps, splits), c["BLOCK_M"] * c["BLOCK_K"] * c["BLOCK_R"],
+                    e * m * k + 4 * m * r + e * r * k + (8 * splits * m * r if splits > 1 else 0), splits)
     if role == "reduce_m":  # fp32 [c, r] = drop(big [m, c])^T . thin [m, r], split over M
         m, cols, r = dims["m"], dims["c"], dims["r"]
         col_tiles, m_tiles = cdiv(cols, c["BLOCK_C"]), cdiv(m, c["BLOCK_M"])
@@ -390,14 +409,14 @@ def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True) -> 
     def decode(p):
         if p == "dequant":
             return [[("dequant", {"fmt": "nf4-dq"}, {"n": n, "k": k})]]
-        return [[("decode_absmax", {}, {"n": n, "k": k})]]
+        return []  # the in-loop GEMMs decode the double-quantized absmax themselves (fmt nf4-dq)
 
     def gemm(role, p):
-        wfmt = "dense" if p == "dequant" else "nf4"
+        wfmt = "dense" if p == "dequant" else "nf4-dq"
         return [[(role, {"fmt": wfmt}, {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt})]]
 
-    return [
-        # forward: xa = drop(x) . A^T, W decoded (scratch or absmax), y = x . W^T + s . xa . B^T
+    stages = [
+        # forward: xa = drop(x) . A^T, W decoded into the scratch or in the loop, y = x . W^T + s . xa . B^T
         [[("lowrank", {"dropout": p_drop}, {"m": m, "k": k, "r": r})]],
         decode(fwd_path),
         gemm("fwd", fwd_path),
@@ -410,6 +429,7 @@ def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True) -> 
         gemm("dx", dx_path),
         [[("reduce_m", {"dropout": p_drop}, {"m": m, "c": k, "r": r})]],
     ]
+    return [stage for stage in stages if stage]
 
 
 def candidates(loops: list[Loop], role: str, sel: dict) -> list[Loop]:
@@ -432,6 +452,8 @@ def launch_us(lp: Loop, role: str, dims: dict, chip: dict) -> float:
     """One launch of ``lp`` on ``dims``, plus the torch sums over its split partials."""
     w = work(role, lp.constexprs, dims, chip["sms"])
     t = kernel_us(lp, w, chip)
+    if w.splits > 1:  # the torch sum over the slices' partials (its bytes are in w.bytes)
+        t += MODEL["launch_us"]
     if role == "reduce_m" and w.programs > cdiv(dims["c"], lp.constexprs["BLOCK_C"]):
         t += memory_us(4 * w.programs * lp.constexprs["BLOCK_C"] * dims["r"], chip)
     if role == "g_db":
@@ -656,7 +678,7 @@ def decode_target_misses(loops: list[Loop]) -> list[str]:
     are what fails)."""
     return [f"{lp.name} sm_{lp.cc}: {lp.per_element:.1f} instructions per weight element (target "
             f"{DECODE_ELEMENT_CEILING})" for lp in loops
-            if lp.role in ("fwd", "dx") and lp.fmt in ("nf4", "int4") and lp.per_element is not None
+            if lp.role in ("fwd", "dx") and lp.fmt in ("nf4", "nf4-dq", "int4") and lp.per_element is not None
             and lp.per_element > DECODE_ELEMENT_CEILING and lp.constexprs.get("BLOCK_R", 16) == 16]
 
 

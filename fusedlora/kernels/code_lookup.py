@@ -148,15 +148,17 @@ def code_pairs(byte, words, WFMT: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl
 
 @triton.jit
 def load_w_codes(
-    w_ptr, s_ptr, z_ptr, words,
+    w_ptr, s_ptr, z_ptr, words, na_ptr, nc_ptr, noff,
     rn, k0, n_mask,
     K,
-    WFMT: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WFMT: tl.constexpr, QBLOCK: tl.constexpr, DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     """(tile [BLOCK_N, BLOCK_K] in DTYPE, scale [BLOCK_N] fp32) of the 4-bit W[rn, k0:k0+BLOCK_K] with
     K % QBLOCK == 0 and QBLOCK % BLOCK_K == 0. NF4: the tile holds the code values and W = tile · absmax
-    row by row (the GEMM applies the absmax to its product); INT4: the tile is W itself."""
+    row by row (the GEMM applies the absmax to its product); with DQ the absmax is decoded here from its
+    uint8 code (s_ptr), the nested absmax (na_ptr), the nested code (nc_ptr) and the offset: two gathers
+    per row per step, instead of a separate launch per GEMM. INT4: the tile is W itself."""
     n64 = rn.to(tl.int64)
     j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     byte = tl.load((w_ptr + n64 * (K // 2))[:, None] + j[None, :], mask=n_mask[:, None] & (j < K // 2)[None, :],
@@ -164,7 +166,12 @@ def load_w_codes(
     if WFMT == 1:
         hi, lo = code_pairs(byte, words, WFMT, DTYPE, USE_ASM)
         codes = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
-        scale = tl.load(s_ptr + (n64 * K + k0) // QBLOCK, mask=n_mask, other=0.0)
+        blk = (n64 * K + k0) // QBLOCK
+        if DQ:
+            qa = tl.load(s_ptr + blk, mask=n_mask, other=0).to(tl.int32)
+            scale = tl.load(nc_ptr + qa) * tl.load(na_ptr + blk // 256, mask=n_mask, other=0.0) + noff
+        else:
+            scale = tl.load(s_ptr + blk, mask=n_mask, other=0.0)
     else:
         srow = n64 * (K // QBLOCK) + k0 // QBLOCK
         scale = tl.load(s_ptr + srow, mask=n_mask, other=0.0)

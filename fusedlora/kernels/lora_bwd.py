@@ -51,17 +51,17 @@ from .weight_tile import FORMATS, load_w_tile
 
 @triton.jit
 def _lora_dx_kernel(
-    # pointers: dY [M, N], W (format WFMT; tab_ptr the code table words of ``code_lookup``), g fp32 [M, R],
-    # A [R, K], keep bits [M, ceil(K/8)], dX [M, K]
-    dy_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, g_ptr, a_ptr, bits_ptr, dx_ptr,
+    # pointers: dY [M, N], W (format WFMT; tab_ptr the code table words of ``code_lookup``, na_ptr and
+    # nc_ptr NF4's nested absmax and code when DQ), g fp32 [M, R], A [R, K], keep bits [M, ceil(K/8)], dX [M, K]
+    dy_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, g_ptr, a_ptr, bits_ptr, dx_ptr,
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
     stride_dym, stride_dxm,
-    # s/(1-p)
-    lora_scale,
+    # s/(1-p); NF4's nested offset (DQ)
+    lora_scale, noff,
     # meta-parameters
-    WFMT: tl.constexpr, QBLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DROPOUT: tl.constexpr,
+    WFMT: tl.constexpr, QBLOCK: tl.constexpr, DQ: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DROPOUT: tl.constexpr,
     USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -87,8 +87,8 @@ def _lora_dx_kernel(
             n = n0 + rn
             n_mask = n < N
             dyt = tl.load(dy_rows + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-            wt, w_scale = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, n, k0, n_mask, K, WFMT, QBLOCK, BLOCK_N,
-                                       BLOCK_K, dyt.dtype, USE_ASM)
+            wt, w_scale = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, noff, n, k0, n_mask, K,
+                                       WFMT, QBLOCK, DQ, BLOCK_N, BLOCK_K, dyt.dtype, USE_ASM)
             acc_t = tl.dot(tl.trans(scaled_codes(wt, w_scale, WFMT)), tl.trans(dyt), acc_t)
         if tl.program_id(1) == 0:
             acc_t += dx_lora_term(g_ptr, a_ptr, bits_ptr, rm64, rk, k0, m_mask, k_mask, K, R, lora_scale, DROPOUT,
@@ -253,7 +253,7 @@ def split_len(length: int, other_programs: int, block: int, target: int) -> tupl
     return triton.cdiv(max(length, 1), size), size
 
 
-def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits) -> torch.Tensor:
+def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nested=None) -> torch.Tensor:
     m, n = dy.shape
     r, k = lora_A.shape
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
@@ -262,14 +262,15 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits) -> 
     wfmt = FORMATS[fmt]
     dummy = g
     aligned = wfmt != 0 and k % block == 0
+    na, nc, noff = nested if nested is not None else (dummy, dummy, 0.0)
     splits = reduction_splits(m, k, n, dy.device) if aligned else 1
     out = dx if splits == 1 else torch.empty((splits, m, k), dtype=torch.float32, device=dy.device)
     kernel = gemm_kernel(_lora_dx_kernel, "dx", wfmt == 0, dy.device, aligned or wfmt == 0)
     kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), splits)](
         dy, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        table_tensor(wfmt, dy.dtype, dy.device), g, lora_A, bits if p > 0 else dummy, out,
-        m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), float(scale) / (1.0 - p),
-        WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=aligned, DROPOUT=p > 0,
+        table_tensor(wfmt, dy.dtype, dy.device), na, nc, g, lora_A, bits if p > 0 else dummy, out,
+        m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), float(scale) / (1.0 - p), float(noff),
+        WFMT=wfmt, QBLOCK=block if wfmt else 64, DQ=nested is not None, ROWS_ALIGNED=aligned, DROPOUT=p > 0,
         USE_ASM=not interpreted(), SPLIT=splits > 1, BLOCK_R=block_r(r),
     )
     if splits > 1:
@@ -321,12 +322,12 @@ def lora_backward(
     dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, bits: torch.Tensor | None,
     w: torch.Tensor, w_scales: torch.Tensor | None, w_zeros: torch.Tensor | None, fmt: str, block: int,
     lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, p: float,
-    need_dx: bool = True, need_da: bool = True, need_db: bool = True,
+    need_dx: bool = True, need_da: bool = True, need_db: bool = True, nested: tuple | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dX in x's dtype, dA, dB in fp32) — each None when not needed. dY, x [M, *] with unit column stride;
     ``bits`` the forward's dropout keep bits when p > 0."""
     g, db = g_and_db(dy, lora_B, xa, need_dx or need_da, need_db, scale)
-    dx = lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits) if need_dx else None
+    dx = lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nested) if need_dx else None
     # dA = s/(1-p)·(m ⊙ x)ᵀ·g, stored as [r, K]
     da = reduce_da(x, g, scale / (1.0 - p), p, bits) if need_da else None
     return dx, da, db
@@ -354,8 +355,9 @@ def aot_specs() -> list[dict]:
                 {"BLOCK_M": gc["BLOCK_M"], "BLOCK_N": gc["BLOCK_N"], "BLOCK_R": br},
                 gc["num_warps"], gc["num_stages"]))
     # the dX output tile is [BLOCK_M, BLOCK_K], its N loop steps BLOCK_N
-    return specs + gemm_specs("dx", _lora_dx_kernel, lambda dptr, fid: {
-        "dy_ptr": dptr, **weight_signature(fid, dptr), "tab_ptr": "*i32", "g_ptr": "*fp32", "a_ptr": dptr,
-        "bits_ptr": "*u8", "dx_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32",
-        "stride_dym": "i32", "stride_dxm": "i32", "lora_scale": "fp32"},
+    return specs + gemm_specs("dx", _lora_dx_kernel, lambda dptr, fid, dq: {
+        "dy_ptr": dptr, **weight_signature(fid, dptr, dq), "tab_ptr": "*i32", "na_ptr": "*fp32", "nc_ptr": "*fp32",
+        "g_ptr": "*fp32", "a_ptr": dptr, "bits_ptr": "*u8", "dx_ptr": dptr, "M": "i32", "N": "i32", "K": "i32",
+        "R": "i32", "M_BUCKET": "i32", "stride_dym": "i32", "stride_dxm": "i32", "lora_scale": "fp32",
+        "noff": "fp32"},
         {"DROPOUT": True, "USE_ASM": True, "SPLIT": False})

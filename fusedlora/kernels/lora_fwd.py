@@ -172,17 +172,18 @@ def band_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexp
 
 @triton.jit
 def _lora_fwd_kernel(
-    # pointers (tab_ptr: the code table words of ``code_lookup``)
-    x_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    # pointers (tab_ptr: the code table words of ``code_lookup``; na_ptr, nc_ptr: NF4's nested absmax and
+    # code when DQ)
+    x_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
     stride_xm, stride_ym,
-    # LoRA scale s
-    scale,
+    # LoRA scale s; NF4's nested offset (DQ)
+    scale, noff,
     # meta-parameters
-    WFMT: tl.constexpr, QBLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
+    WFMT: tl.constexpr, QBLOCK: tl.constexpr, DQ: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -207,8 +208,8 @@ def _lora_fwd_kernel(
         k_lo, k_hi = split_range(K, BLOCK_K)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             xt = tl.load(x_rows + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
-            wt, w_scale = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, rn, k0, n_mask, K, WFMT, QBLOCK, BLOCK_N,
-                                       BLOCK_K, xt.dtype, USE_ASM)
+            wt, w_scale = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, noff, rn, k0, n_mask, K,
+                                       WFMT, QBLOCK, DQ, BLOCK_N, BLOCK_K, xt.dtype, USE_ASM)
             if WFMT == 1 and BLOCK_M <= BLOCK_K:
                 acc_t += tl.dot(wt, tl.trans(xt)) * w_scale[:, None]
             else:
@@ -390,14 +391,18 @@ def sm_count(device: torch.device) -> int:
     return _SMS[device]
 
 
-def reduction_splits(m: int, cols: int, length: int, device: torch.device) -> int:
-    """Slices of a 4-bit in-loop GEMM's reduction (K for the forward, N for dX) at few tokens: enough that
-    tiles x slices fill the GPU (~2 programs per SM), tiles counted at the smallest config (32 tokens x 64
-    columns), each slice at least SPLIT_MIN_STEPS steps of 64. Few tokens leave most SMs idle otherwise:
-    M <= 32 on a 4096-wide layer is 64 tiles for 132 SMs."""
-    tiles = triton.cdiv(m, 32) * triton.cdiv(cols, 64)
-    return max(1, min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sm_count(device), tiles),
-                      length // (64 * SPLIT_MIN_STEPS)))
+def slices(programs: int, steps: int, sms: int) -> int:
+    """Slices of a reduction of ``steps`` steps run by ``programs`` programs each, so that programs x slices
+    is about SPLIT_PROGRAMS_PER_SM per SM, each slice at least SPLIT_MIN_STEPS steps."""
+    return max(1, min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, max(programs, 1)), steps // SPLIT_MIN_STEPS))
+
+
+def reduction_splits(m: int, cols: int, length: int, sms) -> int:
+    """Slices of a 4-bit in-loop GEMM's reduction (K for the forward, N for dX) at few tokens (``sms``: an
+    SM count or a device): tiles counted at the smallest config (32 tokens x 64 columns), steps of 64. Few
+    tokens leave most SMs idle otherwise: M <= 32 on a 4096-wide layer is 64 tiles for 132 SMs."""
+    sms = sms if isinstance(sms, int) else sm_count(sms)
+    return slices(triton.cdiv(m, 32) * triton.cdiv(cols, 64), length // 64, sms)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -428,9 +433,8 @@ def lowrank(x: torch.Tensor, v: torch.Tensor, stride_vj: int, stride_vk: int, r:
     cfg = lowrank_config(m)
     br = block_r(r)
     m_tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    # few rows: slices of K so that the stream of x still occupies the GPU (2 programs per SM)
-    splits = max(1, min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sm_count(x.device), m_tiles),
-                        k // (cfg["BLOCK_K"] * SPLIT_MIN_STEPS)))
+    # few rows: slices of K so that the stream of x still occupies the GPU
+    splits = slices(m_tiles, k // cfg["BLOCK_K"], sm_count(x.device))
     part = out if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     _lowrank_kernel[(m_tiles, splits, triton.cdiv(r, br))](
         x, v, seed if dropout else out, part, bits, m, k, r, x.stride(0), stride_vj, stride_vk,
@@ -445,13 +449,15 @@ def lowrank(x: torch.Tensor, v: torch.Tensor, stride_vj: int, stride_vk: int, r:
 def lora_forward(
     x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor | None, w_zeros: torch.Tensor | None,
     fmt: str, n: int, block: int, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
-    scale: float, p: float, seed: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    scale: float, p: float, seed: torch.Tensor | None, nested: tuple | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [M, N] in x's dtype, xa [M, r] fp32, dropout keep bits [M, ceil(K/8)] uint8 or [0]). x [M, K] with
     unit column stride; all else contiguous.
 
-    ``fmt`` is "dense" (w [N, K]), "nf4" (w the packed bytes, w_scales fp32 absmax) or "int4" (w bytes
-    [N, K/2], w_scales fp32 [N, K/block], w_zeros uint8); ``seed`` a 1-element int64 tensor when p > 0.
+    ``fmt`` is "dense" (w [N, K]), "nf4" (w the packed bytes, w_scales fp32 absmax, or with ``nested`` =
+    (nested_absmax, nested_code, offset) the uint8 absmax codes, for a K that is a multiple of the block
+    size) or "int4" (w bytes [N, K/2], w_scales fp32 [N, K/block], w_zeros uint8); ``seed`` a 1-element
+    int64 tensor when p > 0.
     """
     m, k = x.shape
     r = lora_A.shape[0]
@@ -462,15 +468,16 @@ def lora_forward(
     wfmt = FORMATS[fmt]
     dummy = xa
     aligned = wfmt != 0 and k % block == 0
+    na, nc, noff = nested if nested is not None else (dummy, dummy, 0.0)
     splits = reduction_splits(m, n, k, x.device) if aligned else 1
     out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     kernel = gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device, aligned or wfmt == 0)
     kernel[_grid_2d(m, n, "BLOCK_M", "BLOCK_N", splits)](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        table_tensor(wfmt, x.dtype, x.device), xa, lora_B, bias if bias is not None else dummy, out,
-        m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale),
-        WFMT=wfmt, QBLOCK=block if wfmt else 64, ROWS_ALIGNED=aligned, HAS_BIAS=bias is not None,
-        USE_ASM=not interpreted(), SPLIT=splits > 1, BLOCK_R=block_r(r),
+        table_tensor(wfmt, x.dtype, x.device), na, nc, xa, lora_B, bias if bias is not None else dummy, out,
+        m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale), float(noff),
+        WFMT=wfmt, QBLOCK=block if wfmt else 64, DQ=nested is not None, ROWS_ALIGNED=aligned,
+        HAS_BIAS=bias is not None, USE_ASM=not interpreted(), SPLIT=splits > 1, BLOCK_R=block_r(r),
     )
     if splits > 1:
         y.copy_(out.sum(0))
@@ -483,15 +490,15 @@ def lora_forward(
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16"}
 # (format name, WFMT, QBLOCK, ROWS_ALIGNED): the aligned path for every config; the per-element scale
 # gather (NF4 with K % blocksize != 0) for one config per dtype.
-SPEC_FORMATS = [("dense", 0, 64, False), ("nf4", 1, 64, True), ("int4", 2, 128, True)]
+SPEC_FORMATS = [("dense", 0, 64, False), ("nf4", 1, 64, True), ("nf4-dq", 1, 64, True), ("int4", 2, 128, True)]
 AOT_R = 16
 
 
-def weight_signature(fmt_id: int, dtype_ptr: str) -> dict:
-    """Signature entries of (w_ptr, ws_ptr, wz_ptr) for a weight format."""
+def weight_signature(fmt_id: int, dtype_ptr: str, dq: bool = False) -> dict:
+    """Signature entries of (w_ptr, ws_ptr, wz_ptr) for a weight format (NF4 with ``dq``: uint8 absmax)."""
     if fmt_id == 0:
         return {"w_ptr": dtype_ptr, "ws_ptr": "*fp32", "wz_ptr": "*fp32"}
-    return {"w_ptr": "*u8", "ws_ptr": "*fp32", "wz_ptr": "*u8" if fmt_id == 2 else "*fp32"}
+    return {"w_ptr": "*u8", "ws_ptr": "*u8" if dq else "*fp32", "wz_ptr": "*u8" if fmt_id == 2 else "*fp32"}
 
 
 # Integer arguments that real layers pass as multiples of 16 (K, N, row strides, split lengths). The JIT specializes on
@@ -554,10 +561,11 @@ def aot_specs() -> list[dict]:
                          "thresh": "i32", "inv_keep": "fp32"},
                         {"DROPOUT": dropout, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"], "BLOCK_R": br},
                         cfg["num_warps"], cfg["num_stages"]))
-    return specs + gemm_specs("fwd", _lora_fwd_kernel, lambda dptr, fid: {
-        "x_ptr": dptr, **weight_signature(fid, dptr), "tab_ptr": "*i32", "xa_ptr": "*fp32", "b_ptr": dptr,
-        "bias_ptr": dptr, "y_ptr": dptr, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32",
-        "stride_xm": "i32", "stride_ym": "i32", "scale": "fp32"}, {"HAS_BIAS": True, "USE_ASM": True, "SPLIT": False})
+    return specs + gemm_specs("fwd", _lora_fwd_kernel, lambda dptr, fid, dq: {
+        "x_ptr": dptr, **weight_signature(fid, dptr, dq), "tab_ptr": "*i32", "na_ptr": "*fp32", "nc_ptr": "*fp32",
+        "xa_ptr": "*fp32", "b_ptr": dptr, "bias_ptr": dptr, "y_ptr": dptr, "M": "i32", "N": "i32", "K": "i32",
+        "R": "i32", "M_BUCKET": "i32", "stride_xm": "i32", "stride_ym": "i32", "scale": "fp32", "noff": "fp32"},
+        {"HAS_BIAS": True, "USE_ASM": True, "SPLIT": False})
 
 
 def gemm_specs(role: str, fn, signature, constexprs: dict) -> list[dict]:
@@ -569,10 +577,11 @@ def gemm_specs(role: str, fn, signature, constexprs: dict) -> list[dict]:
         meta = {k: v for k, v in cfg.items() if not k.startswith("num_")}
         first = cfg is gemm_configs(role, fid == 0)[0] and fname != "nf4-unaligned" and dname == "bf16"
         for suffix, br in rank_variants() if first else [("", block_r(AOT_R))]:
+            dq = fname == "nf4-dq"
             specs.append(spec(
                 f"lora_{role}_{dname}_{fname}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}{suffix}", fn,
-                signature(dptr, fid), {"WFMT": fid, "QBLOCK": qblock, "ROWS_ALIGNED": aligned, **constexprs,
-                                       **meta, "BLOCK_R": br},
+                signature(dptr, fid, dq), {"WFMT": fid, "QBLOCK": qblock, "DQ": dq, "ROWS_ALIGNED": aligned,
+                                           **constexprs, **meta, "BLOCK_R": br},
                 # the configs that serve large M (128+ tokens per tile) must keep a wgmma in flight; the rank
                 # grid is there for spills and shared memory, its speed is judged at the default rank
                 cfg["num_warps"], cfg["num_stages"], large_m_gemm=cfg["BLOCK_M"] >= 128 and not suffix,

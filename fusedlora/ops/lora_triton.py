@@ -47,12 +47,14 @@ _EMPTY = (0,)
 
 def _gemm_weight(gemm, m, w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n, k, block, nested_offset,
                  dtype):
-    """(w, scales, zeros, fmt) that the fused GEMM ``gemm`` ("fwd" | "dx") over M = ``m`` tokens reads, by
-    the rule of ``ops.paths``: the 4-bit weight itself with its absmax decoded to fp32 ("inloop"), or its
-    decode in ``dtype`` written into the device's scratch buffer, read as a dense weight ("dequant")."""
+    """(w, scales, zeros, fmt, nested) that the fused GEMM ``gemm`` ("fwd" | "dx") over M = ``m`` tokens
+    reads, by the rule of ``ops.paths``: the 4-bit weight itself ("inloop"; a double-quantized absmax is
+    decoded by the GEMM from ``nested`` = (nested_absmax, nested_code, offset), or beforehand to fp32 when
+    K is not a multiple of the block size), or its decode in ``dtype`` written into the device's scratch
+    buffer, read as a dense weight ("dequant")."""
     path = training_path(m, n, k, fmt, gemm)
     if path == "dense":
-        return w, None, None, fmt
+        return w, None, None, fmt, None
     if path == "dequant":
         from ..kernels.dequant import dequantize_int4_triton, dequantize_nf4_triton
 
@@ -62,12 +64,14 @@ def _gemm_weight(gemm, m, w, w_scales, w_zeros, nested_absmax, nested_code, fmt,
                                   out=out)
         else:
             dequantize_int4_triton(w, w_scales, w_zeros, block, dtype, out=out)
-        return out, None, None, "dense"
+        return out, None, None, "dense", None
     if nested_absmax is None:
-        return w, w_scales, w_zeros, fmt
+        return w, w_scales, w_zeros, fmt, None
+    if k % block == 0:
+        return w, w_scales, w_zeros, fmt, (nested_absmax, nested_code.float(), nested_offset)
     from ..kernels.lora_fwd import decode_absmax
 
-    return w, decode_absmax(w_scales, nested_code, nested_absmax, nested_offset), w_zeros, fmt
+    return w, decode_absmax(w_scales, nested_code, nested_absmax, nested_offset), w_zeros, fmt, None
 
 
 @torch.library.custom_op("fusedlora::lora_fwd", mutates_args=())
@@ -79,9 +83,10 @@ def lora_fwd(
     from ..kernels.lora_fwd import lora_forward
 
     with device_guard(x.device):
-        w, scales, zeros, fmt = _gemm_weight("fwd", x.shape[0], w, w_scales, w_zeros, nested_absmax, nested_code,
-                                             fmt, n, x.shape[1], block, nested_offset, x.dtype)
-        return lora_forward(x, w, scales, zeros, fmt, n, block, lora_A, lora_B, bias, scale, dropout_p, seed)
+        w, scales, zeros, fmt, nested = _gemm_weight("fwd", x.shape[0], w, w_scales, w_zeros, nested_absmax,
+                                                     nested_code, fmt, n, x.shape[1], block, nested_offset, x.dtype)
+        return lora_forward(x, w, scales, zeros, fmt, n, block, lora_A, lora_B, bias, scale, dropout_p, seed,
+                            nested)
 
 
 @lora_fwd.register_fake
@@ -103,12 +108,13 @@ def lora_bwd(
     from ..kernels.lora_bwd import lora_backward
 
     with device_guard(dy.device):
+        nested = None
         if need_dx:
-            w, w_scales, w_zeros, fmt = _gemm_weight("dx", dy.shape[0], w, w_scales, w_zeros, nested_absmax,
-                                                     nested_code, fmt, dy.shape[1], x.shape[1], block, nested_offset,
-                                                     dy.dtype)
+            w, w_scales, w_zeros, fmt, nested = _gemm_weight("dx", dy.shape[0], w, w_scales, w_zeros, nested_absmax,
+                                                             nested_code, fmt, dy.shape[1], x.shape[1], block,
+                                                             nested_offset, dy.dtype)
         dx, da, db = lora_backward(dy, x, xa, bits, w, w_scales, w_zeros, fmt, block, lora_A, lora_B, scale,
-                                   dropout_p, need_dx, need_da, need_db)
+                                   dropout_p, need_dx, need_da, need_db, nested)
     empty = dy.new_empty(_EMPTY)
     return (
         dx if dx is not None else empty,

@@ -19,8 +19,10 @@ element under the tensor cores):
   dequant pass (~17 µs per 4096² weight on an H100) would only add time.
 - dX: in-loop up to ``CUTOVERS``, then dequant. Its decode also scales each element along the reduction
   (~12 instructions per element; the widest tile without spills has 128 tokens, budget 8), so at large M
-  its loop is issue-bound: ~1.6x the tensor time, which costs more than the dequant pass from ~2048 tokens
-  on (the report's per-shape table shows the crossing; 2048 is its power of two).
+  its loop is issue-bound, ~1.25-1.6x the tensor time: an overhead that grows with M while the dequant
+  pass costs the same at every M. The report's model (``bench/triton_loops.py``, both GEMMs on each path
+  and the mixed one, Llama-3-8B projections, H100 and H200) has the mixed path ahead from 2048 tokens on
+  every shape and behind at 1024 (e.g. 4096x14336 on an H100: 421 vs 441 µs at 1024, 760 vs 752 at 2048).
 
 A GPU run replaces the arithmetic: ``bench/device_check.sh`` times both paths per shape
 (``bench/bench_cutover.py``) and writes the measured cut-overs to ``cutovers.json`` beside this file
@@ -39,7 +41,7 @@ GEMMS = ("fwd", "dx")
 FORMATS = ("nf4", "int4")
 CUTOVER_FILE = Path(__file__).with_name("cutovers.json")
 # tokens from which a GEMM over a 4-bit weight takes the dequant path; None: never (module docstring)
-ARITHMETIC_CUTOVERS: dict[str, int | None] = {"nf4-fwd": None, "nf4-dx": 512, "int4-fwd": None, "int4-dx": 512}
+ARITHMETIC_CUTOVERS: dict[str, int | None] = {"nf4-fwd": None, "nf4-dx": 2048, "int4-fwd": None, "int4-dx": 2048}
 
 
 def _load_cutovers(path: Path = CUTOVER_FILE) -> dict[str, int | None]:
