@@ -3,7 +3,8 @@
 #   build fusedlora._C for sm_90 only, assert it loaded, run the `gpu` tests (none may skip), run the
 #   benchmark matrix, print a short table last. Everything lands under $OUT (at most 8 files come back).
 # Bitsandbytes is not on that machine: carry its wheel in .whl/ (see bench/README.md) for the bnb baselines.
-# Budget: under 5 minutes. Each stage has its own timeout so one slow stage cannot eat the others.
+# Budget: under 5 minutes. Each stage has its own timeout so one slow stage cannot eat the others; the
+# limits add up to 270 s (build 90, tests 60, cut-overs 35, layer 40, decode 20, dequant 10, step 15).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -22,7 +23,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 stage "build fusedlora._C for sm_90 (MAX_JOBS=16)"
-if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 120 $PY setup.py build_ext --inplace >"$LOGS/build.log" 2>&1; then
+if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 90 $PY setup.py build_ext --inplace >"$LOGS/build.log" 2>&1; then
   cp "$LOGS/build.log" "$OUT/"; tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1
 fi
 grep -i "spill" "$LOGS/build.log" | grep -v " 0 bytes spill" | head -5
@@ -32,31 +33,30 @@ $PY -m fusedlora.cli info | tee "$OUT/info.txt"
 stage "gpu tests (none may be skipped)"
 # Several workers: most of this stage is Triton compiling kernels, one CPU core per compile.
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-FUSEDLORA_REQUIRE_GPU=1 timeout 100 $PY -m pytest -q -m gpu -rs -p no:cacheprovider $XDIST tests >"$OUT/gpu_tests.log" 2>&1
+FUSEDLORA_REQUIRE_GPU=1 timeout 60 $PY -m pytest -q -m gpu -rs -p no:cacheprovider $XDIST tests >"$OUT/gpu_tests.log" 2>&1
 rc=$?
 tail -25 "$OUT/gpu_tests.log"
 if [ $rc -ne 0 ]; then echo "GPU TESTS FAILED (rc=$rc)"; status=1; fi
 if grep -qE "[0-9]+ skipped" "$OUT/gpu_tests.log"; then echo "GPU TESTS SKIPPED SOME"; status=1; fi
 
+stage "cut-overs of the 4-bit training paths (measured, written for fusedlora/ops/cutovers.json)"
+timeout 35 $PY bench/bench_cutover.py --budget 25 --out "$OUT/cutovers.json" >"$LOGS/cutover.log" 2>&1 \
+  || { echo "cut-over bench failed or ran out of time"; status=1; }
+grep -E "^cutover" "$LOGS/cutover.log" | tail -n 30
+cat "$LOGS/cutover.log" >>"$OUT/bench.log"
+
 stage "benchmarks"
-# name, time limit (s), arguments: sized so build + tests + all of these stay under 5 minutes
+# name, time limit (s), arguments: the limits are part of the 270 s above
 run_bench() {
   local name=$1 limit=$2; shift 2
   echo "--- $name" >>"$OUT/bench.log"
   timeout "$limit" $PY "bench/$name.py" --out "$LOGS/$name.json" "$@" >>"$OUT/bench.log" 2>&1 \
     || { echo "$name failed or ran out of time (see bench.log)"; status=1; }
 }
-# Typical total ~5 minutes (build ~1, tests ~1.5, these ~2.5); worst case bounded by the limits, ~6.5.
-run_bench bench_dequant 25 --budget 12
-run_bench bench_decode 40 --budget 25
-run_bench bench_layer 50 --budget 30
-run_bench bench_step 40 --quick --budget 20
-
-stage "config sweep of the fused GEMMs"
-timeout 35 $PY bench/sweep_configs.py --budget 22 --out "$OUT/sweep.json" >"$LOGS/sweep.log" 2>&1 || { echo "sweep failed"; status=1; }
-cat "$LOGS/sweep.log" >>"$OUT/bench.log"
-grep BEST "$LOGS/sweep.log"
-grep -E "^cutover" "$OUT/bench.log" | head -30
+run_bench bench_layer 40 --budget 28
+run_bench bench_decode 20 --budget 12
+run_bench bench_dequant 10 --budget 5
+run_bench bench_step 15 --quick --budget 10
 $PY bench/merge_results.py "$LOGS"/bench_*.json --out "$OUT/results.json" >"$OUT/table.md" 2>&1 || status=1
 
 stage "summary"

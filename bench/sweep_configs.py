@@ -2,8 +2,9 @@
 
     python bench/sweep_configs.py [--budget SECONDS] [--out sweep.json]
 
-Every rare GPU run also tunes: the built-in autotune list (fusedlora.kernels.lora_fwd.GEMM_CONFIGS) is
-reasoned, and this measures it and a few neighbours on the target shapes, forward + backward of the NF4
+The built-in autotune lists (fusedlora.kernels.lora_fwd: INLOOP_FWD_CONFIGS, INLOOP_DX_CONFIGS,
+DENSE_FWD_CONFIGS, DENSE_DX_CONFIGS) are reasoned from the SASS; this measures them and a few neighbours on
+the target shapes, forward + backward of the NF4
 (double-quant) layer in bf16, r = 16, p = 0.1. Prints one line per (case, config) and the best per case;
 writes {"gpu", "date", "commit", "sweep": [...]} (its own format: these are not baseline comparisons).
 """

@@ -56,6 +56,11 @@ def test_rule_picks_by_tokens_format_and_gemm():
     with forced_path("dequant"):
         assert training_path(1, 64, 64, "nf4", "fwd") == "dequant"
         assert training_path(8192, 64, 64, "dense") == "dense"
+        with forced_path("inloop", "dx"):  # one GEMM forced, the other keeps the outer forcing
+            assert training_path(1 << 20, 64, 64, "int4", "dx") == "inloop"
+            assert training_path(1, 64, 64, "int4", "fwd") == "dequant"
+        assert training_path(1 << 20, 64, 64, "int4", "dx") == "dequant"
+    assert training_path(1, 64, 64, "int4", "dx") == "inloop"
     with pytest.raises(ValueError, match="path"):
         with forced_path("sometimes"):
             pass

@@ -65,7 +65,7 @@ def _load_cutovers(path: Path = CUTOVER_FILE) -> dict[str, int | None]:
 
 
 CUTOVERS = _load_cutovers()
-_FORCED: str | None = None
+_FORCED: dict[str, str] = {}  # GEMM -> path, set by forced_path
 
 
 def training_path(m: int, n: int, k: int, fmt: str, gemm: str = "fwd") -> str:
@@ -77,22 +77,29 @@ def training_path(m: int, n: int, k: int, fmt: str, gemm: str = "fwd") -> str:
         raise ValueError(f"fmt: expected 'dense', 'nf4' or 'int4', got {fmt!r}")
     if gemm not in GEMMS:
         raise ValueError(f"gemm: expected one of {GEMMS}, got {gemm!r}")
-    if _FORCED is not None:
-        return _FORCED
+    if gemm in _FORCED:
+        return _FORCED[gemm]
     del n, k  # the rule is per format and GEMM today; the measured table may refine it per shape
     cut = CUTOVERS[f"{fmt}-{gemm}"]
     return "dequant" if cut is not None and m >= cut else "inloop"
 
 
 @contextlib.contextmanager
-def forced_path(path: str | None):
-    """Within the block every 4-bit weight takes ``path`` ("inloop" | "dequant"; None: the rule), for
-    tests and benches that time or check one path."""
-    global _FORCED
+def forced_path(path: str | None, gemm: str | None = None):
+    """Within the block the GEMM ``gemm`` ("fwd" | "dx"; None: both) of every 4-bit weight takes ``path``
+    ("inloop" | "dequant"; None: the rule), for tests and benches that time or check one path."""
     if path is not None and path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS} or None, got {path!r}")
-    old, _FORCED = _FORCED, path
+    if gemm is not None and gemm not in GEMMS:
+        raise ValueError(f"gemm: expected one of {GEMMS} or None, got {gemm!r}")
+    old = dict(_FORCED)
+    for g in (gemm,) if gemm else GEMMS:
+        if path is None:
+            _FORCED.pop(g, None)
+        else:
+            _FORCED[g] = path
     try:
         yield
     finally:
-        _FORCED = old
+        _FORCED.clear()
+        _FORCED.update(old)
