@@ -150,5 +150,14 @@ def test_cublas_and_launch_shapes():
     assert (w.programs, w.iters) == (32 * 64, 112)
     w = tl_.work("reduce_m", {"BLOCK_M": 64, "BLOCK_C": 64, "BLOCK_R": 16}, {"m": 4096, "c": 4096, "r": 16}, 132)
     assert w.programs == 64 * 4 and w.iters == 16  # 264 // 64 = 4 splits of 16 row tiles
+    # the in-loop GEMMs decode the double-quantized absmax themselves: no separate launch on that path
     roles = [role for stage in tl_.layer_kernels("inloop", 64, 4096, 4096, 16) for role, _, _ in stage[0]]
-    assert roles.count("decode_absmax") == 2 and "dequant" not in roles
+    assert "decode_absmax" not in roles and "dequant" not in roles
+    mixed = [role for stage in tl_.layer_kernels(("inloop", "dequant"), 4096, 4096, 4096, 16)
+             for role, _, _ in stage[0]]
+    assert mixed.count("dequant") == 1 and mixed.index("dequant") > mixed.index("fwd")
+    # few tokens: the 4-bit GEMM slices its reduction (fp32 partials) and the launch carries the slices
+    w = tl_.work("fwd", {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, {"m": 16, "n": 4096, "k": 4096, "r": 16,
+                                                                        "wfmt": "nf4-dq"}, 132)
+    splits = tl_.reduction_splits(16, 4096, 4096, 132)
+    assert splits == 5 and (w.programs, w.iters, w.splits) == (64 * splits, 13, splits)  # 264 / 64 tiles
