@@ -263,3 +263,22 @@ def test_few_tokens_split_the_reduction(kind, monkeypatch):
     mask = dropout_mask(seed, x.shape, p, "cpu")
     check_all(ours, run(oracle(w64, 0.5, p, mask), x, a, b, bias, dy),
               run(plain(wlow, 0.5, p, mask), x, a, b, bias, dy), torch.float32)
+
+
+def test_lora_launches_run_under_a_guard_for_their_device(monkeypatch):
+    # Triton launches on the current CUDA device: the ops make the tensors' device current first, forward
+    # and backward (a layer on cuda:1 would otherwise run on cuda:0 with cuda:1 pointers)
+    import fusedlora.ops.lora_triton as lora_ops
+
+    entered = []
+    real = lora_ops.device_guard
+
+    def recording(device):
+        entered.append(torch.device(device))
+        return real(device)
+
+    monkeypatch.setattr(lora_ops, "device_guard", recording)
+    weight, _, _ = make_weight("nf4-dq", 16, 64, torch.float32)
+    x, a, b, bias = lora_inputs(5, 64, 16, 4, torch.float32)
+    run(triton_fn(weight, 1.0, 0.1, True), x, a, b, bias, torch.randn(5, 16))
+    assert entered == [torch.device("cpu")] * 2  # the forward op and the backward op
