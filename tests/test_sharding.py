@@ -152,3 +152,27 @@ def test_held_as_parameters_keeps_keys_values_and_dtypes():
     assert layer.quant_absmax.dtype == torch.uint8 and layer.quant_nested_absmax.dtype == torch.float32
     assert isinstance(layer.quant_nested_absmax, torch.nn.Parameter)
     torch.testing.assert_close(layer(x.double()).float(), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cpu_offload_gives_the_same_run(nf4_runs, tmp_path):
+    """--cpu-offload (FSDP2's CPUOffloadPolicy) changes where the shards, their gradients and AdamW's state
+    are kept, not what is computed: the same all-gathers, reduce-scatters and per-shard AdamW steps in the
+    same order. On a CPU the shards are in host memory either way, so the run is equal to the bit (measured);
+    on a GPU the optimizer would step on the CPU, whose AdamW may differ from the GPU's in the last bits."""
+    out = str(tmp_path / "offload")
+    _torchrun("-m", "fusedlora.train", *ARGS, "--quantize", "nf4", "--fsdp", "--cpu-offload", "--out", out)
+    two = nf4_runs[0]
+    assert json.load(open(os.path.join(out, "trainer_state.json")))["config"]["cpu_offload"] is True
+    for key in ("loss", "eval_loss"):
+        assert _log(out, key) == _log(two, key)
+    a, b = _adapter(out), _adapter(two)
+    assert _max_diff(a, b) == 0.0
+
+
+def test_cpu_offload_needs_fsdp():
+    from fusedlora.train.config import TrainConfig
+
+    assert TrainConfig(fsdp=True, cpu_offload=True).cpu_offload
+    with pytest.raises(ValueError, match="--cpu-offload: .* needs --fsdp"):
+        TrainConfig(cpu_offload=True)

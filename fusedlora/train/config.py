@@ -73,6 +73,9 @@ class TrainConfig:
     fsdp: bool = arg(False, "under torchrun with several processes: shard the frozen base and the LoRA weights "
                      "with FSDP2 (each decoder layer, then the whole model; a 4-bit base in whole quantization "
                      "blocks) instead of replicating them with DDP; one process runs as without it")
+    cpu_offload: bool = arg(False, "with --fsdp: keep each process's shard of the parameters, their gradients "
+                            "and the optimizer state in host memory (FSDP2's CPUOffloadPolicy); a unit is copied "
+                            "to the GPU for its forward and backward, and AdamW steps on the CPU")
     eval_fraction: float = arg(0.05, "share of the records held out", metavar="F")
     eval_batches: int = arg(8, "at most this many batches of the held-out split per evaluation", metavar="N")
     out: str | None = arg(None, "output directory (default: runs/<the --model folder's name>, or runs/tiny)",
@@ -90,9 +93,11 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 1)
         for name in ("save_every", "eval_every", "warmup_steps", "seed"):
             _check_int(name, getattr(self, name), 0)
-        for name in ("gradient_checkpointing", "pack", "fsdp", "resume"):
+        for name in ("gradient_checkpointing", "pack", "fsdp", "cpu_offload", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{flag(name)}: expected true or false, got {getattr(self, name)!r}")
+        if self.cpu_offload and not self.fsdp:
+            raise ValueError("--cpu-offload: offloads FSDP2's shards; it needs --fsdp")
         if self.rank > MAX_RANK:
             raise ValueError(f"--rank: {self.rank} is beyond the largest supported rank, {MAX_RANK}")
         if self.quantize not in QUANTIZE_CHOICES:

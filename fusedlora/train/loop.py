@@ -102,11 +102,15 @@ def _ddp(model, device: torch.device):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
-def _fully_shard(model) -> None:
+def _fully_shard(model, cpu_offload: bool, device: torch.device) -> None:
     """FSDP2 over ``model`` (fl.fully_shard): each decoder layer (the classes transformers names in
     ``_no_split_modules``) is one unit, gathered just before it runs and freed after, each 4-bit layer one
     too; the root unit holds the rest (embeddings, final norm, output head). fully_shard replaces the
-    parameters with sharded ones: take them (and build the optimizer) after this call."""
+    parameters with sharded ones: take them (and build the optimizer) after this call.
+
+    ``cpu_offload``: FSDP2's CPUOffloadPolicy; the shards, their gradients and so AdamW's state live in host
+    memory (pinned on a GPU machine, for asynchronous copies), each unit is copied to the device for its
+    all-gather. The computation is the same: only where the shards are kept changes."""
     from ..sharding import decoder_layers
 
     layers = decoder_layers(model)
@@ -114,7 +118,12 @@ def _fully_shard(model) -> None:
         names = sorted(getattr(model, "_no_split_modules", None) or ())
         raise ValueError(f"--fsdp: found no decoder layers in {type(model).__name__} (its _no_split_modules "
                          f"{names} match no submodule)")
-    fl.fully_shard(model)
+    kwargs = {}
+    if cpu_offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    fl.fully_shard(model, **kwargs)
 
 
 @contextlib.contextmanager
@@ -405,7 +414,7 @@ def _setup(config: TrainConfig, saved_state: dict | None, inputs: Inputs) -> Run
     model.train()
     fsdp = config.fsdp and world > 1
     if fsdp:
-        _fully_shard(model)
+        _fully_shard(model, config.cpu_offload, device)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
