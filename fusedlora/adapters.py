@@ -33,6 +33,7 @@ from .inject import (
     inject,
     layer_settings,
     lora_layers,
+    record_adapter_config,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -313,10 +314,7 @@ def _restore(model: nn.Module, snapshot) -> None:
     for name, module in modules.items():
         if name and now.get(name) is not module:
             set_submodule(model, name, module)
-    if config is not None:
-        setattr(model, CONFIG_ATTR, config)
-    elif hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    record_adapter_config(model, config)
     current = lora_layers(model)
     for name, (state, values) in layers.items():
         for key, value in state.items():
@@ -384,7 +382,7 @@ def _load_adapter(model, config, weights_path, tensors, quantize) -> nn.Module:
         for name, layer in layers.items():
             for key, param in zip(adapter_keys(name), (layer.lora_A, layer.lora_B), strict=True):
                 param.copy_(tensors[key])
-    setattr(model, CONFIG_ATTR, {
+    record_adapter_config(model, {
         "target_modules": targets, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
         "rank_pattern": dict(rank_pattern), "alpha_pattern": dict(alpha_pattern), "exclude_modules": exclude,
         "base_model_name_or_path": config.get("base_model_name_or_path"), "task_type": config.get("task_type"),

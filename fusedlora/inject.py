@@ -32,6 +32,24 @@ logger = logging.getLogger("fusedlora")
 ALL_LINEAR = "all-linear"
 # Settings of the adapter inject() made, kept on the model for save_adapter (PEFT's config field names).
 CONFIG_ATTR = "fusedlora_adapter_config"
+# The same settings in a transformers model's config (config.json after save_pretrained): what
+# fusedlora.load_quantized reads to rebuild the adapters' alpha, rsLoRA and dropout.
+HF_CONFIG_KEY = "fusedlora_adapter"
+
+
+def record_adapter_config(model: nn.Module, config: Mapping | None) -> None:
+    """Keep ``config`` (the adapter settings, PEFT's field names) on ``model`` and, for a transformers
+    model, in ``model.config`` so that ``save_pretrained`` writes it; None removes both."""
+    hf_config = getattr(model, "config", None)
+    has_hf = hf_config is not None and hasattr(hf_config, "to_json_string")
+    if config is None:
+        for holder, attr in ((model, CONFIG_ATTR), (hf_config, HF_CONFIG_KEY)):
+            if holder is not None and hasattr(holder, attr):
+                delattr(holder, attr)
+        return
+    setattr(model, CONFIG_ATTR, dict(config))
+    if has_hf:
+        setattr(hf_config, HF_CONFIG_KEY, dict(config))
 
 
 # Seconds that all the pattern matching of one call (find_targets, layer_settings) may take together.
@@ -244,7 +262,7 @@ def inject(
             set_submodule(model, name, new)
     freeze_all_but_adapters(model)
     stored = target_modules if isinstance(target_modules, str) else sorted(set(target_modules))
-    setattr(model, CONFIG_ATTR, {
+    record_adapter_config(model, {
         "target_modules": stored, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "use_rslora": bool(use_rslora), "rank_pattern": dict(rank_pattern or {}),
         "alpha_pattern": dict(alpha_pattern or {}), "exclude_modules": exclude_modules,
@@ -282,8 +300,7 @@ def merge(model: nn.Module) -> nn.Module:
         if id(layer) not in done:
             done[id(layer)] = layer.to_linear()
         set_submodule(model, name, done[id(layer)])
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    record_adapter_config(model, None)
     return model
 
 

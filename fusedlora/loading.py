@@ -6,6 +6,11 @@ state, ``p.weight.quant_state.bitsandbytes__nf4``), and every other tensor as us
 built from its config with parameters on the meta device (buffers, such as rotary frequencies, are
 computed as usual), each 4-bit linear becomes a ``LoRALinear`` without an adapter holding those 4-bit
 tensors as they are, and the remaining tensors are assigned from the files.
+
+It also reloads what ``save_pretrained`` writes for a model that ``fusedlora.inject`` (or
+``load_adapter`` / ``from_peft``) changed, dense or 4-bit base: each ``LoRALinear`` is saved under its own
+keys (``p.weight`` or ``p.quant_data``, ``p.quant_meta``, ...; ``p.lora_A``, ``p.lora_B``) and the adapter
+settings in config.json (``fusedlora_adapter``), from which each layer's alpha, rsLoRA and dropout follow.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .inject import set_submodule
-from .modules import LoRALinear
+from .inject import HF_CONFIG_KEY, freeze_all_but_adapters, layer_settings, record_adapter_config, set_submodule
+from .modules import LoRALinear, quantized_weight_from_state_dict
 from .quantized import QuantizedWeight
 
 QUANT_STATE_SUFFIX = ".weight.quant_state.bitsandbytes__"
@@ -94,12 +99,56 @@ def _model_class(config):
     raise ValueError(f"load_quantized: config.architectures {names} names no transformers model class")
 
 
+def _fused_prefixes(tensors) -> list[str]:
+    """Module names that hold a LoRALinear's own keys (an adapter or a fusedlora 4-bit base)."""
+    found = {key.rpartition(".")[0] for key in tensors if key.endswith((".lora_A", ".quant_meta"))}
+    return sorted(found)
+
+
+def _fused_layer(tensors: dict, prefix: str, module: nn.Module, settings) -> LoRALinear:
+    """The LoRALinear saved under ``prefix`` (its keys taken out of ``tensors``)."""
+    if not isinstance(module, nn.Linear):
+        got = "nothing" if module is None else type(module).__name__
+        raise ValueError(f"load_quantized: {prefix}: expected a linear layer, found {got}")
+    shape = (module.out_features, module.in_features)
+    if f"{prefix}.quant_meta" in tensors:
+        weight = quantized_weight_from_state_dict(tensors, f"{prefix}.", shape)
+    else:
+        weight = tensors.get(f"{prefix}.weight")
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
+            got = None if weight is None else tuple(weight.shape)
+            raise ValueError(f"load_quantized: {prefix}.weight: expected shape {shape}, got {got}")
+    bias = tensors.get(f"{prefix}.bias")
+    if (bias is None) != (module.bias is None):
+        raise ValueError(f"load_quantized: {prefix}.bias: present in the layer and the files disagree")
+    layer = LoRALinear(weight, bias, r=0)
+    lora_a, lora_b = tensors.get(f"{prefix}.lora_A"), tensors.get(f"{prefix}.lora_B")
+    if lora_a is not None or lora_b is not None:
+        if settings is None:
+            raise ValueError(f"load_quantized: {prefix}.lora_A: config.json has no {HF_CONFIG_KEY!r} entry, so the "
+                             "adapter's alpha is unknown")
+        if lora_a is None or lora_b is None:
+            raise ValueError(f"load_quantized: {prefix}: lora_A and lora_B must both be present")
+        _, alpha = layer_settings(prefix, settings["r"], settings["lora_alpha"], settings.get("rank_pattern"),
+                                  settings.get("alpha_pattern"))
+        try:
+            layer.adopt_adapter(lora_a, lora_b, alpha, settings.get("lora_dropout", 0.0),
+                                bool(settings.get("use_rslora", False)))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"load_quantized: {prefix}: {exc}") from exc
+    for key in [k for k in tensors if k.rpartition(".")[0] == prefix]:
+        del tensors[key]
+    return layer
+
+
 def load_quantized(hf_dir, dtype: torch.dtype | None = None) -> nn.Module:
     """The transformers model saved in ``hf_dir`` with a bitsandbytes 4-bit (NF4) quantization_config,
     its 4-bit linears as ``LoRALinear`` layers (no adapter yet: ``fusedlora.inject`` or
-    ``fusedlora.load_adapter`` adds one) holding the checkpoint's 4-bit tensors unchanged. Other tensors
-    keep the dtype they have in the files; ``dtype`` (default: the config's) is the default dtype while
-    the model is built. In eval mode, like ``from_pretrained``."""
+    ``fusedlora.load_adapter`` adds one) holding the checkpoint's 4-bit tensors unchanged; or the
+    ``save_pretrained`` of an injected model (dense or 4-bit base), rebuilt with its adapters, only the
+    adapters trainable as after ``inject``. Other tensors keep the dtype they have in the files; ``dtype``
+    (default: the config's) is the default dtype while the model is built. In eval mode, like
+    ``from_pretrained``."""
     from transformers import AutoConfig
 
     root = Path(hf_dir)
@@ -109,12 +158,21 @@ def load_quantized(hf_dir, dtype: torch.dtype | None = None) -> nn.Module:
     qc = getattr(config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict()
-    if not qc or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+    settings = getattr(config, HF_CONFIG_KEY, None)
+    if settings is not None and not isinstance(settings, dict):
+        raise ValueError(f"load_quantized: {root / 'config.json'}: {HF_CONFIG_KEY} must be an object, "
+                         f"got {type(settings).__name__}")
+    bnb = bool(qc) and qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+    if qc and not bnb:
+        raise ValueError(f"load_quantized: {root / 'config.json'} has a quantization_config that is not "
+                         f"bitsandbytes 4-bit (got {qc!r})")
+    tensors = _read_safetensors(root)
+    fused = _fused_prefixes(tensors)
+    if not bnb and not fused:
         raise ValueError(
             f"load_quantized: {root / 'config.json'} has no bitsandbytes 4-bit quantization_config "
-            f"(got {qc!r})"
+            f"(got {qc!r}) and the checkpoint is not a fusedlora-injected model"
         )
-    tensors = _read_safetensors(root)
     prefixes = {}
     for key in tensors:
         if QUANT_STATE_SUFFIX in key:
@@ -153,6 +211,8 @@ def load_quantized(hf_dir, dtype: torch.dtype | None = None) -> nn.Module:
         for key in [k for k in tensors if k == f"{prefix}.weight" or k.startswith(f"{prefix}.weight.")]:
             del tensors[key]
         set_submodule(model, prefix, LoRALinear(qw, bias, r=0))
+    for prefix in fused:
+        set_submodule(model, prefix, _fused_layer(tensors, prefix, modules.get(prefix), settings))
 
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
@@ -162,7 +222,12 @@ def load_quantized(hf_dir, dtype: torch.dtype | None = None) -> nn.Module:
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
         raise ValueError(f"load_quantized: {root} has no tensors for {still_meta}")
-    setattr(model, QUANT_CONFIG_ATTR, qc)
-    with contextlib.suppress(AttributeError):
-        delattr(model.config, "quantization_config")
+    if fused:
+        freeze_all_but_adapters(model)
+        if settings is not None:
+            record_adapter_config(model, settings)
+    if bnb:
+        setattr(model, QUANT_CONFIG_ATTR, qc)
+        with contextlib.suppress(AttributeError):
+            delattr(model.config, "quantization_config")
     return model.eval()

@@ -66,6 +66,30 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def quantized_weight_from_state_dict(state_dict: Mapping, prefix: str, shape: tuple | None = None) -> QuantizedWeight:
+    """The 4-bit base that a LoRALinear's state dict holds under ``prefix`` (``quant_meta``, ``quant_offset``,
+    ``quant_data``, ...), checked (``shape``: the (N, K) it must have); errors name the keys."""
+    meta, offset = state_dict.get(prefix + "quant_meta"), state_dict.get(prefix + "quant_offset")
+    key = prefix + "quant_meta"
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int64 or tuple(meta.shape) != (5,):
+        got = f"{meta.dtype} {tuple(meta.shape)}" if isinstance(meta, torch.Tensor) else type(meta).__name__
+        raise ValueError(f"{key}: expected int64 [N, K, block, scheme index, dtype index], got {got}")
+    n, k, block, scheme, dtype = (int(v) for v in meta.tolist())
+    if shape is not None and (n, k) != tuple(shape):
+        raise ValueError(f"{key}: the loaded 4-bit weight has shape ({n}, {k}), this layer is {tuple(shape)}")
+    if not (0 <= scheme < len(SCHEMES) and 0 <= dtype < len(_DTYPES)):
+        raise ValueError(f"{key}: expected a scheme index below {len(SCHEMES)} and a dtype index below "
+                         f"{len(_DTYPES)}, got {scheme} and {dtype}")
+    if not isinstance(offset, torch.Tensor) or offset.numel() != 1:
+        raise ValueError(f"{prefix}quant_offset: expected one float32 value, got {offset!r}")
+    packed = Packed4bit(SCHEMES[scheme], shape=(n, k), block=block, nested_offset=float(offset.item()),
+                        **{f: state_dict.get(f"{prefix}quant_{f}") for f in _QUANT_FIELDS})
+    names = {f: f"{prefix}quant_{f}" for f in _QUANT_FIELDS}
+    names.update(block=f"{key}[2] (block)", nested_offset=f"{prefix}quant_offset", scheme=f"{key}[3] (scheme)")
+    check_packed(packed, names)
+    return QuantizedWeight(packed, _DTYPES[dtype])
+
+
 class LoRALinear(nn.Module):
     """A linear layer with a frozen base (dense ``Tensor`` or ``QuantizedWeight``) and a LoRA adapter.
 
@@ -170,25 +194,8 @@ class LoRALinear(nn.Module):
             current = getattr(module, name)
             return current if current is None else state_dict.get(prefix + name, current)
 
-        meta, offset = incoming("quant_meta"), incoming("quant_offset")
-        key = prefix + "quant_meta"
-        if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int64 or tuple(meta.shape) != (5,):
-            got = f"{meta.dtype} {tuple(meta.shape)}" if isinstance(meta, torch.Tensor) else type(meta).__name__
-            raise ValueError(f"{key}: expected int64 [N, K, block, scheme index, dtype index], got {got}")
-        n, k, block, scheme, dtype = (int(v) for v in meta.tolist())
-        if (n, k) != module._quant_shape:
-            raise ValueError(f"{key}: the loaded 4-bit weight has shape ({n}, {k}), this layer is "
-                             f"{module._quant_shape}")
-        if not (0 <= scheme < len(SCHEMES) and 0 <= dtype < len(_DTYPES)):
-            raise ValueError(f"{key}: expected a scheme index below {len(SCHEMES)} and a dtype index below "
-                             f"{len(_DTYPES)}, got {scheme} and {dtype}")
-        if not isinstance(offset, torch.Tensor) or offset.numel() != 1:
-            raise ValueError(f"{prefix}quant_offset: expected one float32 value, got {offset!r}")
-        packed = Packed4bit(SCHEMES[scheme], shape=(n, k), block=block, nested_offset=float(offset.item()),
-                            **{f: incoming(f"quant_{f}") for f in _QUANT_FIELDS})
-        names = {f: f"{prefix}quant_{f}" for f in _QUANT_FIELDS}
-        names.update(block=f"{key}[2] (block)", nested_offset=f"{prefix}quant_offset", scheme=f"{key}[3] (scheme)")
-        check_packed(packed, names)
+        names = ["quant_meta", "quant_offset"] + [f"quant_{f}" for f in _QUANT_FIELDS]
+        quantized_weight_from_state_dict({prefix + n: incoming(n) for n in names}, prefix, module._quant_shape)
 
     @staticmethod
     def _sync_quant_meta(module: LoRALinear, incompatible) -> None:

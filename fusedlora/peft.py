@@ -18,7 +18,7 @@ import logging
 
 from torch import nn
 
-from .inject import CONFIG_ATTR, set_submodule
+from .inject import record_adapter_config, set_submodule
 from .modules import LoRALinear, linear_base
 
 logger = logging.getLogger("fusedlora")
@@ -124,7 +124,7 @@ def from_peft(peft_model, strict: bool = True) -> nn.Module:
         logger.warning("from_peft: left in place, not converted: %s", problems)
     setattr(model, UNCONVERTED_ATTR, dict(problems))
     target = config.target_modules
-    setattr(model, CONFIG_ATTR, {
+    record_adapter_config(model, {
         "target_modules": target if isinstance(target, str) else sorted(target or []),
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "use_rslora": bool(config.use_rslora), "rank_pattern": dict(config.rank_pattern or {}),

@@ -122,3 +122,60 @@ def test_trainer_checkpoints_and_resumes_an_injected_nf4_model(tmp_path):
     # to fp32 ordering of the same sums
     for step in (3, 4):
         assert rest[step] == pytest.approx(full[step], rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4", {"scheme": "int4", "group_size": 64},
+                                      {"scheme": "nf4", "double_quant": False}])
+def test_save_pretrained_reloads_with_load_quantized(tmp_path, quantize):
+    torch.manual_seed(5)
+    targets = "all-linear" if quantize != {"scheme": "int4", "group_size": 64} else ["q_proj", "v_proj", "o_proj"]
+    model = fl.inject(tiny_llama(), target_modules=targets, r=4, alpha=8, quantize=quantize,
+                      init_lora_weights=False, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3.0},
+                      use_rslora=True)
+    layers = lora_layers(model)
+    assert all(m.lora_B.abs().min() > 0 for m in layers.values())  # a non-zero update everywhere
+    ids = token_ids()
+    expected = outputs(model, ids)
+    model.save_pretrained(tmp_path)
+
+    reloaded = fl.load_quantized(tmp_path)
+    again = lora_layers(reloaded)
+    assert sorted(again) == sorted(layers)
+    for name, layer in layers.items():
+        new = again[name]
+        assert (new.r, new.alpha, new.use_rslora, new.quantized) == (layer.r, layer.alpha, True, layer.quantized)
+        assert new.scaling == layer.scaling
+        assert torch.equal(new.lora_A, layer.lora_A) and torch.equal(new.lora_B, layer.lora_B)
+    assert layers["model.layers.0.self_attn.q_proj"].r == 2 and again["model.layers.1.self_attn.v_proj"].alpha == 3.0
+    # the same tensors, settings and op as the saved model: equal bit for bit
+    torch.testing.assert_close(outputs(reloaded, ids), expected, atol=0, rtol=0)
+    trainable = {n for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    # the reloaded model's adapter, saved alone, loads onto a fresh base (quantized the same way) to the
+    # same outputs
+    fl.save_adapter(reloaded, tmp_path / "adapter")
+    by_adapter = fl.load_adapter(tiny_llama(), tmp_path / "adapter", quantize=quantize)
+    torch.testing.assert_close(outputs(by_adapter, ids), expected, atol=0, rtol=0)
+
+
+def test_load_quantized_refuses_lora_keys_without_settings(tmp_path):
+    import json
+
+    model = fl.inject(tiny_llama(), target_modules=["q_proj"], r=4, alpha=8, init_lora_weights=False)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["fusedlora_adapter"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lora_A: config.json has no 'fusedlora_adapter'"):
+        fl.load_quantized(tmp_path)
+
+
+def test_merged_model_saves_without_adapter_settings(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = fl.inject(tiny_llama(), r=4, alpha=8, init_lora_weights=False)
+    ids = token_ids()
+    expected = outputs(model, ids)
+    fl.merge(model).save_pretrained(tmp_path)
+    assert "fusedlora_adapter" not in (tmp_path / "config.json").read_text()
+    torch.testing.assert_close(outputs(AutoModelForCausalLM.from_pretrained(tmp_path), ids), expected, **FP32_TOL)
