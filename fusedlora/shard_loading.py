@@ -1,0 +1,138 @@
+"""Low-memory loading for FSDP2: ``load_sharded`` builds a model with a 4-bit base from a dense safetensors
+checkpoint so that a process never holds more than its shard of the model plus one layer.
+
+The model is built on the meta device (shapes only), fused layers are injected there (no weights, no random
+draws), then it is materialized unit by unit in module order:
+
+- each fused linear: its weight (and bias) read alone from the safetensors file, quantized, wrapped in a
+  ``LoRALinear`` with a fresh adapter, and sharded at once with FSDP2 (``fully_shard``'s per-layer unit,
+  whole quantization blocks per shard); the whole weight and its whole 4-bit form are dropped there, so
+  at most one linear is held whole;
+- then the rest of each decoder layer (norms), read and sharded as that layer's unit;
+- then the rest of the model (embeddings, final norm, output head), the root unit.
+
+The adapters are drawn in the order ``fusedlora.inject`` draws them (one ``lora_A`` per fused linear, in
+module order, on ``device``), so after ``torch.manual_seed(s)`` the model equals ``from_pretrained`` +
+``inject(..., quantize=...)`` + ``fully_shard`` under the same seed. Each tensor is read through its own
+short-lived ``safe_open``, so the file's mapped pages are released after each read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from .inject import inject, set_submodule
+from .modules import LoRALinear, quantize_weight
+from .sharding import _unit_kwargs, decoder_layers, hold_as_parameters
+
+__all__ = ["load_sharded", "weight_files"]
+
+
+def weight_files(path: str) -> dict[str, str]:
+    """Tensor name → the safetensors file holding it, from ``model.safetensors`` or its index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"{path}: no model.safetensors nor model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def _read(files: dict[str, str], key: str, device, dtype=None) -> torch.Tensor:
+    from safetensors import safe_open
+
+    if key not in files:
+        raise KeyError(f"the checkpoint has no tensor {key}")
+    with safe_open(files[key], "pt") as f:
+        t = f.get_tensor(key)
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+
+def _materialize_rest(module: nn.Module, prefix: str, files, device, config) -> None:
+    """Gives the meta tensors of ``module`` outside its fused linears real values: parameters and persistent
+    buffers from the checkpoint, other buffers (rotary tables) from a fresh instance of their module."""
+    for name, sub in module.named_modules(prefix=prefix):
+        if isinstance(sub, LoRALinear):
+            continue
+        for pname, p in list(sub._parameters.items()):
+            if p is not None and p.is_meta:
+                t = _read(files, f"{name}.{pname}" if name else pname, device, p.dtype)
+                sub._parameters[pname] = nn.Parameter(t, requires_grad=p.requires_grad)
+        meta = [b for b, t in sub._buffers.items() if t is not None and t.is_meta]
+        if not meta:
+            continue
+        fresh = None
+        for b in meta:
+            key = f"{name}.{b}" if name else b
+            if b not in sub._non_persistent_buffers_set and key in files:
+                sub._buffers[b] = _read(files, key, device, sub._buffers[b].dtype)
+                continue
+            if fresh is None:
+                with torch.device(device):
+                    fresh = type(sub)(config=config)
+            sub._buffers[b] = fresh._buffers[b].to(sub._buffers[b].dtype)
+        for attr, value in vars(fresh or sub).items():  # e.g. a rotary module's original_inv_freq
+            if isinstance(value, torch.Tensor) and getattr(sub, attr, None) is not None and getattr(sub, attr).is_meta:
+                setattr(sub, attr, value)
+
+
+def _build_linear(meta_layer: LoRALinear, name: str, files, device, dtype, quantize, init) -> LoRALinear:
+    weight = _read(files, f"{name}.weight", device, dtype)
+    bias = _read(files, f"{name}.bias", device, dtype) if meta_layer.bias is not None else None
+    qw = quantize_weight(weight, quantize)
+    del weight
+    return LoRALinear(qw, bias, r=meta_layer.r, alpha=meta_layer.alpha, dropout=meta_layer.dropout,
+                      use_rslora=meta_layer.use_rslora, init_lora_weights=init, lora_dtype=meta_layer.lora_A.dtype)
+
+
+def load_sharded(path: str, *, quantize, dtype: torch.dtype = torch.float32, device=None, units=None,
+                 fsdp_kwargs: dict | None = None, **inject_kwargs) -> nn.Module:
+    """A transformers causal LM from the dense safetensors checkpoint in ``path``, its targeted linears
+    quantized (``quantize``: "nf4", "int4" or a mapping of ``fusedlora.quantize`` arguments) and given
+    adapters (``inject_kwargs``: those of ``fusedlora.inject``), sharded with FSDP2 as
+    ``fusedlora.fully_shard`` shards it (``units``, ``fsdp_kwargs`` likewise), materialized layer by layer
+    (see the module docstring). A process group must be initialized. Build the optimizer afterwards."""
+    from torch.distributed.fsdp import fully_shard as fsdp_fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if quantize is None:
+        raise ValueError("load_sharded: quantize is required (a dense base loads with from_pretrained + "
+                         "fully_shard as it is)")
+    device = torch.device(device or "cpu")
+    fsdp_kwargs = dict(fsdp_kwargs or {})
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError(f"load_sharded: {path} ties its input and output embeddings; not supported")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    inject(model, quantize=None, **inject_kwargs)  # structure only: meta tensors, no random draws
+    init = inject_kwargs.get("init_lora_weights", True)
+    files = weight_files(path)
+    names = {m: n for n, m in model.named_modules()}
+    unit_kwargs = _unit_kwargs(fsdp_kwargs)
+
+    def shard_linears(scope: nn.Module) -> None:
+        for sub in [m for m in scope.modules() if isinstance(m, LoRALinear) and m.lora_A.is_meta]:
+            name = names[sub]
+            layer = _build_linear(sub, name, files, device, dtype, quantize, init)
+            set_submodule(model, name, layer)
+            hold_as_parameters(layer)
+            fsdp_fully_shard(layer, **unit_kwargs)
+
+    for unit in decoder_layers(model, units):
+        shard_linears(unit)
+        _materialize_rest(unit, names[unit], files, device, config)
+        fsdp_fully_shard(unit, **fsdp_kwargs)
+    shard_linears(model)
+    _materialize_rest(model, "", files, device, config)
+    fsdp_fully_shard(model, **fsdp_kwargs)
+    return model
