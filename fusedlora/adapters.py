@@ -28,6 +28,7 @@ from torch import nn
 from .inject import (
     CONFIG_ATTR,
     PatternMatcher,
+    find_saved_modules,
     find_targets,
     freeze_all_but_adapters,
     inject,
@@ -45,7 +46,6 @@ _UNSUPPORTED = {
     "use_dora": (False, None),
     "lora_bias": (False, None),
     "fan_in_fan_out": (False, None),
-    "modules_to_save": (None, []),
     "layers_to_transform": (None, []),
     "target_parameters": (None, []),
     "layer_replication": (None, []),
@@ -57,6 +57,12 @@ _UNSUPPORTED = {
 def adapter_keys(name: str) -> tuple[str, str]:
     """PEFT's safetensors keys of the A and B of module ``name``."""
     return f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
+
+
+def saved_module_tensors(model: nn.Module, modules_to_save) -> dict[str, torch.Tensor]:
+    """PEFT's safetensors keys of the modules ``modules_to_save`` names, with the model's tensors."""
+    return {f"{KEY_PREFIX}{name}.{key}": t for name in find_saved_modules(model, modules_to_save, strict=False)
+            for key, t in model.get_submodule(name).state_dict().items()}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -140,7 +146,7 @@ def adapter_config(model: nn.Module) -> dict:
         "fan_in_fan_out": False,
         "use_dora": False,
         "lora_bias": False,
-        "modules_to_save": None,
+        "modules_to_save": stored.get("modules_to_save"),
         "layers_to_transform": None,
         "layers_pattern": None,
     }
@@ -163,6 +169,8 @@ def save_adapter(model: nn.Module, out_dir, task_type: str | None = None,
         key_a, key_b = adapter_keys(name)
         tensors[key_a] = layer.lora_A.detach().to("cpu", copy=True).contiguous()
         tensors[key_b] = layer.lora_B.detach().to("cpu", copy=True).contiguous()
+    for key, t in saved_module_tensors(model, config["modules_to_save"]).items():
+        tensors[key] = t.detach().to("cpu", copy=True).contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
@@ -226,6 +234,9 @@ def read_adapter_config(adapter_dir) -> dict:
         value = config.get(key, neutral[0])
         if not any(type(value) is type(n) and value == n for n in neutral):  # 0 is not False here
             raise ValueError(f"load_adapter: {path}: {key}={config[key]!r} is not supported by fused layers")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(t, str) and t for t in saved)):
+        refuse("modules_to_save", "null or a list of module names", saved)
     if config.get("bias", "none") != "none":
         raise ValueError(f"load_adapter: {path}: bias={config['bias']!r} is not supported (only 'none')")
     for key, valid, expected in (("rank_pattern", _positive_int, "a positive int"),
@@ -239,9 +250,11 @@ def read_adapter_config(adapter_dir) -> dict:
     return config
 
 
-def _check_against_file(model: nn.Module, config: dict, tensors: dict, weights_path: Path) -> dict[str, tuple]:
+def _check_against_file(model: nn.Module, config: dict, tensors: dict, weights_path: Path,
+                        saved: dict) -> dict[str, tuple]:
     """{layer name: (r, alpha)} of every layer the config targets, after checking, before anything is
-    allocated, that the file holds exactly their A [r, K] and B [N, r] (floating point) and nothing else."""
+    allocated, that the file holds exactly their A [r, K] and B [N, r] (floating point), the tensors of
+    the modules to save (``saved``: key -> the model's tensor, same shape) and nothing else."""
     r, alpha = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     names = find_targets(model, config["target_modules"], config.get("exclude_modules"))
@@ -263,6 +276,14 @@ def _check_against_file(model: nn.Module, config: dict, tensors: dict, weights_p
                     f"[{module.out_features}, {module.in_features}])"
                 )
             used.add(key)
+    for key, current in saved.items():
+        t = tensors.get(key)
+        if t is None:
+            raise KeyError(f"load_adapter: {weights_path} has no tensor {key!r} (modules_to_save)")
+        if tuple(t.shape) != tuple(current.shape) or t.is_floating_point() != current.is_floating_point():
+            raise ValueError(f"load_adapter: {weights_path}: {key!r} is {t.dtype} of shape {tuple(t.shape)}, the "
+                             f"model's is {current.dtype} of shape {tuple(current.shape)} (modules_to_save)")
+        used.add(key)
     unused = sorted(set(tensors) - used)
     if unused:
         raise ValueError(f"load_adapter: {weights_path} has tensors no layer takes: {unused[:8]}"
@@ -357,8 +378,10 @@ def _load_adapter(model, config, weights_path, tensors, quantize) -> nn.Module:
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout, rslora = float(config.get("lora_dropout") or 0.0), config.get("use_rslora", False)
     targets, exclude = config["target_modules"], config.get("exclude_modules")
+    to_save = config.get("modules_to_save")
     layers = {n: m for n, m in lora_layers(model).items() if m.r}
-    settings = _check_against_file(model, config, tensors, weights_path)
+    saved = saved_module_tensors(model, to_save)
+    settings = _check_against_file(model, config, tensors, weights_path, saved)
     if layers:
         if set(settings) != set(layers):
             extra, missing = sorted(set(layers) - set(settings)), sorted(set(settings) - set(layers))
@@ -373,18 +396,22 @@ def _load_adapter(model, config, weights_path, tensors, quantize) -> nn.Module:
         for name, layer in layers.items():
             layer.set_scaling(settings[name][1], rslora)
             layer.dropout = dropout
-        freeze_all_but_adapters(model)
     else:
         inject(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora, quantize=quantize,
                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, exclude_modules=exclude)
         layers = {n: m for n, m in lora_layers(model).items() if m.r}
+    freeze_all_but_adapters(model, to_save)
+    saved = saved_module_tensors(model, to_save)  # again: refused if a saved module now holds LoRA layers
     with torch.no_grad():
         for name, layer in layers.items():
             for key, param in zip(adapter_keys(name), (layer.lora_A, layer.lora_B), strict=True):
                 param.copy_(tensors[key])
+        for key, current in saved.items():
+            current.copy_(tensors[key])
     record_adapter_config(model, {
         "target_modules": targets, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
         "rank_pattern": dict(rank_pattern), "alpha_pattern": dict(alpha_pattern), "exclude_modules": exclude,
         "base_model_name_or_path": config.get("base_model_name_or_path"), "task_type": config.get("task_type"),
+        "modules_to_save": to_save,
     })
     return model

@@ -198,13 +198,37 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRALinear)}
 
 
-def freeze_all_but_adapters(model: nn.Module) -> None:
+def find_saved_modules(model: nn.Module, modules_to_save, strict: bool = True) -> list[str]:
+    """Names of the modules ``modules_to_save`` selects (PEFT's rule: a full name or a "."-suffix), each
+    trained and saved whole beside the adapters (e.g. a classification head). ``strict``: a name that
+    matches no module is an error (PEFT's configs list "classifier" and "score" for any model, so a loaded
+    config is read with ``strict=False``)."""
+    if not modules_to_save:
+        return []
+    wanted = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
+    if not all(isinstance(t, str) and t for t in wanted):
+        raise ValueError(f"modules_to_save: expected module names, got {modules_to_save!r}")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    names = [n for n in modules if n and any(n == t or n.endswith("." + t) for t in wanted)]
+    unknown = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+    if strict and unknown:
+        raise ValueError(f"modules_to_save: no module is named {', '.join(map(repr, unknown))}")
+    lora = [n for n in names if any(isinstance(m, LoRALinear) for m in modules[n].modules())]
+    if lora:
+        raise ValueError(f"modules_to_save: {', '.join(lora)} holds LoRA layers; a saved module is trained whole")
+    return names
+
+
+def freeze_all_but_adapters(model: nn.Module, modules_to_save=None) -> None:
+    """Only the adapters (and the modules ``modules_to_save`` names, whole) stay trainable."""
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in set(lora_layers(model).values()):
         if layer.r:
             layer.lora_A.requires_grad_(True)
             layer.lora_B.requires_grad_(True)
+    for name in find_saved_modules(model, modules_to_save, strict=False):
+        model.get_submodule(name).requires_grad_(True)
 
 
 def inject(
@@ -220,6 +244,7 @@ def inject(
     init_lora_weights: bool | str = True,
     exclude_modules=None,
     lora_dtype: torch.dtype | None = None,
+    modules_to_save=None,
 ) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by LoRALinear layers (in place) and freeze every
     other parameter; returns ``model``. Trainable / total parameter counts are logged (logger
@@ -227,10 +252,17 @@ def inject(
 
     ``quantize``: None keeps each base as it is; "nf4" / "int4" (or a mapping of ``fusedlora.quantize``
     arguments) quantizes dense bases. bitsandbytes 4-bit layers keep their 4-bit tensors as they are.
+    ``modules_to_save``: names of other modules (e.g. a classification head) trained whole, kept
+    trainable, and written by ``save_adapter`` beside the adapters (PEFT's field); they are trained in
+    place (no copy), so ``disable_adapter`` does not turn them back.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     names = find_targets(model, target_modules, exclude_modules)
+    saved = find_saved_modules(model, modules_to_save)
+    overlap = [n for n in names if any(n == s or n.startswith(s + ".") for s in saved)]
+    if overlap:
+        raise ValueError(f"inject: modules_to_save covers target layers {', '.join(overlap)}")
     modules = dict(model.named_modules(remove_duplicate=False))
     already = [n for n in names if isinstance(modules[n], LoRALinear) and modules[n].r]
     if already:
@@ -260,12 +292,14 @@ def inject(
         done[id(old)] = new
         if new is not old:
             set_submodule(model, name, new)
-    freeze_all_but_adapters(model)
+    freeze_all_but_adapters(model, modules_to_save)
     stored = target_modules if isinstance(target_modules, str) else sorted(set(target_modules))
     record_adapter_config(model, {
         "target_modules": stored, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "use_rslora": bool(use_rslora), "rank_pattern": dict(rank_pattern or {}),
         "alpha_pattern": dict(alpha_pattern or {}), "exclude_modules": exclude_modules,
+        "modules_to_save": None if not modules_to_save else
+        ([modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)),
     })
     trainable, total = trainable_parameters(model)
     logger.info("fusedlora.inject: %d LoRA layers; %s", len(names), _param_line(trainable, total))

@@ -223,7 +223,7 @@ def load_quantized(hf_dir, dtype: torch.dtype | None = None) -> nn.Module:
     if still_meta:
         raise ValueError(f"load_quantized: {root} has no tensors for {still_meta}")
     if fused:
-        freeze_all_but_adapters(model)
+        freeze_all_but_adapters(model, (settings or {}).get("modules_to_save"))
         if settings is not None:
             record_adapter_config(model, settings)
     if bnb:

@@ -152,7 +152,7 @@ def test_missing_extra_and_misshaped_tensors_are_named(saved):
     [
         (dict(peft_type="IA3"), "peft_type"),
         (dict(use_dora=True), "use_dora"),
-        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(modules_to_save="lm_head"), "modules_to_save"),
         (dict(r=0), "'r' must be a positive int"),
         (dict(target_modules=["q_prj"]), "did you mean 'q_proj'"),
     ],

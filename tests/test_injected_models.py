@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from lora_models import FP32_TOL, outputs, peft_model, tiny_llama, token_ids, trainer_run
+from lora_models import BERT_TARGETS, FP32_TOL, outputs, peft_model, tiny_bert, tiny_llama, token_ids, trainer_run
 from safetensors import safe_open
 
 import fusedlora as fl
@@ -179,3 +179,67 @@ def test_merged_model_saves_without_adapter_settings(tmp_path):
     fl.merge(model).save_pretrained(tmp_path)
     assert "fusedlora_adapter" not in (tmp_path / "config.json").read_text()
     torch.testing.assert_close(outputs(AutoModelForCausalLM.from_pretrained(tmp_path), ids), expected, **FP32_TOL)
+
+
+def _trained_head(model):
+    """Stands for a fine-tuned head: the classifier moved away from its initial values."""
+    head = model.get_submodule("classifier")
+    with torch.no_grad():
+        head.weight.add_(torch.randn_like(head.weight))
+        head.bias.add_(torch.randn_like(head.bias))
+    return head
+
+
+def test_modules_to_save_head_is_trained_saved_and_reloaded(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(7)
+    model = fl.inject(tiny_bert(), target_modules=BERT_TARGETS, r=4, alpha=8, init_lora_weights=False,
+                      modules_to_save=["classifier"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert all(n.startswith("classifier.") or n.endswith(("lora_A", "lora_B")) for n in trainable)
+    _trained_head(model)
+    ids = token_ids()
+    expected = outputs(model, ids)
+
+    # the whole model: save_pretrained, then load_quantized (the head trainable again)
+    model.save_pretrained(tmp_path / "full")
+    reloaded = fl.load_quantized(tmp_path / "full")
+    torch.testing.assert_close(outputs(reloaded, ids), expected, atol=0, rtol=0)
+    assert {n for n, p in reloaded.named_parameters() if p.requires_grad} == trainable
+
+    # the adapter alone: PEFT's format with the head; PEFT and load_adapter take it back. PEFT runs its
+    # unfused LoRA (x·Aᵀ·Bᵀ after x·Wᵀ), the fused op sums in another order: fp32 tolerance
+    fl.save_adapter(model, tmp_path / "adapter")
+    pm = PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter").eval()
+    torch.testing.assert_close(outputs(pm, ids), expected, **FP32_TOL)
+    again = fl.load_adapter(tiny_bert(), tmp_path / "adapter")
+    torch.testing.assert_close(outputs(again, ids), expected, atol=0, rtol=0)
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == trainable
+
+
+def test_peft_sequence_classification_adapter_loads_with_its_head(tmp_path):
+    pm = peft_model(tiny_bert(), r=4, lora_alpha=8, target_modules=BERT_TARGETS, task_type="SEQ_CLS")
+    with torch.no_grad():
+        pm.base_model.model.classifier.modules_to_save["default"].weight.mul_(3)  # a trained head
+    pm.save_pretrained(tmp_path)
+    ids = token_ids()
+    model = fl.load_adapter(tiny_bert(), tmp_path)  # the config lists ["classifier", "score"]
+    torch.testing.assert_close(outputs(model, ids), outputs(pm, ids), **FP32_TOL)
+
+    # a head of another shape: refused, the model left as it was
+    plain = tiny_bert()
+    plain.classifier = torch.nn.Linear(64, 5)
+    before = outputs(plain, ids)
+    with pytest.raises(ValueError, match="classifier.weight.*modules_to_save"):
+        fl.load_adapter(plain, tmp_path)
+    assert not lora_layers(plain)
+    torch.testing.assert_close(outputs(plain, ids), before, atol=0, rtol=0)
+
+
+def test_modules_to_save_must_name_modules_outside_the_adapters():
+    with pytest.raises(ValueError, match="no module is named 'head'"):
+        fl.inject(tiny_bert(), target_modules=BERT_TARGETS, modules_to_save=["head"])
+    with pytest.raises(ValueError, match="covers target layers"):
+        fl.inject(tiny_bert(), target_modules=BERT_TARGETS + ["classifier"], modules_to_save=["classifier"])
