@@ -189,6 +189,13 @@ class LoRALinear(nn.Module):
         ``check_packed``, and its metadata fits this layer. Errors name the state-dict key."""
         if module.quant_scheme is None:
             return
+        # The codes in another layout of the same bytes (a sharded model's NF4 [blocks, bytes per block]
+        # against an unsharded [bytes, 1], or the reverse): taken in this layer's layout.
+        data, key = module.quant_data, prefix + "quant_data"
+        got = state_dict.get(key)
+        if (isinstance(got, torch.Tensor) and got.shape != data.shape and got.dtype == data.dtype
+                and got.dim() == 2 and got.numel() == data.numel()):
+            state_dict[key] = got.reshape(data.shape)
 
         def incoming(name: str):
             current = getattr(module, name)

@@ -176,3 +176,33 @@ def test_cpu_offload_needs_fsdp():
     assert TrainConfig(fsdp=True, cpu_offload=True).cpu_offload
     with pytest.raises(ValueError, match="--cpu-offload: .* needs --fsdp"):
         TrainConfig(cpu_offload=True)
+
+
+def test_sharded_layout_loads_into_an_unsharded_model():
+    """A state dict of a sharded model (NF4 codes as [blocks, bytes per block], whole tensors as
+    ``full_tensor()`` gives them) loads into an unsharded layer ([bytes, 1]) and the reverse; the layout is
+    taken from the layer, the bytes from the state dict. A code tensor of other bytes is still refused."""
+    import fusedlora as fl
+    from fusedlora.sharding import hold_as_parameters
+
+    torch.manual_seed(0)
+    src = fl.LoRALinear.from_linear(torch.nn.Linear(128, 64), r=4, quantize="nf4", init_lora_weights=False)
+    dst = fl.LoRALinear.from_linear(torch.nn.Linear(128, 64), r=4, quantize="nf4", init_lora_weights=False)
+    x = torch.randn(3, 128)
+    want = src(x)
+    hold_as_parameters(src)
+    sharded = {k: v.detach().clone() for k, v in src.state_dict().items()}
+    assert tuple(sharded["quant_data"].shape) == (128, 32) and tuple(dst.quant_data.shape) == (4096, 1)
+    dst.load_state_dict(sharded)
+    assert tuple(dst.quant_data.shape) == (4096, 1)
+    torch.testing.assert_close(dst(x), want, rtol=0, atol=0)
+
+    back = fl.LoRALinear.from_linear(torch.nn.Linear(128, 64), r=4, quantize="nf4", init_lora_weights=False)
+    hold_as_parameters(back)
+    back.load_state_dict(dst.state_dict())
+    assert tuple(back.quant_data.shape) == (128, 32)
+    torch.testing.assert_close(back(x), want, rtol=0, atol=0)
+
+    bad = dict(sharded, quant_data=sharded["quant_data"][:64])
+    with pytest.raises((ValueError, RuntimeError)):
+        dst.load_state_dict(bad)
