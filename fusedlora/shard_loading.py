@@ -29,7 +29,12 @@ from .inject import inject, set_submodule
 from .modules import LoRALinear, quantize_weight
 from .sharding import _unit_kwargs, decoder_layers, hold_as_parameters
 
-__all__ = ["load_sharded", "weight_files"]
+__all__ = ["has_safetensors", "load_sharded", "weight_files"]
+
+
+def has_safetensors(path: str) -> bool:
+    """Whether ``path`` holds its weights as ``model.safetensors`` or an index of safetensors files."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def weight_files(path: str) -> dict[str, str]:

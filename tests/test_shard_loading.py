@@ -69,3 +69,33 @@ def test_load_sharded_refusals(tmp_path):
         load_sharded(path, quantize=None)
     with pytest.raises(ValueError, match="ties its input and output embeddings"):
         load_sharded(path, quantize="nf4")
+
+
+@pytest.mark.slow
+def test_train_fsdp_loads_a_dense_checkpoint_layer_by_layer(tmp_path):
+    """`fusedlora train --fsdp --model DIR --quantize nf4` on 2 processes loads DIR through load_sharded and
+    trains as one process given the same global batch through --grad-accum (the tolerance: see
+    tests/test_sharding.py's _check_equal_runs)."""
+    from test_sharding import ARGS, _check_equal_runs, _env
+    from test_train_run import _arithmetic, _word_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fusedlora.train.main import main
+
+    texts, data = _arithmetic(tmp_path)
+    hf = str(tmp_path / "hf")
+    config = LlamaConfig(vocab_size=_word_tokenizer(hf, texts), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.1,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(hf)
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    args = [*ARGS, "--model", hf, "--data", data, "--quantize", "nf4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fusedlora.train", *args, "--fsdp", "--out", two]
+    done = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert "layer by layer into 2 shards" in done.stderr
+    assert main([*args, "--grad-accum", "2", "--out", one]) == 0
+    _check_equal_runs(two, one)

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ from ..ops.backend import backend
 from . import checkpoint, outdir
 from .config import TrainConfig
 from .data import IGNORE, SampleOrder, Sequences, build_sequences, builtin_records, file_sha256, load_jsonl, split
-from .model import check_seq_len, load_model, load_tokenizer, tiny_llama
+from .model import check_model_dir, check_seq_len, is_bnb_4bit, load_model, load_tokenizer, tiny_llama
 from .stop import Interrupted, StopRequest
 
 LOG = "log.jsonl"
@@ -118,12 +119,26 @@ def _fully_shard(model, cpu_offload: bool, device: torch.device) -> None:
         names = sorted(getattr(model, "_no_split_modules", None) or ())
         raise ValueError(f"--fsdp: found no decoder layers in {type(model).__name__} (its _no_split_modules "
                          f"{names} match no submodule)")
-    kwargs = {}
-    if cpu_offload:
-        from torch.distributed.fsdp import CPUOffloadPolicy
+    fl.fully_shard(model, **_fsdp_kwargs(cpu_offload, device))
 
-        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
-    fl.fully_shard(model, **kwargs)
+
+def _fsdp_kwargs(cpu_offload: bool, device: torch.device) -> dict:
+    if not cpu_offload:
+        return {}
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return {"offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda")}
+
+
+def _loads_sharded(config: TrainConfig, fsdp: bool) -> bool:
+    """Whether the model loads layer by layer into its shards (fusedlora.shard_loading): under --fsdp, a dense
+    safetensors checkpoint quantized to 4 bits, its embeddings untied."""
+    if not fsdp or config.model is None or config.quantize == "none" or is_bnb_4bit(config.model):
+        return False
+    from ..shard_loading import has_safetensors
+
+    doc = check_model_dir(config.model)
+    return not doc.get("tie_word_embeddings", True) and has_safetensors(config.model)
 
 
 @contextlib.contextmanager
@@ -402,18 +417,28 @@ def _setup(config: TrainConfig, saved_state: dict | None, inputs: Inputs) -> Run
         if saved_state.get("data_sha256") != inputs.fingerprint:
             raise ValueError(f"--resume: the data differs from the checkpoint's (sha256 {inputs.fingerprint} vs "
                              f"{saved_state.get('data_sha256')})")
-    model = load_model(config.model, base_dtype)
-    torch.manual_seed(config.seed)
-    model.to(device=device, dtype=base_dtype)
     quantize = {"none": None, "int4": {"scheme": "int4", "group_size": config.group_size}}.get(config.quantize,
                                                                                                config.quantize)
-    fl.inject(model, target_modules=config.target_modules, r=config.rank, alpha=config.alpha,
-              dropout=config.dropout, quantize=quantize)
+    adapter = dict(target_modules=config.target_modules, r=config.rank, alpha=config.alpha, dropout=config.dropout)
+    fsdp = config.fsdp and world > 1
+    sharded = _loads_sharded(config, fsdp)
+    if sharded:  # a process holds its shard plus one layer; the same model as below, already sharded
+        from ..shard_loading import load_sharded
+
+        if rank == 0:
+            print(f"loading {config.model} layer by layer into {world} shards", file=sys.stderr, flush=True)
+        torch.manual_seed(config.seed)
+        model = load_sharded(config.model, quantize=quantize, dtype=base_dtype, device=device,
+                             fsdp_kwargs=_fsdp_kwargs(config.cpu_offload, device), **adapter)
+    else:
+        model = load_model(config.model, base_dtype)
+        torch.manual_seed(config.seed)
+        model.to(device=device, dtype=base_dtype)
+        fl.inject(model, quantize=quantize, **adapter)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    fsdp = config.fsdp and world > 1
-    if fsdp:
+    if fsdp and not sharded:
         _fully_shard(model, config.cpu_offload, device)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
