@@ -1,5 +1,6 @@
-"""Low-memory loading for FSDP2: ``load_sharded`` builds a model with a 4-bit base from a dense safetensors
-checkpoint so that a process never holds more than its shard of the model plus one layer.
+"""Low-memory loading for FSDP2: ``load_sharded`` builds a model with a 4-bit base from a safetensors
+checkpoint (dense, quantized as it loads, or a bitsandbytes 4-bit one, its bytes read as they are) so
+that a process never holds more than its shard of the model plus one layer.
 
 The model is built on the meta device (shapes only), fused layers are injected there (no weights, no random
 draws), then it is materialized unit by unit in module order:
@@ -26,7 +27,9 @@ import torch
 from torch import nn
 
 from .inject import inject, set_submodule
+from .loading import QUANT_STATE_SUFFIX
 from .modules import LoRALinear, quantize_weight
+from .quantized import QuantizedWeight
 from .sharding import _unit_kwargs, decoder_layers, hold_as_parameters
 
 __all__ = ["has_safetensors", "load_sharded", "weight_files"]
@@ -90,31 +93,49 @@ def _materialize_rest(module: nn.Module, prefix: str, files, device, config) -> 
                 setattr(sub, attr, value)
 
 
-def _build_linear(meta_layer: LoRALinear, name: str, files, device, dtype, quantize, init) -> LoRALinear:
-    weight = _read(files, f"{name}.weight", device, dtype)
+def _build_linear(meta_layer: nn.Module, name: str, files, device, dtype, quantize, init) -> LoRALinear:
+    """The fused layer at ``name``: a bitsandbytes 4-bit weight's tensors read as they are (no requantization,
+    as ``fusedlora.load_quantized`` keeps them), a dense weight read and quantized; then its adapter."""
     bias = _read(files, f"{name}.bias", device, dtype) if meta_layer.bias is not None else None
-    qw = quantize_weight(weight, quantize)
-    del weight
-    return LoRALinear(qw, bias, r=meta_layer.r, alpha=meta_layer.alpha, dropout=meta_layer.dropout,
-                      use_rslora=meta_layer.use_rslora, init_lora_weights=init, lora_dtype=meta_layer.lora_A.dtype)
+    if f"{name}{QUANT_STATE_SUFFIX}nf4" in files:
+        keys = [k for k in files if k == f"{name}.weight" or k.startswith(f"{name}.weight.")]
+        qw = QuantizedWeight.from_bnb_state_dict({k: _read(files, k, device) for k in keys}, name)
+        layer = LoRALinear(qw, bias, r=0).to(device=device, dtype=dtype)  # the compute dtype, as .to() sets it
+    else:
+        weight = _read(files, f"{name}.weight", device, dtype)  # kept dense when quantize is None
+        layer = LoRALinear(weight if quantize is None else quantize_weight(weight, quantize), bias, r=0)
+        del weight
+    if isinstance(meta_layer, LoRALinear):
+        layer.reset_adapter(meta_layer.r, meta_layer.alpha, meta_layer.dropout, meta_layer.use_rslora, init,
+                            meta_layer.lora_A.dtype, device)
+    return layer
 
 
 def load_sharded(path: str, *, quantize, dtype: torch.dtype = torch.float32, device=None, units=None,
                  fsdp_kwargs: dict | None = None, **inject_kwargs) -> nn.Module:
-    """A transformers causal LM from the dense safetensors checkpoint in ``path``, its targeted linears
-    quantized (``quantize``: "nf4", "int4" or a mapping of ``fusedlora.quantize`` arguments) and given
-    adapters (``inject_kwargs``: those of ``fusedlora.inject``), sharded with FSDP2 as
-    ``fusedlora.fully_shard`` shards it (``units``, ``fsdp_kwargs`` likewise), materialized layer by layer
+    """A transformers causal LM from the safetensors checkpoint in ``path``, its targeted linears quantized
+    (``quantize``: "nf4", "int4" or a mapping of ``fusedlora.quantize`` arguments; None keeps dense ones dense)
+    or, in a bitsandbytes 4-bit checkpoint, their NF4 tensors read as they are, and given adapters
+    (``inject_kwargs``: those of ``fusedlora.inject``), sharded with FSDP2 as ``fusedlora.fully_shard``
+    shards it (``units``, ``fsdp_kwargs`` likewise), materialized layer by layer
     (see the module docstring). A process group must be initialized. Build the optimizer afterwards."""
     from torch.distributed.fsdp import fully_shard as fsdp_fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if quantize is None:
-        raise ValueError("load_sharded: quantize is required (a dense base loads with from_pretrained + "
-                         "fully_shard as it is)")
     device = torch.device(device or "cpu")
     fsdp_kwargs = dict(fsdp_kwargs or {})
     config = AutoConfig.from_pretrained(path, local_files_only=True)
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None:  # a bitsandbytes 4-bit checkpoint: its 4-bit layers are read as they are
+        from .loading import QUANT_CONFIG_ATTR
+
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+            raise ValueError(f"load_sharded: {path} has a quantization_config that is not bitsandbytes 4-bit")
+        del config.quantization_config
+    elif quantize is None:
+        raise ValueError("load_sharded: quantize is required (a dense base loads with from_pretrained + "
+                         "fully_shard as it is)")
     if getattr(config, "tie_word_embeddings", False):
         raise ValueError(f"load_sharded: {path} ties its input and output embeddings; not supported")
     with torch.device("meta"):
@@ -125,13 +146,19 @@ def load_sharded(path: str, *, quantize, dtype: torch.dtype = torch.float32, dev
     names = {m: n for n, m in model.named_modules()}
     unit_kwargs = _unit_kwargs(fsdp_kwargs)
 
+    def pending(m: nn.Module) -> bool:  # a fused linear, or a 4-bit one without an adapter, not yet built
+        if isinstance(m, LoRALinear):
+            return m.lora_A is not None and m.lora_A.is_meta
+        return isinstance(m, nn.Linear) and f"{names[m]}{QUANT_STATE_SUFFIX}nf4" in files
+
     def shard_linears(scope: nn.Module) -> None:
-        for sub in [m for m in scope.modules() if isinstance(m, LoRALinear) and m.lora_A.is_meta]:
+        for sub in [m for m in scope.modules() if pending(m)]:
             name = names[sub]
             layer = _build_linear(sub, name, files, device, dtype, quantize, init)
             set_submodule(model, name, layer)
-            hold_as_parameters(layer)
-            fsdp_fully_shard(layer, **unit_kwargs)
+            if layer.quantized:  # a dense one is sharded with the unit around it, as fully_shard does
+                hold_as_parameters(layer)
+                fsdp_fully_shard(layer, **unit_kwargs)
 
     for unit in decoder_layers(model, units):
         shard_linears(unit)
@@ -140,4 +167,6 @@ def load_sharded(path: str, *, quantize, dtype: torch.dtype = torch.float32, dev
     shard_linears(model)
     _materialize_rest(model, "", files, device, config)
     fsdp_fully_shard(model, **fsdp_kwargs)
+    if qc is not None:
+        setattr(model, QUANT_CONFIG_ATTR, qc)
     return model

@@ -71,16 +71,31 @@ def test_load_sharded_refusals(tmp_path):
         load_sharded(path, quantize="nf4")
 
 
+def _two_processes_equal_one(tmp_path, args):
+    """`fusedlora train --fsdp` on 2 processes, which loads through load_sharded, against 1 process given the
+    same global batch through --grad-accum (the tolerance: tests/test_sharding.py's _check_equal_runs)."""
+    from test_sharding import ARGS, _check_equal_runs, _env
+
+    from fusedlora.train.main import main
+
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    args = [*ARGS, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fusedlora.train", *args, "--fsdp", "--out", two]
+    done = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert "layer by layer into 2 shards" in done.stderr
+    assert main([*args, "--grad-accum", "2", "--out", one]) == 0
+    _check_equal_runs(two, one)
+
+
 @pytest.mark.slow
 def test_train_fsdp_loads_a_dense_checkpoint_layer_by_layer(tmp_path):
     """`fusedlora train --fsdp --model DIR --quantize nf4` on 2 processes loads DIR through load_sharded and
     trains as one process given the same global batch through --grad-accum (the tolerance: see
     tests/test_sharding.py's _check_equal_runs)."""
-    from test_sharding import ARGS, _check_equal_runs, _env
     from test_train_run import _arithmetic, _word_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fusedlora.train.main import main
 
     texts, data = _arithmetic(tmp_path)
     hf = str(tmp_path / "hf")
@@ -90,12 +105,17 @@ def test_train_fsdp_loads_a_dense_checkpoint_layer_by_layer(tmp_path):
                          tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(hf)
-    two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    args = [*ARGS, "--model", hf, "--data", data, "--quantize", "nf4"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fusedlora.train", *args, "--fsdp", "--out", two]
-    done = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    assert "layer by layer into 2 shards" in done.stderr
-    assert main([*args, "--grad-accum", "2", "--out", one]) == 0
-    _check_equal_runs(two, one)
+    _two_processes_equal_one(tmp_path, ["--model", hf, "--data", data, "--quantize", "nf4"])
+
+
+@pytest.mark.slow
+def test_train_fsdp_reads_a_bitsandbytes_checkpoint_layer_by_layer(tmp_path):
+    """The same over a bitsandbytes NF4 checkpoint (double quantization): its 4-bit tensors are read layer by
+    layer as they are, and the run equals the 1-process run, which loads it whole (fl.load_quantized)."""
+    from lora_models import bnb_nf4_checkpoint
+    from test_train_run import _arithmetic, _word_tokenizer
+
+    texts, data = _arithmetic(tmp_path, n=4)
+    nf4_dir, _, _ = bnb_nf4_checkpoint(str(tmp_path), tie=False)
+    assert _word_tokenizer(nf4_dir, texts) <= 97
+    _two_processes_equal_one(tmp_path, ["--model", nf4_dir, "--data", data])
