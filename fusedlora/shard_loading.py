@@ -10,7 +10,9 @@ draws), then it is materialized unit by unit in module order:
   whole quantization blocks per shard); the whole weight and its whole 4-bit form are dropped there, so
   at most one linear is held whole;
 - then the rest of each decoder layer (norms), read and sharded as that layer's unit;
-- then the rest of the model (embeddings, final norm, output head), the root unit.
+- then the input embeddings and the output head (dense linears outside the decoder layers), each a unit of
+  its own (``fully_shard`` leaves them to the root unit: here a large vocabulary is not held whole twice);
+- then the rest of the model (final norm, rotary tables), the root unit.
 
 The adapters are drawn in the order ``fusedlora.inject`` draws them (one ``lora_A`` per fused linear, in
 module order, on ``device``), so after ``torch.manual_seed(s)`` the model equals ``from_pretrained`` +
@@ -165,6 +167,10 @@ def load_sharded(path: str, *, quantize, dtype: torch.dtype = torch.float32, dev
         _materialize_rest(unit, names[unit], files, device, config)
         fsdp_fully_shard(unit, **fsdp_kwargs)
     shard_linears(model)
+    for name, sub in model.named_modules():  # embeddings, output head: a unit each, so one is whole at a time
+        if type(sub) in (nn.Embedding, nn.Linear) and any(p.is_meta for p in sub.parameters(recurse=False)):
+            _materialize_rest(sub, name, files, device, config)
+            fsdp_fully_shard(sub, **fsdp_kwargs)
     _materialize_rest(model, "", files, device, config)
     fsdp_fully_shard(model, **fsdp_kwargs)
     if qc is not None:
