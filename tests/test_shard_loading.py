@@ -71,29 +71,40 @@ def test_load_sharded_refusals(tmp_path):
         load_sharded(path, quantize="nf4")
 
 
-def _two_processes_equal_one(tmp_path, args):
+def _torchrun2(*args):
+    from test_sharding import _env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fusedlora.train", *args]
+    done = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert "layer by layer into 2 shards" in done.stderr
+
+
+def _two_processes_equal_one(tmp_path, args, resume=False):
     """`fusedlora train --fsdp` on 2 processes, which loads through load_sharded, against 1 process given the
-    same global batch through --grad-accum (the tolerance: tests/test_sharding.py's _check_equal_runs)."""
-    from test_sharding import ARGS, _check_equal_runs, _env
+    same global batch through --grad-accum (the tolerance: tests/test_sharding.py's _check_equal_runs);
+    ``resume``: both runs then extended by 3 steps from their checkpoints, the 2-process one again loading
+    layer by layer and taking its adapters and optimizer state from whole tensors."""
+    from test_sharding import ARGS, _check_equal_runs
 
     from fusedlora.train.main import main
 
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     args = [*ARGS, *args]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fusedlora.train", *args, "--fsdp", "--out", two]
-    done = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    assert "layer by layer into 2 shards" in done.stderr
+    _torchrun2(*args, "--fsdp", "--out", two)
     assert main([*args, "--grad-accum", "2", "--out", one]) == 0
     _check_equal_runs(two, one)
+    if resume:
+        _torchrun2("--resume", "--steps", "9", "--out", two)
+        assert main(["--resume", "--steps", "9", "--out", one]) == 0
+        _check_equal_runs(two, one)
 
 
 @pytest.mark.slow
 def test_train_fsdp_loads_a_dense_checkpoint_layer_by_layer(tmp_path):
     """`fusedlora train --fsdp --model DIR --quantize nf4` on 2 processes loads DIR through load_sharded and
-    trains as one process given the same global batch through --grad-accum (the tolerance: see
-    tests/test_sharding.py's _check_equal_runs)."""
+    trains as one process given the same global batch through --grad-accum, also after both resume."""
     from test_train_run import _arithmetic, _word_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -105,7 +116,7 @@ def test_train_fsdp_loads_a_dense_checkpoint_layer_by_layer(tmp_path):
                          tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(hf)
-    _two_processes_equal_one(tmp_path, ["--model", hf, "--data", data, "--quantize", "nf4"])
+    _two_processes_equal_one(tmp_path, ["--model", hf, "--data", data, "--quantize", "nf4"], resume=True)
 
 
 @pytest.mark.slow
