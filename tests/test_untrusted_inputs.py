@@ -7,6 +7,7 @@ One table per kind of input, so that a new finding is one more row:
   checks run on CPU tensors through the op's CPU registration), state-dict loading and bitsandbytes loading;
 - NON_FINITE: weights holding inf or NaN given to quantize;
 - NO_TOKENS: M = 0 on every backend and weight kind;
+- FP16_OUTLIERS: fp16 activations whose LoRA term overflows fp16 before the product with B;
 - ADAPTER_CONFIGS: adapter_config.json fields, refused before any layer is injected;
 - CHECKPOINTS: a bitsandbytes checkpoint folder whose index or config points elsewhere.
 """
@@ -267,6 +268,49 @@ def test_no_tokens_give_an_empty_output_and_zero_gradients(family, kind, lead, m
     assert x.grad.shape == x.shape
     for t in (a, b, bias) + ((weight,) if kind == "dense" else ()):
         assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
+# ---- fp16 activations whose x·Aᵀ overflows fp16 ------------------------------------------------------------
+
+# (id, weight kind, 4-bit path): an outlier makes x·Aᵀ ~ 1e5, above fp16's 65504, while y (B small) and dX
+# stay well inside it; the fp32 reference is finite, so the kernels must be too (rounding s·xa or s·g to
+# fp16 before the product with B gives inf)
+FP16_OUTLIERS = [(f"{kind}-{path}", kind, path) for kind in ("nf4-dq", "int4") for path in ("inloop", "dequant")]
+
+
+@pytest.mark.parametrize("row_id, kind, path", FP16_OUTLIERS, ids=[r[0] for r in FP16_OUTLIERS])
+def test_fp16_activation_outlier_stays_finite(row_id, kind, path, monkeypatch):
+    from fusedlora.ops.lora import lora_linear_reference
+    from fusedlora.ops.paths import forced_path
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(5)
+    m, scale = 8, 2.0
+    x = torch.randn(m, K, generator=gen).half()
+    x[3, 10] = 3000.0
+    a = (torch.randn(R, K, generator=gen) / K**0.5).half()
+    a[:, 10] = 20.0
+    b = (torch.randn(N, R, generator=gen) * 1e-3).half()
+    dy = torch.randn(m, N, generator=gen).half() * 1e3
+    assert (x[3].double() @ a.double().t()).abs().max() * scale > 65504  # the premise
+
+    def run(fn, dtype):
+        xx = x.detach().to(dtype).clone().requires_grad_(True)
+        y = fn(xx)
+        y.backward(dy.to(dtype))
+        return y.detach().double(), xx.grad.double()
+
+    packed = _weight(kind)
+    with forced_path(path):
+        ours = run(lambda xx: fl.lora_linear(xx, fl.QuantizedWeight(packed, torch.float16), a, b, scale),
+                   torch.float16)
+    ref = run(lambda xx: lora_linear_reference(xx, packed, a.double(), b.double(), scale, None, 0.0, False, None),
+              torch.float64)
+    for name, o, r in zip(("y", "dx"), ours, ref, strict=True):
+        assert torch.isfinite(r).all() and torch.isfinite(o).all(), name
+        # fp16 output rounding (2^-11 relative) and tf32 LoRA operands: within 1e-2 of the largest value
+        assert (o - r).abs().max() <= 1e-2 * r.abs().max(), name
 
 
 def test_no_tokens_never_reach_the_decode_kernel():
