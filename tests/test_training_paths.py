@@ -1,6 +1,6 @@
 """The training path's pieces around the fused GEMMs: which path a 4-bit weight takes (ops.paths), the
 scratch buffer of the dequant path, every rank up to the largest supported, split reductions at few
-tokens, device guards, and the Philox dropout mask read bit by bit (the fp16 overflow case is a row of
+tokens, and the Philox dropout mask read bit by bit (the fp16 overflow case and the device guards are in
 test_untrusted_inputs.py).
 
 The kernels run under TRITON_INTERPRET=1 on CPU (fp32 and fp16), as in test_lora_triton.py, whose
@@ -205,13 +205,13 @@ def test_forward_saves_the_mask_as_bits(m, k):
     x = torch.randn(m, k)
     a = torch.randn(8, k)
     seed = torch.tensor([987654321], dtype=torch.int64)
-    xa, bits = lowrank(x, a, a.stride(0), a.stride(1), 8, 0.3, seed)
+    xa, bits = lowrank(x, a, 0.3, seed)
     assert bits.dtype == torch.uint8 and bits.shape == (m, -(-k // 8))
     unpacked = ((bits[:, :, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(m, -1)[:, :k].bool()
     mask = dropout_mask(987654321, (m, k), 0.3, "cpu")
     assert torch.equal(unpacked, mask)
     torch.testing.assert_close(xa, (x * mask / 0.7) @ a.t(), rtol=1e-5, atol=1e-4)
-    _, no_bits = lowrank(x, a, a.stride(0), a.stride(1), 8)
+    _, no_bits = lowrank(x, a)
     assert no_bits.numel() == 0
 
 
@@ -224,8 +224,8 @@ def test_few_tokens_split_the_reduction(kind, monkeypatch):
 
     monkeypatch.setitem(lora_fwd._SMS, torch.device("cpu"), 64)  # a GPU-sized machine: slices needed
     m, k, n, r, p = 9, 1024, 1024, 4, 0.2
-    cpu = torch.device("cpu")
-    assert lora_fwd.reduction_splits(m, n, k, cpu) == lora_fwd.reduction_splits(m, k, n, cpu) == 4  # premise
+    sms = lora_fwd.sm_count(torch.device("cpu"))
+    assert lora_fwd.reduction_splits(m, n, k, sms) == lora_fwd.reduction_splits(m, k, n, sms) == 4  # premise
     torch.manual_seed(17)
     weight, w64, wlow = make_weight(kind, n, k, torch.float32)
     x, a, b, bias = lora_inputs(m, k, n, r, torch.float32)
@@ -237,21 +237,3 @@ def test_few_tokens_split_the_reduction(kind, monkeypatch):
     check_all(ours, run(oracle(w64, 0.5, p, mask), x, a, b, bias, dy),
               run(plain(wlow, 0.5, p, mask), x, a, b, bias, dy), torch.float32)
 
-
-def test_lora_launches_run_under_a_guard_for_their_device(monkeypatch):
-    # Triton launches on the current CUDA device: the ops make the tensors' device current first, forward
-    # and backward (a layer on cuda:1 would otherwise run on cuda:0 with cuda:1 pointers)
-    import fusedlora.ops.lora_triton as lora_ops
-
-    entered = []
-    real = lora_ops.device_guard
-
-    def recording(device):
-        entered.append(torch.device(device))
-        return real(device)
-
-    monkeypatch.setattr(lora_ops, "device_guard", recording)
-    weight, _, _ = make_weight("nf4-dq", 16, 64, torch.float32)
-    x, a, b, bias = lora_inputs(5, 64, 16, 4, torch.float32)
-    run(triton_fn(weight, 1.0, 0.1, True), x, a, b, bias, torch.randn(5, 16))
-    assert entered == [torch.device("cpu")] * 2  # the forward op and the backward op

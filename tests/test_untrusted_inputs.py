@@ -566,24 +566,45 @@ def test_kernel_image_probe_is_registered_and_checks_its_device():
 
 # ---- every launch on the tensors' device ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["nf4-dq", "int4"])
-def test_dequant_launches_run_under_a_guard_for_their_device(kind, monkeypatch):
-    import fusedlora.ops.dequant as dequant_ops
-
+def _record_device_guard(module, monkeypatch) -> list:
+    """The devices ``module``'s launches enter a guard for, in order (the guard itself still runs)."""
     entered = []
-    real = dequant_ops.device_guard
+    real = module.device_guard
 
     def recording(device):
         entered.append(torch.device(device))
         return real(device)
 
-    monkeypatch.setattr(dequant_ops, "device_guard", recording)
+    monkeypatch.setattr(module, "device_guard", recording)
+    return entered
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "int4"])
+def test_dequant_launches_run_under_a_guard_for_their_device(kind, monkeypatch):
+    import fusedlora.ops.dequant as dequant_ops
+
+    entered = _record_device_guard(dequant_ops, monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
     p = _weight(kind)
     assert torch.equal(fl.QuantizedWeight(p).dequantize(torch.float32), dequantize_reference(p, torch.float32))
     fl.quantize(torch.randn(4, 128), "nf4")
     assert entered == [torch.device("cpu")] * 2
+
+
+def test_lora_launches_run_under_a_guard_for_their_device(monkeypatch):
+    # Triton launches on the current CUDA device: the ops make the tensors' device current first, forward
+    # and backward (a layer on cuda:1 would otherwise run on cuda:0 with cuda:1 pointers)
+    import fusedlora.ops.lora_triton as lora_ops
+
+    entered = _record_device_guard(lora_ops, monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    weight = fl.QuantizedWeight(_weight("nf4-dq"), torch.float32)
+    a, b = (t.requires_grad_() for t in _adapter(torch.float32))
+    x = torch.randn(5, K, requires_grad=True)
+    fl.lora_linear(x, weight, a, b, 1.0, None, dropout_p=0.1, training=True).sum().backward()
+    assert entered == [torch.device("cpu")] * 2  # the forward op and the backward op
 
 
 @pytest.mark.multigpu

@@ -42,6 +42,7 @@ from .lora_fwd import (
     m_bucket,
     rank_variants,
     reduction_splits,
+    sm_count,
     spec,
     split_range,
     weight_signature,
@@ -263,7 +264,7 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nes
     dummy = g
     aligned = wfmt != 0 and k % block == 0
     na, nc, noff = nested if nested is not None else (dummy, dummy, 0.0)
-    splits = reduction_splits(m, k, n, dy.device) if aligned else 1
+    splits = reduction_splits(m, k, n, sm_count(dy.device)) if aligned else 1
     out = dx if splits == 1 else torch.empty((splits, m, k), dtype=torch.float32, device=dy.device)
     kernel = gemm_kernel(_lora_dx_kernel, "dx", wfmt == 0, dy.device, aligned or wfmt == 0)
     kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), splits)](

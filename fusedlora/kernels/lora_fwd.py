@@ -6,8 +6,8 @@ Shapes: x [M, K] (row stride ``stride_xm``, unit column stride), W [N, K] dense 
 Two launches:
 1. ``_lowrank_kernel``: xa = drop(x)·Aᵀ (A given by strides). Dropout keeps x[m, k] by ``dropout.keep_bytes``
    (Philox, eight elements per call), scales the fp32 result by 1/(1-p), and writes the keep-mask as bits
-   for the backward. A program owns BLOCK_M rows and one slice of at most 64 ranks and streams its rows
-   once; A is tiny and stays in cache.
+   for the backward. A program owns BLOCK_M rows (and, at few rows, a slice of K) and one slice of at most
+   RANK_SLICE ranks, and streams its rows once; A is tiny and stays in cache.
 2. ``_lora_fwd_kernel``: one GEMM over tiles of y whose K loop reads W tiles (a dense W, or a 4-bit one
    decoded in registers: the in-loop path of ``ops.paths``; on its dequant path the op hands over the
    decode in the scratch buffer as a dense W), followed by r extra K-steps in rank slices:
@@ -397,11 +397,10 @@ def slices(programs: int, steps: int, sms: int) -> int:
     return max(1, min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, max(programs, 1)), steps // SPLIT_MIN_STEPS))
 
 
-def reduction_splits(m: int, cols: int, length: int, sms) -> int:
-    """Slices of a 4-bit in-loop GEMM's reduction (K for the forward, N for dX) at few tokens (``sms``: an
-    SM count or a device): tiles counted at the smallest config (32 tokens x 64 columns), steps of 64. Few
-    tokens leave most SMs idle otherwise: M <= 32 on a 4096-wide layer is 64 tiles for 132 SMs."""
-    sms = sms if isinstance(sms, int) else sm_count(sms)
+def reduction_splits(m: int, cols: int, length: int, sms: int) -> int:
+    """Slices of a 4-bit in-loop GEMM's reduction (K for the forward, N for dX) at few tokens on ``sms``
+    SMs: tiles counted at the smallest config (32 tokens x 64 columns), steps of 64. Few tokens leave most
+    SMs idle otherwise: M <= 32 on a 4096-wide layer is 64 tiles for 132 SMs."""
     return slices(triton.cdiv(m, 32) * triton.cdiv(cols, 64), length // 64, sms)
 
 
@@ -420,11 +419,11 @@ def decode_absmax(qa: torch.Tensor, nested_code: torch.Tensor, nested_absmax: to
     return out
 
 
-def lowrank(x: torch.Tensor, v: torch.Tensor, stride_vj: int, stride_vk: int, r: int,
-            p: float = 0.0, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 [M, r] = drop(x)·Vᵀ, uint8 keep bits [M, ceil(K/8)] or [0] without dropout); V element (j, k)
-    at offset j*stride_vj + k*stride_vk of ``v``."""
+def lowrank(x: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0,
+            seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 [M, r] = drop(x)·Aᵀ, uint8 keep bits [M, ceil(K/8)] or [0] without dropout) for A [r, K]."""
     m, k = x.shape
+    r = lora_A.shape[0]
     out = torch.empty((m, r), dtype=torch.float32, device=x.device)
     dropout = p > 0.0
     bits = torch.empty((m, triton.cdiv(k, 8)) if dropout else (0,), dtype=torch.uint8, device=x.device)
@@ -437,7 +436,7 @@ def lowrank(x: torch.Tensor, v: torch.Tensor, stride_vj: int, stride_vk: int, r:
     splits = slices(m_tiles, k // cfg["BLOCK_K"], sm_count(x.device))
     part = out if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     _lowrank_kernel[(m_tiles, splits, triton.cdiv(r, br))](
-        x, v, seed if dropout else out, part, bits, m, k, r, x.stride(0), stride_vj, stride_vk,
+        x, lora_A, seed if dropout else out, part, bits, m, k, r, x.stride(0), lora_A.stride(0), lora_A.stride(1),
         threshold(p), 1.0 / (1.0 - p), DROPOUT=dropout, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=br, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -461,7 +460,7 @@ def lora_forward(
     """
     m, k = x.shape
     r = lora_A.shape[0]
-    xa, bits = lowrank(x, lora_A, lora_A.stride(0), lora_A.stride(1), r, p, seed)
+    xa, bits = lowrank(x, lora_A, p, seed)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y, xa, bits
@@ -469,7 +468,7 @@ def lora_forward(
     dummy = xa
     aligned = wfmt != 0 and k % block == 0
     na, nc, noff = nested if nested is not None else (dummy, dummy, 0.0)
-    splits = reduction_splits(m, n, k, x.device) if aligned else 1
+    splits = reduction_splits(m, n, k, sm_count(x.device)) if aligned else 1
     out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     kernel = gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device, aligned or wfmt == 0)
     kernel[_grid_2d(m, n, "BLOCK_M", "BLOCK_N", splits)](
@@ -523,7 +522,7 @@ def spec(name, fn, signature, constexprs, num_warps, num_stages, large_m_gemm=Fa
 
 # rank slices compiled besides AOT_R's (16): every width a rank can take, so spills or shared-memory
 # overflow at any r fail the AOT build rather than a user's launch
-RANK_GRID = tuple(w for w in (32, 64) if w <= RANK_SLICE)
+RANK_GRID = (RANK_SLICE,)
 
 
 def gemm_spec_variants(role: str):
@@ -570,8 +569,9 @@ def aot_specs() -> list[dict]:
 
 def gemm_specs(role: str, fn, signature, constexprs: dict) -> list[dict]:
     """AOT specs of the fused GEMM ``fn`` (``role`` "fwd" or "dx") for every format and config a launch can
-    pick, plus the rank grid on the first config of each format in bf16. ``signature(dtype_ptr, WFMT)``
-    gives the argument types; the name carries the tile as BLOCK_M x BLOCK_N x BLOCK_K."""
+    pick, plus the rank grid on the first config of each format in bf16. ``signature(dtype_ptr, WFMT, dq)``
+    gives the argument types (``dq``: NF4 with double quantization); the name carries the tile as
+    BLOCK_M x BLOCK_N x BLOCK_K."""
     specs = []
     for dname, dptr, fname, fid, qblock, aligned, cfg in gemm_spec_variants(role):
         meta = {k: v for k, v in cfg.items() if not k.startswith("num_")}
