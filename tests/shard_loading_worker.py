@@ -63,6 +63,9 @@ def main(path: str) -> None:
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+    # every process finishes its collectives before any tears gloo down (a process leaving early aborts
+    # the other's pending gloo threads: "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
