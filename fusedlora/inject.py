@@ -227,6 +227,8 @@ def freeze_all_but_adapters(model: nn.Module, modules_to_save=None) -> None:
         if layer.r:
             layer.lora_A.requires_grad_(True)
             layer.lora_B.requires_grad_(True)
+            if layer.dora:
+                layer.lora_magnitude_vector.weight.requires_grad_(True)
     for name in find_saved_modules(model, modules_to_save, strict=False):
         model.get_submodule(name).requires_grad_(True)
 
@@ -245,6 +247,7 @@ def inject(
     exclude_modules=None,
     lora_dtype: torch.dtype | None = None,
     modules_to_save=None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by LoRALinear layers (in place) and freeze every
     other parameter; returns ``model``. Trainable / total parameter counts are logged (logger
@@ -255,6 +258,7 @@ def inject(
     ``modules_to_save``: names of other modules (e.g. a classification head) trained whole, kept
     trainable, and written by ``save_adapter`` beside the adapters (PEFT's field); they are trained in
     place (no copy), so ``disable_adapter`` does not turn them back.
+    ``use_dora``: DoRA adapters (a trained magnitude per output row, PEFT's ``use_dora``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -275,7 +279,7 @@ def inject(
         if isinstance(r_i, bool) or not isinstance(r_i, int) or r_i < 1:
             raise ValueError(f"inject: {name}: expected a rank r >= 1 (r or rank_pattern), got {r_i!r}")
         adapter = dict(r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora,
-                       init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
+                       init_lora_weights=init_lora_weights, lora_dtype=lora_dtype, use_dora=use_dora)
         if id(old) in done:
             new = done[id(old)]
         elif isinstance(old, LoRALinear) and (old.quantized or quantize is None):
@@ -296,7 +300,7 @@ def inject(
     stored = target_modules if isinstance(target_modules, str) else sorted(set(target_modules))
     record_adapter_config(model, {
         "target_modules": stored, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-        "use_rslora": bool(use_rslora), "rank_pattern": dict(rank_pattern or {}),
+        "use_rslora": bool(use_rslora), "use_dora": bool(use_dora), "rank_pattern": dict(rank_pattern or {}),
         "alpha_pattern": dict(alpha_pattern or {}), "exclude_modules": exclude_modules,
         "modules_to_save": None if not modules_to_save else
         ([modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)),
@@ -342,18 +346,19 @@ def merge(model: nn.Module) -> nn.Module:
 def disable_adapter(model: nn.Module):
     """Within the block, every LoRALinear of ``model`` computes its base alone (e.g. the reference model of
     a DPO run); the adapters come back on exit, also on an exception. The layers keep running the fused op
-    with the update's scale set to 0 (x·Wᵀ + 0·(...) is the base exactly for finite adapters), so nothing
-    weight-sized is decoded. Merged adapters are refused: their update is inside the base."""
+    with the update's scale set to 0 (x·Wᵀ + 0·(...) is the base exactly for finite adapters; DoRA's
+    magnitude is not applied), so nothing weight-sized is decoded. Merged adapters are refused: their
+    update is inside the base."""
     layers = {m for m in lora_layers(model).values() if m.r}
     merged = sorted(n for n, m in lora_layers(model).items() if m.merged)
     if merged:
         raise ValueError(f"disable_adapter: adapters merged into their bases cannot be disabled: {', '.join(merged)}"
                          " (unmerge() them first)")
-    saved = {layer: layer.scaling for layer in layers}
+    saved = {layer: layer.adapter_disabled for layer in layers}
     for layer in saved:
-        layer.scaling = 0.0
+        layer.adapter_disabled = True
     try:
         yield model
     finally:
-        for layer, scaling in saved.items():
-            layer.scaling = scaling
+        for layer, was in saved.items():
+            layer.adapter_disabled = was

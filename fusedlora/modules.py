@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dora import DoRAMagnitude
 from .formats.packed import SCHEMES, Packed4bit, check_packed, field_names
-from .functional import lora_linear
+from .functional import dora_linear, lora_linear
 from .ops.backend import backend
 from .quantized import QuantizedWeight, quantize
 
@@ -100,6 +101,8 @@ class LoRALinear(nn.Module):
         init_lora_weights: True (PEFT's default: A kaiming-uniform with a = √5, B zero), "gaussian"
             (A normal with std 1/r, B zero) or False (A and B both kaiming-uniform: a non-zero update).
         lora_dtype: dtype of A and B (default fp32, fp64 for an fp64 base).
+        use_dora: DoRA (PEFT's semantics): a trained magnitude m [N] rescales each output row of
+            W + s·B·A to m / ‖W + s·B·A‖ (``fusedlora.dora``); m starts at that norm.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         lora_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ):
         super().__init__()
         if isinstance(weight, QuantizedWeight):
@@ -144,12 +148,17 @@ class LoRALinear(nn.Module):
         self.r = 0
         self.register_parameter("lora_A", None)
         self.register_parameter("lora_B", None)
+        self.register_module("lora_magnitude_vector", None)
+        # fusedlora.disable_adapter: the layer computes its base alone while set
+        self.adapter_disabled = False
         self.alpha, self.dropout, self.use_rslora, self.scaling = 0.0, 0.0, False, 0.0
         if r:
             self.reset_adapter(
                 r, alpha, dropout, use_rslora, init_lora_weights,
-                lora_dtype or _default_lora_dtype(base_dtype), device,
+                lora_dtype or _default_lora_dtype(base_dtype), device, use_dora,
             )
+        elif use_dora:
+            raise ValueError("use_dora: DoRA needs an adapter (r >= 1), got r = 0")
 
     # ----------------------------------------------------------------------------------- base weight
     def _set_quantized_base(self, qw: QuantizedWeight) -> None:
@@ -276,8 +285,10 @@ class LoRALinear(nn.Module):
         init_lora_weights: bool | str = True,
         lora_dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        use_dora: bool = False,
     ) -> None:
-        """Give the layer a fresh adapter (replacing any it has); r = 0 removes it."""
+        """Give the layer a fresh adapter (replacing any it has); r = 0 removes it. ``use_dora`` adds DoRA's
+        magnitude, initialized to the row norms of W + s·B·A."""
         if self.merged:
             raise RuntimeError("reset_adapter: the adapter is merged into the base; call unmerge() first")
         _check_int("r", r, 0)
@@ -293,6 +304,11 @@ class LoRALinear(nn.Module):
                           f"{self.out_features} layer: the update's rank cannot exceed that", stacklevel=3)
         self.dropout = _check_dropout(dropout)
         self.r, self.alpha, self.use_rslora = r, alpha, bool(use_rslora)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora: expected a bool, got {type(use_dora).__name__}")
+        if use_dora and r == 0:
+            raise ValueError("use_dora: DoRA needs an adapter (r >= 1), got r = 0")
+        self.lora_magnitude_vector = None
         if r == 0:
             self.lora_A = self.lora_B = None
             self.scaling = 0.0
@@ -314,6 +330,8 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(b)
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(b)
+        if use_dora:
+            self.lora_magnitude_vector = DoRAMagnitude.initial(self, lora_dtype)
 
     def set_scaling(self, alpha: float, use_rslora: bool | None = None) -> None:
         """Change alpha (and optionally rsLoRA) of the current adapter, keeping A and B."""
@@ -333,9 +351,11 @@ class LoRALinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        magnitude: torch.Tensor | None = None,
     ) -> None:
-        """Make ``lora_A`` [r, K] / ``lora_B`` [N, r] this layer's adapter. Parameters are kept as the same
-        objects (an optimizer that holds them keeps working); other tensors are wrapped as new Parameters."""
+        """Make ``lora_A`` [r, K] / ``lora_B`` [N, r] (and DoRA's ``magnitude`` [N], when given) this layer's
+        adapter. Parameters are kept as the same objects (an optimizer that holds them keeps working); other
+        tensors are wrapped as new Parameters."""
         if self.merged:
             raise RuntimeError("adopt_adapter: the adapter is merged into the base; call unmerge() first")
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
@@ -346,11 +366,26 @@ class LoRALinear(nn.Module):
             raise ValueError(f"lora_A: expected shape [r, {self.in_features}], got {tuple(lora_A.shape)}")
         if tuple(lora_B.shape) != (self.out_features, r):
             raise ValueError(f"lora_B: expected shape ({self.out_features}, {r}), got {tuple(lora_B.shape)}")
+        if magnitude is not None and (not isinstance(magnitude, torch.Tensor) or not magnitude.is_floating_point()
+                                      or tuple(magnitude.shape) != (self.out_features,)):
+            got = (f"{magnitude.dtype} {tuple(magnitude.shape)}" if isinstance(magnitude, torch.Tensor)
+                   else type(magnitude).__name__)
+            raise ValueError(f"magnitude: expected a floating-point tensor of shape ({self.out_features},), got {got}")
         self.dropout = _check_dropout(dropout)
         self.r, self.alpha, self.use_rslora = r, alpha, bool(use_rslora)
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A = lora_A if isinstance(lora_A, nn.Parameter) else nn.Parameter(lora_A.detach())
         self.lora_B = lora_B if isinstance(lora_B, nn.Parameter) else nn.Parameter(lora_B.detach())
+        self.lora_magnitude_vector = None
+        if magnitude is not None:
+            mag = DoRAMagnitude(torch.empty(0))
+            mag.weight = magnitude if isinstance(magnitude, nn.Parameter) else nn.Parameter(magnitude.detach())
+            self.lora_magnitude_vector = mag
+
+    @property
+    def dora(self) -> bool:
+        """True when the adapter is DoRA (it has a magnitude vector)."""
+        return self.lora_magnitude_vector is not None
 
     def _base_device(self) -> torch.device:
         return self.weight.device if self.quant_scheme is None else self.quant_data.device
@@ -376,12 +411,21 @@ class LoRALinear(nn.Module):
         if self.quant_scheme is None:
             w = self.weight
             acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-            w.copy_((w.to(acc) + self.delta_weight(acc)).to(w.dtype))
+            w.copy_(self._merged(w.to(acc), self.delta_weight(acc), keep_factor=True).to(w.dtype))
         else:
             acc = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
-            merged = self.dense_base_weight(acc) + self.delta_weight(acc)
+            merged = self._merged(self.dense_base_weight(acc), self.delta_weight(acc), keep_factor=True)
             self.merged_weight = merged.to(self.compute_dtype)
         self.merged = True
+
+    def _merged(self, w: torch.Tensor, delta: torch.Tensor, keep_factor: bool = False) -> torch.Tensor:
+        """W + ΔW, or DoRA's m / ‖W + ΔW‖ ⊙ (W + ΔW) (its factor kept for unmerge when ``keep_factor``)."""
+        if not self.dora:
+            return w + delta
+        merged, factor = self.lora_magnitude_vector.fold(w, delta)
+        if keep_factor:
+            self.lora_magnitude_vector.merged_factor = factor
+        return merged
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -391,9 +435,15 @@ class LoRALinear(nn.Module):
         if self.quant_scheme is None:
             w = self.weight
             acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-            w.copy_((w.to(acc) - self.delta_weight(acc)).to(w.dtype))
+            if self.dora:
+                mag = self.lora_magnitude_vector
+                w.copy_(mag.unfold(w.to(acc), self.delta_weight(acc), mag.merged_factor).to(w.dtype))
+            else:
+                w.copy_((w.to(acc) - self.delta_weight(acc)).to(w.dtype))
         else:
             self.merged_weight = None
+        if self.dora:
+            self.lora_magnitude_vector.merged_factor = None
         self.merged = False
 
     def to_linear(self) -> nn.Linear:
@@ -406,7 +456,7 @@ class LoRALinear(nn.Module):
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             w = self.dense_base_weight(acc)
             if self.r and not self.merged:
-                w = w + self.delta_weight(acc)
+                w = self._merged(w, self.delta_weight(acc))
             elif self.merged:
                 w = self.merged_weight.to(acc)
             w = w.to(dtype)
@@ -419,6 +469,12 @@ class LoRALinear(nn.Module):
     # -------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = _cast(self.bias, x.dtype)
+        if self.r and self.adapter_disabled and not self.merged:
+            # the base alone, still through the fused op (x·Wᵀ + 0·(...) is the base exactly for finite
+            # adapters), so that nothing weight-sized is decoded
+            weight = self.base_weight if self.quant_scheme is not None else _cast(self.weight, x.dtype)
+            return lora_linear(x, weight, _cast(self.lora_A, x.dtype).detach(), _cast(self.lora_B, x.dtype).detach(),
+                               0.0, bias)
         if self.merged or self.r == 0:
             if self.quant_scheme is None:
                 w = self.weight
@@ -428,6 +484,10 @@ class LoRALinear(nn.Module):
                 w = self.base_weight.dequantize(x.dtype)
             return F.linear(x, _cast(w, x.dtype), bias)
         weight = self.base_weight if self.quant_scheme is not None else _cast(self.weight, x.dtype)
+        if self.dora:
+            mag = self.lora_magnitude_vector
+            return dora_linear(x, weight, _cast(self.lora_A, x.dtype), _cast(self.lora_B, x.dtype), self.scaling,
+                               mag.weight, mag.base_sq_norm(self, x.dtype), bias, self.dropout, self.training)
         return lora_linear(
             x,
             weight,
@@ -451,6 +511,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         lora_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> LoRALinear:
         """Wrap an ``nn.Linear`` (its weight and bias are shared, not copied, unless ``quantize`` is given).
 
@@ -463,7 +524,7 @@ class LoRALinear(nn.Module):
         weight = linear.weight.detach()
         if quantize is not None:
             weight = quantize_weight(weight, quantize)
-        return cls(weight, linear.bias, r, alpha, dropout, use_rslora, init_lora_weights, lora_dtype)
+        return cls(weight, linear.bias, r, alpha, dropout, use_rslora, init_lora_weights, lora_dtype, use_dora)
 
     def extra_repr(self) -> str:
         if self.quant_scheme is None:
@@ -480,6 +541,8 @@ class LoRALinear(nn.Module):
                 parts.append("rslora=True")
             if self.dropout:
                 parts.append(f"dropout={self.dropout:g}")
+            if self.dora:
+                parts.append("dora=True")
         if self.merged:
             parts.append("merged=True")
         try:

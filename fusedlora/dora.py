@@ -1,0 +1,74 @@
+"""DoRA's part of a LoRALinear: the trained magnitude m [N] and what its norm needs from the frozen base.
+
+A DoRA layer is a LoRALinear whose ``lora_magnitude_vector`` is a ``DoRAMagnitude`` (PEFT's attribute name,
+so the state-dict key is ``lora_magnitude_vector.weight`` and the adapter file's is PEFT's
+``<module>.lora_magnitude_vector``). The layer's forward runs ``fusedlora.functional.dora_linear``; the
+squared row norms of the base that it takes are computed here once per (base tensors, compute dtype) and
+kept, not saved: the base is frozen, and a load, a move or an in-place change of its tensors (their data
+pointer or version counter) computes them again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops.dora import dora_weight_norm, weight_row_sq_norms
+
+
+class DoRAMagnitude(nn.Module):
+    """m [N] (``weight``) of a DoRA layer; ``merged_factor`` is m / ‖W + s·B·A‖ while the layer is merged."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+        self.merged_factor: torch.Tensor | None = None
+        self._sq: torch.Tensor | None = None
+        self._sq_key: tuple | None = None
+
+    @staticmethod
+    def _key(layer, dtype: torch.dtype) -> tuple:
+        tensors = [layer.weight] if not layer.quantized else [
+            getattr(layer, f"quant_{f}") for f in ("data", "absmax", "nested_absmax", "scales", "zeros")]
+        return (dtype,) + tuple((t.device, t.data_ptr(), t._version) for t in tensors if t is not None)
+
+    def base_sq_norm(self, layer, dtype: torch.dtype) -> torch.Tensor:
+        """‖W_n‖² [N] of ``layer``'s base decoded to ``dtype`` (kept until the base's tensors change)."""
+        key = self._key(layer, dtype)
+        if self._sq is None or self._sq_key != key:
+            base = layer.base_weight.packed if layer.quantized else layer.weight
+            self._sq = weight_row_sq_norms(base, dtype)
+            self._sq_key = key
+        return self._sq
+
+    def weight_norm(self, layer, dtype: torch.dtype) -> torch.Tensor:
+        """‖W + s·B·A‖ per row (detached), W decoded to ``dtype``; fp32, fp64 for fp64."""
+        base = layer.base_weight.packed if layer.quantized else layer.weight.detach().to(dtype)
+        return dora_weight_norm(base, layer.lora_A, layer.lora_B, layer.scaling, self.base_sq_norm(layer, dtype),
+                                dtype)
+
+    @classmethod
+    def initial(cls, layer, dtype: torch.dtype) -> DoRAMagnitude:
+        """m = ‖W + s·B·A‖ of the layer's current adapter (DoRA's initialization: the layer starts as its
+        LoRA), W decoded to the base's dtype, m in ``dtype`` (the adapters')."""
+        mag = cls(torch.empty(layer.out_features, dtype=dtype, device=layer.lora_A.device))
+        with torch.no_grad():
+            mag.weight.copy_(mag.weight_norm(layer, layer.base_dtype()))
+        return mag
+
+    @torch.no_grad()
+    def fold(self, w: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m / ‖W + ΔW‖ ⊙ (W + ΔW), the factor m / ‖W + ΔW‖ [N]) of dense ``w`` and ``delta`` (one dtype),
+        in that dtype. The norm is the unmerged weight's, as the forward takes it (PEFT merges the same way)."""
+        total = w + delta
+        factor = self.weight.detach().to(total.dtype) / torch.linalg.vector_norm(total, dim=1)
+        return total * factor[:, None], factor
+
+    @staticmethod
+    @torch.no_grad()
+    def unfold(merged: torch.Tensor, delta: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """W from a merged weight and the factor ``fold`` gave (its inverse, up to rounding)."""
+        return merged / factor.to(merged.dtype)[:, None] - delta
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.weight.shape[0]}"

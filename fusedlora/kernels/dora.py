@@ -1,0 +1,149 @@
+"""DoRA's per-column scaling of the fused LoRA output, forward and backward, one pass over M·N each.
+
+DoRA multiplies output column n of z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ by g[n] = m[n] / ‖W + s·B·A‖_n (the norm detached):
+
+    forward   y = g ⊙ z (+ u) (+ bias)          u: the base product of the dropped part of x (dropout on)
+    backward  dz = g ⊙ dy,  Σ_rows dy ⊙ z        (the magnitude's gradient before its 1/‖·‖ factor)
+
+Both kernels are memory-bound streams over [M, N]. A program owns BLOCK_N columns and visits every
+SPLITS-th band of BLOCK_M rows, so g, bias and the column sums stay in registers across its bands and the
+sums leave as one fp32 row per program ([SPLITS, N] partials, added by the launcher): no atomics, so the
+result does not depend on scheduling. Products and sums are fp32; y and dz are rounded once to z's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import device_guard, interpreted
+
+
+@triton.jit
+def _dora_scale_fwd_kernel(
+    # pointers
+    z_ptr, g_ptr, u_ptr, bias_ptr, y_ptr,
+    # sizes
+    M, N, SPLITS,
+    # meta-parameters
+    HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    for band in range(tl.program_id(1), tl.cdiv(M, BLOCK_M), SPLITS):
+        rows = tl.arange(0, BLOCK_M).to(tl.int64) + band * BLOCK_M  # int64: rows * N passes 2^31
+        ok = (rows < M)[:, None] & col_ok[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        y = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32) * g[None, :]
+        if HAS_U:
+            y += tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += b[None, :]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dora_scale_bwd_kernel(
+    # pointers
+    dy_ptr, z_ptr, g_ptr, dz_ptr, part_ptr,
+    # sizes
+    M, N, SPLITS,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for band in range(tl.program_id(1), tl.cdiv(M, BLOCK_M), SPLITS):
+        rows = tl.arange(0, BLOCK_M).to(tl.int64) + band * BLOCK_M  # int64: rows * N passes 2^31
+        ok = (rows < M)[:, None] & col_ok[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dz_ptr + offs, (dy * g[None, :]).to(dz_ptr.dtype.element_ty), mask=ok)
+        acc += tl.sum(dy * z, axis=0)
+    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + cols, acc, mask=col_ok)
+
+
+# 32 x 128 tiles, 4 warps: 32 elements per thread per band (16-byte loads of 16-bit rows).
+BLOCK_M, BLOCK_N, NUM_WARPS = 32, 128, 4
+_INTERPRET_BLOCK_M, _INTERPRET_BLOCK_N = 16, 32
+# Programs per SM the launcher aims for: enough bands in flight to cover HBM latency.
+_PROGRAMS_PER_SM = 4
+
+
+def _blocks() -> tuple[int, int]:
+    return (_INTERPRET_BLOCK_M, _INTERPRET_BLOCK_N) if interpreted() else (BLOCK_M, BLOCK_N)
+
+
+def _splits(m: int, n: int, device: torch.device) -> tuple[tuple[int, int], int]:
+    """(grid, SPLITS): every column block, and as many row splits as fill the GPU (1 under the interpreter)."""
+    bm, bn = _blocks()
+    col_blocks, bands = triton.cdiv(n, bn), triton.cdiv(m, bm)
+    if interpreted() or device.type != "cuda":
+        splits = 1
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(bands, triton.cdiv(_PROGRAMS_PER_SM * sms, col_blocks)))
+    return (col_blocks, splits), splits
+
+
+def dora_scale_fwd(z: torch.Tensor, g: torch.Tensor, u: torch.Tensor | None, bias: torch.Tensor | None):
+    """y = g ⊙ z (+ u) (+ bias): z, u [M, N] contiguous in one dtype, g [N] fp32, bias [N] in z's dtype."""
+    m, n = z.shape
+    y = torch.empty_like(z)
+    if z.numel():
+        grid, splits = _splits(m, n, z.device)
+        bm, bn = _blocks()
+        with device_guard(z.device):
+            _dora_scale_fwd_kernel[grid](
+                z, g, z if u is None else u, g if bias is None else bias, y, m, n, splits,
+                HAS_U=u is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS,
+            )
+    return y
+
+
+def dora_scale_bwd(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz = g ⊙ dy in z's dtype, Σ_rows dy ⊙ z as fp32 [N]); dy and z [M, N] contiguous, g [N] fp32."""
+    m, n = z.shape
+    dz = torch.empty_like(z)
+    grid, splits = _splits(m, n, z.device)
+    part = torch.empty(splits, n, dtype=torch.float32, device=z.device)
+    if z.numel():
+        bm, bn = _blocks()
+        with device_guard(z.device):
+            _dora_scale_bwd_kernel[grid](dy, z, g, dz, part, m, n, splits, BLOCK_M=bm, BLOCK_N=bn,
+                                         num_warps=NUM_WARPS)
+    else:
+        part.zero_()
+    return dz, part.sum(0)
+
+
+def aot_specs() -> list[dict]:
+    """The launchers' configs for 16-bit outputs (fp32 runs the same code on 4-byte elements)."""
+    specs = []
+    for t in ("bf16", "fp16"):
+        common = {"M": "i32", "N": "i32", "SPLITS": "i32"}
+        specs.append({
+            "name": f"dora_fwd_{t}", "fn": _dora_scale_fwd_kernel,
+            "signature": {"z_ptr": f"*{t}", "g_ptr": "*fp32", "u_ptr": f"*{t}", "bias_ptr": f"*{t}",
+                          "y_ptr": f"*{t}", **common, "HAS_U": "constexpr", "HAS_BIAS": "constexpr",
+                          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+            "constexprs": {"HAS_U": True, "HAS_BIAS": True, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N},
+            "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
+            "divisible_by_16": ["z_ptr", "g_ptr", "u_ptr", "bias_ptr", "y_ptr", "N"],
+        })
+        specs.append({
+            "name": f"dora_bwd_{t}", "fn": _dora_scale_bwd_kernel,
+            "signature": {"dy_ptr": f"*{t}", "z_ptr": f"*{t}", "g_ptr": "*fp32", "dz_ptr": f"*{t}",
+                          "part_ptr": "*fp32", **common, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+            "constexprs": {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N},
+            "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
+            "divisible_by_16": ["dy_ptr", "z_ptr", "g_ptr", "dz_ptr", "part_ptr", "N"],
+        })
+    return specs

@@ -1,0 +1,225 @@
+"""DoRA over the fused LoRA op: y = W·x + b + (g − 1) ⊙ W·drop(x) + g ⊙ s·B·A·drop(x), g = m / ‖W + s·B·A‖.
+
+PEFT's semantics (its DoRA linear variant): the row norms ‖W + s·B·A‖_n are detached (no gradient), the
+magnitude m [N] is trained, and with dropout on the base sees x while the DoRA terms see drop(x). Shapes as
+``ops.lora``; magnitude [N].
+
+The norm needs no [N, K] temporary. Per output row n,
+
+    ‖W_n + s·(B·A)_n‖² = ‖W_n‖² + 2s·Σ_j B[n,j]·(W·Aᵀ)[n,j] + s²·Σ_j B[n,j]·(B·(A·Aᵀ))[n,j]
+
+‖W_n‖² is a constant of the frozen base (the caller keeps it: ``weight_row_sq_norms``), W·Aᵀ [N, r] is the
+fused GEMM run with A as its r input rows (it reads a 4-bit W once, decoded in the loop), A·Aᵀ is r × r.
+
+The fast path (``dora_linear_fused``) is then the fused LoRA op plus one stream over [M, N] each way
+(``kernels.dora``):
+- dropout off: z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (one fused GEMM), y = g ⊙ z + b;
+- dropout on: with xd = drop(x), W·x + (g − 1) ⊙ W·xd = W·(x − xd) + g ⊙ W·xd, so
+  z = xd·Wᵀ + s·(xd·Aᵀ)·Bᵀ and u = (x − xd)·Wᵀ (the fused GEMM with its low-rank term scaled by 0),
+  y = g ⊙ z + u + b: two base products, as the formula has two.
+The magnitude's gradient is dm = Σ_rows dy ⊙ z / ‖·‖ and z's is g ⊙ dy; autograd carries the rest through
+the fused op's own backward. ``dora_linear_reference`` computes PEFT's formula literally (the dense weight,
+the full W + s·B·A) and is the oracle of the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.packed import Packed4bit
+from .backend import backend
+from .checks import check_tensor
+from .lora import check_lora_args, draw_dropout_mask_reference, lora_linear
+from .registry import register, select
+
+# rows of W squared per step when taking its row norms (bounds the fp32 temporary to 16 Mi elements)
+_ROW_CHUNK_ELEMENTS = 1 << 24
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _decoded(weight: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in ``dtype`` decoded by the backend of its device; on the GPU backends into the device's
+    shared scratch buffer (``ops.scratch``), so no weight-sized tensor is allocated for it."""
+    from .dequant import dequantize
+
+    if backend(weight.device) == "reference" or dtype == torch.float64:
+        return dequantize(weight, dtype)
+    from .scratch import weight_scratch
+
+    n, k = weight.shape
+    out = weight_scratch(n, k, dtype, weight.device)
+    from ..kernels.dequant import dequantize_int4_triton, dequantize_nf4_triton
+
+    if weight.scheme == "nf4":
+        dequantize_nf4_triton(weight.data, weight.absmax, weight.nested_absmax, weight.nested_code,
+                              float(weight.nested_offset), weight.block, n, k, dtype, out=out)
+    else:
+        dequantize_int4_triton(weight.data, weight.scales, weight.zeros, weight.block, dtype, out=out)
+    return out
+
+
+@torch.no_grad()
+def weight_row_sq_norms(weight, dtype: torch.dtype) -> torch.Tensor:
+    """‖W_n‖² [N] of the base as the layer computes with it (decoded to ``dtype``), summed in fp32 (fp64
+    for fp64) over bands of rows."""
+    w = _decoded(weight, dtype) if isinstance(weight, Packed4bit) else weight
+    acc = _acc(dtype)
+    n, k = w.shape
+    step = max(1, _ROW_CHUNK_ELEMENTS // max(k, 1))
+    out = torch.empty(n, dtype=acc, device=w.device)
+    for i in range(0, n, step):
+        band = w[i:i + step].to(dtype).to(acc)  # a dense base is rounded to the compute dtype first, as used
+        out[i:i + step] = (band * band).sum(1)
+    return out
+
+
+@torch.no_grad()
+def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                     base_sq_norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """‖W + s·B·A‖ per output row, fp32 (fp64 for fp64 adapters) [N], W as decoded to ``dtype``, without an
+    [N, K] temporary (the expansion in the module docstring). Detached, as PEFT's DoRA."""
+    acc = _acc(dtype)
+    a = lora_A.detach()
+    b = lora_B.detach()
+    a_c = a.to(dtype)
+    # W·Aᵀ by the fused op: A as r rows of input, its own low-rank term scaled by 0
+    wa = lora_linear(a_c, weight, a_c, b.to(dtype), 0.0).to(acc).t()  # [N, r]
+    af, bf = a.to(acc), b.to(acc)
+    cross = (bf * wa).sum(1)
+    quad = ((bf @ (af @ af.t())) * bf).sum(1)
+    sq = base_sq_norm.to(acc) + (2.0 * scale) * cross + (scale * scale) * quad
+    return sq.clamp_min(0).sqrt()
+
+
+def check_dora_args(x, weight, magnitude, base_sq_norm) -> None:
+    n = weight.shape[0]
+    check_tensor("magnitude", magnitude, shape=(n,), device=x.device)
+    if not magnitude.is_floating_point():
+        raise TypeError(f"magnitude: expected a floating-point tensor, got {magnitude.dtype}")
+    check_tensor("base_sq_norm", base_sq_norm, shape=(n,), device=x.device)
+    if not base_sq_norm.is_floating_point():
+        raise TypeError(f"base_sq_norm: expected a floating-point tensor, got {base_sq_norm.dtype}")
+
+
+def dora_linear(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias=None, dropout_p=0.0,
+                training=False, dropout_mask=None) -> torch.Tensor:
+    """Autograd-aware DoRA linear; ``weight`` dense or ``Packed4bit``; ``base_sq_norm`` = ‖W_n‖² [N] of W
+    decoded to x's dtype (``weight_row_sq_norms``); ``dropout_mask`` (bool, x's shape) fixes the draw."""
+    check_lora_args(x, weight, lora_A, lora_B, scale, bias, dropout_p, dropout_mask)
+    check_dora_args(x, weight, magnitude, base_sq_norm)
+    if dropout_mask is not None and not (training and dropout_p > 0):
+        raise ValueError("dropout_mask: given, but dropout is off (needs training=True and dropout_p > 0)")
+    _, impl = select("dora_linear", x.device, x.dtype)
+    return impl(x, weight, lora_A, lora_B, float(scale), magnitude, base_sq_norm, bias, float(dropout_p),
+                bool(training), dropout_mask)
+
+
+def _dropped(x, p, dropout_mask):
+    if dropout_mask is None:
+        return F.dropout(x, p, training=True)
+    return x * dropout_mask.to(x.dtype) / (1.0 - p)
+
+
+@register("dora_linear", "reference")
+def dora_linear_reference(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias, dropout_p, training,
+                          dropout_mask):
+    """PEFT's DoRA formula on the dense weight, in fp32 (fp64 for fp64), autograd for the backward."""
+    acc = _acc(x.dtype)
+    if isinstance(weight, Packed4bit):
+        from ..formats import dequantize_reference
+
+        w = dequantize_reference(weight, x.dtype).to(acc)
+    else:
+        w = weight.to(acc)
+    a, b = lora_A.to(acc), lora_B.to(acc)
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(w + scale * (b @ a), dim=1)
+    g = magnitude.to(acc) / norm
+    xf = x.to(acc)
+    if training and dropout_p > 0:
+        mask = dropout_mask if dropout_mask is not None else draw_dropout_mask_reference(x, dropout_p)
+        xd = xf * mask.to(acc) / (1.0 - dropout_p)
+    else:
+        xd = xf
+    y = F.linear(xf, w, None if bias is None else bias.to(acc))
+    y = y + (g - 1) * F.linear(xd, w) + g * (scale * F.linear(F.linear(xd, a), b))
+    return y.to(x.dtype)
+
+
+class _DoraScale(torch.autograd.Function):
+    """y = g ⊙ z (+ u) (+ bias) with g = m / norm (norm detached); the family's kernels both ways."""
+
+    @staticmethod
+    def forward(ctx, z, magnitude, norm, bias, u, family):
+        fwd, _ = _SCALE_IMPLS[family]
+        g = magnitude.detach().to(norm.dtype) / norm
+        shape = z.shape
+        z2 = z.reshape(-1, shape[-1]).contiguous()
+        u2 = None if u is None else u.reshape(-1, shape[-1]).contiguous()
+        y = fwd(z2, g, u2, bias)
+        ctx.save_for_backward(z2, g, norm)
+        ctx.family, ctx.m_dtype, ctx.has_u = family, magnitude.dtype, u is not None
+        return y.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        z2, g, norm = ctx.saved_tensors
+        _, bwd = _SCALE_IMPLS[ctx.family]
+        shape = dy.shape
+        dy2 = dy.reshape(-1, shape[-1]).contiguous()
+        dz, zsum = bwd(dy2, z2, g)
+        need_z, need_m, _, need_b, need_u, _ = ctx.needs_input_grad
+        dm = (zsum.to(norm.dtype) / norm).to(ctx.m_dtype) if need_m else None
+        db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None
+        du = dy if (need_u and ctx.has_u) else None
+        return (dz.reshape(shape) if need_z else None), dm, None, db, du, None
+
+
+def _scale_fwd_torch(z, g, u, bias):
+    acc = _acc(z.dtype)
+    y = z.to(acc) * g.to(acc)
+    if u is not None:
+        y = y + u.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(z.dtype)
+
+
+def _scale_bwd_torch(dy, z, g):
+    acc = _acc(z.dtype)
+    dyf = dy.to(acc)
+    return (dyf * g.to(acc)).to(z.dtype), (dyf * z.to(acc)).sum(0)
+
+
+def _scale_fwd_triton(z, g, u, bias):
+    from ..kernels.dora import dora_scale_fwd
+
+    return dora_scale_fwd(z, g, u, bias)
+
+
+def _scale_bwd_triton(dy, z, g):
+    from ..kernels.dora import dora_scale_bwd
+
+    return dora_scale_bwd(dy, z, g)
+
+
+_SCALE_IMPLS = {"torch": (_scale_fwd_torch, _scale_bwd_torch), "triton": (_scale_fwd_triton, _scale_bwd_triton)}
+
+
+@register("dora_linear", "triton")
+def dora_linear_fused(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias, dropout_p, training,
+                      dropout_mask):
+    """The fused LoRA op for the GEMMs, ``kernels.dora`` for the column scaling (fp64 takes the reference)."""
+    family = "torch" if x.dtype == torch.float64 else "triton"
+    norm = dora_weight_norm(weight, lora_A, lora_B, scale, base_sq_norm, x.dtype)
+    if training and dropout_p > 0:
+        xd = _dropped(x, dropout_p, dropout_mask)
+        z = lora_linear(xd, weight, lora_A, lora_B, scale)
+        u = lora_linear(x - xd, weight, lora_A.detach(), lora_B.detach(), 0.0)
+    else:
+        z, u = lora_linear(x, weight, lora_A, lora_B, scale), None
+    return _DoraScale.apply(z, magnitude, norm, bias, u, family)
