@@ -1,0 +1,231 @@
+"""DoRA: the fused path (Triton kernels under the interpreter, fp32/fp16) against the float64 oracle, the
+column-scaling kernels on their own, the layer (merge, disable, cache of ‖W_n‖²) and the no-[N, K]-tensor
+rule of the training path.
+
+Tolerances. The oracle is PEFT's formula in float64 on the weight as the layer decodes it. fp32: the
+kernels and the oracle differ by fp32 rounding of sums over K ≤ 512 (relative ~1e-7 each) and of the norm
+expansion (‖W‖² + 2s·ΣB·(WAᵀ) + s²·ΣB·(B·AAᵀ), all terms positive-dominated here), so 1e-5 of the output's
+scale leaves two orders of headroom. fp16: x, A, B, drop(x) and the outputs are rounded to fp16 (2^-11
+relative each) before or after fp32 sums over K, and W·Aᵀ for the norm takes A rounded to fp16: a few
+units of 2^-11 of the output's scale, so 2^-8 (8 units) bounds it, while a wrong mask, scale or
+column is off by O(1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedlora as fl
+from fusedlora.functional import dora_linear
+from fusedlora.ops.dora import dora_linear_reference, dora_weight_norm, weight_row_sq_norms
+
+TOL = {torch.float32: 1e-5, torch.float16: 2.0**-8}
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    from fusedlora.ops.backend import triton_interpreted
+
+    if not torch.cuda.is_available() and not triton_interpreted():
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layer(quant, n=96, k=256, r=8, dropout=0.0, bias=True, dtype=torch.float32, seed=0):
+    """A DoRA layer whose every term matters: B and m away from their initial values."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias).to(_device())
+    with torch.no_grad():
+        lin.bias.normal_() if bias else None
+    layer = fl.LoRALinear.from_linear(lin, r=r, alpha=2 * r, dropout=dropout, quantize=quant, use_dora=True,
+                                      init_lora_weights=False)
+    layer = layer.to(dtype)
+    with torch.no_grad():
+        layer.lora_magnitude_vector.weight.mul_(torch.rand(n, device=_device()) + 0.5)
+    return layer
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _oracle(layer, x, mask):
+    """PEFT's formula in float64 on the weight as decoded in the compute dtype."""
+    w = layer.dense_base_weight(x.dtype).double()
+    xx = x.detach().double().requires_grad_(True)
+    a = layer.lora_A.detach().to(x.dtype).double().requires_grad_(True)
+    b = layer.lora_B.detach().to(x.dtype).double().requires_grad_(True)
+    m = layer.lora_magnitude_vector.weight.detach().double().requires_grad_(True)
+    bias = None if layer.bias is None else layer.bias.detach().to(x.dtype).double()
+    y = dora_linear_reference(xx, w, a, b, layer.scaling, m, None, bias, layer.dropout, mask is not None, mask)
+    return y, (xx, a, b, m)
+
+
+@pytest.mark.parametrize("quant", [None, "nf4", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_dora_matches_float64_oracle(triton_backend, quant, dtype, p):
+    layer = _layer(quant, dropout=p, dtype=dtype)
+    x = torch.randn(3, 11, layer.in_features, device=_device(), dtype=dtype, requires_grad=True)
+    mask = (torch.rand(x.shape, device=x.device) >= p) if p else None
+    mag = layer.lora_magnitude_vector
+    a, b = layer.lora_A.to(dtype), layer.lora_B.to(dtype)
+    base = layer.base_weight if layer.quantized else layer.weight
+    y = dora_linear(x, base, a, b, layer.scaling, mag.weight, mag.base_sq_norm(layer, dtype), layer.bias, p,
+                    True, mask)
+    assert y.dtype == dtype and y.shape == (3, 11, layer.out_features)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, layer.lora_A, layer.lora_B, mag.weight], dy)
+    y0, inputs = _oracle(layer, x, mask)
+    grads0 = torch.autograd.grad(y0, inputs, dy.double())
+    assert _rel(y, y0) < TOL[dtype]
+    for name, g, g0 in zip(("x", "A", "B", "magnitude"), grads, grads0, strict=True):
+        assert g.shape == g0.shape, name
+        assert _rel(g, g0) < TOL[dtype], name
+
+
+def test_norm_from_the_expansion_equals_the_direct_norm(triton_backend):
+    for quant in (None, "nf4"):
+        layer = _layer(quant, n=64, k=128)
+        with torch.no_grad():
+            layer.lora_B.mul_(20.0)  # s·B·A comparable to W: the cross and square terms matter
+        w = layer.dense_base_weight(torch.float32).double()
+        delta = layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+        direct = torch.linalg.vector_norm(w + delta, dim=1)
+        base = layer.base_weight.packed if layer.quantized else layer.weight
+        sq = weight_row_sq_norms(base, torch.float32)
+        assert _rel(sq, (w * w).sum(1)) < 1e-6
+        got = dora_weight_norm(base, layer.lora_A, layer.lora_B, layer.scaling, sq, torch.float32)
+        assert got.dtype == torch.float32 and _rel(got, direct) < 1e-5
+        assert (delta.norm(dim=1) > 0.3 * w.norm(dim=1)).all()  # the expansion's extra terms were exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scale_kernels_write_every_element(triton_backend, monkeypatch, dtype):
+    from fusedlora.kernels.dora import dora_scale_bwd, dora_scale_fwd
+
+    m, n = 37, 70  # neither a multiple of the tiles
+    dev = _device()
+    z, u, dy = (torch.randn(m, n, device=dev, dtype=dtype) for _ in range(3))
+    g = torch.rand(n, device=dev) + 0.5
+    bias = torch.randn(n, device=dev, dtype=dtype)
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real(t, **kw).fill_(float("nan")))
+    y = dora_scale_fwd(z, g, u, bias)
+    y_plain = dora_scale_fwd(z, g, None, None)
+    dz, colsum = dora_scale_bwd(dy, z, g)
+    zd, gd = z.double(), g.double()
+    eps = torch.finfo(dtype).eps
+    assert torch.isfinite(y).all() and torch.isfinite(y_plain).all() and torch.isfinite(dz).all()
+    assert _rel(y, zd * gd + u.double() + bias.double()) <= eps
+    assert _rel(y_plain, zd * gd) <= eps
+    assert _rel(dz, dy.double() * gd) <= eps
+    assert colsum.dtype == torch.float32 and _rel(colsum, (dy.double() * zd).sum(0)) < 1e-6
+
+
+def test_layer_merge_disable_and_to_linear(triton_backend):
+    layer = _layer("nf4")
+    x = torch.randn(5, layer.in_features, device=_device())
+    y = layer(x)
+    base = torch.nn.functional.linear(x, layer.dense_base_weight(), layer.bias)
+    assert _rel(y, base) > 1e-2  # DoRA changes the output
+    with fl.disable_adapter(layer):
+        assert _rel(layer(x), base) < 1e-5
+    assert _rel(layer(x), y) < 1e-6
+    assert _rel(layer.to_linear()(x), y) < 1e-5
+    layer.merge()
+    assert _rel(layer(x), y) < 1e-5
+    layer.unmerge()
+    assert layer.lora_magnitude_vector.merged_factor is None and _rel(layer(x), y) < 1e-6
+
+    dense = _layer(None, dtype=torch.float64)
+    xd = torch.randn(4, dense.in_features, device=_device(), dtype=torch.float64)
+    w0, yd = dense.weight.detach().clone(), dense(xd)
+    dense.merge()
+    assert _rel(dense(xd), yd) < 1e-12
+    dense.unmerge()
+    assert _rel(dense.weight, w0) < 1e-12
+
+
+def test_base_norm_cache_follows_the_base():
+    layer = _layer(None, dtype=torch.float64)
+    mag = layer.lora_magnitude_vector
+    first = mag.base_sq_norm(layer, torch.float64)
+    assert mag.base_sq_norm(layer, torch.float64) is first  # kept
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # an in-place change of the frozen base
+    again = mag.base_sq_norm(layer, torch.float64)
+    assert _rel(again, 4.0 * first) < 1e-12
+
+
+def test_inject_and_state_dict():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24), torch.nn.ReLU(), torch.nn.Linear(24, 16))
+    fl.inject(model, target_modules=["0", "2"], r=4, alpha=8, use_dora=True)
+    layer = model[0]
+    assert layer.dora and layer.lora_magnitude_vector.weight.requires_grad
+    # DoRA starts as the LoRA layer it wraps: m = ‖W + s·B·A‖ with B = 0 is ‖W‖
+    w = layer.weight.detach()
+    assert _rel(layer.lora_magnitude_vector.weight, w.norm(dim=1)) < 1e-6
+    keys = model.state_dict().keys()
+    assert "0.lora_magnitude_vector.weight" in keys and "2.lora_magnitude_vector.weight" in keys
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{i}.{t}" for i in (0, 2) for t in ("lora_A", "lora_B", "lora_magnitude_vector.weight")}
+    assert "dora=True" in repr(layer)
+
+
+def test_bad_arguments_name_themselves():
+    layer = _layer(None)
+    x = torch.randn(2, layer.in_features, device=_device())
+    mag = layer.lora_magnitude_vector
+    sq = mag.base_sq_norm(layer, torch.float32)
+    with pytest.raises(ValueError, match="magnitude"):
+        dora_linear(x, layer.weight, layer.lora_A, layer.lora_B, 1.0, mag.weight[:-1], sq)
+    with pytest.raises(ValueError, match="base_sq_norm"):
+        dora_linear(x, layer.weight, layer.lora_A, layer.lora_B, 1.0, mag.weight, sq[:3])
+    with pytest.raises(ValueError, match="use_dora"):
+        fl.LoRALinear(torch.randn(4, 4), r=0, use_dora=True)
+    with pytest.raises(ValueError, match="magnitude"):
+        layer.adopt_adapter(layer.lora_A, layer.lora_B, 2.0, magnitude=torch.ones(3))
+
+
+class _Sizes(TorchDispatchMode):
+    """Records the bytes of every new storage an op returns (views of the ``known`` storages: the layer's own
+    tensors and the shared scratch, are not allocations of the step)."""
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.known = known
+        self.largest: list[tuple[int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                self.largest.append((t.untyped_storage().nbytes(), str(func)))
+        return out
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_training_step_allocates_nothing_weight_sized(triton_backend, quant, p):
+    layer = _layer(quant, n=256, k=512, r=8, dropout=p)
+    layer.train()
+    weight_bytes = 256 * 512 * 2  # the weight in a 16-bit dtype: what a decode or s·B·A would allocate
+    x = torch.randn(8, 512, device=_device(), requires_grad=True)
+    layer(x).sum().backward()  # first call: ‖W_n‖² decoded once (into the shared scratch), then kept
+    from fusedlora.ops.scratch import _BUFFERS
+
+    known = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers(), x,
+                                                       *_BUFFERS.values()]}
+    with _Sizes(known) as sizes:
+        y = layer(x)
+        y.square().sum().backward()
+    big = [(b, f) for b, f in sizes.largest if b >= weight_bytes]
+    assert sizes.largest and not big, big
