@@ -123,6 +123,10 @@ def _fused_layer(tensors: dict, prefix: str, module: nn.Module, settings) -> LoR
         raise ValueError(f"load_quantized: {prefix}.bias: present in the layer and the files disagree")
     layer = LoRALinear(weight, bias, r=0)
     lora_a, lora_b = tensors.get(f"{prefix}.lora_A"), tensors.get(f"{prefix}.lora_B")
+    mag_key = f"{prefix}.lora_magnitude_vector.weight"  # DoRA's magnitude
+    magnitude = tensors.pop(mag_key, None)
+    if magnitude is not None and lora_a is None:
+        raise ValueError(f"load_quantized: {mag_key}: a DoRA magnitude without lora_A / lora_B")
     if lora_a is not None or lora_b is not None:
         if settings is None:
             raise ValueError(f"load_quantized: {prefix}.lora_A: config.json has no {HF_CONFIG_KEY!r} entry, so the "
@@ -131,9 +135,13 @@ def _fused_layer(tensors: dict, prefix: str, module: nn.Module, settings) -> LoR
             raise ValueError(f"load_quantized: {prefix}: lora_A and lora_B must both be present")
         _, alpha = layer_settings(prefix, settings["r"], settings["lora_alpha"], settings.get("rank_pattern"),
                                   settings.get("alpha_pattern"))
+        if bool(settings.get("use_dora", False)) != (magnitude is not None):
+            raise ValueError(f"load_quantized: {mag_key}: config.json's {HF_CONFIG_KEY!r} has use_dora="
+                             f"{bool(settings.get('use_dora', False))}, the files "
+                             f"{'have' if magnitude is not None else 'lack'} this key")
         try:
             layer.adopt_adapter(lora_a, lora_b, alpha, settings.get("lora_dropout", 0.0),
-                                bool(settings.get("use_rslora", False)))
+                                bool(settings.get("use_rslora", False)), magnitude=magnitude)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"load_quantized: {prefix}: {exc}") from exc
     for key in [k for k in tensors if k.rpartition(".")[0] == prefix]:
