@@ -12,6 +12,8 @@ draws), then it is materialized unit by unit in module order:
 - then the rest of each decoder layer (norms), read and sharded as that layer's unit;
 - then the input embeddings and the output head (dense linears outside the decoder layers), each a unit of
   its own (``fully_shard`` leaves them to the root unit: here a large vocabulary is not held whole twice);
+  tied ones are one tensor, read once as the embedding's and shared with the head: both stay in the root
+  unit, as ``fully_shard`` leaves them (FSDP2 shards a parameter in one unit only);
 - then the rest of the model (final norm, rotary tables), the root unit.
 
 The adapters are drawn in the order ``fusedlora.inject`` draws them (one ``lora_A`` per fused linear, in
@@ -138,8 +140,7 @@ def load_sharded(path: str, *, quantize, dtype: torch.dtype = torch.float32, dev
     elif quantize is None:
         raise ValueError("load_sharded: quantize is required (a dense base loads with from_pretrained + "
                          "fully_shard as it is)")
-    if getattr(config, "tie_word_embeddings", False):
-        raise ValueError(f"load_sharded: {path} ties its input and output embeddings; not supported")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     inject(model, quantize=None, **inject_kwargs)  # structure only: meta tensors, no random draws
@@ -167,10 +168,16 @@ def load_sharded(path: str, *, quantize, dtype: torch.dtype = torch.float32, dev
         _materialize_rest(unit, names[unit], files, device, config)
         fsdp_fully_shard(unit, **fsdp_kwargs)
     shard_linears(model)
+    head = model.get_output_embeddings()
     for name, sub in model.named_modules():  # embeddings, output head: a unit each, so one is whole at a time
         if type(sub) in (nn.Embedding, nn.Linear) and any(p.is_meta for p in sub.parameters(recurse=False)):
+            if tied and sub is head:
+                continue  # the embedding's tensor (a tied checkpoint has no head weight of its own)
             _materialize_rest(sub, name, files, device, config)
-            fsdp_fully_shard(sub, **fsdp_kwargs)
+            if not tied:
+                fsdp_fully_shard(sub, **fsdp_kwargs)
+    if tied:
+        model.tie_weights()
     _materialize_rest(model, "", files, device, config)
     fsdp_fully_shard(model, **fsdp_kwargs)
     if qc is not None:

@@ -1,4 +1,5 @@
-"""One process of tests/test_shard_loading.py's gloo run (torchrun). Argument: a dense safetensors checkpoint.
+"""One process of tests/test_shard_loading.py's gloo run (torchrun). Arguments: a dense safetensors checkpoint,
+then optionally ``--memory-only`` (step 1 alone: for checkpoints too large to build a second time).
 
 1. ``load_sharded`` (NF4 with double quantization, LoRA on all linears), with the growth of this process's
    peak resident set while it loads (VmHWM, reset through /proc/self/clear_refs) checked against the whole
@@ -29,7 +30,7 @@ def vm(field: str) -> int:
     raise RuntimeError(field)
 
 
-def main(path: str) -> None:
+def main(path: str, memory_only: bool = False) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     whole = os.path.getsize(os.path.join(path, "model.safetensors"))
@@ -47,6 +48,10 @@ def main(path: str) -> None:
     print(f"rank {rank}: loading grew the peak resident set by {growth / 2**20:.1f} MiB; "
           f"the checkpoint is {whole / 2**20:.1f} MiB", flush=True)
     assert growth < whole / 2, (growth, whole)
+    if memory_only:
+        dist.barrier()
+        dist.destroy_process_group()
+        return
 
     ref = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     torch.manual_seed(0)
@@ -70,4 +75,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], memory_only="--memory-only" in sys.argv[2:])

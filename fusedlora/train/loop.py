@@ -132,13 +132,13 @@ def _fsdp_kwargs(cpu_offload: bool, device: torch.device) -> dict:
 
 def _loads_sharded(config: TrainConfig, fsdp: bool) -> bool:
     """Whether the model loads layer by layer into its shards (fusedlora.shard_loading): under --fsdp, a
-    safetensors checkpoint with untied embeddings, bitsandbytes 4-bit or dense and quantized to 4 bits."""
+    safetensors checkpoint, bitsandbytes 4-bit or dense and quantized to 4 bits."""
     if not fsdp or config.model is None or (config.quantize == "none" and not is_bnb_4bit(config.model)):
         return False
     from ..shard_loading import has_safetensors
 
-    doc = check_model_dir(config.model)
-    return not doc.get("tie_word_embeddings", True) and has_safetensors(config.model)
+    check_model_dir(config.model)
+    return has_safetensors(config.model)
 
 
 @contextlib.contextmanager
