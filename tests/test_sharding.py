@@ -1,4 +1,4 @@
-"""fl.fully_shard over a 4-bit base on CPU (gloo, 2 processes), from Python and through `fusedlora train --fsdp`.
+"""fl.fully_shard over a 4-bit base on CPU (gloo, 2 and 4 processes), from Python and through `fusedlora train --fsdp`.
 
 Dropout is 0 wherever runs with different numbers of processes are compared: the masks depend on which
 process holds which rows."""
@@ -28,8 +28,8 @@ def _env(**extra):
     return env
 
 
-def _torchrun(*args, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+def _torchrun(*args, env=None, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     done = subprocess.run(cmd, env=env or _env(), timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
@@ -49,15 +49,16 @@ def _max_diff(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme, backend", [("nf4", "triton"), ("int4", "reference")])
-def test_fully_shard_a_4bit_model(scheme, backend):
+@pytest.mark.parametrize("scheme, backend, nproc", [("nf4", "triton", 2), ("int4", "reference", 2),
+                                                    ("nf4", "reference", 4)])
+def test_fully_shard_a_4bit_model(scheme, backend, nproc):
     """tests/fsdp_qlora_worker.py: each process holds 1/2 of every layer's 4-bit bytes in whole blocks, the
     layer sees whole tensors at its forward, the state-dict keys are unchanged, and the output rows and the
     whole LoRA gradients equal the unsharded model's (fp32; the gradients differ only by the order of the sum
     over processes: 1e-4 is far above that and far below a wrong weight's effect). NF4 (double quantization)
-    runs the fused Triton kernels under the interpreter."""
+    runs the fused Triton kernels under the interpreter; with 4 processes each holds 1/4."""
     env = _env(FUSEDLORA_BACKEND=backend, TRITON_INTERPRET="1")
-    _torchrun(WORKER, scheme, env=env)
+    _torchrun(WORKER, scheme, env=env, nproc=nproc)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +72,14 @@ def nf4_runs(tmp_path_factory):
     return two, one
 
 
-def _check_equal_runs(two, one):
+def _check_equal_runs(two, one, world=2):
     """The losses and adapters of two runs of the same global batches. Each step's gradient is the same sum
     of per-token terms, taken in another order (reduce-scatter of two halves vs accumulation in one process):
     fp32 rounding, ~1e-7 relative. Adam's update m/√v is insensitive to that scale, so 6 steps at lr 3e-3
     leave the adapters within 1e-5 (measured 1.2e-7), while Adam moves each by ≈ lr per step (B, zero at the
     start, reaches ≈ 3e-3: the sum of the warmup's learning rates)."""
     summary = json.load(open(os.path.join(two, "summary.json")))
-    assert summary["world_size"] == 2 and summary["parallel"] == "fsdp"
+    assert summary["world_size"] == world and summary["parallel"] == "fsdp"
     for key in ("loss", "eval_loss"):
         want = _log(one, key)
         assert sorted(_log(two, key)) == sorted(want)
@@ -92,6 +93,15 @@ def _check_equal_runs(two, one):
 @pytest.mark.slow
 def test_train_fsdp_nf4_equals_one_process(nf4_runs):
     _check_equal_runs(*nf4_runs)
+
+
+@pytest.mark.slow
+def test_train_fsdp_nf4_on_four_processes_equals_one_process(tmp_path):
+    """4 processes with batch 2 and 1 process with --grad-accum 4: the same global batch of 8 sequences."""
+    four, one = str(tmp_path / "four"), str(tmp_path / "one")
+    _torchrun("-m", "fusedlora.train", *ARGS, "--quantize", "nf4", "--fsdp", "--out", four, nproc=4)
+    assert main([*ARGS, "--quantize", "nf4", "--grad-accum", "4", "--out", one]) == 0
+    _check_equal_runs(four, one, world=4)
 
 
 @pytest.mark.slow
