@@ -1,6 +1,7 @@
 """One process of tests/test_sharding.py's gloo run (torchrun): ``fl.fully_shard`` over a small model of
 4-bit ``LoRALinear`` layers, against the same model unsharded in this process. Exits non-zero on a failed
-check. Argument: the scheme (nf4 = NF4 with double quantization, block 64; int4 = group 64)."""
+check. Argument: the scheme (nf4 = NF4 with double quantization, block 64; int4 = group 64). With
+FSDP_WORKER_DEVICE=cuda the processes run on their GPUs over NCCL (the device check's smoke run)."""
 
 import copy
 import math
@@ -41,15 +42,19 @@ def storage_bytes(layer) -> tuple[int, int]:
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
-    forced = os.environ.get("FUSEDLORA_BACKEND")
-    assert forced is None or fl.backend(torch.device("cpu")) == forced
+    on_gpu = os.environ.get("FSDP_WORKER_DEVICE") == "cuda"
+    dist.init_process_group("nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    forced = os.environ.get("FUSEDLORA_BACKEND")
+    assert forced is None or fl.backend(device) == forced
     torch.manual_seed(0)
-    model = nn.Sequential(Block(SPECS[sys.argv[1]]), Block(SPECS[sys.argv[1]]))
+    model = nn.Sequential(Block(SPECS[sys.argv[1]]), Block(SPECS[sys.argv[1]])).to(device)
     ref = copy.deepcopy(model)
     keys = list(model.state_dict())
-    x = torch.randn(8, 64)
+    x = torch.randn(8, 64, device=device)
 
     seen = []
 
@@ -67,7 +72,7 @@ def main() -> None:
     for layer in quantized_layers(model):
         assert isinstance(layer.quant_data, DTensor)
         local, whole = storage_bytes(layer)
-        total = torch.tensor([local])
+        total = torch.tensor([local], device=device)
         dist.all_reduce(total)
         assert int(total) == whole, (int(total), whole)
         rows = layer.quant_data.shape[0]

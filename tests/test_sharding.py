@@ -216,3 +216,10 @@ def test_sharded_layout_loads_into_an_unsharded_model():
     bad = dict(sharded, quant_data=sharded["quant_data"][:64])
     with pytest.raises((ValueError, RuntimeError)):
         dst.load_state_dict(bad)
+
+
+@pytest.mark.gpu
+def test_fully_shard_a_4bit_model_on_one_gpu():
+    """The device check's FSDP2 smoke run: the same worker on one GPU over NCCL (the fused kernels compiled
+    for the card; the sharded and the unsharded model run the same kernels on the same rows)."""
+    _torchrun(WORKER, "nf4", env=_env(FSDP_WORKER_DEVICE="cuda"), nproc=1)
