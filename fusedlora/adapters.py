@@ -1,10 +1,11 @@
 """Adapters on disk in PEFT's format, both ways: what PEFT saves loads here, what is saved here loads in PEFT.
 
     <dir>/adapter_config.json        PEFT's LoraConfig fields (peft_type "LORA", r, lora_alpha, lora_dropout,
-                                     target_modules, use_rslora, rank_pattern, alpha_pattern, task_type,
-                                     base_model_name_or_path, ...)
+                                     target_modules, use_rslora, use_dora, rank_pattern, alpha_pattern,
+                                     task_type, base_model_name_or_path, ...)
     <dir>/adapter_model.safetensors  base_model.model.<module name>.lora_A.weight  [r, K]
                                      base_model.model.<module name>.lora_B.weight  [N, r]
+                                     base_model.model.<module name>.lora_magnitude_vector  [N]  (DoRA only)
 
 Both files are written to a temporary name in the target folder and renamed into place (the config last),
 so a reader never sees half a file. Only JSON and safetensors are read: nothing is unpickled.
@@ -43,7 +44,6 @@ KEY_PREFIX = "base_model.model."
 
 # Config fields with no fused equivalent: loading an adapter that sets them would change its function.
 _UNSUPPORTED = {
-    "use_dora": (False, None),
     "lora_bias": (False, None),
     "fan_in_fan_out": (False, None),
     "layers_to_transform": (None, []),
@@ -57,6 +57,11 @@ _UNSUPPORTED = {
 def adapter_keys(name: str) -> tuple[str, str]:
     """PEFT's safetensors keys of the A and B of module ``name``."""
     return f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
+
+
+def magnitude_key(name: str) -> str:
+    """PEFT's safetensors key of the DoRA magnitude m [N] of module ``name`` (no ``.weight`` suffix)."""
+    return f"{KEY_PREFIX}{name}.lora_magnitude_vector"
 
 
 def saved_module_tensors(model: nn.Module, modules_to_save) -> dict[str, torch.Tensor]:
@@ -107,6 +112,11 @@ def adapter_config(model: nn.Module) -> dict:
     rslora = {m.use_rslora for m in layers.values()}
     if len(rslora) > 1:
         raise ValueError("save_adapter: layers mix use_rslora True and False; PEFT's config has one flag")
+    dora = {m.dora for m in layers.values()}
+    if len(dora) > 1:
+        kinds = {flag: sorted(n for n, m in layers.items() if m.dora == flag) for flag in (True, False)}
+        raise ValueError(f"save_adapter: layers mix DoRA ({', '.join(kinds[True])}) and plain LoRA adapters "
+                         f"({', '.join(kinds[False])}); PEFT's config has one use_dora flag for all of them")
     stored = getattr(model, CONFIG_ATTR, None) or {}
     if stored and _settings_hold(stored, model, layers):
         target, exclude = stored["target_modules"], stored.get("exclude_modules")
@@ -144,7 +154,7 @@ def adapter_config(model: nn.Module) -> dict:
         "init_lora_weights": True,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "lora_bias": False,
         "modules_to_save": stored.get("modules_to_save"),
         "layers_to_transform": None,
@@ -169,6 +179,8 @@ def save_adapter(model: nn.Module, out_dir, task_type: str | None = None,
         key_a, key_b = adapter_keys(name)
         tensors[key_a] = layer.lora_A.detach().to("cpu", copy=True).contiguous()
         tensors[key_b] = layer.lora_B.detach().to("cpu", copy=True).contiguous()
+        if layer.dora:
+            tensors[magnitude_key(name)] = layer.lora_magnitude_vector.weight.detach().to("cpu", copy=True)
     for key, t in saved_module_tensors(model, config["modules_to_save"]).items():
         tensors[key] = t.detach().to("cpu", copy=True).contiguous()
     out = Path(out_dir)
@@ -224,8 +236,9 @@ def read_adapter_config(adapter_dir) -> dict:
     if dropout is not None and not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
                                     and 0.0 <= dropout < 1.0):
         refuse("lora_dropout", "a number in [0, 1)", dropout)
-    if not isinstance(config.get("use_rslora", False), bool):
-        refuse("use_rslora", "true or false", config["use_rslora"])
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            refuse(key, "true or false", config[key])
     if not _names(config["target_modules"], allow_none=False):
         refuse("target_modules", "a regular expression or a list of module names", config["target_modules"])
     if not _names(config.get("exclude_modules"), allow_none=True):
@@ -253,8 +266,9 @@ def read_adapter_config(adapter_dir) -> dict:
 def _check_against_file(model: nn.Module, config: dict, tensors: dict, weights_path: Path,
                         saved: dict) -> dict[str, tuple]:
     """{layer name: (r, alpha)} of every layer the config targets, after checking, before anything is
-    allocated, that the file holds exactly their A [r, K] and B [N, r] (floating point), the tensors of
-    the modules to save (``saved``: key -> the model's tensor, same shape) and nothing else."""
+    allocated, that the file holds exactly their A [r, K] and B [N, r] (floating point), with use_dora
+    their magnitudes m [N] (floating point, finite), the tensors of the modules to save (``saved``: key ->
+    the model's tensor, same shape) and nothing else."""
     r, alpha = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     names = find_targets(model, config["target_modules"], config.get("exclude_modules"))
@@ -276,6 +290,8 @@ def _check_against_file(model: nn.Module, config: dict, tensors: dict, weights_p
                     f"[{module.out_features}, {module.in_features}])"
                 )
             used.add(key)
+        if config.get("use_dora", False):
+            used.add(_check_magnitude(tensors, name, module.out_features, weights_path))
     for key, current in saved.items():
         t = tensors.get(key)
         if t is None:
@@ -285,10 +301,31 @@ def _check_against_file(model: nn.Module, config: dict, tensors: dict, weights_p
                              f"model's is {current.dtype} of shape {tuple(current.shape)} (modules_to_save)")
         used.add(key)
     unused = sorted(set(tensors) - used)
+    stray = [k for k in unused if k.endswith(".lora_magnitude_vector")]
+    if stray and not config.get("use_dora", False):
+        raise ValueError(f"load_adapter: {weights_path} holds DoRA magnitudes ({stray[:4]}"
+                         f"{' ...' if len(stray) > 4 else ''}) but {CONFIG_NAME} does not set use_dora")
     if unused:
         raise ValueError(f"load_adapter: {weights_path} has tensors no layer takes: {unused[:8]}"
                          f"{' ...' if len(unused) > 8 else ''}")
     return settings
+
+
+def _check_magnitude(tensors: dict, name: str, n: int, weights_path: Path) -> str:
+    """The key of layer ``name``'s DoRA magnitude, checked: present, floating point [N], finite."""
+    key = magnitude_key(name)
+    if key not in tensors:
+        raise KeyError(f"load_adapter: {weights_path} has no tensor {key!r} (the DoRA magnitude of layer {name}; "
+                       f"{CONFIG_NAME} sets use_dora)")
+    t = tensors[key]
+    if tuple(t.shape) != (n,) or not t.is_floating_point():
+        raise ValueError(f"load_adapter: {weights_path}: {key!r} is {t.dtype} of shape {tuple(t.shape)}, expected "
+                         f"a floating-point tensor of shape ({n},) (the DoRA magnitude of layer {name}, which has "
+                         f"{n} outputs)")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"load_adapter: {weights_path}: {key!r} (the DoRA magnitude of layer {name}) holds "
+                         f"{int((~torch.isfinite(t)).sum())} non-finite values")
+    return key
 
 
 def _read_tensors(adapter_dir) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -314,13 +351,21 @@ def _trained_on(config: dict, model: nn.Module) -> str:
     return f"; this adapter was trained on base model {trained!r}" + (f", this model is {ours!r}" if ours else "")
 
 
-_LAYER_STATE = ("r", "alpha", "use_rslora", "scaling", "dropout", "lora_A", "lora_B")
+_LAYER_STATE = ("r", "alpha", "use_rslora", "scaling", "dropout", "lora_A", "lora_B", "lora_magnitude_vector")
+
+
+def _adapter_tensors(layer) -> tuple[torch.Tensor, ...]:
+    """A, B and, for DoRA, the magnitude's Parameter of ``layer`` (the objects, not copies)."""
+    if layer.lora_A is None:
+        return ()
+    mag = layer.lora_magnitude_vector
+    return (layer.lora_A, layer.lora_B) + (() if mag is None else (mag.weight,))
 
 
 def _snapshot(model: nn.Module):
-    """What ``load_adapter`` may change in ``model``; ``_restore`` puts it back."""
-    layers = {n: ({k: getattr(m, k) for k in _LAYER_STATE},
-                  None if m.lora_A is None else (m.lora_A.detach().clone(), m.lora_B.detach().clone()))
+    """What ``load_adapter`` may change in ``model``; ``_restore`` puts it back (the module and Parameter
+    objects, and their values)."""
+    layers = {n: ({k: getattr(m, k) for k in _LAYER_STATE}, [t.detach().clone() for t in _adapter_tensors(m)])
               for n, m in lora_layers(model).items()}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     return dict(model.named_modules(remove_duplicate=False)), getattr(model, CONFIG_ATTR, None), layers, grads
@@ -340,9 +385,8 @@ def _restore(model: nn.Module, snapshot) -> None:
     for name, (state, values) in layers.items():
         for key, value in state.items():
             setattr(current[name], key, value)
-        if values is not None:
-            current[name].lora_A.copy_(values[0])
-            current[name].lora_B.copy_(values[1])
+        for param, value in zip(_adapter_tensors(current[name]), values, strict=True):
+            param.copy_(value)
     for name, p in model.named_parameters():
         if name in grads:
             p.requires_grad_(grads[name])
@@ -352,13 +396,14 @@ def load_adapter(model: nn.Module, adapter_dir, quantize=None) -> nn.Module:
     """Load a PEFT LoRA adapter into ``model``, in place; returns ``model``.
 
     A model without adapters first gets LoRALinear layers where the config's target_modules say
-    (``fusedlora.inject`` with its r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern,
-    and ``quantize``: None keeps dense bases dense, "nf4" / "int4" or a mapping of ``fusedlora.quantize``
-    arguments quantizes them, e.g. to run a QLoRA adapter over a 4-bit base); an injected model must have
-    exactly those layers with those ranks, and takes the config's alpha, rsLoRA and dropout. Every key of
-    the file must be used and every layer must find its keys. All or nothing: on an error the model is
-    left as it was (modules, adapters, settings), and an adapter that does not fit says which base model
-    it was trained on.
+    (``fusedlora.inject`` with its r, lora_alpha, lora_dropout, use_rslora, use_dora, rank_pattern,
+    alpha_pattern, and ``quantize``: None keeps dense bases dense, "nf4" / "int4" or a mapping of
+    ``fusedlora.quantize`` arguments quantizes them, e.g. to run a QLoRA adapter over a 4-bit base); an
+    injected model must have exactly those layers with those ranks, and takes the config's alpha, rsLoRA,
+    dropout and DoRA (a layer gains or loses its magnitude vector; A and B stay the same Parameters, as
+    does a magnitude that stays). Every key of the file must be used and every layer must find its keys.
+    All or nothing: on an error the model is left as it was (modules, adapters, DoRA magnitudes, settings),
+    and an adapter that does not fit says which base model it was trained on.
     """
     config = read_adapter_config(adapter_dir)
     weights_path, tensors = _read_tensors(adapter_dir)
@@ -377,6 +422,7 @@ def _load_adapter(model, config, weights_path, tensors, quantize) -> nn.Module:
     r, alpha = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout, rslora = float(config.get("lora_dropout") or 0.0), config.get("use_rslora", False)
+    use_dora = config.get("use_dora", False)
     targets, exclude = config["target_modules"], config.get("exclude_modules")
     to_save = config.get("modules_to_save")
     layers = {n: m for n, m in lora_layers(model).items() if m.r}
@@ -396,21 +442,27 @@ def _load_adapter(model, config, weights_path, tensors, quantize) -> nn.Module:
         for name, layer in layers.items():
             layer.set_scaling(settings[name][1], rslora)
             layer.dropout = dropout
+            if layer.dora != use_dora:
+                a = layer.lora_A
+                mag = torch.empty(layer.out_features, dtype=a.dtype, device=a.device) if use_dora else None
+                layer.adopt_adapter(a, layer.lora_B, layer.alpha, dropout, layer.use_rslora, magnitude=mag)
     else:
         inject(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora, quantize=quantize,
-               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, exclude_modules=exclude)
+               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, exclude_modules=exclude, use_dora=use_dora)
         layers = {n: m for n, m in lora_layers(model).items() if m.r}
     freeze_all_but_adapters(model, to_save)
     saved = saved_module_tensors(model, to_save)  # again: refused if a saved module now holds LoRA layers
     with torch.no_grad():
         for name, layer in layers.items():
-            for key, param in zip(adapter_keys(name), (layer.lora_A, layer.lora_B), strict=True):
+            keys = adapter_keys(name) + ((magnitude_key(name),) if use_dora else ())
+            for key, param in zip(keys, _adapter_tensors(layer), strict=True):
                 param.copy_(tensors[key])
         for key, current in saved.items():
             current.copy_(tensors[key])
     record_adapter_config(model, {
         "target_modules": targets, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
-        "rank_pattern": dict(rank_pattern), "alpha_pattern": dict(alpha_pattern), "exclude_modules": exclude,
+        "use_dora": use_dora, "rank_pattern": dict(rank_pattern), "alpha_pattern": dict(alpha_pattern),
+        "exclude_modules": exclude,
         "base_model_name_or_path": config.get("base_model_name_or_path"), "task_type": config.get("task_type"),
         "modules_to_save": to_save,
     })

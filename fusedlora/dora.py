@@ -3,17 +3,47 @@
 A DoRA layer is a LoRALinear whose ``lora_magnitude_vector`` is a ``DoRAMagnitude`` (PEFT's attribute name,
 so the state-dict key is ``lora_magnitude_vector.weight`` and the adapter file's is PEFT's
 ``<module>.lora_magnitude_vector``). The layer's forward runs ``fusedlora.functional.dora_linear``; the
-squared row norms of the base that it takes are computed here once per (base tensors, compute dtype) and
-kept, not saved: the base is frozen, and a load, a move or an in-place change of its tensors (their data
-pointer or version counter) computes them again.
+squared row norms of the base that it takes are computed once per (base tensors, compute dtype) and kept,
+not saved (``RowSqNormCache``, also what ``fusedlora.accelerate`` keeps per PEFT DoRA layer): the base is
+frozen, and a load, a move or an in-place change of its tensors computes them again.
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from .ops.dora import dora_weight_norm, weight_row_sq_norms
+
+
+class RowSqNormCache:
+    """‖W_n‖² [N] of a frozen base (``weight_row_sq_norms``), computed once per (base tensors, dtype) and kept.
+
+    The key is the compute dtype and, for each tensor that holds the base, the tensor itself (held weakly, so
+    a new tensor at a freed address is not taken for the old one), its device, data pointer and version
+    counter: a load, a move, a replaced tensor or an in-place change computes the norms again. A write that
+    bypasses the version counter (through ``.data``) is not seen.
+    """
+
+    def __init__(self):
+        self.value: torch.Tensor | None = None
+        self._key: tuple | None = None
+        self._refs: tuple = ()
+
+    def get(self, tensors: Iterable[torch.Tensor | None], dtype: torch.dtype,
+            base: Callable[[], object]) -> torch.Tensor:
+        """The kept norms, or ``weight_row_sq_norms(base(), dtype)`` when ``tensors`` or ``dtype`` changed;
+        ``base`` is called only then (a dense tensor or a ``Packed4bit``)."""
+        held = [t for t in tensors if t is not None]
+        key = (dtype,) + tuple((t.device, t.data_ptr(), t._version) for t in held)
+        stale = self.value is None or key != self._key  # an equal key has one ref per tensor
+        if stale or any(r() is not t for r, t in zip(self._refs, held, strict=True)):
+            self.value = weight_row_sq_norms(base(), dtype)
+            self._key, self._refs = key, tuple(weakref.ref(t) for t in held)
+        return self.value
 
 
 class DoRAMagnitude(nn.Module):
@@ -23,23 +53,15 @@ class DoRAMagnitude(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(magnitude)
         self.merged_factor: torch.Tensor | None = None
-        self._sq: torch.Tensor | None = None
-        self._sq_key: tuple | None = None
-
-    @staticmethod
-    def _key(layer, dtype: torch.dtype) -> tuple:
-        tensors = [layer.weight] if not layer.quantized else [
-            getattr(layer, f"quant_{f}") for f in ("data", "absmax", "nested_absmax", "scales", "zeros")]
-        return (dtype,) + tuple((t.device, t.data_ptr(), t._version) for t in tensors if t is not None)
+        self._sq = RowSqNormCache()
 
     def base_sq_norm(self, layer, dtype: torch.dtype) -> torch.Tensor:
         """‖W_n‖² [N] of ``layer``'s base decoded to ``dtype`` (kept until the base's tensors change)."""
-        key = self._key(layer, dtype)
-        if self._sq is None or self._sq_key != key:
-            base = layer.base_weight.packed if layer.quantized else layer.weight
-            self._sq = weight_row_sq_norms(base, dtype)
-            self._sq_key = key
-        return self._sq
+        if layer.quantized:
+            fields = ("data", "absmax", "nested_absmax", "nested_code", "scales", "zeros", "offset")
+            return self._sq.get([getattr(layer, f"quant_{f}") for f in fields], dtype,
+                                lambda: layer.base_weight.packed)
+        return self._sq.get([layer.weight], dtype, lambda: layer.weight)
 
     def weight_norm(self, layer, dtype: torch.dtype) -> torch.Tensor:
         """‖W + s·B·A‖ per row (detached), W decoded to ``dtype``; fp32, fp64 for fp64."""

@@ -5,17 +5,21 @@ The base may be an ``nn.Linear`` or a bitsandbytes 4-bit linear; a 4-bit base is
 not imported here). The adapter's A and B Parameters are moved over as the same objects, so an optimizer
 built on the PEFT model keeps updating them.
 
-What cannot be converted without changing the model's function is never changed silently: DoRA, a LoRA
-bias, a merged adapter, a LoRA layer over something other than a linear layer, PEFT's trainable
-``modules_to_save`` copies. With ``strict=True`` (default) such a model raises ValueError naming the
-modules; with ``strict=False`` they stay in place, are reported by a warning, and their names are in
-``model.fusedlora_unconverted``.
+A DoRA adapter becomes a DoRA LoRALinear, its ``lora_magnitude_vector`` weight moved over as the same
+Parameter too.
+
+What cannot be converted without changing the model's function is never changed silently: a LoRA variant
+other than DoRA, a LoRA bias, a merged adapter, a LoRA layer over something other than a linear layer,
+PEFT's trainable ``modules_to_save`` copies. With ``strict=True`` (default) such a model raises ValueError
+naming the modules; with ``strict=False`` they stay in place, are reported by a warning, and their names
+are in ``model.fusedlora_unconverted``.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from .inject import record_adapter_config, set_submodule
@@ -44,12 +48,33 @@ def _dropout_p(module: nn.Module) -> float:
     raise ValueError(f"unsupported LoRA dropout module {type(module).__name__}")
 
 
+def is_dora(layer, adapter: str) -> bool:
+    """Whether ``adapter`` of the PEFT LoRA layer is PEFT's DoRA of a Linear layer (its DoRA variant and
+    magnitude module), which ``fusedlora.dora_linear`` computes."""
+    if not getattr(layer, "use_dora", {}).get(adapter, False):
+        return False
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None and not _peft_class(variant, "DoraLinearVariant"):
+        return False
+    magnitude = getattr(layer, "lora_magnitude_vector", {})
+    return (adapter in magnitude and _peft_class(magnitude[adapter], "DoraLinearLayer")
+            and isinstance(getattr(magnitude[adapter], "weight", None), torch.Tensor))
+
+
+def _peft_class(obj, name: str) -> bool:
+    # the exact class: a subclass (DoRA of embeddings, another library's) may compute otherwise
+    return type(obj).__name__ == name and type(obj).__module__.startswith("peft.")
+
+
 def _why_not(layer, adapter: str) -> str | None:
     """None when the PEFT LoRA layer converts exactly, else the reason it does not."""
     if getattr(layer, "merged_adapters", None):
         return f"adapter(s) {layer.merged_adapters} are merged into its base (unmerge them first)"
-    if layer.use_dora.get(adapter, False):
-        return "it uses DoRA"
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    plain = variant is None or _peft_class(variant, "MiCALinearVariant")  # MiCA: LoRA's forward, B frozen
+    if (layer.use_dora.get(adapter, False) or not plain) and not is_dora(layer, adapter):
+        what = type(variant).__name__ if variant is not None else "use_dora without PEFT's DoRA magnitude module"
+        return f"it uses a LoRA variant other than DoRA ({what})"
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         return "its lora_B has a bias (lora_bias=True)"
     if getattr(layer, "fan_in_fan_out", False):
@@ -76,8 +101,6 @@ def from_peft(peft_model, strict: bool = True) -> nn.Module:
     config = tuner.peft_config[adapter]
     if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
         raise ValueError(f"from_peft: expected a LoRA adapter, got peft_type {config.peft_type}")
-    if getattr(config, "use_dora", False):
-        raise ValueError("from_peft: DoRA adapters (use_dora=True) have no fused equivalent")
     model = tuner.model
 
     problems: dict[str, str] = {}
@@ -111,6 +134,7 @@ def from_peft(peft_model, strict: bool = True) -> nn.Module:
             alpha=layer.lora_alpha[adapter],
             dropout=_dropout_p(layer.lora_dropout[adapter]),
             use_rslora=bool(layer.use_rslora.get(adapter, False)),
+            magnitude=layer.lora_magnitude_vector[adapter].weight if is_dora(layer, adapter) else None,
         )
         new.scaling = float(layer.scaling[adapter])  # kept even if PEFT's scale was changed after creation
         new.train(layer.training)
@@ -127,7 +151,8 @@ def from_peft(peft_model, strict: bool = True) -> nn.Module:
     record_adapter_config(model, {
         "target_modules": target if isinstance(target, str) else sorted(target or []),
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-        "use_rslora": bool(config.use_rslora), "rank_pattern": dict(config.rank_pattern or {}),
+        "use_rslora": bool(config.use_rslora), "use_dora": bool(getattr(config, "use_dora", False)),
+        "rank_pattern": dict(config.rank_pattern or {}),
         "alpha_pattern": dict(config.alpha_pattern or {}), "exclude_modules": config.exclude_modules,
         "base_model_name_or_path": config.base_model_name_or_path,
         "task_type": str(getattr(config.task_type, "value", config.task_type)) if config.task_type else None,

@@ -4,14 +4,16 @@
 dense ``nn.Linear`` or a bitsandbytes NF4 ``Linear4bit`` becomes a function that calls
 ``fusedlora.lora_linear`` on PEFT's own tensors — the base weight (a 4-bit one read through
 ``QuantizedWeight.from_bnb``, its bytes shared, never copied or requantized), the active adapter's
-``lora_A`` / ``lora_B`` weights, its ``scaling`` and its dropout probability. Modules, parameters, their
-names, the state dict, ``save_pretrained`` / ``from_pretrained``, ``set_adapter``, ``disable_adapter()``,
-``merge_and_unload()`` and ``modules_to_save`` are PEFT's, untouched.
+``lora_A`` / ``lora_B`` weights, its ``scaling`` and its dropout probability. A DoRA adapter runs
+``fusedlora.dora_linear`` on the same tensors and its ``lora_magnitude_vector`` weight, with ‖W_n‖² of the
+base computed once per layer and kept (again when the base's tensors or the compute dtype change).
+Modules, parameters, their names, the state dict, ``save_pretrained`` / ``from_pretrained``,
+``set_adapter``, ``disable_adapter()``, ``merge_and_unload()`` and ``modules_to_save`` are PEFT's, untouched.
 
 The choice is made again at every call, from the layer's state then: whenever PEFT's forward would do
 something the fused op does not (adapters disabled or merged, several adapters active at once, a LoRA
-variant such as DoRA, ``lora_bias``, ``adapter_names`` for mixed batches, a forward hook on the base, a
-4-bit state bitsandbytes has repacked for its CPU kernel, mismatched dtypes), the layer runs PEFT's own
+variant other than DoRA, ``lora_bias``, ``adapter_names`` for mixed batches, a forward hook on the base,
+a 4-bit state bitsandbytes has repacked for its CPU kernel, mismatched dtypes), the layer runs PEFT's own
 forward for that call. Layers whose base the op cannot read (FP4 or 8-bit bitsandbytes, Conv1D with
 ``fan_in_fan_out``, embeddings, convolutions, an offloading hook) are not touched. Each layer that keeps
 PEFT's forward is logged once with its reason (logger "fusedlora"), and one summary line counts them.
@@ -22,7 +24,13 @@ adapter on new target modules) are picked up by calling ``accelerate`` again.
 Numerics: the op computes in x's dtype with fp32 accumulation. PEFT casts x to the adapter's dtype (fp32
 adapters over a 16-bit base) for the update; here A and B are cast to x's dtype instead (as
 ``LoRALinear`` does), which moves the update by the rounding of x's dtype. Under autocast every operand
-is cast to the autocast dtype, as autocast casts ``F.linear``'s.
+is cast to the autocast dtype, as autocast casts ``F.linear``'s. DoRA's row norms ‖W + s·B·A‖ are taken
+in fp32 from ‖W_n‖² (PEFT forms W + s·B·A and its norms in the adapter's dtype); with fp32 adapters over
+an fp32 base the two differ by the order of fp32 additions only.
+
+DoRA's dropout follows PEFT's DoRA forward: only while the layer is in training mode and its dropout is an
+``nn.Dropout`` (then the base product sees x, the DoRA terms see drop(x)); in eval mode nothing is dropped,
+whatever the dropout module's own mode.
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .functional import lora_linear
-from .peft import _tuner_of
+from .dora import RowSqNormCache
+from .functional import dora_linear, lora_linear
+from .peft import _tuner_of, is_dora
 from .quantized import QuantizedWeight
 
 logger = logging.getLogger("fusedlora")
@@ -49,6 +58,8 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Attribute of a bitsandbytes QuantState holding (data_ptr of its packed bytes, the QuantizedWeight over
 # them): the view goes with the state (a moved or repacked weight gets a new state or a changed pointer).
 _VIEW_ATTR = "_fusedlora_view"
+# Attribute of a PEFT DoRA magnitude module holding the RowSqNormCache of its layer's base.
+_SQ_ATTR = "_fusedlora_sq"
 
 
 def _bnb_linear_classes():
@@ -93,8 +104,10 @@ def _adapter(layer) -> tuple[str | None, str | None]:
     if len(active) > 1:
         return None, f"{len(active)} adapters are active at once ({', '.join(active)})"
     adapter = active[0]
-    if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
-        return None, f"adapter {adapter!r} is a LoRA variant (DoRA or similar)"
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if (variant is not None or layer.use_dora.get(adapter, False)) and not is_dora(layer, adapter):
+        what = type(variant).__name__ if variant is not None else "use_dora without PEFT's DoRA magnitude module"
+        return None, f"adapter {adapter!r} is a LoRA variant other than DoRA ({what})"
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         return None, f"adapter {adapter!r} has lora_bias=True"
     drop = layer.lora_dropout[adapter]
@@ -164,10 +177,28 @@ def _fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return t if t is None or t.dtype == dtype else t.to(dtype)
 
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        return lora_linear(
-            cast(x), weight, cast(layer.lora_A[adapter].weight), cast(layer.lora_B[adapter].weight),
-            float(layer.scaling[adapter]), cast(base.bias), dropout_p=float(p), training=drop.training,
-        )
+        x, lora_a, lora_b = cast(x), cast(layer.lora_A[adapter].weight), cast(layer.lora_B[adapter].weight)
+        scale, bias = float(layer.scaling[adapter]), cast(base.bias)
+        if is_dora(layer, adapter):
+            magnitude = layer.lora_magnitude_vector[adapter]
+            # PEFT's DoRA forward drops x only in training mode (both the layer's and the dropout's)
+            return dora_linear(x, weight, lora_a, lora_b, scale, magnitude.weight,
+                               _base_sq_norm(magnitude, base, weight, dtype), bias, dropout_p=float(p),
+                               training=layer.training and drop.training)
+        return lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p=float(p), training=drop.training)
+
+
+def _base_sq_norm(magnitude: nn.Module, base: nn.Module, weight, dtype: torch.dtype) -> torch.Tensor:
+    """‖W_n‖² of the base as the op decodes it in ``dtype``, kept on PEFT's magnitude module until the base's
+    tensors change (``weight``: the dense weight, or the QuantizedWeight over the 4-bit one)."""
+    cache = magnitude.__dict__.get(_SQ_ATTR)
+    if cache is None:
+        cache = magnitude.__dict__[_SQ_ATTR] = RowSqNormCache()
+    if isinstance(weight, QuantizedWeight):
+        p = weight.packed
+        return cache.get([base.weight, p.data, p.absmax, p.nested_absmax, p.nested_code], dtype, lambda: p)
+    # the norms of the weight as stored, rounded to ``dtype`` inside (what an autocast cast gives the op)
+    return cache.get([base.weight], dtype, lambda: base.weight.detach())
 
 
 def _lora_layers(tuner) -> dict[str, nn.Module]:
@@ -194,30 +225,36 @@ def accelerate(peft_model, enable: bool = True):
                 layer.__dict__.pop("forward", None)
                 layer.__dict__.pop("_fusedlora_logged", None)
                 restored += 1
+            for magnitude in getattr(layer, "lora_magnitude_vector", {}).values():
+                magnitude.__dict__.pop(_SQ_ATTR, None)
         if hasattr(peft_model, NOT_ACCELERATED_ATTR):
             delattr(peft_model, NOT_ACCELERATED_ATTR)
         logger.info("fusedlora.accelerate: PEFT's forward restored in %d LoRA layers", restored)
         return peft_model
 
     left: dict[str, str] = {}
-    fused = 0
+    fused = dora = 0
     for name, layer in layers.items():
         kind, reason = _base_kind(layer)
+        adapter = None
         if kind is not None:
             if MARK not in layer.__dict__ and "forward" in layer.__dict__:
                 kind, reason = None, "its forward is already replaced by another library"
             else:
                 layer.__dict__[MARK] = kind
                 layer.forward = _fused_forward.__get__(layer)
-                _, reason = _adapter(layer)
+                adapter, reason = _adapter(layer)
         if reason is None:
             fused += 1
+            dora += adapter is not None and is_dora(layer, adapter)
             continue
         left[name] = reason
         logger.warning("fusedlora.accelerate: %s keeps PEFT's forward: %s", name, reason)
     why = Counter(left.values())
     detail = "; ".join(f"{count} because {reason}" for reason, count in why.most_common())
     summary = f"fusedlora.accelerate: {fused} of {len(layers)} LoRA layers run the fused op"
+    if dora:
+        summary += f" ({dora} of them DoRA)"
     if left:
         logger.warning("%s; %d keep PEFT's forward: %s", summary, len(left), detail)
     else:

@@ -151,7 +151,7 @@ def test_missing_extra_and_misshaped_tensors_are_named(saved):
     "changes, match",
     [
         (dict(peft_type="IA3"), "peft_type"),
-        (dict(use_dora=True), "use_dora"),
+        (dict(use_dora="true"), "'use_dora' must be true or false"),
         (dict(modules_to_save="lm_head"), "modules_to_save"),
         (dict(r=0), "'r' must be a positive int"),
         (dict(target_modules=["q_prj"]), "did you mean 'q_proj'"),

@@ -57,8 +57,9 @@ def test_from_peft_refuses_what_it_cannot_convert():
     from peft import LoraConfig
 
     base = tiny_llama()
-    with pytest.raises(ValueError, match="DoRA"):
-        fl.from_peft(peft_model(base, r=4, target_modules=["q_proj"], use_dora=True))
+    alora = dict(alora_invocation_tokens=[5], task_type="CAUSAL_LM")  # a LoRA variant with no fused equivalent
+    with pytest.raises(ValueError, match=r"q_proj: it uses a LoRA variant other than DoRA \(ALoraLinearVariant\)"):
+        fl.from_peft(peft_model(base, r=4, target_modules=["q_proj"], **alora))
 
     pm = peft_model(base, r=4, target_modules=["q_proj"])
     pm.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

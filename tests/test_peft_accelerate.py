@@ -139,7 +139,8 @@ def test_peft_features_keep_working(monkeypatch, tmp_path):
 
 def _unsupported_cases():
     return {
-        "dora": (tiny_llama, dict(target_modules=["q_proj"], use_dora=True), "LoRA variant"),
+        "alora": (tiny_llama, dict(target_modules=["q_proj"], alora_invocation_tokens=[5], task_type="CAUSAL_LM"),
+                  "LoRA variant other than DoRA (ALoraLinearVariant)"),
         "lora_bias": (tiny_llama, dict(target_modules=["q_proj"], lora_bias=True), "lora_bias=True"),
         "embedding": (tiny_llama, dict(target_modules=["embed_tokens", "q_proj"]), "base is Embedding"),
         "conv1d": (_tiny_gpt2, dict(target_modules=["c_attn"], fan_in_fan_out=True), "fan_in_fan_out"),

@@ -377,7 +377,7 @@ ADAPTER_CONFIGS = [
     ("rank_pattern-list", dict(rank_pattern=["q_proj"]), "'rank_pattern' must be an object"),
     ("use_rslora-string", dict(use_rslora="false"), "'use_rslora' must be true or false, got 'false'"),
     ("use_rslora-int", dict(use_rslora=0), "'use_rslora' must be true or false, got 0"),
-    ("use_dora-zero", dict(use_dora=0), "use_dora=0 is not supported"),
+    ("use_dora-zero", dict(use_dora=0), "'use_dora' must be true or false, got 0"),
     ("dropout-too-large", dict(lora_dropout=1.5), "'lora_dropout' must be a number in"),
     ("dropout-string", dict(lora_dropout="0.1"), "'lora_dropout' must be a number in"),
     ("target_modules-int", dict(target_modules=5), "'target_modules' must be a regular expression or a list"),
