@@ -15,10 +15,11 @@ handle one tile per program). Both sides of any branch inside the loop are count
 - registers, local memory (spill bytes per thread), shared memory per CTA, CTAs per SM.
 
 Roles and formats come from the spec names (``lora_fwd_<dtype>_<fmt>_<BM>x<BN>x<BK>``, ``lora_dx_...``,
-``lowrank_*``, ``reduce_m_*``, ``g_db_*``, ``decode_absmax``, ``dequant_<fmt>_...``). A spec may carry a
-``report`` dict that overrides them: ``role`` (fwd, dx, lowrank, reduce_m, g_db, decode_absmax, dequant,
-other), ``fmt``
-(dense, nf4, int4, nf4-unaligned, nf4-dq), ``dtype`` and ``elements`` (weight elements per iteration).
+``lowrank_*``, ``reduce_m_*``, ``g_db_*``, ``decode_absmax``, ``dequant_<fmt>_...``, ``dora_fwd_<dtype>``,
+``dora_bwd_<dtype>``: DoRA's column-scaling streams, BLOCK_M x BLOCK_N elements per iteration). A spec may
+carry a ``report`` dict that overrides them: ``role`` (fwd, dx, lowrank, reduce_m, g_db, decode_absmax,
+dequant, dora_fwd, dora_bwd, other), ``fmt`` (dense, nf4, int4, nf4-unaligned, nf4-dq), ``dtype`` and
+``elements`` (weight elements per iteration).
 
 The prediction (``CHIPS``, ``MODEL``; bench/README.md says what it ignores): per kernel launch,
 time = max(per-SM compute, compulsory bytes / copy bandwidth) + launch overhead, where per-SM compute =
@@ -27,7 +28,9 @@ loop waits for its own wgmma and one CTA fits per SM). Each kernel runs at the c
 predicts fastest for the shape. The training layer (NF4 with double quantization, LoRA r = 16, dropout
 0.1) is the sequence of launches of ``layer_kernels``, on both 4-bit paths; the dispatcher
 (``fusedlora.ops.paths.training_path``) marks the one it takes. Baselines are cuBLAS calls modelled from
-their FLOPs and bytes.
+their FLOPs and bytes. The DoRA layer (``dora_layer_kernels``: the LoRA layer's launches, the row norm's
+GEMM at M = r, the two column-scaling streams and, with dropout, the second base product and torch's
+elementwise work) is predicted at the large-M shapes as a ratio to our LoRA layer at the same dropout.
 
     python bench/triton_loops.py [--from DIR | --only SUBSTR] [--cc 90] [--check]
                                  [--write-ceilings] [--write-readme]
@@ -37,9 +40,10 @@ no MMA, a large-M GEMM loop (a spec marked ``large_m_gemm``: the configs that se
 and more per tile, at the default rank) on sm_90 that waits for its own wgmma, a loop above its
 committed ceiling (``triton_ceilings.json``: per triton version, target and spec, instructions per warp
 per iteration; a spec without one fails too), and a bench/README.md table that differs from the one
-computed here (compared when the README's table was made with the running triton version). Aligned 4-bit
-in-loop decode loops above DECODE_ELEMENT_CEILING instructions per weight element are printed as targets
-missed, without failing.
+computed here (compared when the README's table was made with the running triton version), and a DoRA
+stream kernel without its loop over row bands. Aligned 4-bit in-loop decode loops above
+DECODE_ELEMENT_CEILING instructions per weight element, and DoRA layers above their ratio to our LoRA layer
+(DORA_BARS), are printed as targets missed, without failing.
 """
 
 from __future__ import annotations
@@ -196,6 +200,9 @@ def describe(name: str, constexprs: dict, report: dict) -> dict:
         d.update(role="reduce_m", dtype=m.group(1), elements=c.get("BLOCK_M", 0) * c.get("BLOCK_C", 0) or None)
     elif m := re.match(r"g_db_([a-z0-9]+)", name):
         d.update(role="g_db", dtype=m.group(1), elements=c.get("BLOCK_M", 0) * c.get("BLOCK_N", 0) or None)
+    elif m := re.match(r"dora_(fwd|bwd)_([a-z0-9]+)$", name):
+        d.update(role="dora_" + m.group(1), dtype=m.group(2),
+                 elements=c.get("BLOCK_M", 0) * c.get("BLOCK_N", 0) or None)
     elif name.startswith("decode_absmax"):
         d.update(role="decode_absmax", elements=c.get("BLOCK"))
     elif m := re.match(r"dequant_(nf4|int4)_[a-z0-9]+_(dq_)?([a-z0-9]+)$", name):
@@ -310,9 +317,10 @@ def weight_bytes(n: int, k: int, fmt: str, elem: int = 2) -> float:
 
 def work(role: str, c: dict, dims: dict, sms: int) -> Work:
     """The launch of a kernel of ``role`` with constexprs ``c`` on the call's ``dims``, plus the 1-bit
-    dropout keep-mask over its input (written by the low-rank pre-kernel, read by dX and dA) when it drops."""
+    dropout keep-mask over its input (written by the low-rank pre-kernel, read by dX and dA) when it drops
+    (a spec built with dropout also serves calls without it: ``dims["dropout"]`` False, no mask)."""
     w = _work(role, c, dims, sms)
-    if c.get("DROPOUT"):
+    if c.get("DROPOUT") and dims.get("dropout", True):
         w.bytes += dims["m"] * dims.get("k", dims.get("c", 0)) / 8
     return w
 
@@ -349,6 +357,13 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
         return Work(m_tiles * splits * cdiv(r, c["BLOCK_R"]), cols_tiles,
                     2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_R"],
                     e * m * n + 4 * m * r + e * n * r + 4 * (splits * m + m_tiles * n) * r)
+    if role in ("dora_fwd", "dora_bwd"):  # one pass over [m, n]; fp32 g [n] read, bwd: fp32 column-sum partials
+        m, n = dims["m"], dims["n"]
+        col_tiles, bands = cdiv(n, c["BLOCK_N"]), cdiv(m, c["BLOCK_M"])
+        splits = dora_splits(m, n, c, sms)
+        streams = 2 + bool(dims.get("u")) if role == "dora_fwd" else 3  # z (+ u) -> y; dy, z -> dz
+        return Work(col_tiles * splits, cdiv(bands, splits), 0,
+                    e * streams * m * n + 4 * n + (4 * splits * n if role == "dora_bwd" else 0))
     if role == "decode_absmax":
         blocks = dims["n"] * dims["k"] // NF4_BLOCK
         return Work(cdiv(blocks, c["BLOCK"]), 1, 0, 5 * blocks)
@@ -363,6 +378,15 @@ def g_db_grid(c: dict, dims: dict, sms: int) -> tuple[int, int]:
     """(row tiles, column splits) of the fused g / dB pass: about one program per SM."""
     m_tiles = cdiv(dims["m"], c["BLOCK_M"])
     return m_tiles, max(1, min(cdiv(dims["n"], c["BLOCK_N"]), sms // m_tiles))
+
+
+def dora_splits(m: int, n: int, c: dict, sms: int) -> int:
+    """Row splits of the DoRA column-scaling launches: the rule of ``fusedlora.kernels.dora``'s launchers
+    (every column tile, rows split until about _PROGRAMS_PER_SM programs per SM)."""
+    from fusedlora.kernels.dora import _PROGRAMS_PER_SM
+
+    bands = cdiv(m, c["BLOCK_M"])
+    return max(1, min(bands, cdiv(_PROGRAMS_PER_SM * sms, cdiv(n, c["BLOCK_N"]))))
 
 
 def kernel_us(loop: Loop, w: Work, chip: dict) -> float:
@@ -399,35 +423,92 @@ def dequant_baseline_us(n: int, k: int, chip: dict) -> float:
     return memory_us(2 * blocks + 4 * blocks, chip) + memory_us(n * k / 2 + 4 * blocks + 2 * n * k, chip)
 
 
+def _decode(p: str, n: int, k: int) -> list:
+    """The stage that decodes the weight before a GEMM on path ``p``: a dequant launch, or empty (the
+    in-loop GEMMs decode the double-quantized absmax themselves, fmt nf4-dq)."""
+    return [[("dequant", {"fmt": "nf4-dq"}, {"n": n, "k": k})]] if p == "dequant" else []
+
+
+def _gemm(role: str, p: str, m: int, n: int, k: int, r: int, drops: bool) -> list:
+    """The fused GEMM stage; ``drops``: the call applies dropout (dX then reads the keep-mask)."""
+    wfmt = "dense" if p == "dequant" else "nf4-dq"
+    return [[(role, {"fmt": wfmt}, {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt, "dropout": drops})]]
+
+
+def _paths(path) -> tuple[str, str]:
+    return (path, path) if isinstance(path, str) else path
+
+
 def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True) -> list[list[list[tuple]]]:
     """The launches of our training layer (forward + backward, NF4 with double quantization) as stages, each
     a list of options (the first whose kernels all have compiled specs is taken), each option a list of
     (role, selection, dims): selection picks candidate specs (fmt, dropout), dims are the call's sizes.
-    ``path``: "dequant" or "inloop" for both GEMMs, or a (forward, dX) pair of them."""
-    fwd_path, dx_path = (path, path) if isinstance(path, str) else path
-
-    def decode(p):
-        if p == "dequant":
-            return [[("dequant", {"fmt": "nf4-dq"}, {"n": n, "k": k})]]
-        return []  # the in-loop GEMMs decode the double-quantized absmax themselves (fmt nf4-dq)
-
-    def gemm(role, p):
-        wfmt = "dense" if p == "dequant" else "nf4-dq"
-        return [[(role, {"fmt": wfmt}, {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt})]]
-
+    ``path``: "dequant" or "inloop" for both GEMMs, or a (forward, dX) pair of them. Without dropout
+    (``p_drop`` False) dA runs the dropout build of its kernel when no other is compiled, with no mask."""
+    fwd_path, dx_path = _paths(path)
+    dims_a = {"m": m, "c": k, "r": r, "dropout": p_drop}
     stages = [
         # forward: xa = drop(x) . A^T, W decoded into the scratch or in the loop, y = x . W^T + s . xa . B^T
         [[("lowrank", {"dropout": p_drop}, {"m": m, "k": k, "r": r})]],
-        decode(fwd_path),
-        gemm("fwd", fwd_path),
+        _decode(fwd_path, n, k),
+        _gemm("fwd", fwd_path, m, n, k, r, p_drop),
         # backward: g = dY . B and dB = s dY^T xa (one pass over dY, or two kernels)
         [[("g_db", {}, {"m": m, "n": n, "r": r})],
          [("lowrank", {"dropout": False}, {"m": m, "k": n, "r": r}),
           ("reduce_m", {"dropout": False}, {"m": m, "c": n, "r": r})]],
         # dX = dY . W + mask * (s g A), dA = s drop(x)^T g
-        decode(dx_path),
-        gemm("dx", dx_path),
-        [[("reduce_m", {"dropout": p_drop}, {"m": m, "c": k, "r": r})]],
+        _decode(dx_path, n, k),
+        _gemm("dx", dx_path, m, n, k, r, p_drop),
+        [[("reduce_m", {"dropout": p_drop}, dims_a)], [("reduce_m", {}, dims_a)]],
+    ]
+    return [stage for stage in stages if stage]
+
+
+# DoRA's small torch launches on [N] and [N, r] (``fusedlora.ops.dora``; A, B in the compute dtype, the
+# magnitude fp32): the row norm after its GEMM (W.A^T, A and B to fp32, the cross and quadratic terms,
+# A.A^T, the sum of squares, clamp, sqrt) and g = m / norm in the forward, dm = sum / norm in the backward
+DORA_NORM_LAUNCHES = 15
+DORA_SCALE_LAUNCHES = 2
+
+
+def dora_tail_bytes(n: int, k: int, r: int) -> int:
+    """Bytes those launches move (fp32 temporaries, W.A^T in the compute dtype): W.A^T, A and B to fp32
+    (6 Nr + 6 rK + 6 Nr), B * W.A^T and its row sum (12 Nr + 4 Nr + 4 N), A.A^T (8 rK), B.(A.A^T), its product
+    with B and the row sum (8 Nr + 12 Nr + 4 Nr + 4 N), six element-wise ops on [N] (56 N), g and dm (24 N)."""
+    return 52 * n * r + 14 * r * k + 88 * n
+
+
+def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_drop: bool) -> list:
+    """The launches of the DoRA layer (``fusedlora.ops.dora``, forward + backward) as ``layer_kernels``'s
+    stages. The fused LoRA op runs without dropout, on x, or with dropout on torch's drop(x) (z); then the
+    base product of x - drop(x) (u: the fused op with its low-rank term scaled by 0, which still runs; the
+    backward needs its dX, not dA or dB); the row norm (the fused forward GEMM with A as its r rows, on
+    ``norm_path``, and its torch tail); y = g z (+ u) and its backward (one stream each way). With dropout
+    torch draws drop(x) (reads x, writes it and a 1-byte mask), subtracts it from x, and autograd adds the
+    gradients: -dc, dxd + (-dc), the dropout's backward (reads the mask), dx + dc."""
+    fwd_path, dx_path = _paths(path)
+    e = 2
+    stages = layer_kernels(path, m, n, k, r, p_drop=False)
+    if p_drop:
+        stages += [
+            [[("lowrank", {"dropout": False}, {"m": m, "k": k, "r": r})]],
+            _decode(fwd_path, n, k),
+            _gemm("fwd", fwd_path, m, n, k, r, False),
+            [[("g_db", {}, {"m": m, "n": n, "r": r, "db": False})]],
+            _decode(dx_path, n, k),
+            _gemm("dx", dx_path, m, n, k, r, False),
+            [[("torch", {}, {"what": "drop(x), x - drop(x)", "launches": 2, "bytes": (2 * e + 1 + 3 * e) * m * k})]],
+            [[("torch", {}, {"what": "gradients of c, xd, x", "launches": 4,
+                             "bytes": (2 * e + 3 * e + (2 * e + 1) + 3 * e) * m * k})]],
+        ]
+    stages += [
+        [[("lowrank", {"dropout": False}, {"m": r, "k": k, "r": r})]],
+        _decode(norm_path, n, k),
+        _gemm("fwd", norm_path, r, n, k, r, False),
+        [[("torch", {}, {"what": "norm, g, dm", "launches": DORA_NORM_LAUNCHES + DORA_SCALE_LAUNCHES,
+                         "bytes": dora_tail_bytes(n, k, r)})]],
+        [[("dora_fwd", {}, {"m": m, "n": n, "u": p_drop})]],
+        [[("dora_bwd", {}, {"m": m, "n": n})]],
     ]
     return [stage for stage in stages if stage]
 
@@ -460,19 +541,33 @@ def launch_us(lp: Loop, role: str, dims: dict, chip: dict) -> float:
         m_tiles, splits = g_db_grid(lp.constexprs, dims, chip["sms"])
         if splits > 1:
             t += memory_us(4 * (splits + 1) * dims["m"] * dims["r"], chip)
-        if m_tiles > 1:
+        if m_tiles > 1 and dims.get("db", True):
             t += memory_us(4 * (m_tiles + 1) * dims["n"] * dims["r"], chip)
+    if role == "dora_bwd":  # the torch sum of the column-sum partials
+        t += memory_us(4 * (w.programs // cdiv(dims["n"], lp.constexprs["BLOCK_N"]) + 1) * dims["n"], chip)
     return t
 
 
-def path_kernels(loops: list[Loop], path, m: int, n: int, k: int, chip: dict) -> list[tuple] | None:
+def path_kernels(loops: list[Loop], path, m: int, n: int, k: int, chip: dict,
+                 p_drop: bool = True) -> list[tuple] | None:
     """(role, spec, µs) of each launch of our layer on ``path``, each at its fastest compiled spec; None
     when a stage has no option whose kernels all have compiled specs."""
+    return stage_kernels(loops, layer_kernels(path, m, n, k, RANK, p_drop), chip)
+
+
+def stage_kernels(loops: list[Loop], stages: list, chip: dict) -> list[tuple] | None:
+    """(role, spec, µs) of each launch of ``stages`` (``layer_kernels``), each at its fastest compiled spec;
+    role "torch": torch launches (dims: what, launches, bytes). None when a stage has no option whose
+    kernels all have compiled specs."""
     out = []
-    for stage in layer_kernels(path, m, n, k, RANK):
+    for stage in stages:
         for option in stage:
             picked = []
             for role, sel, dims in option:
+                if role == "torch":
+                    picked.append((role, dims["what"], dims["launches"] * MODEL["launch_us"]
+                                   + dims["bytes"] / (chip["copy_tbs"] * 1e12) * 1e6))
+                    continue
                 timed = [(launch_us(lp, role, dims, chip), lp.name) for lp in candidates(loops, role, sel)]
                 if not timed:
                     break
@@ -486,8 +581,8 @@ def path_kernels(loops: list[Loop], path, m: int, n: int, k: int, chip: dict) ->
     return out
 
 
-def path_us(loops: list[Loop], path, m: int, n: int, k: int, chip: dict) -> float | None:
-    kernels = path_kernels(loops, path, m, n, k, chip)
+def path_us(loops: list[Loop], path, m: int, n: int, k: int, chip: dict, p_drop: bool = True) -> float | None:
+    kernels = path_kernels(loops, path, m, n, k, chip, p_drop)
     return None if kernels is None else sum(t for _, _, t in kernels)
 
 
@@ -531,6 +626,48 @@ def predictions(loops: list[Loop]) -> list[dict]:
                     ours = t.get(path)
                 rows.append({"chip": chip_name, "k": k, "n": n, "m": m, "path": path + ("" if pick else "*"),
                              "ours": ours, **{f"{p}_us": v for p, v in t.items()}, **baselines_us(m, n, k, chip)})
+    return rows
+
+
+DORA_TOKENS = (4096, 8192)
+DORA_DROPOUT = (0.0, 0.1)
+DORA_BARS = {0.0: 1.15, 0.1: 1.9}  # DoRA layer / our LoRA layer, at the same dropout
+
+
+def layer_paths(m: int, n: int, k: int, loops: list[Loop], chip: dict) -> tuple[object, str]:
+    """(path argument of ``layer_kernels``, its label) for M tokens: the dispatcher's per-GEMM pick, or the
+    faster of the two paths when no dispatcher is importable (label marked *)."""
+    pick = dispatcher()
+    if pick:
+        per_gemm = (pick(m, n, k, "nf4", "fwd"), pick(m, n, k, "nf4", "dx"))
+        return per_gemm, per_gemm[0] if per_gemm[0] == per_gemm[1] else "/".join(per_gemm)
+    t = {p: path_us(loops, p, m, n, k, chip) for p in ("dequant", "inloop")}
+    known = {p: v for p, v in t.items() if v is not None}
+    best = min(known, key=known.get) if known else "inloop"
+    return best, best + "*"
+
+
+def dora_kernels(loops: list[Loop], m: int, n: int, k: int, chip: dict, p: float) -> list[tuple] | None:
+    path, _ = layer_paths(m, n, k, loops, chip)
+    norm_path, _ = layer_paths(RANK, n, k, loops, chip)
+    return stage_kernels(loops, dora_layer_kernels(path, _paths(norm_path)[0], m, n, k, RANK, p > 0), chip)
+
+
+def dora_predictions(loops: list[Loop]) -> list[dict]:
+    """The DoRA layer (NF4-dq, r = RANK, DTYPE) at the large-M shapes, with and without dropout, against our
+    LoRA layer at the same dropout and the cuBLAS baselines."""
+    rows = []
+    for chip_name, chip in CHIPS.items():
+        for k, n in PROJECTIONS:
+            for m in DORA_TOKENS:
+                path, label = layer_paths(m, n, k, loops, chip)
+                for p in DORA_DROPOUT:
+                    kernels = dora_kernels(loops, m, n, k, chip, p)
+                    lora = path_us(loops, path, m, n, k, chip, p > 0)
+                    if kernels is None or lora is None:
+                        continue
+                    rows.append({"chip": chip_name, "k": k, "n": n, "m": m, "p": p, "path": label,
+                                 "dora": sum(t for _, _, t in kernels), "lora": lora, **baselines_us(m, n, k, chip)})
     return rows
 
 
@@ -598,6 +735,40 @@ def target_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def dora_table(rows: list[dict], chip: str) -> list[str]:
+    lines = ["| K→N | M | p | path | DoRA µs | LoRA µs | **DoRA / LoRA** | DoRA / dense | DoRA / (bf16 + LoRA) "
+             "| deq→cuBLAS→LoRA / DoRA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["chip"] == chip:
+            d = row["dora"]
+            lines.append(f"| {row['k']}→{row['n']} | {row['m']} | {row['p']:g} | {row['path']} | {d:.1f} "
+                         f"| {row['lora']:.1f} | {d / row['lora']:.2f} | {d / row['dense']:.2f} "
+                         f"| {d / row['dense_lora']:.2f} | {row['dequant_lora'] / d:.2f} |")
+    return lines
+
+
+def dora_target_lines(rows: list[dict]) -> list[str]:
+    """Per chip and dropout: the worst DoRA layer / our LoRA layer over the shapes against its bar."""
+    out = []
+    for chip in CHIPS:
+        parts = []
+        for p, bar in DORA_BARS.items():
+            vals = [r["dora"] / r["lora"] for r in rows if r["chip"] == chip and r["p"] == p]
+            if vals:
+                parts.append(f"p = {p:g}: {max(vals):.2f} ({'met' if max(vals) <= bar else 'MISSED'}) "
+                             f"(bar ≤ {bar})")
+        if parts:
+            out.append(f"- {chip}: worst DoRA / LoRA at M = {', '.join(map(str, DORA_TOKENS))}: "
+                       + "; ".join(parts))
+    return out
+
+
+def dora_target_misses(rows: list[dict]) -> list[str]:
+    return [f"DoRA layer {r['k']}→{r['n']} M={r['m']} p={r['p']:g} {r['chip']}: {r['dora'] / r['lora']:.2f}x our "
+            f"LoRA layer (target {DORA_BARS[r['p']]})" for r in rows if r["dora"] / r["lora"] > DORA_BARS[r["p"]]]
+
+
 def constants_lines() -> list[str]:
     lines = ["| chip | SMs | clock GHz | tensor FMA/clk/SM | issue/clk/SM | copy TB/s | HBM TB/s |",
              "|---|---|---|---|---|---|---|"]
@@ -612,7 +783,8 @@ def constants_lines() -> list[str]:
     return lines
 
 
-def readme_block(loops: list[Loop], rows: list[dict], triton_version: str) -> list[str]:
+def readme_block(loops: list[Loop], rows: list[dict], triton_version: str,
+                 dora_rows: list[dict] | None = None) -> list[str]:
     sm90 = [lp for lp in loops if lp.cc == 90]
     pick = "`fusedlora.ops.paths.training_path`" if dispatcher() else "none importable (* = the faster path)"
     out = [BEGIN, "", f"Main loops, sm_90, triton {triton_version} (instructions per warp per iteration):", ""]
@@ -623,6 +795,12 @@ def readme_block(loops: list[Loop], rows: list[dict], triton_version: str) -> li
     out += target_lines(rows)
     for chip in CHIPS:
         out += ["", f"{chip}:", ""] + prediction_table(rows, chip)
+    if dora_rows:
+        out += ["", f"Predicted DoRA layer (forward + backward), NF4 with double quantization, r = {RANK}, "
+                f"{DTYPE}, against our LoRA layer at the same dropout p:", ""]
+        out += dora_target_lines(dora_rows)
+        for chip in CHIPS:
+            out += ["", f"{chip}:", ""] + dora_table(dora_rows, chip)
     out += ["", END]
     return out
 
@@ -662,6 +840,8 @@ def problems(loops: list[Loop], version: str) -> list[str]:
             out.append(f"{tag}: main loop touches local memory (LDL/STL: spills)")
         if lp.role in ("fwd", "dx") and lp.mma is None:
             out.append(f"{tag}: GEMM main loop without an MMA")
+        if lp.role in ("dora_fwd", "dora_bwd") and not lp.is_loop:
+            out.append(f"{tag}: stream kernel without its loop over row bands")
         if lp.cc == 90 and lp.role in ("fwd", "dx") and lp.large_m_gemm and lp.wait == 0:
             out.append(f"{tag}: large-M GEMM loop waits for its own wgmma (WARPGROUP.DEPBAR.LE gsb0, 0x0)")
         ceiling = ceilings.get(f"sm_{lp.cc}", {}).get(lp.name)
@@ -749,6 +929,13 @@ def main() -> int:
         for chip in CHIPS:
             out(f"\n{chip}:\n")
             out("\n".join(prediction_table(rows, chip)))
+    dora_rows = dora_predictions(loops) if 90 in targets else []
+    if dora_rows:
+        out("\nPredicted DoRA layer (NF4 double quant, r = 16, bf16) against our LoRA layer at the same dropout:\n")
+        out("\n".join(dora_target_lines(dora_rows)))
+        for chip in CHIPS:
+            out(f"\n{chip}:\n")
+            out("\n".join(dora_table(dora_rows, chip)))
     for shape in args.explain:
         m, n, k = (int(v) for v in shape.split(","))
         chip = CHIPS["H100-SXM"]
@@ -757,7 +944,10 @@ def main() -> int:
         for path in ("dequant", "inloop"):
             for role, name, t in path_kernels(loops, path, m, n, k, chip) or []:
                 out(f"  {path:<8} {role:<14} {name:<40} {t:8.1f} µs")
-    block = readme_block(loops, rows, version)
+        for p in DORA_DROPOUT:
+            for role, name, t in dora_kernels(loops, m, n, k, chip, p) or []:
+                out(f"  DoRA p={p:<4g} {role:<12} {name:<40} {t:8.1f} µs")
+    block = readme_block(loops, rows, version, dora_rows)
     if args.write_ceilings:
         write_ceilings(loops, version, full)
         print(f"\nwrote {CEILINGS.relative_to(ROOT)} for triton {triton_key(version)}")
@@ -777,7 +967,7 @@ def main() -> int:
             found.append("bench/README.md's generated table differs from the computed one "
                          "(run bench/triton_loops.py --write-readme):\n" + "\n".join(diff[:40]))
     print()
-    for miss in decode_target_misses(loops):
+    for miss in decode_target_misses(loops) + dora_target_misses(dora_rows):
         print("TARGET MISSED:", miss)
     for p in found:
         print("PROBLEM:", p)

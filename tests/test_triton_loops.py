@@ -161,3 +161,125 @@ def test_cublas_and_launch_shapes():
                                                                         "wfmt": "nf4-dq"}, 132)
     splits = tl_.reduction_splits(16, 4096, 4096, 132)
     assert splits == 5 and (w.programs, w.iters, w.splits) == (64 * splits, 13, splits)  # 264 / 64 tiles
+
+
+@pytest.mark.parametrize("name, role", [("dora_fwd_bf16", "dora_fwd"), ("dora_bwd_fp16", "dora_bwd")])
+def test_dora_roles(name, role):
+    d = tl_.describe(name, {"BLOCK_M": 32, "BLOCK_N": 128, "HAS_U": True}, {})
+    assert (d["role"], d["fmt"], d["dtype"], d["elements"]) == (role, None, name[-4:], 32 * 128)
+
+
+def test_dora_stream_work():
+    c = {"BLOCK_M": 32, "BLOCK_N": 128}
+    splits = tl_.dora_splits(4096, 4096, c, 132)
+    assert splits == 17  # 32 column tiles, about 4 programs per SM
+    fwd = tl_.work("dora_fwd", c, {"m": 4096, "n": 4096, "u": False}, 132)
+    assert (fwd.programs, fwd.iters, fwd.fma_per_iter) == (32 * 17, 8, 0)  # 128 bands over 17 splits
+    assert fwd.bytes == 2 * 2 * 4096 * 4096 + 4 * 4096  # z read, y written, g
+    with_u = tl_.work("dora_fwd", c, {"m": 4096, "n": 4096, "u": True}, 132)
+    assert with_u.bytes - fwd.bytes == 2 * 4096 * 4096
+    bwd = tl_.work("dora_bwd", c, {"m": 4096, "n": 4096}, 132)
+    assert bwd.bytes == 3 * 2 * 4096 * 4096 + 4 * 4096 + 4 * 17 * 4096  # dy, z, dz; g; partials
+
+
+def test_mask_bytes_only_when_dropping():
+    c = {"BLOCK_M": 64, "BLOCK_C": 64, "BLOCK_R": 16, "DROPOUT": True}
+    drops = tl_.work("reduce_m", c, {"m": 4096, "c": 4096, "r": 16}, 132)
+    plain = tl_.work("reduce_m", c, {"m": 4096, "c": 4096, "r": 16, "dropout": False}, 132)
+    assert drops.bytes - plain.bytes == 4096 * 4096 / 8
+
+
+def _roles(stages):
+    return [role for stage in stages for role, _, _ in stage[0]]
+
+
+def test_dora_layer_launches():
+    lora = tl_.layer_kernels("inloop", 4096, 4096, 4096, 16, p_drop=False)
+    assert len(lora[-1]) == 2 and lora[-1][1][0][1] == {}  # dA: the dropout build stands in, without a mask
+    p0 = tl_.dora_layer_kernels("inloop", "inloop", 4096, 4096, 4096, 16, False)
+    roles = _roles(p0)
+    assert roles[:len(lora)] == _roles(lora)
+    assert roles[len(lora):] == ["lowrank", "fwd", "torch", "dora_fwd", "dora_bwd"]
+    norm_gemm = p0[len(lora) + 1][0][0][2]
+    assert norm_gemm["m"] == 16 and norm_gemm["wfmt"] == "nf4-dq"  # the norm: A as 16 rows of input
+    assert p0[-2][0][0][2]["u"] is False
+    p1 = tl_.dora_layer_kernels(("inloop", "dequant"), "inloop", 4096, 4096, 4096, 16, True)
+    roles = _roles(p1)
+    assert roles.count("fwd") == 3 and roles.count("dx") == 2 and roles.count("dequant") == 2
+    assert roles.count("torch") == 3 and p1[-2][0][0][2]["u"] is True
+    # the second base product needs neither dA nor dB, nor dropout anywhere in the fused op
+    assert [d.get("db", True) for role, _, d in (s[0][0] for s in p1) if role == "g_db"] == [True, False]
+    assert not any(d.get("dropout") for _, _, d in (s[0][0] for s in p1))
+    elementwise = [d for role, _, d in (s[0][0] for s in p1) if role == "torch" and d["launches"] in (2, 4)]
+    mk = 4096 * 4096
+    assert [d["bytes"] for d in elementwise] == [11 * mk, 21 * mk]  # bf16 x with 1-byte masks
+
+
+def _fake(name, role, constexprs, count=200, warps=4, mma=None, fmt=None):
+    return tl_.Loop(name=name, cc=90, role=role, fmt=fmt, dtype="bf16", constexprs=constexprs, warps=warps,
+                    large_m_gemm=False, is_loop=True, count=count, classes=dict.fromkeys(tl_.CLASS_NAMES, 0), top=[],
+                    elements=None, wait=None,
+                    mma=mma, tf32=False, regs=64, local=0, smem=0, ctas=4, loop_spills=False)
+
+
+def test_dora_predictions_rows():
+    gemm = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16, "DROPOUT": True}
+    loops = [
+        _fake("lowrank", "lowrank", {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 16, "DROPOUT": False}),
+        _fake("lowrank_dropout", "lowrank", {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 16, "DROPOUT": True}),
+        _fake("reduce_m_dropout", "reduce_m", {"BLOCK_M": 64, "BLOCK_C": 64, "BLOCK_R": 16, "DROPOUT": True}),
+        _fake("g_db", "g_db", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 16}, mma="HMMA"),
+        _fake("dequant", "dequant", {"BYTES": 2048}, fmt="nf4-dq"),
+        *[_fake(f"{role}_{fmt}", role, gemm, count=300, mma="HGMMA", fmt=fmt)
+          for role in ("fwd", "dx") for fmt in ("dense", "nf4-dq")],
+        _fake("dora_fwd_bf16", "dora_fwd", {"BLOCK_M": 32, "BLOCK_N": 128}),
+        _fake("dora_bwd_bf16", "dora_bwd", {"BLOCK_M": 32, "BLOCK_N": 128}),
+    ]
+    rows = tl_.dora_predictions(loops)
+    assert len(rows) == len(tl_.CHIPS) * len(tl_.PROJECTIONS) * len(tl_.DORA_TOKENS) * len(tl_.DORA_DROPOUT)
+    for row in rows:
+        assert {"dora", "lora", "dense", "dense_lora", "dequant_lora", "p", "path"} <= set(row)
+        assert row["dora"] > row["lora"]
+    by_p = {r["p"]: r["dora"] / r["lora"] for r in rows if (r["chip"], r["k"], r["n"], r["m"]) ==
+            ("H100-SXM", 4096, 4096, 4096)}
+    assert by_p[0.1] > by_p[0.0] + 0.5  # the second base product and torch's elementwise work
+    table = tl_.dora_table(rows, "H200")
+    assert len(table) == 2 + len(rows) // len(tl_.CHIPS)
+    lines = tl_.dora_target_lines(rows)
+    assert len(lines) == len(tl_.CHIPS) and all("p = 0:" in x and "p = 0.1:" in x for x in lines)
+    misses = tl_.dora_target_misses(rows)
+    assert len(misses) == sum(r["dora"] / r["lora"] > tl_.DORA_BARS[r["p"]] for r in rows)
+    block = tl_.readme_block(loops, [], "3.6.0", rows)
+    assert any(x.startswith("Predicted DoRA layer") for x in block)
+
+
+def test_dora_norm_launch_count():
+    """DORA_NORM_LAUNCHES is the number of torch kernels the row norm runs after its GEMM."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fusedlora.ops import dora as ops_dora
+
+    views = {"aten.detach.default", "aten.t.default", "aten.empty.memory_format"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    n, k, r = 64, 128, 16
+    w = torch.randn(n, k, dtype=torch.bfloat16)
+    a, b = torch.randn(r, k, dtype=torch.bfloat16), torch.randn(n, r, dtype=torch.bfloat16)
+    gemm = []
+    fake = lambda x, *args, **kw: gemm.append(1) or torch.empty(x.shape[0], n, dtype=x.dtype)  # noqa: E731
+    counter, sq = Count(), torch.rand(n)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops_dora, "lora_linear", fake)
+        with counter:
+            ops_dora.dora_weight_norm(w, a, b, 2.0, sq, torch.bfloat16)
+    assert gemm == [1]
+    assert len([o for o in counter.ops if o not in views]) == tl_.DORA_NORM_LAUNCHES
