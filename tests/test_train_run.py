@@ -337,3 +337,50 @@ def _tiny_base():
     from fusedlora.train.model import tiny_llama
 
     return tiny_llama()[0]
+
+
+def test_dora_run_trains_the_magnitudes_and_resumes_exactly(tmp_path, monkeypatch):
+    """--dora: the adapter carries PEFT's use_dora and one magnitude per targeted linear, the magnitudes are
+    trained (the optimizer holds their state, they move between checkpoints), PEFT and fl.load_adapter read
+    the adapter alike, and a run stopped after checkpoint 2 resumes to the uninterrupted run's result, to the
+    bit (the magnitudes are restored with the other adapter tensors)."""
+    args = [*SMALL, "--dora", "--steps", "4", "--save-every", "2", "--eval-every", "0"]
+    ref = str(tmp_path / "ref")
+    assert main([*args, "--out", ref]) == 0
+    losses = _log(ref)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    config = json.load(open(os.path.join(ref, "adapter_config.json")))
+    assert config["use_dora"] is True
+    final = _adapter(ref)
+    mags = sorted(k for k in final if k.endswith(".lora_magnitude_vector"))
+    assert mags and len(mags) == len([k for k in final if k.endswith("lora_A.weight")])
+    state = load_file(os.path.join(ref, "checkpoint-000004", checkpoint.OPTIMIZER))
+    moments = [v for k, v in state.items() if k.startswith("exp_avg/") and "lora_magnitude_vector" in k]
+    assert len(moments) == len(mags) and all(v.abs().max() > 0 for v in moments)
+
+    out = str(tmp_path / "stopped")
+    real = checkpoint.save
+
+    def stop_at_step_4(out_dir, step, *rest):
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+        return real(out_dir, step, *rest)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save", stop_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            main([*args, "--out", out])
+    assert checkpoint.require_latest(out)["step"] == 2
+    at_2 = _adapter(out)
+    assert all(not torch.equal(at_2[k], final[k]) for k in mags)  # steps 3 and 4 moved every magnitude
+    assert main(["--resume", "--out", out]) == 0
+    assert _log(out) == losses
+    resumed = _adapter(out)
+    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+    _peft_equals_ours(os.path.join(ref, "base_model"), ref)
+
+
+def test_dora_is_refused_with_fsdp(tmp_path, capsys):
+    out = tmp_path / "out"
+    _fails(capsys, [*SMALL, "--dora", "--fsdp", "--out", str(out)], "--dora: not supported with --fsdp")
+    assert not out.exists()

@@ -54,6 +54,8 @@ class TrainConfig:
     rank: int = arg(16, f"LoRA rank, 1 to {MAX_RANK}", metavar="R")
     alpha: float = arg(32.0, "LoRA alpha, scale = alpha/rank", metavar="A")
     dropout: float = arg(0.05, "LoRA dropout", metavar="P")
+    dora: bool = arg(False, "DoRA adapters: a trained magnitude per output row of each targeted linear (PEFT's "
+                     "use_dora), saved in the adapter")
     target_modules: str | list[str] = arg("all-linear", 'name suffixes, one regex, or "all-linear"', nargs="+",
                                           metavar="NAME", type=str)
     quantize: str = arg("nf4", "the frozen base's format", choices=QUANTIZE_CHOICES)
@@ -93,11 +95,15 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 1)
         for name in ("save_every", "eval_every", "warmup_steps", "seed"):
             _check_int(name, getattr(self, name), 0)
-        for name in ("gradient_checkpointing", "pack", "fsdp", "cpu_offload", "resume"):
+        for name in ("dora", "gradient_checkpointing", "pack", "fsdp", "cpu_offload", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{flag(name)}: expected true or false, got {getattr(self, name)!r}")
         if self.cpu_offload and not self.fsdp:
             raise ValueError("--cpu-offload: offloads FSDP2's shards; it needs --fsdp")
+        if self.dora and self.fsdp:
+            # the sharded loader builds plain LoRA adapters, and the magnitude's cached base norms are keyed
+            # on the base tensors that FSDP2 gathers anew each step
+            raise ValueError("--dora: not supported with --fsdp")
         if self.rank > MAX_RANK:
             raise ValueError(f"--rank: {self.rank} is beyond the largest supported rank, {MAX_RANK}")
         if self.quantize not in QUANTIZE_CHOICES:

@@ -419,7 +419,8 @@ def _setup(config: TrainConfig, saved_state: dict | None, inputs: Inputs) -> Run
                              f"{saved_state.get('data_sha256')})")
     quantize = {"none": None, "int4": {"scheme": "int4", "group_size": config.group_size}}.get(config.quantize,
                                                                                                config.quantize)
-    adapter = dict(target_modules=config.target_modules, r=config.rank, alpha=config.alpha, dropout=config.dropout)
+    adapter = dict(target_modules=config.target_modules, r=config.rank, alpha=config.alpha, dropout=config.dropout,
+                   use_dora=config.dora)
     fsdp = config.fsdp and world > 1
     sharded = _loads_sharded(config, fsdp)
     if sharded:  # a process holds its shard plus one layer; the same model as below, already sharded
