@@ -1,17 +1,20 @@
 """Training-layer bench (GPU): forward + backward of one LoRA linear, ours against the baselines.
 
-    python bench/bench_layer.py [--quick | --full] [--budget SECONDS] [--out layer.json]
+    python bench/bench_layer.py [--quick | --full | --dora] [--budget SECONDS] [--out layer.json]
 
 Llama-3-8B projections (K→N: 4096→4096, 4096→14336, 14336→4096), r = 16, p = 0.1, bf16, NF4 (blocksize
 64, double-quantized like a QLoRA checkpoint) and a dense bf16 base; the cases and baselines are those of
-fusedlora.bench.layer. The matrix runs in priority order and the rows so far are written after every row,
-so ``--budget`` (default 45 s, for the device check's slot) stops it cleanly; ``--full`` runs every M in
-512..8192.
+fusedlora.bench.layer. Then the DoRA rows: 4096→4096, M = 4096, NF4, p = 0 and 0.1, our DoRA layer against
+PEFT's DoRA over bitsandbytes and against our LoRA layer (``--dora``: only those). The matrix runs in
+priority order and the rows so far are written after every row, so ``--budget`` (default 45 s, for the
+device check's slot; the DoRA rows get what the LoRA rows leave) stops it cleanly; ``--full`` runs every M
+in 512..8192.
 """
 
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -21,6 +24,7 @@ QUICK = [((4096, 4096), m, q) for m in (4096, 1024) for q in ("nf4-dq", "none")]
 DEFAULT = [((4096, 4096), m, q) for m in (4096, 8192, 1024) for q in ("nf4-dq", "none")] + \
           [(s, m, "nf4-dq") for s in SHAPES[1:] for m in (4096, 512)]
 FULL = [(s, m, q) for s in SHAPES for m in (512, 1024, 2048, 4096, 8192) for q in ("nf4-dq", "none")]
+DORA = [((4096, 4096), 4096, "nf4-dq", p) for p in (0.0, 0.1)]  # (K, N), M, quant, dropout
 
 
 def main() -> int:
@@ -32,6 +36,7 @@ def main() -> int:
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="one shape, M in {1024, 4096}")
     size.add_argument("--full", action="store_true", help="every shape, M in 512..8192, NF4 and dense")
+    size.add_argument("--dora", action="store_true", help="only the DoRA rows")
     ap.add_argument("--budget", type=float, default=45.0, help="stop starting new cases after this many seconds")
     ap.add_argument("--baselines", default=",".join(LAYER_BASELINES))
     ap.add_argument("--out", default="layer.json")
@@ -41,10 +46,16 @@ def main() -> int:
     tflops = matmul_tflops()
     env = {**results.environment(), "ceilings": {"matmul_tflops": tflops}}
     print(f"bf16 matmul ceiling {tflops:.0f} TFLOP/s", flush=True)
-    cases = QUICK if args.quick else FULL if args.full else DEFAULT
+    cases = [] if args.dora else QUICK if args.quick else FULL if args.full else DEFAULT
     names = [b for b in args.baselines.split(",") if b]
-    rows = run_layer(cases, baseline_names=names, ceilings={"matmul_tflops": tflops}, budget_s=args.budget,
-                     out_path=args.out, env=env, log=lambda s: print(s, flush=True))
+    common = dict(ceilings={"matmul_tflops": tflops}, out_path=args.out, env=env, log=lambda s: print(s, flush=True))
+    t0 = time.perf_counter()
+    rows = run_layer(cases, baseline_names=names, budget_s=args.budget, **common)
+    left = args.budget - (time.perf_counter() - t0)
+    if left > 0:
+        rows = run_layer(DORA, dora=True, budget_s=left, rows=rows, **common)
+    else:
+        print(f"budget of {args.budget:.0f} s spent: no DoRA rows", flush=True)
     if not rows:
         print("bench_layer: no rows", file=sys.stderr)
         return 1

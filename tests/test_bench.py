@@ -170,3 +170,64 @@ def test_plots_with_few_points_are_bars_and_roofline_lines_are_not_repeated(monk
     wide = [results.make_row(**{**_row_args(), "m": m}) for m in (16, 128, 1024)]
     report.plots({"gpu": "cpu", "date": "d", "commit": "c", "rows": wide}, "/nonexistent")
     assert figures[2].axes[0].get_xscale() == "log" and len(figures[2].axes) == 1  # no roofline: one panel
+    # DoRA rows at two dropouts: one series each, told apart by p
+    dora = [results.make_row(**{**_row_args(), "m": m, "dropout": p, "variant": "dora", "baseline": "ours_lora"})
+            for m in (16, 32, 64) for p in (0.0, 0.1)]
+    report.plots({"gpu": "cpu", "date": "d", "commit": "c", "rows": dora}, "/nonexistent")
+    labels = [t.get_text() for t in figures[3].axes[0].get_legend().get_texts()]
+    assert labels == ["64→96 nf4 dora p=0 vs ours_lora", "64→96 nf4 dora p=0.1 vs ours_lora"]
+
+
+# ------------------------------------------------------------------------ DoRA rows
+
+
+def test_dora_rows_have_the_schema_and_skip_what_cannot_run(tmp_path):
+    """On a CPU: our DoRA layer against our LoRA layer at p = 0 and 0.1 (PEFT's DoRA over bitsandbytes needs a
+    GPU: no row), variant "dora", appended to the rows given and written to the results file."""
+    from fusedlora.bench.layer import DORA_BASELINES, run_layer
+
+    earlier = _rows()
+    out = str(tmp_path / "layer.json")
+    rows = run_layer([((64, 96), 16, "nf4-dq", 0.0), ((64, 96), 16, "nf4-dq", 0.1)], r=4, dtype=torch.float32,
+                     dora=True, ceilings={"matmul_tflops": 1.0}, rows=earlier, out_path=out, log=lambda s: None)
+    assert DORA_BASELINES == ("peft_bnb_dora", "ours_lora") and rows[:len(earlier)] == earlier
+    mine = rows[len(earlier):]
+    assert [(r["baseline"], r["dropout"], r["variant"], r["quant"]) for r in mine] == [
+        ("ours_lora", 0.0, "dora", "nf4-dq"), ("ours_lora", 0.1, "dora", "nf4-dq")]
+    assert all(r["bench"] == "layer" and r["shape"] == [64, 96] and r["pct_roofline"] > 0 for r in mine)
+    loaded = results.load(out)
+    assert loaded["rows"] == json.loads(json.dumps(rows))
+    md = report.markdown(loaded)
+    assert "ours_lora (computes less)" in md and "ours (dora)" in md
+    assert "| layer | 64→96 | 16 | 0 | nf4-dq |" in md and "| layer | 64→96 | 16 | 0.1 | nf4-dq |" in md
+    row = results.make_row(**{**_row_args(), "baseline": "peft_bnb_dora", "variant": "dora"})
+    assert not results.is_speed_of_light(row["baseline"])
+
+
+def test_dora_case_trains_the_magnitude_and_peft_dora_computes_our_function():
+    """The DoRA case's step reaches the magnitude, and PEFT's DoRA holding the case's A, B and magnitude (over
+    the dense nn.Linear here; the bench's peft_bnb_dora holds them over bitsandbytes' Linear4bit the same way)
+    computes our DoRA layer: dropout off, fp32, 1e-5 relative."""
+    from fusedlora.ops.dora import dora_linear_reference
+
+    case = LayerCase(21, 64, 48, 4, torch.float32, "none", 0.0, "cpu", dora=True)
+    case.ours_dora()()
+    assert case.magnitude.grad is not None and case.magnitude.grad.abs().max() > 0
+    ref = dora_linear_reference(case.x, case.dense, case.A, case.B, case.scale, case.magnitude, case.base_sq,
+                                None, 0.0, True, None)
+    if not baselines.peft_available():
+        pytest.skip("peft not installed")
+    base = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(case.dense)
+    model = baselines.peft_lora_layer(base, case.A.detach(), case.B.detach(), case.alpha, 0.0,
+                                      magnitude=case.magnitude.detach())
+    torch.testing.assert_close(model(case.x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_matrix():
+    from fusedlora.bench.suite import dora_matrix
+
+    assert dora_matrix(True, False) == [((256, 384), 64, "nf4-dq", 0.0), ((256, 384), 64, "nf4-dq", 0.1)]
+    assert dora_matrix(True, True) == [((4096, 4096), 4096, "nf4-dq", p) for p in (0.0, 0.1)]
+    assert {c[0] for c in dora_matrix(False, True)} == {(4096, 4096), (4096, 14336), (14336, 4096)}

@@ -3,7 +3,8 @@
 All but the two speed-of-light baselines compute exactly our function (tests/test_bench.py checks it):
 - ``dequant_cublas_lora``: dequantize W into a temporary, cuBLAS matmul, then separate LoRA matmuls added
   with addmm; the backward dequantizes again instead of keeping the weight (the Unsloth technique).
-- ``peft_bf16`` / ``peft_bnb``: PEFT LoRA over a dense nn.Linear / a bitsandbytes Linear4bit.
+- ``peft_bf16`` / ``peft_bnb``: PEFT LoRA over a dense nn.Linear / a bitsandbytes Linear4bit;
+  ``peft_bnb_dora``: PEFT's DoRA over the Linear4bit (``peft_lora_layer`` with a magnitude).
 - ``torch_compile``: the reference op under torch.compile.
 - ``cublas_bf16`` (forward) and ``cublas_bf16_dense`` (forward + dX): F.linear on the dense weight, no LoRA.
 """
@@ -84,8 +85,9 @@ def bitsandbytes():
         return None
 
 
-def peft_lora_layer(base: torch.nn.Module, lora_A, lora_B, alpha: float, dropout_p: float):
-    """A PEFT LoRA wrapper around ``base`` (nn.Linear or bnb Linear4bit) holding our A and B."""
+def peft_lora_layer(base: torch.nn.Module, lora_A, lora_B, alpha: float, dropout_p: float, magnitude=None):
+    """A PEFT LoRA wrapper around ``base`` (nn.Linear or bnb Linear4bit) holding our A and B; with
+    ``magnitude`` [N], PEFT's DoRA (use_dora) holding it as well."""
     from peft import LoraConfig, get_peft_model
 
     class _Holder(torch.nn.Module):
@@ -98,11 +100,14 @@ def peft_lora_layer(base: torch.nn.Module, lora_A, lora_B, alpha: float, dropout
 
     r = lora_A.shape[0]
     model = get_peft_model(_Holder(), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout_p,
-                                                 target_modules=["proj"], bias="none"))
+                                                 target_modules=["proj"], bias="none",
+                                                 use_dora=magnitude is not None))
     layer = model.base_model.model.proj
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(lora_A)
         layer.lora_B["default"].weight.copy_(lora_B)
+        if magnitude is not None:
+            layer.lora_magnitude_vector["default"].weight.copy_(magnitude)
     model.train()
     return model
 

@@ -9,6 +9,9 @@ One step = y = f(x) with dropout on (training), then y.backward(dY). Baselines (
   bitsandbytes imports and a GPU is present); ``peft_bf16``: PEFT LoRA over the dense nn.Linear;
 - ``torch_compile``: the reference op under torch.compile (dynamic shapes: one compile serves every M; GPU
   only, inductor on a small CPU takes minutes).
+DoRA rows (``run_layer(..., dora=True)``, variant "dora"): ours is ``fl.dora_linear`` (the magnitude trained
+too), against ``peft_bnb_dora`` (PEFT's DoRA over the same bitsandbytes Linear4bit, same A, B and magnitude;
+GPU with bitsandbytes only) and ``ours_lora`` (our LoRA layer on the same case: what DoRA adds on top).
 Each call takes the next of ``copies`` (x, dY) pairs, so back-to-back repetitions don't reuse cached
 activations; % of roofline counts the layer's matmul FLOPs against the matmul rate measured in the run.
 """
@@ -20,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..functional import lora_linear
+from ..functional import dora_linear, lora_linear
+from ..ops.dora import weight_row_sq_norms
 from ..ops.lora import lora_linear_reference
 from ..quantized import QuantizedWeight, quantize
 from . import baselines
@@ -29,6 +33,7 @@ from .timing import measure, peak_memory_bytes
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 LAYER_BASELINES = ("cublas_bf16_dense", "dequant_cublas_lora", "peft_bnb", "peft_bf16", "torch_compile")
+DORA_BASELINES = ("peft_bnb_dora", "ours_lora")
 
 
 def layer_flops(m: int, k: int, n: int, r: int) -> float:
@@ -36,10 +41,16 @@ def layer_flops(m: int, k: int, n: int, r: int) -> float:
     return 2 * 2 * m * n * k + 2 * m * r * (k + n) * 3
 
 
+def dora_flops(m: int, k: int, n: int, r: int, p: float) -> float:
+    """The LoRA layer's FLOPs, the norm's W·Aᵀ (2·rNK) and, with dropout, DoRA's second base product and its
+    dX (2·2·MNK): the products the formula needs, not the zero-scaled low-rank term that runs with them."""
+    return layer_flops(m, k, n, r) + 2 * r * n * k + (2 * 2 * m * n * k if p > 0 else 0)
+
+
 class LayerCase:
     """Inputs of one (shape, M, quant) case; every baseline computes from the same tensors."""
 
-    def __init__(self, m, k, n, r, dtype, quant, dropout_p, device, *, alpha=None, bnb=None, copies=1):
+    def __init__(self, m, k, n, r, dtype, quant, dropout_p, device, *, alpha=None, bnb=None, copies=1, dora=False):
         g = torch.Generator(device="cpu").manual_seed(k + 3 * n + 7 * m)
         rnd = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)  # noqa: E731
         self.m, self.k, self.n, self.r, self.dtype, self.quant, self.p = m, k, n, r, dtype, quant, dropout_p
@@ -69,6 +80,14 @@ class LayerCase:
         self.xs = [rnd(m, k).requires_grad_(True) for _ in range(copies)]
         self.dys = [rnd(m, n) for _ in range(copies)]
         self.x, self.dy = self.xs[0], self.dys[0]
+        self.magnitude = self.base_sq = None
+        if dora:
+            w = self.weight.packed if isinstance(self.weight, QuantizedWeight) else self.weight
+            self.base_sq = weight_row_sq_norms(w, dtype)
+            with torch.no_grad():  # DoRA's initial magnitude ‖W + s·B·A‖, moved off it so that g ≠ 1
+                w_full = self.dense.float() + self.scale * self.B.float() @ self.A.float()
+                norm = torch.linalg.vector_norm(w_full, dim=1)
+                self.magnitude = (norm * (1 + 0.1 * torch.randn(n, generator=g).to(device))).requires_grad_(True)
         self._i = 0
 
     def step(self, forward, params=()):
@@ -86,10 +105,22 @@ class LayerCase:
     def ours(self):
         return self.step(lambda x: lora_linear(x, self.weight, self.A, self.B, self.scale, None, self.p, True))
 
+    def ours_dora(self):
+        return self.step(lambda x: dora_linear(x, self.weight, self.A, self.B, self.scale, self.magnitude,
+                                               self.base_sq, None, self.p, True), [self.magnitude])
+
     def baseline(self, name, compiled_ref=None):
         """The step of baseline ``name``, or None where it cannot run here."""
         if name == "cublas_bf16_dense":
             return self.step(lambda x: F.linear(x, self.dense))
+        if name == "ours_lora":
+            return self.ours()
+        if name == "peft_bnb_dora":
+            if not baselines.peft_available() or self.bnb_layer is None or self.magnitude is None:
+                return None
+            model = baselines.peft_lora_layer(self.bnb_layer, self.A.detach(), self.B.detach(), self.alpha, self.p,
+                                              magnitude=self.magnitude.detach())
+            return self.step(model, [p for p in model.parameters() if p.requires_grad])
         if name == "dequant_cublas_lora":
             if not isinstance(self.weight, QuantizedWeight):
                 return None
@@ -117,26 +148,35 @@ class LayerCase:
         raise ValueError(f"baseline: unknown name {name!r}")
 
 
-def run_layer(cases, *, r=16, dropout_p=0.1, dtype=torch.bfloat16, baseline_names=LAYER_BASELINES, ceilings=None,
-              budget_s=None, out_path=None, env=None, progress=None, log=print):
-    """Rows for ``cases`` [((K, N), M, quant)], in order; stops starting cases once ``budget_s`` is spent and
-    rewrites ``out_path`` after every row, so a timeout still leaves the rows so far."""
+def run_layer(cases, *, r=16, dropout_p=0.1, dtype=torch.bfloat16, baseline_names=None, ceilings=None,
+              budget_s=None, out_path=None, env=None, progress=None, log=print, dora=False, rows=None):
+    """Rows for ``cases`` [((K, N), M, quant) or ((K, N), M, quant, p)] (p: the case's dropout, else
+    ``dropout_p``), in order, after ``rows`` (an earlier call's, kept in ``out_path`` too); stops starting
+    cases once ``budget_s`` is spent and rewrites ``out_path`` after every row, so a timeout still leaves the
+    rows so far. ``dora``: ours is the DoRA layer (variant "dora"), against ``DORA_BASELINES`` by default,
+    else ``LAYER_BASELINES``."""
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     bnb = baselines.bitsandbytes() if gpu else None
+    if baseline_names is None:
+        baseline_names = DORA_BASELINES if dora else LAYER_BASELINES
     compiled_ref = torch.compile(lora_linear_reference, dynamic=True) if gpu else None
-    t0, rows = time.perf_counter(), []
-    for (k, n), m, quant in cases:
+    variant = "dora" if dora else None
+    t0, rows = time.perf_counter(), list(rows or [])
+    for (k, n), m, quant, *case_p in cases:
+        p = case_p[0] if case_p else dropout_p
+        what = f"{k}->{n} M={m} {quant}" + (f" DoRA p={p:g}" if dora else "")
         if budget_s is not None and time.perf_counter() - t0 > budget_s:
-            log(f"budget of {budget_s:.0f} s spent: stopping before {k}->{n} M={m} {quant}")
+            log(f"budget of {budget_s:.0f} s spent: stopping before {what}")
             break
-        case = LayerCase(m, k, n, r, dtype, quant, dropout_p, device, bnb=bnb, copies=3 if gpu else 1)
-        ours = case.ours()
+        case = LayerCase(m, k, n, r, dtype, quant, p, device, bnb=bnb, copies=3 if gpu else 1, dora=dora)
+        ours = case.ours_dora() if dora else case.ours()
         ours_t = measure(ours)
         ours_mem = peak_memory_bytes(ours)
         pct = None
         if ceilings:
-            pct = 100.0 * layer_flops(m, k, n, r) / (ceilings["matmul_tflops"] * 1e12) / (ours_t.ms * 1e-3)
+            flops = dora_flops(m, k, n, r, p) if dora else layer_flops(m, k, n, r)
+            pct = 100.0 * flops / (ceilings["matmul_tflops"] * 1e12) / (ours_t.ms * 1e-3)
         for name in baseline_names:
             fn = case.baseline(name, compiled_ref)
             if fn is None:
@@ -144,10 +184,11 @@ def run_layer(cases, *, r=16, dropout_p=0.1, dtype=torch.bfloat16, baseline_name
             base_t = measure(fn)
             label = baseline_label(name, DTYPE_NAMES[dtype], gpu)
             rows.append(make_row(
-                bench="layer", shape=(k, n), m=m, r=r, dropout=dropout_p, dtype=DTYPE_NAMES[dtype], quant=quant,
+                bench="layer", shape=(k, n), m=m, r=r, dropout=p, dtype=DTYPE_NAMES[dtype], quant=quant,
                 ours_ms=ours_t.ms, baseline=label, baseline_ms=base_t.ms, pct_roofline=pct, ours_peak_mem=ours_mem,
-                baseline_peak_mem=peak_memory_bytes(fn), ours_iqr_ms=ours_t.iqr, baseline_iqr_ms=base_t.iqr))
-            log(f"{k}->{n} M={m} {quant}: ours {ours_t.ms:.3f} ms, {label} {base_t.ms:.3f} ms "
+                baseline_peak_mem=peak_memory_bytes(fn), ours_iqr_ms=ours_t.iqr, baseline_iqr_ms=base_t.iqr,
+                variant=variant))
+            log(f"{what}: ours {ours_t.ms:.3f} ms, {label} {base_t.ms:.3f} ms "
                 f"({base_t.ms / ours_t.ms:.2f}x)  [{time.perf_counter() - t0:.0f} s]")
             if out_path is not None:
                 save(rows, out_path, env)

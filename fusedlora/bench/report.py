@@ -1,7 +1,8 @@
 """Rendering results: a Markdown table (medians ± IQR, notes as footnotes) and PNG plots per bench: speedup
-against M, a line per (shape, quant, baseline), and % of roofline, a line per (shape, quant) (it is ours
-alone, the same for every baseline). With fewer than three token counts the panels are bars instead, and
-the M axis is logarithmic only when M spans a factor of 8 or more."""
+against M, a line per (shape, quant, variant, baseline), and % of roofline, a line per (shape, quant,
+variant) (it is ours alone, the same for every baseline); the dropout p joins the label of a bench whose
+rows have several. With fewer than three token counts the panels are bars instead, and the M axis is
+logarithmic only when M spans a factor of 8 or more."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ def markdown(doc: dict) -> str:
         "",
         "Times: median ± interquartile range of repeated runs.",
         "",
-        "| bench | shape | M | quant | dtype | baseline | ours ms | baseline ms | speedup | % roofline"
+        "| bench | shape | M | p | quant | dtype | baseline | ours ms | baseline ms | speedup | % roofline"
         " | ours MiB | baseline MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
     for r in doc["rows"]:
@@ -47,7 +48,7 @@ def markdown(doc: dict) -> str:
                 notes.append(r["note"])
             pct += f" [{notes.index(r['note']) + 1}]"
         lines.append(
-            f"| {r['bench']} | {shape_label(r)} | {r['m']} | {r['quant']} | {r['dtype']} | {base}"
+            f"| {r['bench']} | {shape_label(r)} | {r['m']} | {r['dropout']:g} | {r['quant']} | {r['dtype']} | {base}"
             f" | {_ms(r, 'ours')}{'' if ours == 'ours' else ' ' + ours} | {_ms(r, 'baseline')}"
             f" | {r['speedup']:.2f}× | {pct} | {_mem(r['ours_peak_mem'])} | {_mem(r['baseline_peak_mem'])} |")
     lines += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, 1)] if notes else []
@@ -106,8 +107,9 @@ def plots(doc: dict, out_dir: str) -> list[str]:
         by_bench[r["bench"]].append(r)
     for bench, rows in by_bench.items():
         speed, roof = defaultdict(set), defaultdict(set)
+        several_p = len({r["dropout"] for r in rows}) > 1  # then p tells the series apart
         for r in rows:
-            who = "" if r.get("variant") is None else f" {r['variant']}"
+            who = ("" if r.get("variant") is None else f" {r['variant']}") + (f" p={r['dropout']:g}" * several_p)
             speed[f"{shape_label(r)} {r['quant']}{who} vs {r['baseline']}"].add((r["m"], r["speedup"]))
             if r["pct_roofline"] is not None:
                 roof[f"{shape_label(r)} {r['quant']}{who}"].add((r["m"], r["pct_roofline"]))

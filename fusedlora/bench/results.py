@@ -23,9 +23,11 @@ import torch
 
 BENCHES = ("decode", "layer", "step", "dequant")
 QUANTS = ("nf4", "nf4-dq", "int4", "none")
-BASELINES = ("cublas_bf16", "cublas_bf16_dense", "dequant_cublas_lora", "peft_bnb", "peft_bf16", "bnb", "torch_compile")
-# These two compute less than ours on purpose (no LoRA, no 4-bit): they are the speed of light.
-SPEED_OF_LIGHT = ("cublas_bf16", "cublas_bf16_dense")
+BASELINES = ("cublas_bf16", "cublas_bf16_dense", "dequant_cublas_lora", "peft_bnb", "peft_bf16", "bnb", "torch_compile",
+             "peft_bnb_dora", "ours_lora")
+# These compute less than ours on purpose: the speed of light (no LoRA, no 4-bit), and our LoRA layer
+# against our DoRA layer (no magnitude: what DoRA costs on top of it).
+SPEED_OF_LIGHT = ("cublas_bf16", "cublas_bf16_dense", "ours_lora")
 OPTIONAL_KEYS = ("ours_iqr_ms", "baseline_iqr_ms", "variant", "note")
 DTYPES = ("bf16", "fp16", "fp32")
 ROW_KEYS = ("bench", "shape", "m", "r", "dropout", "dtype", "quant", "ours_ms", "baseline", "baseline_ms",

@@ -32,6 +32,14 @@ def matrix(quick: bool, gpu: bool):
     return [(s, m, q) for s in LLAMA3_8B for m in ms for q in ("nf4-dq", "none")], torch.bfloat16
 
 
+def dora_matrix(quick: bool, gpu: bool):
+    """[((K, N), M, quant, p)] of the DoRA rows: NF4, M = 4096, p = 0 and 0.1 (one shape with ``quick``); on
+    a CPU the small size of ``matrix``."""
+    if not gpu:
+        return [((256, 384), 64, "nf4-dq", p) for p in (0.0, 0.1)]
+    return [(s, 4096, "nf4-dq", p) for s in (LLAMA3_8B[:1] if quick else LLAMA3_8B) for p in (0.0, 0.1)]
+
+
 def step_rows(quick: bool, gpu: bool, ceil: dict) -> list[dict]:
     """The whole-step bench: on a GPU the ~1B model (4 layers with ``quick``) against peft_bnb and peft_bf16;
     on a CPU the tiny model against PEFT over the same fp32 base (labelled peft_fp32; bitsandbytes' CPU
@@ -52,8 +60,10 @@ def run(quick: bool, out_dir: str) -> dict:
     cases, dtype = matrix(quick, gpu)
     ceil = measure_ceilings()
     print(f"ceilings: copy {ceil['copy_gbs']:.0f} GB/s, matmul {ceil['matmul_tflops']:.3g} TFLOP/s")
-    with tqdm(total=len(cases), desc="layer bench", unit="case") as bar:
+    dora_cases = dora_matrix(quick, gpu)
+    with tqdm(total=len(cases) + len(dora_cases), desc="layer bench", unit="case") as bar:
         rows = run_layer(cases, dtype=dtype, ceilings=ceil, progress=bar, log=bar.write)
+        rows = run_layer(dora_cases, dtype=dtype, ceilings=ceil, progress=bar, log=bar.write, dora=True, rows=rows)
     rows += step_rows(quick, gpu, ceil)
     if gpu:  # the dequant and decode kernels only exist on a GPU (on a CPU both are the reference)
         rows += run_dequant(DEQUANT_SHAPES[:1] if quick else DEQUANT_SHAPES, "bf16", ceil, with_int4=not quick)
