@@ -16,9 +16,10 @@ handle one tile per program). Both sides of any branch inside the loop are count
 
 Roles and formats come from the spec names (``lora_fwd_<dtype>_<fmt>_<BM>x<BN>x<BK>``, ``lora_dx_...``,
 ``lowrank_*``, ``reduce_m_*``, ``g_db_*``, ``decode_absmax``, ``dequant_<fmt>_...``, ``dora_fwd_<dtype>``,
-``dora_bwd_<dtype>``: DoRA's column-scaling streams, BLOCK_M x BLOCK_N elements per iteration). A spec may
-carry a ``report`` dict that overrides them: ``role`` (fwd, dx, lowrank, reduce_m, g_db, decode_absmax,
-dequant, dora_fwd, dora_bwd, other), ``fmt`` (dense, nf4, int4, nf4-unaligned, nf4-dq), ``dtype`` and
+``dora_bwd_<dtype>``: DoRA's column-scaling streams, BLOCK_M x BLOCK_N elements per iteration,
+``dora_norm_<dtype>``: its row norms, BLOCK_N x BLOCK_R per iteration). A spec may carry a ``report`` dict
+that overrides them: ``role`` (fwd, dx, lowrank, reduce_m, g_db, decode_absmax, dequant, dora_fwd, dora_bwd,
+dora_norm, other), ``fmt`` (dense, nf4, int4, nf4-unaligned, nf4-dq), ``dtype`` and
 ``elements`` (weight elements per iteration).
 
 The prediction (``CHIPS``, ``MODEL``; bench/README.md says what it ignores): per kernel launch,
@@ -29,7 +30,7 @@ predicts fastest for the shape. The training layer (NF4 with double quantization
 0.1) is the sequence of launches of ``layer_kernels``, on both 4-bit paths; the dispatcher
 (``fusedlora.ops.paths.training_path``) marks the one it takes. Baselines are cuBLAS calls modelled from
 their FLOPs and bytes. The DoRA layer (``dora_layer_kernels``: the LoRA layer's launches, the row norm's
-GEMM at M = r, the two column-scaling streams and, with dropout, the second base product and torch's
+GEMM at M = r and its kernel, the two column-scaling streams and, with dropout, the second base product and torch's
 elementwise work) is predicted at the large-M shapes as a ratio to our LoRA layer at the same dropout.
 
     python bench/triton_loops.py [--from DIR | --only SUBSTR] [--cc 90] [--check]
@@ -200,6 +201,8 @@ def describe(name: str, constexprs: dict, report: dict) -> dict:
         d.update(role="reduce_m", dtype=m.group(1), elements=c.get("BLOCK_M", 0) * c.get("BLOCK_C", 0) or None)
     elif m := re.match(r"g_db_([a-z0-9]+)", name):
         d.update(role="g_db", dtype=m.group(1), elements=c.get("BLOCK_M", 0) * c.get("BLOCK_N", 0) or None)
+    elif m := re.match(r"dora_norm_([a-z0-9]+)$", name):
+        d.update(role="dora_norm", dtype=m.group(1), elements=c.get("BLOCK_N", 0) * c.get("BLOCK_R", 0) or None)
     elif m := re.match(r"dora_(fwd|bwd)_([a-z0-9]+)$", name):
         d.update(role="dora_" + m.group(1), dtype=m.group(2),
                  elements=c.get("BLOCK_M", 0) * c.get("BLOCK_N", 0) or None)
@@ -364,6 +367,9 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
         streams = 2 + bool(dims.get("u")) if role == "dora_fwd" else 3  # z (+ u) -> y; dy, z -> dz
         return Work(col_tiles * splits, cdiv(bands, splits), 0,
                     e * streams * m * n + 4 * n + (4 * splits * n if role == "dora_bwd" else 0))
+    if role == "dora_norm":  # per row block: every rank slice, each built by r rank-1 updates (the inner loop)
+        n, r = dims["n"], dims["r"]
+        return Work(cdiv(n, c["BLOCK_N"]), cdiv(r, c["BLOCK_R"]) * r, 0, 2 * e * n * r + 4 * r * r + 16 * n)
     if role == "decode_absmax":
         blocks = dims["n"] * dims["k"] // NF4_BLOCK
         return Work(cdiv(blocks, c["BLOCK"]), 1, 0, 5 * blocks)
@@ -464,18 +470,10 @@ def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True) -> 
     return [stage for stage in stages if stage]
 
 
-# DoRA's small torch launches on [N] and [N, r] (``fusedlora.ops.dora``; A, B in the compute dtype, the
-# magnitude fp32): the row norm after its GEMM (W.A^T, A and B to fp32, the cross and quadratic terms,
-# A.A^T, the sum of squares, clamp, sqrt) and g = m / norm in the forward, dm = sum / norm in the backward
-DORA_NORM_LAUNCHES = 15
-DORA_SCALE_LAUNCHES = 2
-
-
-def dora_tail_bytes(n: int, k: int, r: int) -> int:
-    """Bytes those launches move (fp32 temporaries, W.A^T in the compute dtype): W.A^T, A and B to fp32
-    (6 Nr + 6 rK + 6 Nr), B * W.A^T and its row sum (12 Nr + 4 Nr + 4 N), A.A^T (8 rK), B.(A.A^T), its product
-    with B and the row sum (8 Nr + 12 Nr + 4 Nr + 4 N), six element-wise ops on [N] (56 N), g and dm (24 N)."""
-    return 52 * n * r + 14 * r * k + 88 * n
+# DoRA's torch launches on [N] (``fusedlora.ops.dora``, magnitude and ‖W_n‖² fp32): none for the row norm
+# and g (the fused GEMM at M = r and the norm kernel), dm = sum / norm in the backward
+DORA_NORM_LAUNCHES = 0
+DORA_SCALE_LAUNCHES = 1
 
 
 def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_drop: bool) -> list:
@@ -483,7 +481,7 @@ def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_d
     stages. The fused LoRA op runs without dropout, on x, or with dropout on torch's drop(x) (z); then the
     base product of x - drop(x) (u: the fused op with its low-rank term scaled by 0, which still runs; the
     backward needs its dX, not dA or dB); the row norm (the fused forward GEMM with A as its r rows, on
-    ``norm_path``, and its torch tail); y = g z (+ u) and its backward (one stream each way). With dropout
+    ``norm_path``, and the norm kernel); y = g z (+ u) and its backward (one stream each way). With dropout
     torch draws drop(x) (reads x, writes it and a 1-byte mask), subtracts it from x, and autograd adds the
     gradients: -dc, dxd + (-dc), the dropout's backward (reads the mask), dx + dc."""
     fwd_path, dx_path = _paths(path)
@@ -505,8 +503,8 @@ def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_d
         [[("lowrank", {"dropout": False}, {"m": r, "k": k, "r": r})]],
         _decode(norm_path, n, k),
         _gemm("fwd", norm_path, r, n, k, r, False),
-        [[("torch", {}, {"what": "norm, g, dm", "launches": DORA_NORM_LAUNCHES + DORA_SCALE_LAUNCHES,
-                         "bytes": dora_tail_bytes(n, k, r)})]],
+        [[("dora_norm", {}, {"n": n, "r": r})]],
+        [[("torch", {}, {"what": "dm", "launches": DORA_NORM_LAUNCHES + DORA_SCALE_LAUNCHES, "bytes": 12 * n})]],
         [[("dora_fwd", {}, {"m": m, "n": n, "u": p_drop})]],
         [[("dora_bwd", {}, {"m": m, "n": n})]],
     ]

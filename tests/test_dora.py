@@ -106,6 +106,27 @@ def test_norm_from_the_expansion_equals_the_direct_norm(triton_backend):
         assert (delta.norm(dim=1) > 0.3 * w.norm(dim=1)).all()  # the expansion's extra terms were exercised
 
 
+@pytest.mark.parametrize("quant, r", [(None, 8), ("nf4", 40)])
+def test_norm_kernel_equals_the_direct_norm(triton_backend, quant, r):
+    """The fast path's norm and g (the fused GEMM at M = r, then one kernel; r = 40 spans three rank slices of
+    the kernel, the last partly masked)."""
+    from fusedlora.ops.dora import _norm_and_scale_triton
+
+    layer = _layer(quant, n=80, k=128, r=r)
+    with torch.no_grad():
+        layer.lora_B.mul_(20.0)
+    w = layer.dense_base_weight(torch.float32).double()
+    delta = layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+    direct = torch.linalg.vector_norm(w + delta, dim=1)
+    mag = layer.lora_magnitude_vector
+    base = layer.base_weight.packed if layer.quantized else layer.weight
+    norm, g = _norm_and_scale_triton(base, layer.lora_A, layer.lora_B, layer.scaling,
+                                     mag.base_sq_norm(layer, torch.float32), mag.weight)
+    assert norm.dtype == g.dtype == torch.float32 and norm.shape == g.shape == (80,)
+    assert _rel(norm, direct) < 1e-5
+    assert _rel(g, mag.weight.detach().double() / direct) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_scale_kernels_write_every_element(triton_backend, monkeypatch, dtype):
     from fusedlora.kernels.dora import dora_scale_bwd, dora_scale_fwd

@@ -199,7 +199,7 @@ def test_dora_layer_launches():
     p0 = tl_.dora_layer_kernels("inloop", "inloop", 4096, 4096, 4096, 16, False)
     roles = _roles(p0)
     assert roles[:len(lora)] == _roles(lora)
-    assert roles[len(lora):] == ["lowrank", "fwd", "torch", "dora_fwd", "dora_bwd"]
+    assert roles[len(lora):] == ["lowrank", "fwd", "dora_norm", "torch", "dora_fwd", "dora_bwd"]
     norm_gemm = p0[len(lora) + 1][0][0][2]
     assert norm_gemm["m"] == 16 and norm_gemm["wfmt"] == "nf4-dq"  # the norm: A as 16 rows of input
     assert p0[-2][0][0][2]["u"] is False
@@ -234,6 +234,7 @@ def test_dora_predictions_rows():
           for role in ("fwd", "dx") for fmt in ("dense", "nf4-dq")],
         _fake("dora_fwd_bf16", "dora_fwd", {"BLOCK_M": 32, "BLOCK_N": 128}),
         _fake("dora_bwd_bf16", "dora_bwd", {"BLOCK_M": 32, "BLOCK_N": 128}),
+        _fake("dora_norm_bf16", "dora_norm", {"BLOCK_N": 64, "BLOCK_R": 16}),
     ]
     rows = tl_.dora_predictions(loops)
     assert len(rows) == len(tl_.CHIPS) * len(tl_.PROJECTIONS) * len(tl_.DORA_TOKENS) * len(tl_.DORA_DROPOUT)
@@ -254,10 +255,12 @@ def test_dora_predictions_rows():
 
 
 def test_dora_norm_launch_count():
-    """DORA_NORM_LAUNCHES is the number of torch kernels the row norm runs after its GEMM."""
+    """DORA_NORM_LAUNCHES is the number of torch kernels the fast path's row norm and g run besides the
+    fused GEMM at M = r and the norm kernel."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from fusedlora.kernels import dora as kernels_dora
     from fusedlora.ops import dora as ops_dora
 
     views = {"aten.detach.default", "aten.t.default", "aten.empty.memory_format"}
@@ -274,12 +277,21 @@ def test_dora_norm_launch_count():
     n, k, r = 64, 128, 16
     w = torch.randn(n, k, dtype=torch.bfloat16)
     a, b = torch.randn(r, k, dtype=torch.bfloat16), torch.randn(n, r, dtype=torch.bfloat16)
-    gemm = []
-    fake = lambda x, *args, **kw: gemm.append(1) or torch.empty(x.shape[0], n, dtype=x.dtype)  # noqa: E731
-    counter, sq = Count(), torch.rand(n)
+    calls = []
+
+    def gemm(x, *args):
+        calls.append("gemm")
+        return torch.empty(x.shape[0], n, dtype=x.dtype), torch.empty(r, r), None
+
+    def norm(*args):
+        calls.append("norm")
+        return torch.empty(n), torch.empty(n)
+
+    counter, sq, m = Count(), torch.rand(n), torch.rand(n)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops_dora, "lora_linear", fake)
+        mp.setattr(torch.ops.fusedlora, "lora_fwd", gemm)
+        mp.setattr(kernels_dora, "dora_norm", norm)
         with counter:
-            ops_dora.dora_weight_norm(w, a, b, 2.0, sq, torch.bfloat16)
-    assert gemm == [1]
+            ops_dora._norm_and_scale_triton(w, a, b, 2.0, sq, m)
+    assert calls == ["gemm", "norm"]
     assert len([o for o in counter.ops if o not in views]) == tl_.DORA_NORM_LAUNCHES

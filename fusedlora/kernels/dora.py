@@ -5,7 +5,14 @@ DoRA multiplies output column n of z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ by g[n] = m[
     forward   y = g ⊙ z (+ u) (+ bias)          u: the base product of the dropped part of x (dropout on)
     backward  dz = g ⊙ dy,  Σ_rows dy ⊙ z        (the magnitude's gradient before its 1/‖·‖ factor)
 
-Both kernels are memory-bound streams over [M, N]. A program owns BLOCK_N columns and visits every
+``_dora_norm_kernel`` gives the detached row norms and g in one launch from what the fused GEMM at M = r
+returns (W·Aᵀ, and A·Aᵀ from its low-rank pre-kernel) and ‖W_n‖²:
+
+    ‖W_n + s·(B·A)_n‖² = ‖W_n‖² + Σ_j B[n,j]·(2s·(W·Aᵀ)[n,j] + s²·(B·A·Aᵀ)[n,j])
+
+(fp32; B·A·Aᵀ formed in registers, r ≤ 512), instead of a dozen small torch launches on [N, r].
+
+The two streams are memory-bound passes over [M, N]. A program owns BLOCK_N columns and visits every
 SPLITS-th band of BLOCK_M rows, so g, bias and the column sums stay in registers across its bands and the
 sums leave as one fp32 row per program ([SPLITS, N] partials, added by the launcher): no atomics, so the
 result does not depend on scheduling. Products and sums are fp32; y and dz are rounded once to z's dtype.
@@ -70,6 +77,53 @@ def _dora_scale_bwd_kernel(
     tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + cols, acc, mask=col_ok)
 
 
+@triton.jit
+def _dora_norm_kernel(
+    # pointers
+    wa_ptr, b_ptr, aat_ptr, sq_ptr, m_ptr, norm_ptr, g_ptr,
+    # sizes
+    N, R, scale,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rows < N
+    rows64 = rows.to(tl.int64)  # N·r may pass 2^31
+    acc = tl.load(sq_ptr + rows, mask=ok, other=0.0)
+    for j0 in range(0, R, BLOCK_R):
+        js = j0 + tl.arange(0, BLOCK_R)
+        tile_ok = ok[:, None] & (js < R)[None, :]
+        b_j = tl.load(b_ptr + rows64[:, None] * R + js[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        wa_j = tl.load(wa_ptr + js[None, :].to(tl.int64) * N + rows[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+        q_j = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for i in range(0, R):  # (B·A·Aᵀ)[:, js]: rank-1 updates, A·Aᵀ is symmetric r x r
+            b_i = tl.load(b_ptr + rows64 * R + i, mask=ok, other=0.0).to(tl.float32)
+            aat_i = tl.load(aat_ptr + i * R + js, mask=js < R, other=0.0)
+            q_j += b_i[:, None] * aat_i[None, :]
+        acc += tl.sum(b_j * (2.0 * scale * wa_j + (scale * scale) * q_j), axis=1)
+    norm = tl.sqrt(tl.maximum(acc, 0.0))
+    tl.store(norm_ptr + rows, norm, mask=ok)
+    m = tl.load(m_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    tl.store(g_ptr + rows, m / tl.where(ok, norm, 1.0), mask=ok)  # (rows past N: no 0 / 0)
+
+
+_NORM_BLOCK_N, _NORM_BLOCK_R = 64, 16
+
+
+def dora_norm(wa: torch.Tensor, b: torch.Tensor, aat: torch.Tensor, sq: torch.Tensor, m: torch.Tensor,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖W + s·B·A‖ per row, g = m / that), fp32 [N]: ``wa`` = A·Wᵀ [r, N] and ``b`` [N, r] contiguous in one
+    dtype, ``aat`` = A·Aᵀ fp32 [r, r], ``sq`` = ‖W_n‖² fp32 [N], ``m`` [N]."""
+    r, n = wa.shape
+    norm = torch.empty(n, dtype=torch.float32, device=wa.device)
+    g = torch.empty_like(norm)
+    with device_guard(wa.device):
+        _dora_norm_kernel[(triton.cdiv(n, _NORM_BLOCK_N),)](wa, b, aat, sq, m, norm, g, n, r, float(scale),
+                                                           BLOCK_N=_NORM_BLOCK_N, BLOCK_R=_NORM_BLOCK_R,
+                                                           num_warps=NUM_WARPS)
+    return norm, g
+
+
 # 32 x 128 tiles, 4 warps: 32 elements per thread per band (16-byte loads of 16-bit rows).
 BLOCK_M, BLOCK_N, NUM_WARPS = 32, 128, 4
 _INTERPRET_BLOCK_M, _INTERPRET_BLOCK_N = 16, 32
@@ -128,6 +182,15 @@ def aot_specs() -> list[dict]:
     """The launchers' configs for 16-bit outputs (fp32 runs the same code on 4-byte elements)."""
     specs = []
     for t in ("bf16", "fp16"):
+        specs.append({
+            "name": f"dora_norm_{t}", "fn": _dora_norm_kernel,
+            "signature": {"wa_ptr": f"*{t}", "b_ptr": f"*{t}", "aat_ptr": "*fp32", "sq_ptr": "*fp32",
+                          "m_ptr": "*fp32", "norm_ptr": "*fp32", "g_ptr": "*fp32", "N": "i32", "R": "i32",
+                          "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"},
+            "constexprs": {"BLOCK_N": _NORM_BLOCK_N, "BLOCK_R": _NORM_BLOCK_R},
+            "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
+            "divisible_by_16": ["wa_ptr", "b_ptr", "aat_ptr", "sq_ptr", "m_ptr", "norm_ptr", "g_ptr", "N", "R"],
+        })
         common = {"M": "i32", "N": "i32", "SPLITS": "i32"}
         specs.append({
             "name": f"dora_fwd_{t}", "fn": _dora_scale_fwd_kernel,

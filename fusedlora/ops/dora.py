@@ -150,13 +150,27 @@ def dora_linear_reference(x, weight, lora_A, lora_B, scale, magnitude, base_sq_n
     return y.to(x.dtype)
 
 
+def _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, magnitude):
+    """(norm, g) of ``dora_weight_norm`` and g = m / norm in three launches: the fused GEMM with A as its r
+    rows (W·Aᵀ, and A·Aᵀ from its low-rank pre-kernel) and ``kernels.dora``'s norm kernel."""
+    from ..kernels.dora import dora_norm
+    from .lora_triton import weight_args
+
+    a, b = lora_A.detach().contiguous(), lora_B.detach().contiguous()
+    w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
+    n = weight.shape[0]
+    with torch.no_grad():
+        wa, aat, _ = torch.ops.fusedlora.lora_fwd(a, w, w_scales, w_zeros, nested_absmax, nested_code, a, b, None,
+                                                  None, 0.0, 0.0, fmt, n, block, nested_offset)
+        return dora_norm(wa, b, aat, base_sq_norm.float().contiguous(), magnitude.detach().float(), scale)
+
+
 class _DoraScale(torch.autograd.Function):
     """y = g ⊙ z (+ u) (+ bias) with g = m / norm (norm detached); the family's kernels both ways."""
 
     @staticmethod
-    def forward(ctx, z, magnitude, norm, bias, u, family):
+    def forward(ctx, z, magnitude, norm, g, bias, u, family):
         fwd, _ = _SCALE_IMPLS[family]
-        g = magnitude.detach().to(norm.dtype) / norm
         shape = z.shape
         z2 = z.reshape(-1, shape[-1]).contiguous()
         u2 = None if u is None else u.reshape(-1, shape[-1]).contiguous()
@@ -172,11 +186,11 @@ class _DoraScale(torch.autograd.Function):
         shape = dy.shape
         dy2 = dy.reshape(-1, shape[-1]).contiguous()
         dz, zsum = bwd(dy2, z2, g)
-        need_z, need_m, _, need_b, need_u, _ = ctx.needs_input_grad
+        need_z, need_m, _, _, need_b, need_u, _ = ctx.needs_input_grad
         dm = (zsum.to(norm.dtype) / norm).to(ctx.m_dtype) if need_m else None
         db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None
         du = dy if (need_u and ctx.has_u) else None
-        return (dz.reshape(shape) if need_z else None), dm, None, db, du, None
+        return (dz.reshape(shape) if need_z else None), dm, None, None, db, du, None
 
 
 def _scale_fwd_torch(z, g, u, bias):
@@ -215,11 +229,15 @@ def dora_linear_fused(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm,
                       dropout_mask):
     """The fused LoRA op for the GEMMs, ``kernels.dora`` for the column scaling (fp64 takes the reference)."""
     family = "torch" if x.dtype == torch.float64 else "triton"
-    norm = dora_weight_norm(weight, lora_A, lora_B, scale, base_sq_norm, x.dtype)
+    if family == "triton":
+        norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, magnitude)
+    else:
+        norm = dora_weight_norm(weight, lora_A, lora_B, scale, base_sq_norm, x.dtype)
+        g = magnitude.detach().to(norm.dtype) / norm
     if training and dropout_p > 0:
         xd = _dropped(x, dropout_p, dropout_mask)
         z = lora_linear(xd, weight, lora_A, lora_B, scale)
         u = lora_linear(x - xd, weight, lora_A.detach(), lora_B.detach(), 0.0)
     else:
         z, u = lora_linear(x, weight, lora_A, lora_B, scale), None
-    return _DoraScale.apply(z, magnitude, norm, bias, u, family)
+    return _DoraScale.apply(z, magnitude, norm, g, bias, u, family)
