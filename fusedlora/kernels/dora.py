@@ -65,7 +65,8 @@ def _dora_scale_bwd_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # per-element sums across bands, reduced over rows once at the end (no cross-warp reduction per band)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for band in range(tl.program_id(1), tl.cdiv(M, BLOCK_M), SPLITS):
         rows = tl.arange(0, BLOCK_M).to(tl.int64) + band * BLOCK_M  # int64: rows * N passes 2^31
         ok = (rows < M)[:, None] & col_ok[None, :]
@@ -73,8 +74,8 @@ def _dora_scale_bwd_kernel(
         dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(dz_ptr + offs, (dy * g[None, :]).to(dz_ptr.dtype.element_ty), mask=ok)
-        acc += tl.sum(dy * z, axis=0)
-    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + cols, acc, mask=col_ok)
+        acc += dy * z
+    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
 @triton.jit
