@@ -16,34 +16,42 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .ops.dora import dora_weight_norm, weight_row_sq_norms
+from .ops.backend import backend
+from .ops.dora import dora_row_norm, dora_weight_norm, weight_row_sq_norms
 
 
-class RowSqNormCache:
-    """‖W_n‖² [N] of a frozen base (``weight_row_sq_norms``), computed once per (base tensors, dtype) and kept.
+class TensorKeyedValue:
+    """A value computed from tensors, kept until one of them changes or ``extra`` does.
 
-    The key is the compute dtype and, for each tensor that holds the base, the tensor itself (held weakly, so
-    a new tensor at a freed address is not taken for the old one), its device, data pointer and version
-    counter: a load, a move, a replaced tensor or an in-place change computes the norms again. A write that
-    bypasses the version counter (through ``.data``) is not seen.
+    A tensor counts as unchanged while it is the same object (held weakly, so a new tensor at a freed
+    address is not taken for the old one) with the same device, data pointer and version counter: a load,
+    a move, a replaced tensor or an in-place change (an optimizer step included) computes the value again.
+    A write that bypasses the version counter (through ``.data``) is not seen.
     """
 
     def __init__(self):
-        self.value: torch.Tensor | None = None
+        self.value = None
         self._key: tuple | None = None
         self._refs: tuple = ()
+
+    def get(self, tensors: Iterable[torch.Tensor | None], extra: tuple, compute: Callable[[], object]):
+        held = [t for t in tensors if t is not None]
+        key = extra + tuple((t.device, t.data_ptr(), t._version) for t in held)
+        stale = self.value is None or key != self._key  # an equal key has one ref per tensor
+        if stale or any(r() is not t for r, t in zip(self._refs, held, strict=True)):
+            self.value = compute()
+            self._key, self._refs = key, tuple(weakref.ref(t) for t in held)
+        return self.value
+
+
+class RowSqNormCache(TensorKeyedValue):
+    """‖W_n‖² [N] of a frozen base (``weight_row_sq_norms``), computed once per (base tensors, dtype)."""
 
     def get(self, tensors: Iterable[torch.Tensor | None], dtype: torch.dtype,
             base: Callable[[], object]) -> torch.Tensor:
         """The kept norms, or ``weight_row_sq_norms(base(), dtype)`` when ``tensors`` or ``dtype`` changed;
         ``base`` is called only then (a dense tensor or a ``Packed4bit``)."""
-        held = [t for t in tensors if t is not None]
-        key = (dtype,) + tuple((t.device, t.data_ptr(), t._version) for t in held)
-        stale = self.value is None or key != self._key  # an equal key has one ref per tensor
-        if stale or any(r() is not t for r, t in zip(self._refs, held, strict=True)):
-            self.value = weight_row_sq_norms(base(), dtype)
-            self._key, self._refs = key, tuple(weakref.ref(t) for t in held)
-        return self.value
+        return super().get(tensors, (dtype,), lambda: weight_row_sq_norms(base(), dtype))
 
 
 class DoRAMagnitude(nn.Module):
@@ -54,6 +62,7 @@ class DoRAMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
         self.merged_factor: torch.Tensor | None = None
         self._sq = RowSqNormCache()
+        self._norm = TensorKeyedValue()
 
     def base_sq_norm(self, layer, dtype: torch.dtype) -> torch.Tensor:
         """‖W_n‖² [N] of ``layer``'s base decoded to ``dtype`` (kept until the base's tensors change)."""
@@ -62,6 +71,19 @@ class DoRAMagnitude(nn.Module):
             return self._sq.get([getattr(layer, f"quant_{f}") for f in fields], dtype,
                                 lambda: layer.base_weight.packed)
         return self._sq.get([layer.weight], dtype, lambda: layer.weight)
+
+    def kept_norm(self, layer, base, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+        """‖W + s·B·A‖ [N] (detached, fp32) for the forward: ``base``, ``lora_A``, ``lora_B`` as the op takes
+        them (in ``dtype``). Kept while ‖W_n‖², the layer's A and B Parameters (an optimizer step changes
+        their version), s and the dtype are unchanged: an inference run or the micro-batches of one
+        accumulated step decode W for it once. None where the reference op runs (it takes the norm of the
+        whole W + s·B·A itself, as PEFT does)."""
+        if dtype == torch.float64 or backend(lora_A.device) == "reference":
+            return None
+        sq = self.base_sq_norm(layer, dtype)
+        return self._norm.get([sq, layer.lora_A, layer.lora_B], (dtype, float(layer.scaling)),
+                              lambda: dora_row_norm(base, lora_A, lora_B, layer.scaling, sq, dtype))
 
     def weight_norm(self, layer, dtype: torch.dtype) -> torch.Tensor:
         """‖W + s·B·A‖ per row (detached), W decoded to ``dtype``; fp32, fp64 for fp64."""

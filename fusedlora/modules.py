@@ -486,8 +486,11 @@ class LoRALinear(nn.Module):
         weight = self.base_weight if self.quant_scheme is not None else _cast(self.weight, x.dtype)
         if self.dora:
             mag = self.lora_magnitude_vector
-            return dora_linear(x, weight, _cast(self.lora_A, x.dtype), _cast(self.lora_B, x.dtype), self.scaling,
-                               mag.weight, mag.base_sq_norm(self, x.dtype), bias, self.dropout, self.training)
+            a, b = _cast(self.lora_A, x.dtype), _cast(self.lora_B, x.dtype)
+            op_weight = weight.packed if isinstance(weight, QuantizedWeight) else weight
+            return dora_linear(x, weight, a, b, self.scaling, mag.weight, mag.base_sq_norm(self, x.dtype), bias,
+                               self.dropout, self.training,
+                               weight_norm=mag.kept_norm(self, op_weight, a, b, x.dtype))
         return lora_linear(
             x,
             weight,

@@ -250,3 +250,30 @@ def test_training_step_allocates_nothing_weight_sized(triton_backend, quant, p):
         y.square().sum().backward()
     big = [(b, f) for b, f in sizes.largest if b >= weight_bytes]
     assert sizes.largest and not big, big
+
+
+def test_kept_norm_is_computed_once_per_adapter_state(triton_backend, monkeypatch):
+    """The layer keeps ‖W + s·B·A‖ between forwards with the same A, B and base (inference, micro-batches
+    of one step) and computes it again after an optimizer step; outputs equal an uncached forward."""
+    from fusedlora.ops import dora as ops_dora
+
+    layer = _layer("nf4", n=64, k=128, r=4)
+    layer.train()
+    calls = []
+    real = ops_dora._norm_and_scale_triton
+    monkeypatch.setattr(ops_dora, "_norm_and_scale_triton", lambda *a: calls.append(a[-1] is None) or real(*a))
+    x = torch.randn(6, layer.in_features, device=_device())
+    y1 = layer(x)
+    y2 = layer(x)
+    assert calls == [True] and torch.equal(y1, y2)  # once, kept (None: the norm alone, g formed by the op)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).square().sum().backward()
+    opt.step()
+    y3 = layer(x)
+    assert calls == [True, True]  # A and B changed: computed again
+    mag = layer.lora_magnitude_vector
+    a, b = layer.lora_A, layer.lora_B
+    uncached = dora_linear(x, layer.base_weight, a, b, layer.scaling, mag.weight, mag.base_sq_norm(layer, x.dtype),
+                           layer.bias, 0.0, True)
+    assert len(calls) == 3 and calls[-1] is False  # the op computing norm and g itself
+    assert _rel(y3, uncached) < 1e-6 and _rel(y3, y1) > 1e-3

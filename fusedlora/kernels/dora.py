@@ -85,7 +85,7 @@ def _dora_norm_kernel(
     # sizes
     N, R, scale,
     # meta-parameters
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    WITH_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
@@ -104,24 +104,25 @@ def _dora_norm_kernel(
         acc += tl.sum(b_j * (2.0 * scale * wa_j + (scale * scale) * q_j), axis=1)
     norm = tl.sqrt(tl.maximum(acc, 0.0))
     tl.store(norm_ptr + rows, norm, mask=ok)
-    m = tl.load(m_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-    tl.store(g_ptr + rows, m / tl.where(ok, norm, 1.0), mask=ok)  # (rows past N: no 0 / 0)
+    if WITH_G:
+        m = tl.load(m_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        tl.store(g_ptr + rows, m / tl.where(ok, norm, 1.0), mask=ok)  # (rows past N: no 0 / 0)
 
 
 _NORM_BLOCK_N, _NORM_BLOCK_R = 64, 16
 
 
-def dora_norm(wa: torch.Tensor, b: torch.Tensor, aat: torch.Tensor, sq: torch.Tensor, m: torch.Tensor,
-              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(‖W + s·B·A‖ per row, g = m / that), fp32 [N]: ``wa`` = A·Wᵀ [r, N] and ``b`` [N, r] contiguous in one
-    dtype, ``aat`` = A·Aᵀ fp32 [r, r], ``sq`` = ‖W_n‖² fp32 [N], ``m`` [N]."""
+def dora_norm(wa: torch.Tensor, b: torch.Tensor, aat: torch.Tensor, sq: torch.Tensor, m: torch.Tensor | None,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(‖W + s·B·A‖ per row, g = m / that, or None without ``m``), fp32 [N]: ``wa`` = A·Wᵀ [r, N] and ``b``
+    [N, r] contiguous in one dtype, ``aat`` = A·Aᵀ fp32 [r, r], ``sq`` = ‖W_n‖² fp32 [N], ``m`` [N]."""
     r, n = wa.shape
     norm = torch.empty(n, dtype=torch.float32, device=wa.device)
-    g = torch.empty_like(norm)
+    g = None if m is None else torch.empty_like(norm)
     with device_guard(wa.device):
-        _dora_norm_kernel[(triton.cdiv(n, _NORM_BLOCK_N),)](wa, b, aat, sq, m, norm, g, n, r, float(scale),
-                                                           BLOCK_N=_NORM_BLOCK_N, BLOCK_R=_NORM_BLOCK_R,
-                                                           num_warps=NUM_WARPS)
+        _dora_norm_kernel[(triton.cdiv(n, _NORM_BLOCK_N),)](
+            wa, b, aat, sq, norm if m is None else m, norm, norm if g is None else g, n, r, float(scale),
+            WITH_G=m is not None, BLOCK_N=_NORM_BLOCK_N, BLOCK_R=_NORM_BLOCK_R, num_warps=NUM_WARPS)
     return norm, g
 
 
@@ -187,8 +188,8 @@ def aot_specs() -> list[dict]:
             "name": f"dora_norm_{t}", "fn": _dora_norm_kernel,
             "signature": {"wa_ptr": f"*{t}", "b_ptr": f"*{t}", "aat_ptr": "*fp32", "sq_ptr": "*fp32",
                           "m_ptr": "*fp32", "norm_ptr": "*fp32", "g_ptr": "*fp32", "N": "i32", "R": "i32",
-                          "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"},
-            "constexprs": {"BLOCK_N": _NORM_BLOCK_N, "BLOCK_R": _NORM_BLOCK_R},
+                          "scale": "fp32", "WITH_G": "constexpr", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"},
+            "constexprs": {"WITH_G": True, "BLOCK_N": _NORM_BLOCK_N, "BLOCK_R": _NORM_BLOCK_R},
             "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
             "divisible_by_16": ["wa_ptr", "b_ptr", "aat_ptr", "sq_ptr", "m_ptr", "norm_ptr", "g_ptr", "N", "R"],
         })

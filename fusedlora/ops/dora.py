@@ -106,16 +106,20 @@ def check_dora_args(x, weight, magnitude, base_sq_norm) -> None:
 
 
 def dora_linear(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias=None, dropout_p=0.0,
-                training=False, dropout_mask=None) -> torch.Tensor:
+                training=False, dropout_mask=None, weight_norm=None) -> torch.Tensor:
     """Autograd-aware DoRA linear; ``weight`` dense or ``Packed4bit``; ``base_sq_norm`` = ‖W_n‖² [N] of W
-    decoded to x's dtype (``weight_row_sq_norms``); ``dropout_mask`` (bool, x's shape) fixes the draw."""
+    decoded to x's dtype (``weight_row_sq_norms``); ``dropout_mask`` (bool, x's shape) fixes the draw;
+    ``weight_norm``: ‖W + s·B·A‖ [N] of these tensors when the caller kept it (``dora_row_norm``), else
+    computed here."""
     check_lora_args(x, weight, lora_A, lora_B, scale, bias, dropout_p, dropout_mask)
     check_dora_args(x, weight, magnitude, base_sq_norm)
+    if weight_norm is not None:
+        check_tensor("weight_norm", weight_norm, shape=(weight.shape[0],), device=x.device)
     if dropout_mask is not None and not (training and dropout_p > 0):
         raise ValueError("dropout_mask: given, but dropout is off (needs training=True and dropout_p > 0)")
     _, impl = select("dora_linear", x.device, x.dtype)
     return impl(x, weight, lora_A, lora_B, float(scale), magnitude, base_sq_norm, bias, float(dropout_p),
-                bool(training), dropout_mask)
+                bool(training), dropout_mask, weight_norm)
 
 
 def _dropped(x, p, dropout_mask):
@@ -126,8 +130,9 @@ def _dropped(x, p, dropout_mask):
 
 @register("dora_linear", "reference")
 def dora_linear_reference(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias, dropout_p, training,
-                          dropout_mask):
-    """PEFT's DoRA formula on the dense weight, in fp32 (fp64 for fp64), autograd for the backward."""
+                          dropout_mask, weight_norm=None):
+    """PEFT's DoRA formula on the dense weight, in fp32 (fp64 for fp64), autograd for the backward; the norm
+    from the whole W + s·B·A unless ``weight_norm`` is given."""
     acc = _acc(x.dtype)
     if isinstance(weight, Packed4bit):
         from ..formats import dequantize_reference
@@ -137,7 +142,8 @@ def dora_linear_reference(x, weight, lora_A, lora_B, scale, magnitude, base_sq_n
         w = weight.to(acc)
     a, b = lora_A.to(acc), lora_B.to(acc)
     with torch.no_grad():
-        norm = torch.linalg.vector_norm(w + scale * (b @ a), dim=1)
+        norm = (torch.linalg.vector_norm(w + scale * (b @ a), dim=1) if weight_norm is None
+                else weight_norm.to(acc))
     g = magnitude.to(acc) / norm
     xf = x.to(acc)
     if training and dropout_p > 0:
@@ -151,8 +157,9 @@ def dora_linear_reference(x, weight, lora_A, lora_B, scale, magnitude, base_sq_n
 
 
 def _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, magnitude):
-    """(norm, g) of ``dora_weight_norm`` and g = m / norm in three launches: the fused GEMM with A as its r
-    rows (W·Aᵀ, and A·Aᵀ from its low-rank pre-kernel) and ``kernels.dora``'s norm kernel."""
+    """(norm, g) of ``dora_weight_norm`` and g = m / norm (None without ``magnitude``) in three launches: the
+    fused GEMM with A as its r rows (W·Aᵀ, and A·Aᵀ from its low-rank pre-kernel) and ``kernels.dora``'s
+    norm kernel."""
     from ..kernels.dora import dora_norm
     from .lora_triton import weight_args
 
@@ -162,7 +169,16 @@ def _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, magnitud
     with torch.no_grad():
         wa, aat, _ = torch.ops.fusedlora.lora_fwd(a, w, w_scales, w_zeros, nested_absmax, nested_code, a, b, None,
                                                   None, 0.0, 0.0, fmt, n, block, nested_offset)
-        return dora_norm(wa, b, aat, base_sq_norm.float().contiguous(), magnitude.detach().float(), scale)
+        m = None if magnitude is None else magnitude.detach().float()
+        return dora_norm(wa, b, aat, base_sq_norm.float().contiguous(), m, scale)
+
+
+def dora_row_norm(weight, lora_A, lora_B, scale: float, base_sq_norm, dtype: torch.dtype) -> torch.Tensor:
+    """``dora_weight_norm`` by the backend of the weight's device (the Triton kernels where they run: the
+    fused GEMM at M = r and the norm kernel), fp32 (fp64 for fp64) [N], detached. A and B in ``dtype``."""
+    if dtype == torch.float64 or backend(lora_A.device) == "reference":
+        return dora_weight_norm(weight, lora_A, lora_B, scale, base_sq_norm, dtype)
+    return _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, None)[0]
 
 
 class _DoraScale(torch.autograd.Function):
@@ -226,10 +242,13 @@ _SCALE_IMPLS = {"torch": (_scale_fwd_torch, _scale_bwd_torch), "triton": (_scale
 
 @register("dora_linear", "triton")
 def dora_linear_fused(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias, dropout_p, training,
-                      dropout_mask):
-    """The fused LoRA op for the GEMMs, ``kernels.dora`` for the column scaling (fp64 takes the reference)."""
+                      dropout_mask, weight_norm=None):
+    """The fused LoRA op for the GEMMs, ``kernels.dora`` for the norm and the column scaling."""
     family = "torch" if x.dtype == torch.float64 else "triton"
-    if family == "triton":
+    if weight_norm is not None:
+        norm = weight_norm.detach()
+        g = magnitude.detach().to(norm.dtype) / norm
+    elif family == "triton":
         norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, magnitude)
     else:
         norm = dora_weight_norm(weight, lora_A, lora_B, scale, base_sq_norm, x.dtype)
