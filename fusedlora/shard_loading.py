@@ -30,7 +30,7 @@ import os
 import torch
 from torch import nn
 
-from .inject import inject, set_submodule
+from .inject import CONFIG_ATTR, inject, record_adapter_config, set_submodule
 from .loading import QUANT_STATE_SUFFIX
 from .modules import LoRALinear, quantize_weight
 from .quantized import QuantizedWeight
@@ -97,7 +97,8 @@ def _materialize_rest(module: nn.Module, prefix: str, files, device, config) -> 
                 setattr(sub, attr, value)
 
 
-def _build_linear(meta_layer: nn.Module, name: str, files, device, dtype, quantize, init) -> LoRALinear:
+def _build_linear(meta_layer: nn.Module, name: str, files, device, dtype, quantize, init,
+                  use_dora: bool = False) -> LoRALinear:
     """The fused layer at ``name``: a bitsandbytes 4-bit weight's tensors read as they are (no requantization,
     as ``fusedlora.load_quantized`` keeps them), a dense weight read and quantized; then its adapter."""
     bias = _read(files, f"{name}.bias", device, dtype) if meta_layer.bias is not None else None
@@ -111,7 +112,7 @@ def _build_linear(meta_layer: nn.Module, name: str, files, device, dtype, quanti
         del weight
     if isinstance(meta_layer, LoRALinear):
         layer.reset_adapter(meta_layer.r, meta_layer.alpha, meta_layer.dropout, meta_layer.use_rslora, init,
-                            meta_layer.lora_A.dtype, device)
+                            meta_layer.lora_A.dtype, device, use_dora)
     return layer
 
 
@@ -143,7 +144,12 @@ def load_sharded(path: str, *, quantize, dtype: torch.dtype = torch.float32, dev
     tied = bool(getattr(config, "tie_word_embeddings", False))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    inject(model, quantize=None, **inject_kwargs)  # structure only: meta tensors, no random draws
+    # structure only: meta tensors, no random draws; DoRA's magnitudes (norms of the real weights, no draws
+    # either) are made when each layer is built
+    use_dora = bool(inject_kwargs.pop("use_dora", False))
+    inject(model, quantize=None, **inject_kwargs)
+    if use_dora:
+        record_adapter_config(model, {**getattr(model, CONFIG_ATTR), "use_dora": True})
     init = inject_kwargs.get("init_lora_weights", True)
     files = weight_files(path)
     names = {m: n for n, m in model.named_modules()}
@@ -157,7 +163,7 @@ def load_sharded(path: str, *, quantize, dtype: torch.dtype = torch.float32, dev
     def shard_linears(scope: nn.Module) -> None:
         for sub in [m for m in scope.modules() if pending(m)]:
             name = names[sub]
-            layer = _build_linear(sub, name, files, device, dtype, quantize, init)
+            layer = _build_linear(sub, name, files, device, dtype, quantize, init, use_dora)
             set_submodule(model, name, layer)
             if layer.quantized:  # a dense one is sharded with the unit around it, as fully_shard does
                 hold_as_parameters(layer)

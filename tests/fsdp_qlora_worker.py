@@ -1,7 +1,8 @@
 """One process of tests/test_sharding.py's gloo run (torchrun): ``fl.fully_shard`` over a small model of
 4-bit ``LoRALinear`` layers, against the same model unsharded in this process. Exits non-zero on a failed
 check. Argument: the scheme (nf4 = NF4 with double quantization, block 64; int4 = group 64). With
-FSDP_WORKER_DEVICE=cuda the processes run on their GPUs over NCCL (the device check's smoke run)."""
+FSDP_WORKER_DEVICE=cuda the processes run on their GPUs over NCCL (the device check's smoke run); with
+FSDP_WORKER_DORA=1 the layers are DoRA (their magnitudes sharded like the adapters)."""
 
 import copy
 import math
@@ -20,12 +21,19 @@ from fusedlora.sharding import quantized_layers
 SPECS = {"nf4": {"scheme": "nf4", "blocksize": 64, "double_quant": True}, "int4": {"scheme": "int4", "group_size": 64}}
 
 
+DORA = os.environ.get("FSDP_WORKER_DORA") == "1"
+
+
 class Block(nn.Module):
     def __init__(self, spec):
         super().__init__()
-        self.up = fl.LoRALinear.from_linear(nn.Linear(64, 128), r=4, alpha=8, quantize=spec, init_lora_weights=False)
-        self.down = fl.LoRALinear.from_linear(nn.Linear(128, 64), r=4, alpha=8, quantize=spec,
-                                              init_lora_weights=False)
+        kw = dict(r=4, alpha=8, quantize=spec, init_lora_weights=False, use_dora=DORA)
+        self.up = fl.LoRALinear.from_linear(nn.Linear(64, 128), **kw)
+        self.down = fl.LoRALinear.from_linear(nn.Linear(128, 64), **kw)
+        if DORA:  # magnitudes away from their initial norms: DoRA's scaling matters
+            with torch.no_grad():
+                for layer in (self.up, self.down):
+                    layer.lora_magnitude_vector.weight.mul_(torch.rand(layer.out_features) + 0.5)
 
     def forward(self, x):
         return x + self.down(torch.relu(self.up(x)))

@@ -107,13 +107,14 @@ def _two_processes_equal_one(tmp_path, args, resume=False):
 
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     args = [*ARGS, *args]
+    dora = "--dora" in args
     _torchrun2(*args, "--fsdp", "--out", two)
     assert main([*args, "--grad-accum", "2", "--out", one]) == 0
-    _check_equal_runs(two, one)
+    _check_equal_runs(two, one, dora=dora)
     if resume:
         _torchrun2("--resume", "--steps", "9", "--out", two)
         assert main(["--resume", "--steps", "9", "--out", one]) == 0
-        _check_equal_runs(two, one)
+        _check_equal_runs(two, one, dora=dora)
 
 
 @pytest.mark.slow
@@ -137,12 +138,13 @@ def test_train_fsdp_loads_a_dense_checkpoint_layer_by_layer(tmp_path):
 
 @pytest.mark.slow
 def test_train_fsdp_reads_a_bitsandbytes_checkpoint_layer_by_layer(tmp_path):
-    """The same over a bitsandbytes NF4 checkpoint (double quantization): its 4-bit tensors are read layer by
-    layer as they are, and the run equals the 1-process run, which loads it whole (fl.load_quantized)."""
+    """The same over a bitsandbytes NF4 checkpoint (double quantization), with DoRA adapters: its 4-bit
+    tensors are read layer by layer as they are, each layer's magnitude is made from them as it is built,
+    and the run equals the 1-process run, which loads it whole (fl.load_quantized)."""
     from lora_models import bnb_nf4_checkpoint
     from test_train_run import _arithmetic, _word_tokenizer
 
     texts, data = _arithmetic(tmp_path, n=4)
     nf4_dir, _, _ = bnb_nf4_checkpoint(str(tmp_path), tie=False)
     assert _word_tokenizer(nf4_dir, texts) <= 97
-    _two_processes_equal_one(tmp_path, ["--model", nf4_dir, "--data", data])
+    _two_processes_equal_one(tmp_path, ["--model", nf4_dir, "--data", data, "--dora"])

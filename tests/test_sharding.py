@@ -43,8 +43,9 @@ def _adapter(out):
     return load_file(os.path.join(out, "adapter_model.safetensors"))
 
 
-def _max_diff(a, b):
-    assert a.keys() == b.keys() and len(a) == 28  # 7 linears × 2 layers × (A, B)
+def _max_diff(a, b, dora=False):
+    # 7 linears × 2 layers × (A, B, and DoRA's magnitude)
+    assert a.keys() == b.keys() and len(a) == (42 if dora else 28)
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
@@ -72,7 +73,7 @@ def nf4_runs(tmp_path_factory):
     return two, one
 
 
-def _check_equal_runs(two, one, world=2):
+def _check_equal_runs(two, one, world=2, dora=False):
     """The losses and adapters of two runs of the same global batches. Each step's gradient is the same sum
     of per-token terms, taken in another order (reduce-scatter of two halves vs accumulation in one process):
     fp32 rounding, ~1e-7 relative. Adam's update m/√v is insensitive to that scale, so 6 steps at lr 3e-3
@@ -86,7 +87,7 @@ def _check_equal_runs(two, one, world=2):
         for step, loss in want.items():
             assert _log(two, key)[step] == pytest.approx(loss, rel=1e-5), (key, step)
     a, b = _adapter(two), _adapter(one)
-    assert _max_diff(a, b) < 1e-5
+    assert _max_diff(a, b, dora) < 1e-5
     assert max(a[k].abs().max().item() for k in a if k.endswith("lora_B.weight")) > 2e-3  # trained
 
 
@@ -102,6 +103,19 @@ def test_train_fsdp_nf4_on_four_processes_equals_one_process(tmp_path):
     _torchrun("-m", "fusedlora.train", *ARGS, "--quantize", "nf4", "--fsdp", "--out", four, nproc=4)
     assert main([*ARGS, "--quantize", "nf4", "--grad-accum", "4", "--out", one]) == 0
     _check_equal_runs(four, one, world=4)
+
+
+@pytest.mark.slow
+def test_train_fsdp_nf4_dora_equals_one_process(tmp_path):
+    """--dora --fsdp on 2 processes (the magnitudes sharded with the adapters) equals 1 process with
+    --grad-accum 2: losses, A, B and the magnitudes, by _check_equal_runs' argument."""
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    _torchrun("-m", "fusedlora.train", *ARGS, "--quantize", "nf4", "--dora", "--fsdp", "--out", two)
+    assert main([*ARGS, "--quantize", "nf4", "--dora", "--grad-accum", "2", "--out", one]) == 0
+    a, b = _adapter(two), _adapter(one)
+    mags = [k for k in a if k.endswith("lora_magnitude_vector")]
+    assert len(mags) == 14 and a.keys() == b.keys()
+    _check_equal_runs(two, one, dora=True)
 
 
 @pytest.mark.slow
@@ -216,6 +230,13 @@ def test_sharded_layout_loads_into_an_unsharded_model():
     bad = dict(sharded, quant_data=sharded["quant_data"][:64])
     with pytest.raises((ValueError, RuntimeError)):
         dst.load_state_dict(bad)
+
+
+@pytest.mark.slow
+def test_fully_shard_a_4bit_dora_model():
+    """The same worker with DoRA layers (NF4, the fused kernels under the interpreter): the magnitudes are
+    sharded with the adapters, and outputs and every gradient (A, B, magnitude) equal the unsharded model's."""
+    _torchrun(WORKER, "nf4", env=_env(FUSEDLORA_BACKEND="triton", TRITON_INTERPRET="1", FSDP_WORKER_DORA="1"))
 
 
 @pytest.mark.gpu

@@ -379,8 +379,3 @@ def test_dora_run_trains_the_magnitudes_and_resumes_exactly(tmp_path, monkeypatc
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
     _peft_equals_ours(os.path.join(ref, "base_model"), ref)
 
-
-def test_dora_is_refused_with_fsdp(tmp_path, capsys):
-    out = tmp_path / "out"
-    _fails(capsys, [*SMALL, "--dora", "--fsdp", "--out", str(out)], "--dora: not supported with --fsdp")
-    assert not out.exists()

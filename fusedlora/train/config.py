@@ -100,10 +100,6 @@ class TrainConfig:
                 raise ValueError(f"{flag(name)}: expected true or false, got {getattr(self, name)!r}")
         if self.cpu_offload and not self.fsdp:
             raise ValueError("--cpu-offload: offloads FSDP2's shards; it needs --fsdp")
-        if self.dora and self.fsdp:
-            # the sharded loader builds plain LoRA adapters, and the magnitude's cached base norms are keyed
-            # on the base tensors that FSDP2 gathers anew each step
-            raise ValueError("--dora: not supported with --fsdp")
         if self.rank > MAX_RANK:
             raise ValueError(f"--rank: {self.rank} is beyond the largest supported rank, {MAX_RANK}")
         if self.quantize not in QUANTIZE_CHOICES:
