@@ -30,8 +30,8 @@ predicts fastest for the shape. The training layer (NF4 with double quantization
 0.1) is the sequence of launches of ``layer_kernels``, on both 4-bit paths; the dispatcher
 (``fusedlora.ops.paths.training_path``) marks the one it takes. Baselines are cuBLAS calls modelled from
 their FLOPs and bytes. The DoRA layer (``dora_layer_kernels``: the LoRA layer's launches, the row norm's
-GEMM at M = r and its kernel, the two column-scaling streams and, with dropout, the second base product and torch's
-elementwise work) is predicted at the large-M shapes as a ratio to our LoRA layer at the same dropout.
+GEMM at M = r and its kernel, the two column-scaling streams and, with dropout, the second base product and
+the dropout split's two passes) is predicted at the large-M shapes as a ratio to our LoRA layer at the same dropout.
 
     python bench/triton_loops.py [--from DIR | --only SUBSTR] [--cc 90] [--check]
                                  [--write-ceilings] [--write-readme]
@@ -201,6 +201,9 @@ def describe(name: str, constexprs: dict, report: dict) -> dict:
         d.update(role="reduce_m", dtype=m.group(1), elements=c.get("BLOCK_M", 0) * c.get("BLOCK_C", 0) or None)
     elif m := re.match(r"g_db_([a-z0-9]+)", name):
         d.update(role="g_db", dtype=m.group(1), elements=c.get("BLOCK_M", 0) * c.get("BLOCK_N", 0) or None)
+    elif m := re.match(r"dora_drop_(fwd|bwd)_([a-z0-9]+)$", name):
+        d.update(role="dora_drop_" + m.group(1), dtype=m.group(2),
+                 elements=c.get("BLOCK_M", 0) * c.get("BLOCK_K", 0) or None)
     elif m := re.match(r"dora_norm_([a-z0-9]+)$", name):
         d.update(role="dora_norm", dtype=m.group(1), elements=c.get("BLOCK_N", 0) * c.get("BLOCK_R", 0) or None)
     elif m := re.match(r"dora_(fwd|bwd)_([a-z0-9]+)$", name):
@@ -367,6 +370,9 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
         streams = 2 + bool(dims.get("u")) if role == "dora_fwd" else 3  # z (+ u) -> y; dy, z -> dz
         return Work(col_tiles * splits, cdiv(bands, splits), 0,
                     e * streams * m * n + 4 * n + (4 * splits * n if role == "dora_bwd" else 0))
+    if role in ("dora_drop_fwd", "dora_drop_bwd"):  # one tile per program: x -> xd, c (+ bits); dxd, dc -> dx
+        m, k = dims["m"], dims["k"]
+        return Work(cdiv(m, c["BLOCK_M"]) * cdiv(k, c["BLOCK_K"]), 1, 0, 3 * e * m * k + m * k / 8)
     if role == "dora_norm":  # per row block: every rank slice, each built by r rank-1 updates (the inner loop)
         n, r = dims["n"], dims["r"]
         return Work(cdiv(n, c["BLOCK_N"]), cdiv(r, c["BLOCK_R"]) * r, 0, 2 * e * n * r + 4 * r * r + 16 * n)
@@ -482,10 +488,8 @@ def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_d
     base product of x - drop(x) (u: the fused op with its low-rank term scaled by 0, which still runs; the
     backward needs its dX, not dA or dB); the row norm (the fused forward GEMM with A as its r rows, on
     ``norm_path``, and the norm kernel); y = g z (+ u) and its backward (one stream each way). With dropout
-    torch draws drop(x) (reads x, writes it and a 1-byte mask), subtracts it from x, and autograd adds the
-    gradients: -dc, dxd + (-dc), the dropout's backward (reads the mask), dx + dc."""
+    one pass makes drop(x) and x - drop(x) (and the mask's bits), one pass forms dx from their gradients."""
     fwd_path, dx_path = _paths(path)
-    e = 2
     stages = layer_kernels(path, m, n, k, r, p_drop=False)
     if p_drop:
         stages += [
@@ -495,9 +499,8 @@ def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_d
             [[("g_db", {}, {"m": m, "n": n, "r": r, "db": False})]],
             _decode(dx_path, n, k),
             _gemm("dx", dx_path, m, n, k, r, False),
-            [[("torch", {}, {"what": "drop(x), x - drop(x)", "launches": 2, "bytes": (2 * e + 1 + 3 * e) * m * k})]],
-            [[("torch", {}, {"what": "gradients of c, xd, x", "launches": 4,
-                             "bytes": (2 * e + 3 * e + (2 * e + 1) + 3 * e) * m * k})]],
+            [[("dora_drop_fwd", {}, {"m": m, "k": k})]],
+            [[("dora_drop_bwd", {}, {"m": m, "k": k})]],
         ]
     stages += [
         [[("lowrank", {"dropout": False}, {"m": r, "k": k, "r": r})]],

@@ -80,14 +80,19 @@ def test_fused_dora_matches_float64_oracle(triton_backend, quant, dtype, p):
     y = dora_linear(x, base, a, b, layer.scaling, mag.weight, mag.base_sq_norm(layer, dtype), layer.bias, p,
                     True, mask)
     assert y.dtype == dtype and y.shape == (3, 11, layer.out_features)
+    _check_with_oracle(layer, x, y, mask)
+
+
+def _check_with_oracle(layer, x, y, mask):
+    """y and its gradients (x, A, B, magnitude) against ``_oracle`` with the same mask, within TOL."""
     dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, layer.lora_A, layer.lora_B, mag.weight], dy)
+    grads = torch.autograd.grad(y, [x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector.weight], dy)
     y0, inputs = _oracle(layer, x, mask)
     grads0 = torch.autograd.grad(y0, inputs, dy.double())
-    assert _rel(y, y0) < TOL[dtype]
+    assert _rel(y, y0) < TOL[x.dtype]
     for name, g, g0 in zip(("x", "A", "B", "magnitude"), grads, grads0, strict=True):
         assert g.shape == g0.shape, name
-        assert _rel(g, g0) < TOL[dtype], name
+        assert _rel(g, g0) < TOL[x.dtype], name
 
 
 def test_norm_from_the_expansion_equals_the_direct_norm(triton_backend):
@@ -277,3 +282,26 @@ def test_kept_norm_is_computed_once_per_adapter_state(triton_backend, monkeypatc
                            layer.bias, 0.0, True)
     assert len(calls) == 3 and calls[-1] is False  # the op computing norm and g itself
     assert _rel(y3, uncached) < 1e-6 and _rel(y3, y1) > 1e-3
+
+
+@pytest.mark.parametrize("quant, dtype", [(None, torch.float32), ("nf4", torch.float16)])
+def test_dropout_drawn_in_the_kernel_equals_the_oracle_with_its_mask(triton_backend, quant, dtype):
+    """Dropout without an explicit mask: drop(x) and x − drop(x) come from one kernel whose mask is drawn
+    from a seed of torch's generator (kernels.dropout's scheme); re-drawing that seed and materializing the
+    mask gives the oracle the same drop. Outputs and every gradient within the file's tolerances."""
+    from fusedlora.kernels.dropout import dropout_mask
+    from fusedlora.ops.lora_triton import draw_seed
+
+    p = 0.3
+    layer = _layer(quant, dropout=p, dtype=dtype)
+    layer.train()
+    x = torch.randn(5, 7, layer.in_features, device=_device(), dtype=dtype, requires_grad=True)
+    mag = layer.lora_magnitude_vector
+    base = layer.base_weight if layer.quantized else layer.weight
+    a, b = layer.lora_A.to(dtype), layer.lora_B.to(dtype)
+    torch.manual_seed(123)
+    y = dora_linear(x, base, a, b, layer.scaling, mag.weight, mag.base_sq_norm(layer, dtype), layer.bias, p, True)
+    torch.manual_seed(123)
+    mask = dropout_mask(draw_seed(x.device), x.shape, p, x.device)
+    assert 0.2 < 1 - mask.float().mean().item() < 0.4  # about p of the elements dropped
+    _check_with_oracle(layer, x, y, mask)

@@ -323,8 +323,8 @@ def test_accelerate_equals_peft_dora_and_restores(use_backend, backend, monkeypa
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_accelerate_dropout_with_the_same_masks_equals_peft(use_backend, backend, monkeypatch):
     """Dropout on: the masks PEFT's dropout modules draw (from a seeded generator) are handed, in the same
-    order, to the op (the reference draws through draw_dropout_mask_reference, the fused path through
-    F.dropout), so both compute the same function up to fp32 ordering."""
+    order, to the op (the reference draws through draw_dropout_mask_reference, the fused path through its
+    dropout split), so both compute the same function up to fp32 ordering."""
     use_backend(backend)
     pm = dora_model(tiny_llama(), target_modules=["q_proj", "up_proj"], lora_dropout=0.3).train()
     plain = copy.deepcopy(pm)
@@ -351,6 +351,12 @@ def test_accelerate_dropout_with_the_same_masks_equals_peft(use_backend, backend
 
     monkeypatch.setattr(torch.nn.functional, "dropout", replayed_dropout)
     monkeypatch.setattr(dora_ops, "draw_dropout_mask_reference", lambda x, p: replay.pop(0))
+
+    def replayed_split(x, p):
+        xd = replayed_dropout(x, p)
+        return xd, x - xd
+
+    monkeypatch.setattr(dora_ops._DropSplit, "apply", replayed_split)
     fl.accelerate(pm)
     assert_same(loss_and_grads(pm, ids), expected, **FP32_TOL)
     assert not replay

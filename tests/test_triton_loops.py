@@ -206,13 +206,14 @@ def test_dora_layer_launches():
     p1 = tl_.dora_layer_kernels(("inloop", "dequant"), "inloop", 4096, 4096, 4096, 16, True)
     roles = _roles(p1)
     assert roles.count("fwd") == 3 and roles.count("dx") == 2 and roles.count("dequant") == 2
-    assert roles.count("torch") == 3 and p1[-2][0][0][2]["u"] is True
+    assert roles.count("torch") == 1 and p1[-2][0][0][2]["u"] is True
     # the second base product needs neither dA nor dB, nor dropout anywhere in the fused op
     assert [d.get("db", True) for role, _, d in (s[0][0] for s in p1) if role == "g_db"] == [True, False]
     assert not any(d.get("dropout") for _, _, d in (s[0][0] for s in p1))
-    elementwise = [d for role, _, d in (s[0][0] for s in p1) if role == "torch" and d["launches"] in (2, 4)]
+    assert roles.count("dora_drop_fwd") == roles.count("dora_drop_bwd") == 1
+    drop = tl_.work("dora_drop_fwd", {"BLOCK_M": 16, "BLOCK_K": 128}, {"m": 4096, "k": 4096}, 132)
     mk = 4096 * 4096
-    assert [d["bytes"] for d in elementwise] == [11 * mk, 21 * mk]  # bf16 x with 1-byte masks
+    assert drop.bytes == 6 * mk + mk / 8 and drop.programs == 256 * 32  # bf16: x in, xd and c out, 1-bit mask
 
 
 def _fake(name, role, constexprs, count=200, warps=4, mma=None, fmt=None):
@@ -235,6 +236,7 @@ def test_dora_predictions_rows():
         _fake("dora_fwd_bf16", "dora_fwd", {"BLOCK_M": 32, "BLOCK_N": 128}),
         _fake("dora_bwd_bf16", "dora_bwd", {"BLOCK_M": 32, "BLOCK_N": 128}),
         _fake("dora_norm_bf16", "dora_norm", {"BLOCK_N": 64, "BLOCK_R": 16}),
+        *[_fake(f"dora_drop_{d}_bf16", f"dora_drop_{d}", {"BLOCK_M": 16, "BLOCK_K": 128}) for d in ("fwd", "bwd")],
     ]
     rows = tl_.dora_predictions(loops)
     assert len(rows) == len(tl_.CHIPS) * len(tl_.PROJECTIONS) * len(tl_.DORA_TOKENS) * len(tl_.DORA_DROPOUT)
@@ -243,7 +245,7 @@ def test_dora_predictions_rows():
         assert row["dora"] > row["lora"]
     by_p = {r["p"]: r["dora"] / r["lora"] for r in rows if (r["chip"], r["k"], r["n"], r["m"]) ==
             ("H100-SXM", 4096, 4096, 4096)}
-    assert by_p[0.1] > by_p[0.0] + 0.5  # the second base product and torch's elementwise work
+    assert by_p[0.1] > by_p[0.0] + 0.5  # the second base product and the dropout split
     table = tl_.dora_table(rows, "H200")
     assert len(table) == 2 + len(rows) // len(tl_.CHIPS)
     lines = tl_.dora_target_lines(rows)

@@ -12,6 +12,11 @@ returns (W·Aᵀ, and A·Aᵀ from its low-rank pre-kernel) and ‖W_n‖²:
 
 (fp32; B·A·Aᵀ formed in registers, r ≤ 512), instead of a dozen small torch launches on [N, r].
 
+With dropout, ``_drop_split_kernel`` makes both inputs of DoRA's two base products in one pass over x:
+xd = drop(x) and c = x − xd, the keep-mask drawn as the fused op's dropout draws it (``dropout.keep_bytes``,
+Philox from a seed tensor) and saved as bits; ``_drop_split_bwd_kernel`` gives dx = dc + keep·s·(dxd − dc)
+(s = 1/(1-p)) from those bits in one pass.
+
 The two streams are memory-bound passes over [M, N]. A program owns BLOCK_N columns and visits every
 SPLITS-th band of BLOCK_M rows, so g, bias and the column sums stay in registers across its bands and the
 sums leave as one fp32 row per program ([SPLITS, N] partials, added by the launcher): no atomics, so the
@@ -25,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import device_guard, interpreted
+from .dropout import keep_bytes, load_bits, threshold, unpack_bits
 
 
 @triton.jit
@@ -126,6 +132,88 @@ def dora_norm(wa: torch.Tensor, b: torch.Tensor, aat: torch.Tensor, sq: torch.Te
     return norm, g
 
 
+@triton.jit
+def _drop_tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The program's tile of [M, K]: rows (int64), its first column, in-bounds rows, in-bounds mask, offsets."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    return rows, k0, row_ok, row_ok[:, None] & (cols < K)[None, :], rows[:, None] * K + cols[None, :]
+
+
+@triton.jit
+def _drop_split_kernel(
+    # pointers
+    x_ptr, seed_ptr, xd_ptr, c_ptr, bits_ptr,
+    # sizes
+    M, K, KB, thresh, keep_scale,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows, k0, row_ok, ok, offs = _drop_tile(M, K, BLOCK_M, BLOCK_K)
+    byte = keep_bytes(tl.load(seed_ptr), rows, k0, K, thresh, BLOCK_M, BLOCK_K)
+    jb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    tl.store(bits_ptr + rows[:, None] * KB + jb[None, :], byte, mask=row_ok[:, None] & (jb < KB)[None, :])
+    keep = unpack_bits(byte, BLOCK_M, BLOCK_K)
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    # xd rounded to x's dtype first, so that c = x - xd is the difference of the two stored tensors
+    xd = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
+    tl.store(xd_ptr + offs, xd, mask=ok)
+    tl.store(c_ptr + offs, (x.to(tl.float32) - xd.to(tl.float32)).to(x.dtype), mask=ok)
+
+
+@triton.jit
+def _drop_split_bwd_kernel(
+    # pointers
+    dxd_ptr, dc_ptr, bits_ptr, dx_ptr,
+    # sizes
+    M, K, KB, keep_scale,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows, k0, row_ok, ok, offs = _drop_tile(M, K, BLOCK_M, BLOCK_K)
+    keep = load_bits(bits_ptr, rows, k0, KB, row_ok, BLOCK_M, BLOCK_K)
+    dxd = tl.load(dxd_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    dc = tl.load(dc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    dx = dc + tl.where(keep, (dxd - dc) * keep_scale, 0.0)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+_DROP_BLOCK_M, _DROP_BLOCK_K = 16, 128
+
+
+def _drop_grid(m: int, k: int) -> tuple[int, int]:
+    return triton.cdiv(m, _DROP_BLOCK_M), triton.cdiv(k, _DROP_BLOCK_K)
+
+
+def drop_split(x: torch.Tensor, seed: torch.Tensor, p: float):
+    """(xd = drop(x), c = x − xd, keep bits uint8 [M, ceil(K/8)]) for x [M, K] contiguous, the mask of
+    ``seed`` (a 1-element int64 tensor on x's device) and drop probability ``p`` (``dropout.dropout_mask``
+    materializes the same mask)."""
+    m, k = x.shape
+    kb = triton.cdiv(k, 8)
+    xd, c = torch.empty_like(x), torch.empty_like(x)
+    bits = torch.empty(m, kb, dtype=torch.uint8, device=x.device)
+    if x.numel():
+        with device_guard(x.device):
+            _drop_split_kernel[_drop_grid(m, k)](x, seed, xd, c, bits, m, k, kb, threshold(p), 1.0 / (1.0 - p),
+                                                 BLOCK_M=_DROP_BLOCK_M, BLOCK_K=_DROP_BLOCK_K, num_warps=NUM_WARPS)
+    return xd, c, bits
+
+
+def drop_split_bwd(dxd: torch.Tensor, dc: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
+    """dx = dc + keep·(dxd − dc)/(1 − p) for [M, K] contiguous gradients and ``drop_split``'s bits."""
+    m, k = dc.shape
+    dx = torch.empty_like(dc)
+    if dc.numel():
+        with device_guard(dc.device):
+            _drop_split_bwd_kernel[_drop_grid(m, k)](dxd, dc, bits, dx, m, k, bits.shape[1], 1.0 / (1.0 - p),
+                                                     BLOCK_M=_DROP_BLOCK_M, BLOCK_K=_DROP_BLOCK_K,
+                                                     num_warps=NUM_WARPS)
+    return dx
+
+
 # 32 x 128 tiles, 4 warps: 32 elements per thread per band (16-byte loads of 16-bit rows).
 BLOCK_M, BLOCK_N, NUM_WARPS = 32, 128, 4
 _INTERPRET_BLOCK_M, _INTERPRET_BLOCK_N = 16, 32
@@ -184,6 +272,23 @@ def aot_specs() -> list[dict]:
     """The launchers' configs for 16-bit outputs (fp32 runs the same code on 4-byte elements)."""
     specs = []
     for t in ("bf16", "fp16"):
+        drop = {"BLOCK_M": _DROP_BLOCK_M, "BLOCK_K": _DROP_BLOCK_K}
+        specs.append({
+            "name": f"dora_drop_fwd_{t}", "fn": _drop_split_kernel,
+            "signature": {"x_ptr": f"*{t}", "seed_ptr": "*i64", "xd_ptr": f"*{t}", "c_ptr": f"*{t}",
+                          "bits_ptr": "*u8", "M": "i32", "K": "i32", "KB": "i32", "thresh": "i64",
+                          "keep_scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"},
+            "constexprs": drop, "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
+            "divisible_by_16": ["x_ptr", "seed_ptr", "xd_ptr", "c_ptr", "bits_ptr", "K", "KB"],
+        })
+        specs.append({
+            "name": f"dora_drop_bwd_{t}", "fn": _drop_split_bwd_kernel,
+            "signature": {"dxd_ptr": f"*{t}", "dc_ptr": f"*{t}", "bits_ptr": "*u8", "dx_ptr": f"*{t}", "M": "i32",
+                          "K": "i32", "KB": "i32", "keep_scale": "fp32", "BLOCK_M": "constexpr",
+                          "BLOCK_K": "constexpr"},
+            "constexprs": drop, "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
+            "divisible_by_16": ["dxd_ptr", "dc_ptr", "bits_ptr", "dx_ptr", "K", "KB"],
+        })
         specs.append({
             "name": f"dora_norm_{t}", "fn": _dora_norm_kernel,
             "signature": {"wa_ptr": f"*{t}", "b_ptr": f"*{t}", "aat_ptr": "*fp32", "sq_ptr": "*fp32",

@@ -122,6 +122,32 @@ def dora_linear(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias=
                 bool(training), dropout_mask, weight_norm)
 
 
+class _DropSplit(torch.autograd.Function):
+    """(drop(x), x − drop(x)) in one pass (``kernels.dora.drop_split``), the mask drawn from a seed taken from
+    torch's default generator of x's device and kept as bits for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        from ..kernels.dora import drop_split
+        from .lora_triton import draw_seed
+
+        shape = x.shape
+        xd, c, bits = drop_split(x.reshape(-1, shape[-1]).contiguous(), draw_seed(x.device), p)
+        ctx.save_for_backward(bits)
+        ctx.p = p
+        return xd.view(shape), c.view(shape)
+
+    @staticmethod
+    def backward(ctx, dxd, dc):
+        from ..kernels.dora import drop_split_bwd
+
+        (bits,) = ctx.saved_tensors
+        ref = dxd if dxd is not None else dc
+        shape = ref.shape
+        flat = lambda t: (torch.zeros_like(ref) if t is None else t).reshape(-1, shape[-1]).contiguous()  # noqa: E731
+        return drop_split_bwd(flat(dxd), flat(dc), bits, ctx.p).view(shape), None
+
+
 def _dropped(x, p, dropout_mask):
     if dropout_mask is None:
         return F.dropout(x, p, training=True)
@@ -254,9 +280,13 @@ def dora_linear_fused(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm,
         norm = dora_weight_norm(weight, lora_A, lora_B, scale, base_sq_norm, x.dtype)
         g = magnitude.detach().to(norm.dtype) / norm
     if training and dropout_p > 0:
-        xd = _dropped(x, dropout_p, dropout_mask)
+        if dropout_mask is None and family == "triton":
+            xd, c = _DropSplit.apply(x, dropout_p)
+        else:
+            xd = _dropped(x, dropout_p, dropout_mask)
+            c = x - xd
         z = lora_linear(xd, weight, lora_A, lora_B, scale)
-        u = lora_linear(x - xd, weight, lora_A.detach(), lora_B.detach(), 0.0)
+        u = lora_linear(c, weight, lora_A.detach(), lora_B.detach(), 0.0)
     else:
         z, u = lora_linear(x, weight, lora_A, lora_B, scale), None
     return _DoraScale.apply(z, magnitude, norm, g, bias, u, family)
