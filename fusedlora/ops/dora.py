@@ -14,7 +14,8 @@ fused GEMM run with A as its r input rows (it reads a 4-bit W once, decoded in t
 The fast path (``dora_linear_fused``) is then the fused LoRA op plus one stream over [M, N] each way
 (``kernels.dora``):
 - dropout off: z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (one fused GEMM), y = g ⊙ z + b;
-- dropout on: with xd = drop(x), W·x + (g − 1) ⊙ W·xd = W·(x − xd) + g ⊙ W·xd, so
+- dropout on (xd = drop(x) and x − xd made in one pass, the mask drawn from a seed as the LoRA kernels
+  draw theirs and kept as bits): W·x + (g − 1) ⊙ W·xd = W·(x − xd) + g ⊙ W·xd, so
   z = xd·Wᵀ + s·(xd·Aᵀ)·Bᵀ and u = (x − xd)·Wᵀ (the fused GEMM with its low-rank term scaled by 0),
   y = g ⊙ z + u + b: two base products, as the formula has two.
 The magnitude's gradient is dm = Σ_rows dy ⊙ z / ‖·‖ and z's is g ⊙ dy; autograd carries the rest through
@@ -48,18 +49,11 @@ def _decoded(weight: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
 
     if backend(weight.device) == "reference" or dtype == torch.float64:
         return dequantize(weight, dtype)
-    from .scratch import weight_scratch
+    from .lora_triton import decode_to_scratch, weight_args
 
-    n, k = weight.shape
-    out = weight_scratch(n, k, dtype, weight.device)
-    from ..kernels.dequant import dequantize_int4_triton, dequantize_nf4_triton
-
-    if weight.scheme == "nf4":
-        dequantize_nf4_triton(weight.data, weight.absmax, weight.nested_absmax, weight.nested_code,
-                              float(weight.nested_offset), weight.block, n, k, dtype, out=out)
-    else:
-        dequantize_int4_triton(weight.data, weight.scales, weight.zeros, weight.block, dtype, out=out)
-    return out
+    w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
+    return decode_to_scratch(w, w_scales, w_zeros, nested_absmax, nested_code, fmt, *weight.shape, block,
+                             nested_offset, dtype)
 
 
 @torch.no_grad()
@@ -148,12 +142,6 @@ class _DropSplit(torch.autograd.Function):
         return drop_split_bwd(flat(dxd), flat(dc), bits, ctx.p).view(shape), None
 
 
-def _dropped(x, p, dropout_mask):
-    if dropout_mask is None:
-        return F.dropout(x, p, training=True)
-    return x * dropout_mask.to(x.dtype) / (1.0 - p)
-
-
 @register("dora_linear", "reference")
 def dora_linear_reference(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias, dropout_p, training,
                           dropout_mask, weight_norm=None):
@@ -208,85 +196,53 @@ def dora_row_norm(weight, lora_A, lora_B, scale: float, base_sq_norm, dtype: tor
 
 
 class _DoraScale(torch.autograd.Function):
-    """y = g ⊙ z (+ u) (+ bias) with g = m / norm (norm detached); the family's kernels both ways."""
+    """y = g ⊙ z (+ u) (+ bias) with g = m / norm (norm detached); ``kernels.dora``'s streams both ways."""
 
     @staticmethod
-    def forward(ctx, z, magnitude, norm, g, bias, u, family):
-        fwd, _ = _SCALE_IMPLS[family]
+    def forward(ctx, z, magnitude, norm, g, bias, u):
+        from ..kernels.dora import dora_scale_fwd
+
         shape = z.shape
         z2 = z.reshape(-1, shape[-1]).contiguous()
         u2 = None if u is None else u.reshape(-1, shape[-1]).contiguous()
-        y = fwd(z2, g, u2, bias)
+        y = dora_scale_fwd(z2, g, u2, bias)
         ctx.save_for_backward(z2, g, norm)
-        ctx.family, ctx.m_dtype, ctx.has_u = family, magnitude.dtype, u is not None
+        ctx.m_dtype, ctx.has_u = magnitude.dtype, u is not None
         return y.reshape(shape)
 
     @staticmethod
     def backward(ctx, dy):
+        from ..kernels.dora import dora_scale_bwd
+
         z2, g, norm = ctx.saved_tensors
-        _, bwd = _SCALE_IMPLS[ctx.family]
         shape = dy.shape
         dy2 = dy.reshape(-1, shape[-1]).contiguous()
-        dz, zsum = bwd(dy2, z2, g)
-        need_z, need_m, _, _, need_b, need_u, _ = ctx.needs_input_grad
+        dz, zsum = dora_scale_bwd(dy2, z2, g)
+        need_z, need_m, _, _, need_b, need_u = ctx.needs_input_grad
         dm = (zsum.to(norm.dtype) / norm).to(ctx.m_dtype) if need_m else None
         db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None
         du = dy if (need_u and ctx.has_u) else None
-        return (dz.reshape(shape) if need_z else None), dm, None, None, db, du, None
-
-
-def _scale_fwd_torch(z, g, u, bias):
-    acc = _acc(z.dtype)
-    y = z.to(acc) * g.to(acc)
-    if u is not None:
-        y = y + u.to(acc)
-    if bias is not None:
-        y = y + bias.to(acc)
-    return y.to(z.dtype)
-
-
-def _scale_bwd_torch(dy, z, g):
-    acc = _acc(z.dtype)
-    dyf = dy.to(acc)
-    return (dyf * g.to(acc)).to(z.dtype), (dyf * z.to(acc)).sum(0)
-
-
-def _scale_fwd_triton(z, g, u, bias):
-    from ..kernels.dora import dora_scale_fwd
-
-    return dora_scale_fwd(z, g, u, bias)
-
-
-def _scale_bwd_triton(dy, z, g):
-    from ..kernels.dora import dora_scale_bwd
-
-    return dora_scale_bwd(dy, z, g)
-
-
-_SCALE_IMPLS = {"torch": (_scale_fwd_torch, _scale_bwd_torch), "triton": (_scale_fwd_triton, _scale_bwd_triton)}
+        return (dz.reshape(shape) if need_z else None), dm, None, None, db, du
 
 
 @register("dora_linear", "triton")
 def dora_linear_fused(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias, dropout_p, training,
                       dropout_mask, weight_norm=None):
-    """The fused LoRA op for the GEMMs, ``kernels.dora`` for the norm and the column scaling."""
-    family = "torch" if x.dtype == torch.float64 else "triton"
+    """The fused LoRA op for the GEMMs, ``kernels.dora`` for the norm, the dropout split and the column scaling
+    (fp64 never comes here: the op table gives it the reference)."""
     if weight_norm is not None:
         norm = weight_norm.detach()
         g = magnitude.detach().to(norm.dtype) / norm
-    elif family == "triton":
-        norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, magnitude)
     else:
-        norm = dora_weight_norm(weight, lora_A, lora_B, scale, base_sq_norm, x.dtype)
-        g = magnitude.detach().to(norm.dtype) / norm
+        norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, magnitude)
     if training and dropout_p > 0:
-        if dropout_mask is None and family == "triton":
+        if dropout_mask is None:
             xd, c = _DropSplit.apply(x, dropout_p)
         else:
-            xd = _dropped(x, dropout_p, dropout_mask)
+            xd = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
             c = x - xd
         z = lora_linear(xd, weight, lora_A, lora_B, scale)
         u = lora_linear(c, weight, lora_A.detach(), lora_B.detach(), 0.0)
     else:
         z, u = lora_linear(x, weight, lora_A, lora_B, scale), None
-    return _DoraScale.apply(z, magnitude, norm, g, bias, u, family)
+    return _DoraScale.apply(z, magnitude, norm, g, bias, u)

@@ -45,6 +45,20 @@ from .scratch import weight_scratch
 _EMPTY = (0,)
 
 
+def decode_to_scratch(w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n, k, block, nested_offset,
+                      dtype) -> Tensor:
+    """The 4-bit weight (``weight_args``'s tensors) decoded in ``dtype`` into the device's scratch buffer
+    (``ops.scratch``): a [n, k] view, valid until the next decode on that device."""
+    from ..kernels.dequant import dequantize_int4_triton, dequantize_nf4_triton
+
+    out = weight_scratch(n, k, dtype, w.device)
+    if fmt == "nf4":
+        dequantize_nf4_triton(w, w_scales, nested_absmax, nested_code, nested_offset, block, n, k, dtype, out=out)
+    else:
+        dequantize_int4_triton(w, w_scales, w_zeros, block, dtype, out=out)
+    return out
+
+
 def _gemm_weight(gemm, m, w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n, k, block, nested_offset,
                  dtype):
     """(w, scales, zeros, fmt, nested) that the fused GEMM ``gemm`` ("fwd" | "dx") over M = ``m`` tokens
@@ -56,14 +70,8 @@ def _gemm_weight(gemm, m, w, w_scales, w_zeros, nested_absmax, nested_code, fmt,
     if path == "dense":
         return w, None, None, fmt, None
     if path == "dequant":
-        from ..kernels.dequant import dequantize_int4_triton, dequantize_nf4_triton
-
-        out = weight_scratch(n, k, dtype, w.device)
-        if fmt == "nf4":
-            dequantize_nf4_triton(w, w_scales, nested_absmax, nested_code, nested_offset, block, n, k, dtype,
-                                  out=out)
-        else:
-            dequantize_int4_triton(w, w_scales, w_zeros, block, dtype, out=out)
+        out = decode_to_scratch(w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n, k, block, nested_offset,
+                                dtype)
         return out, None, None, "dense", None
     if nested_absmax is None:
         return w, w_scales, w_zeros, fmt, None
