@@ -25,3 +25,23 @@ def pytest_collection_modifyitems(config, items):
 def _no_forced_backend(monkeypatch):
     """Each test starts from the default backend choice; a test forces one with monkeypatch.setenv."""
     monkeypatch.delenv("FUSEDLORA_BACKEND", raising=False)
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """Force a backend family for the test; the Triton kernels need a GPU or, on CPU, TRITON_INTERPRET=1
+    (the test is skipped otherwise)."""
+    from fusedlora.ops.backend import triton_interpreted
+
+    def force(family: str) -> None:
+        if family == "triton" and not torch.cuda.is_available() and not triton_interpreted():
+            pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+        monkeypatch.setenv("FUSEDLORA_BACKEND", family)
+
+    return force
+
+
+@pytest.fixture
+def triton_backend(use_backend):
+    """The Triton kernels forced for the test."""
+    use_backend("triton")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 # fp32 tolerance for comparing two fp32 evaluations of the same model whose only differences are the order
@@ -110,3 +111,67 @@ def trainer_run(model, out_dir, max_steps=4, resume=None, stop_after=None):
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Stop()] if stop_after else None)
     trainer.train(resume_from_checkpoint=resume)
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def record_dropout_masks(monkeypatch, seed: int = 7) -> list[torch.Tensor]:
+    """torch.nn.functional.dropout replaced by one whose keep-masks come from a generator seeded with
+    ``seed``; the returned list receives each mask, in call order (PEFT's dropout modules call it)."""
+    real, gen, masks = torch.nn.functional.dropout, torch.Generator().manual_seed(seed), []
+
+    def recorded(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return real(x, p, training, inplace)
+        mask = torch.rand(x.shape, generator=gen) >= p
+        masks.append(mask)
+        return x * mask / (1 - p)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", recorded)
+    return masks
+
+
+def check_resumed_losses(rest: dict, full: dict) -> None:
+    """A run resumed from checkpoint-2 against the uninterrupted one: the same computation from the saved
+    adapter, optimizer, scheduler and RNG states, equal up to fp32 ordering of the same sums."""
+    for step in (3, 4):
+        assert rest[step] == pytest.approx(full[step], rel=1e-4, abs=1e-4)
+
+
+def check_injected_checkpoints(run, make_model, out_dir):
+    """``run`` (trainer_run, or the SFTTrainer one) on the injected model ``make_model()`` builds: its
+    checkpoints hold the whole model, the last reloads with load_quantized to the same outputs bit for bit,
+    and a run cut after step 2 and resumed reaches the uninterrupted losses. Returns (losses, reloaded)."""
+    import fusedlora as fl
+
+    trained = make_model()
+    full = run(trained, out_dir / "full")
+    assert (out_dir / "full" / "checkpoint-2" / "model.safetensors").is_file()
+    reloaded = fl.load_quantized(out_dir / "full" / "checkpoint-4")
+    ids = token_ids()
+    torch.testing.assert_close(outputs(reloaded, ids), outputs(trained.eval(), ids), atol=0, rtol=0)
+    assert sorted(run(make_model(), out_dir / "cut", stop_after=2)) == [1, 2]
+    check_resumed_losses(run(make_model(), out_dir / "cut", resume=str(out_dir / "cut" / "checkpoint-2")), full)
+    return full, reloaded
+
+
+def check_accelerated_peft_checkpoints(run, base, out_dir) -> dict:
+    """``run`` on accelerated PEFT LoRA models over ``base``: PEFT's adapter-only checkpoints, the last of
+    which loads in plain PEFT to the same outputs, and a run cut after step 2 and resumed reaches the
+    uninterrupted losses. Returns the uninterrupted run's losses."""
+    from peft import PeftModel
+
+    import fusedlora as fl
+
+    def model():
+        return fl.accelerate(peft_model(base, r=4, lora_alpha=8, target_modules="all-linear"))
+
+    pm = model()
+    full = run(pm, out_dir / "full")
+    ckpt = out_dir / "full" / "checkpoint-4"
+    assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "adapter_config.json").is_file()
+    assert not (ckpt / "model.safetensors").exists()  # PEFT's adapter-only checkpoint
+    ids = token_ids()
+    again = PeftModel.from_pretrained(copy.deepcopy(base), ckpt).eval()
+    torch.testing.assert_close(outputs(again, ids), outputs(pm.eval(), ids), **FP32_TOL)
+    assert sorted(run(model(), out_dir / "cut", stop_after=2)) == [1, 2]
+    check_resumed_losses(run(model(), out_dir / "cut", resume=str(out_dir / "cut" / "checkpoint-2")), full)
+    return full

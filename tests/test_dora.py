@@ -24,15 +24,6 @@ from fusedlora.ops.dora import dora_linear_reference, dora_weight_norm, weight_r
 TOL = {torch.float32: 1e-5, torch.float16: 2.0**-8}
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    from fusedlora.ops.backend import triton_interpreted
-
-    if not torch.cuda.is_available() and not triton_interpreted():
-        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
-    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
-
-
 def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -33,7 +33,15 @@ import re
 
 import pytest
 import torch
-from lora_models import FP32_TOL, bnb_nf4_checkpoint, outputs, peft_model, tiny_llama, token_ids
+from lora_models import (
+    FP32_TOL,
+    bnb_nf4_checkpoint,
+    outputs,
+    peft_model,
+    record_dropout_masks,
+    tiny_llama,
+    token_ids,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -50,19 +58,6 @@ pytest.importorskip("peft")
 
 LAYER_TOL = {torch.float32: 1e-5, torch.float16: 2.0**-8}
 BACKENDS = ["reference", "triton"]
-
-
-@pytest.fixture
-def use_backend(monkeypatch):
-    """Force a backend family; the Triton kernels run on CPU under TRITON_INTERPRET=1 (fp32 here)."""
-    from fusedlora.ops.backend import triton_interpreted
-
-    def force(family: str) -> None:
-        if family == "triton" and not torch.cuda.is_available() and not triton_interpreted():
-            pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
-        monkeypatch.setenv("FUSEDLORA_BACKEND", family)
-
-    return force
 
 
 def perturb_magnitudes(model: nn.Module, seed: int = 4) -> None:
@@ -329,17 +324,8 @@ def test_accelerate_dropout_with_the_same_masks_equals_peft(use_backend, backend
     pm = dora_model(tiny_llama(), target_modules=["q_proj", "up_proj"], lora_dropout=0.3).train()
     plain = copy.deepcopy(pm)
     ids = token_ids()
-    masks, gen = [], torch.Generator().manual_seed(7)
     real_dropout = torch.nn.functional.dropout
-
-    def recorded_dropout(x, p=0.5, training=True, inplace=False):
-        if not training or p == 0:
-            return real_dropout(x, p, training, inplace)
-        mask = torch.rand(x.shape, generator=gen) >= p
-        masks.append(mask)
-        return x * mask / (1 - p)
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", recorded_dropout)
+    masks = record_dropout_masks(monkeypatch)
     expected = loss_and_grads(plain, ids)
     assert len(masks) == 4
     replay = list(masks)

@@ -7,7 +7,17 @@ import copy
 
 import pytest
 import torch
-from lora_models import BERT_TARGETS, FP32_TOL, outputs, peft_model, tiny_bert, tiny_llama, token_ids, trainer_run
+from lora_models import (
+    BERT_TARGETS,
+    FP32_TOL,
+    check_injected_checkpoints,
+    outputs,
+    peft_model,
+    tiny_bert,
+    tiny_llama,
+    token_ids,
+    trainer_run,
+)
 from safetensors import safe_open
 
 import fusedlora as fl
@@ -114,19 +124,7 @@ def test_trainer_checkpoints_and_resumes_an_injected_nf4_model(tmp_path):
         torch.manual_seed(3)
         return fl.inject(tiny_llama(), r=4, alpha=8, quantize="nf4", init_lora_weights=False)
 
-    trained = model()
-    full = trainer_run(trained, tmp_path / "full")
-    assert (tmp_path / "full" / "checkpoint-2" / "model.safetensors").is_file()
-    # the last checkpoint holds the trained model: load_quantized rebuilds it, same tensors, same outputs
-    reloaded = fl.load_quantized(tmp_path / "full" / "checkpoint-4")
-    ids = token_ids()
-    torch.testing.assert_close(outputs(reloaded, ids), outputs(trained.eval(), ids), atol=0, rtol=0)
-    assert sorted(trainer_run(model(), tmp_path / "cut", stop_after=2)) == [1, 2]
-    rest = trainer_run(model(), tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
-    # the same computation resumed from the saved adapter, optimizer, scheduler and RNG states: equal up
-    # to fp32 ordering of the same sums
-    for step in (3, 4):
-        assert rest[step] == pytest.approx(full[step], rel=1e-4, abs=1e-4)
+    check_injected_checkpoints(trainer_run, model, tmp_path)
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4", {"scheme": "int4", "group_size": 64},

@@ -14,8 +14,10 @@ import torch
 from lora_models import (
     FP32_TOL,
     bnb_nf4_checkpoint,
+    check_accelerated_peft_checkpoints,
     outputs,
     peft_model,
+    record_dropout_masks,
     tiny_bert,
     tiny_llama,
     token_ids,
@@ -198,17 +200,7 @@ def test_dropout_with_the_same_masks_equals_peft(monkeypatch):
     pm = peft_model(tiny_llama(), r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.3).train()
     plain = copy.deepcopy(pm)
     ids = token_ids()
-    masks, gen = [], torch.Generator().manual_seed(7)
-    real_dropout = torch.nn.functional.dropout
-
-    def recorded_dropout(x, p=0.5, training=True, inplace=False):
-        if not training or p == 0:
-            return real_dropout(x, p, training, inplace)
-        mask = torch.rand(x.shape, generator=gen) >= p
-        masks.append(mask)
-        return x * mask / (1 - p)
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", recorded_dropout)
+    masks = record_dropout_masks(monkeypatch)
     expected = loss_and_grads(plain, ids)
     assert len(masks) == 14
     monkeypatch.setattr(lora_ops, "draw_dropout_mask_reference", lambda x, p: masks.pop(0))
@@ -342,28 +334,9 @@ def test_bnb_nf4_save_pretrained_loads_in_plain_peft(nf4_checkpoint, tmp_path):
 def test_trainer_checkpoints_resume_and_reload_in_plain_peft(tmp_path, monkeypatch):
     """transformers' Trainer trains an accelerated PEFT model, saves PEFT adapter checkpoints, and a run
     resumed from one reaches the same losses as an uninterrupted run; a checkpoint loads in plain PEFT."""
-    from peft import PeftModel
-
-    base = tiny_llama()
     log = CallLog(monkeypatch)
-    pm = fl.accelerate(peft_model(base, r=4, lora_alpha=8, target_modules="all-linear"))
-    full = trainer_run(pm, tmp_path / "full")
+    full = check_accelerated_peft_checkpoints(trainer_run, tiny_llama(), tmp_path)
     assert log.calls and len(full) == 4
-    ckpt = tmp_path / "full" / "checkpoint-4"
-    assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "adapter_config.json").is_file()
-    assert not (ckpt / "model.safetensors").exists()  # PEFT's adapter-only checkpoint
-    ids = token_ids()
-    again = PeftModel.from_pretrained(copy.deepcopy(base), ckpt).eval()
-    torch.testing.assert_close(outputs(again, ids), outputs(pm.eval(), ids), **FP32_TOL)
-
-    first = fl.accelerate(peft_model(base, r=4, lora_alpha=8, target_modules="all-linear"))
-    assert sorted(trainer_run(first, tmp_path / "cut", stop_after=2)) == [1, 2]
-    resumed = fl.accelerate(peft_model(base, r=4, lora_alpha=8, target_modules="all-linear"))
-    rest = trainer_run(resumed, tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
-    # the same computation resumed from saved adapter, optimizer, scheduler and RNG states: the losses
-    # agree up to fp32 ordering of the same sums
-    for step in (3, 4):
-        assert rest[step] == pytest.approx(full[step], rel=1e-4, abs=1e-4)
 
 
 def test_autocast_bf16_matches_peft_under_autocast(monkeypatch):

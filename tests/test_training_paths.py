@@ -27,13 +27,9 @@ from test_lora_triton import (
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    from fusedlora.ops.backend import triton_interpreted
+def _triton_backend(triton_backend):
     from fusedlora.ops.scratch import release_scratch
 
-    if not torch.cuda.is_available() and not triton_interpreted():
-        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
-    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
     release_scratch()
     yield
     release_scratch()

@@ -6,11 +6,9 @@ built in memory, so nothing is downloaded.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from lora_models import FP32_TOL, outputs, peft_model, tiny_llama, token_ids
+from lora_models import check_accelerated_peft_checkpoints, check_injected_checkpoints, tiny_llama, token_ids
 
 import fusedlora as fl
 from fusedlora.inject import lora_layers
@@ -50,45 +48,16 @@ def sft_run(model, out_dir, resume=None, stop_after=None) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
-def _same_losses(rest: dict, full: dict) -> None:
-    # the same computation resumed from the saved adapter, optimizer, scheduler and RNG states: equal up to
-    # fp32 ordering of the same sums
-    for step in (3, 4):
-        assert rest[step] == pytest.approx(full[step], rel=1e-4, abs=1e-4)
-
-
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_sft_trainer_injected_nf4_model(tmp_path, use_dora):
     def model():
         torch.manual_seed(3)
         return fl.inject(tiny_llama(), r=4, alpha=8, quantize="nf4", init_lora_weights=False, use_dora=use_dora)
 
-    trained = model()
-    full = sft_run(trained, tmp_path / "full")
+    full, reloaded = check_injected_checkpoints(sft_run, model, tmp_path)
     assert sorted(full) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(v)) for v in full.values())
-    ckpt = tmp_path / "full" / "checkpoint-4"
-    assert (ckpt / "model.safetensors").is_file()
-    # the checkpoint holds the trained model: load_quantized rebuilds it, same tensors, same outputs
-    reloaded = fl.load_quantized(ckpt)
     assert all(layer.dora == use_dora for layer in lora_layers(reloaded).values())
-    ids = token_ids()
-    torch.testing.assert_close(outputs(reloaded, ids), outputs(trained.eval(), ids), atol=0, rtol=0)
-    assert sorted(sft_run(model(), tmp_path / "cut", stop_after=2)) == [1, 2]
-    _same_losses(sft_run(model(), tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2")), full)
 
 
 def test_sft_trainer_accelerated_peft_model_reloads_in_plain_peft(tmp_path):
-    from peft import PeftModel
-
-    base = tiny_llama()
-    pm = fl.accelerate(peft_model(base, r=4, lora_alpha=8, target_modules="all-linear"))
-    full = sft_run(pm, tmp_path / "full")
-    ckpt = tmp_path / "full" / "checkpoint-4"
-    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
-    ids = token_ids()
-    again = PeftModel.from_pretrained(copy.deepcopy(base), ckpt).eval()
-    torch.testing.assert_close(outputs(again, ids), outputs(pm.eval(), ids), **FP32_TOL)
-    first = fl.accelerate(peft_model(base, r=4, lora_alpha=8, target_modules="all-linear"))
-    assert sorted(sft_run(first, tmp_path / "cut", stop_after=2)) == [1, 2]
-    resumed = fl.accelerate(peft_model(base, r=4, lora_alpha=8, target_modules="all-linear"))
-    _same_losses(sft_run(resumed, tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2")), full)
+    assert sorted(check_accelerated_peft_checkpoints(sft_run, tiny_llama(), tmp_path)) == [1, 2, 3, 4]
