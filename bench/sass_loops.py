@@ -32,7 +32,14 @@ SOURCES = ("decode_lora.cu", "decode_lora_mma.cu")
 # SMs, boost clock (GHz), HBM bandwidth (TB/s) of the cards each architecture is checked against.
 GPUS = {"80": [("A100-SXM4-80GB", 108, 1.41, 2.04)],
         "90": [("H100-SXM", 132, 1.98, 3.35), ("H200", 132, 1.98, 4.8)]}
-WARP_BYTES_PER_LOAD = 16 * 32
+# the streaming loads of W (ld.global.nc.L1::no_allocate, 8 or 16 bytes per lane): LDG.E.NA.{64,128}...
+WEIGHT_LOAD = re.compile(r"\bLDG\S*\.NA\.(64|128)\b")
+
+
+def weight_load_bytes(text: str) -> int:
+    """Bytes of W one warp-instruction loads (0 if it is not a streaming load of W)."""
+    m = WEIGHT_LOAD.search(text)
+    return 32 * int(m.group(1)) // 8 if m else 0
 
 
 def tool(name: str) -> str:
@@ -92,7 +99,7 @@ def main_loop(function: str) -> tuple[list[str], int, int] | None:
         if to is None or to >= a or to not in index:
             continue
         body = [t for _, t in ins[index[to]:i + 1]]
-        if any(".NA.128" in t for t in body) and (best is None or len(body) < len(best[0])):
+        if any(weight_load_bytes(t) for t in body) and (best is None or len(body) < len(best[0])):
             best = (body, to, a)
     return best
 
@@ -105,11 +112,11 @@ def report(sass: str, arch: str) -> tuple[list[str], list[str]]:
             continue
         loop = main_loop(function)
         if loop is None:
-            problems.append(f"{label}: no loop with 16-byte L1-bypassing loads of the weight")
+            problems.append(f"{label}: no loop with L1-bypassing 8- or 16-byte loads of the weight")
             continue
         body, start, end = loop
         ops = collections.Counter(opcode(t) for t in body)
-        weight_bytes = sum(".NA.128" in t for t in body) * WARP_BYTES_PER_LOAD
+        weight_bytes = sum(weight_load_bytes(t) for t in body)
         per_2k = len(body) * 2048 / weight_bytes
         bounds = []
         for name, sms, ghz, hbm in GPUS.get(arch, []):

@@ -46,6 +46,30 @@ __device__ __forceinline__ uint32_t float2_to_pair(float lo, float hi, const __h
   return v;
 }
 
+// A float rounded to T, as its 16-bit pattern.
+__device__ __forceinline__ uint16_t value_bits(float v, const __nv_bfloat16*) {
+  return __nv_bfloat16_raw(__float2bfloat16_rn(v)).x;
+}
+__device__ __forceinline__ uint16_t value_bits(float v, const __half*) { return __half_raw(__float2half_rn(v)).x; }
+
+// a - b on two packed values of T, rounded to T (Pair2: T's packed type, Raw2: its storage).
+template <typename Pair2, typename Raw2>
+__device__ __forceinline__ uint32_t sub_packed(uint32_t a, uint32_t b) {
+  Raw2 ra, rb;
+  memcpy(&ra, &a, sizeof(ra));
+  memcpy(&rb, &b, sizeof(rb));
+  const Raw2 d = __hsub2(Pair2(ra), Pair2(rb));
+  uint32_t v;
+  memcpy(&v, &d, sizeof(v));
+  return v;
+}
+__device__ __forceinline__ uint32_t sub_pair(uint32_t a, uint32_t b, const __nv_bfloat16*) {
+  return sub_packed<__nv_bfloat162, __nv_bfloat162_raw>(a, b);
+}
+__device__ __forceinline__ uint32_t sub_pair(uint32_t a, uint32_t b, const __half*) {
+  return sub_packed<__half2, __half2_raw>(a, b);
+}
+
 // W is read exactly once: keep it out of L1 so x and the scales stay there.
 __device__ __forceinline__ uint4 load_stream(const void* p) {
 #if defined(FUSEDLORA_EMULATE)
@@ -55,6 +79,16 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
+  return v;
+#endif
+}
+
+__device__ __forceinline__ uint2 load_stream8(const void* p) {
+#if defined(FUSEDLORA_EMULATE)
+  return emulate::load<uint2>(p);
+#else
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
 #endif
 }
@@ -80,13 +114,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Scale (and INT4 zero point) of the 32-element chunk c of row n: one per chunk, since every NF4
-// blocksize and INT4 group size is a multiple of 32.
+// Scale (and INT4 zero point) of the elements of row n from column k on, up to the next multiple of 32:
+// one per 32 elements, since every NF4 blocksize and INT4 group size is a multiple of 32.
 template <Format F>
-__device__ __forceinline__ void chunk_scale(const DecodeArgs& a, int64_t n, int64_t c, float& sc, float& zp) {
+__device__ __forceinline__ void block_scale(const DecodeArgs& a, int64_t n, int64_t k, float& sc, float& zp) {
   const int64_t K = a.K;
   if constexpr (F != Format::kINT4) {
-    const int64_t b = nf4_block(n, 32 * c, K, a.block_shift);
+    const int64_t b = nf4_block(n, k, K, a.block_shift);
     if constexpr (F == Format::kNF4) {
       sc = __ldg(a.absmax + b);
     } else {
@@ -94,10 +128,15 @@ __device__ __forceinline__ void chunk_scale(const DecodeArgs& a, int64_t n, int6
     }
     zp = 0.f;
   } else {
-    const int64_t g = n * (K >> a.block_shift) + ((32 * c) >> a.block_shift);
+    const int64_t g = n * (K >> a.block_shift) + (k >> a.block_shift);
     sc = __ldg(a.scales + g);
     zp = static_cast<float>(__ldg(a.zeros + g));
   }
+}
+// The same for the 32-element chunk c of row n.
+template <Format F>
+__device__ __forceinline__ void chunk_scale(const DecodeArgs& a, int64_t n, int64_t c, float& sc, float& zp) {
+  block_scale<F>(a, n, 32 * c, sc, zp);
 }
 
 // A code table in shared memory addressed by 32-bit shared-window addresses (table_entry_address): the

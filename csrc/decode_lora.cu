@@ -12,8 +12,8 @@
 // - this file's CUDA-core GEMV (M < mma_min_m): each block owns kRows rows of W (8 at M = 1, else 4); each
 //   thread streams 16-byte chunks (32 codes) of all kRows rows per step, so kRows loads are in flight. A code
 //   costs one byte pick, one shared-table read and one FMA per token, so its cost grows with M;
-// - decode_lora_mma.cu's tensor-core kernel (M >= mma_min_m, K % 128 == 0), whose cost barely grows
-//   with M up to 16.
+// - decode_lora_mma.cu's tensor-core kernel (M >= mma_min_m, K and block multiples of 64), whose cost
+//   barely grows with M up to 16.
 // Scales (NF4 absmax, plain or double-quantized, or INT4 scale + zero) are decoded in the same pass.
 // Accumulation is fp32.
 #include "decode_device.cuh"
@@ -188,7 +188,7 @@ cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
 
 template <typename T, Format F>
 cudaError_t launch_for_m(const DecodeArgs& a, cudaStream_t stream) {
-  if (a.M >= a.mma_min_m && a.K % kMmaStep == 0) return launch_decode_mma<T, F>(a, stream);
+  if (a.M >= a.mma_min_m && a.K % kMmaStep == 0 && a.block % kMmaStep == 0) return launch_decode_mma<T, F>(a, stream);
   // One instantiation per power-of-two bucket of M: the accumulators live in registers, sized at compile time.
   if (a.M <= 1) return launch_main<T, F, 1>(a, stream);
   if (a.M <= 2) return launch_main<T, F, 2>(a, stream);

@@ -34,14 +34,15 @@ struct DecodeArgs {
   void* y;              // [M, N]
   int M, N, K, r;
   float scale;
-  int mma_min_m;        // M from which the tensor-core kernel runs (when K % kMmaStep == 0)
+  int mma_min_m;        // M from which the tensor-core kernel runs (when K and block are multiples of kMmaStep)
   int overlap;          // 1 on sm_90+: the main kernel is launched as a programmatic dependent of the pre-pass
 };
 
 // Largest M the kernel is built for; larger M goes to the Triton GEMM.
 constexpr int kDecodeMaxM = 16;
-// The tensor-core kernel walks K in steps of this many codes; other K run the CUDA-core GEMV.
-constexpr int kMmaStep = 128;
+// The tensor-core kernel walks K in steps of this many codes, each inside one block (NF4) or group (INT4);
+// other K, and blocks of 32, run the CUDA-core GEMV.
+constexpr int kMmaStep = 64;
 
 // Launches the x·Aᵀ pre-pass and the fused GEMV on ``stream``; returns the first launch error.
 cudaError_t decode_lora(const DecodeArgs& args, Act act, Scheme scheme, cudaStream_t stream);

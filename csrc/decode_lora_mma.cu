@@ -2,17 +2,25 @@
 //
 // The weight is the 16-row A operand and the tokens sit on the 8-wide N side, so M <= 8 pads to 8 columns
 // (one mma per 16x16 weight tile) and M <= 16 to two: the multiply costs almost nothing next to streaming
-// W, where the CUDA-core GEMV's FMAs grow with M.
+// W, and M = 1 runs here too (the CUDA-core GEMV spends an FMA per code and token on it).
 //
-// A block owns 16 rows of W; its kMmaWarps warps split K in steps of 128 codes. The k order inside a step
-// is permuted (decode_math.cuh: mma_physical_k) so that each lane's fragments lie in its own loads — no
-// shuffles, and x goes into the B registers as loaded. Lane L (g = L/4, t = L%4) per step:
-//   loads codes 32t .. 32t+31 of rows g and g+8 (two 16-byte loads; their one scale each decoded here)
-//   and x[token 8j + g][32t .. 32t+31] for each 8-token tile j (four 16-byte loads per tile);
-//   for mma ks = 0..7: A registers 0/1 (rows g, g+8) from byte 2ks of the row loads, registers 2/3 from
+// A block owns 16 rows of W; its kMmaWarps warps split K in steps of 64 codes. A step lies inside one NF4
+// block or INT4 group (both are multiples of 64 here), so each mma sums codes of a single scale: the A
+// operand is the bare table value (NF4) or q - zero (INT4), rounded to T, and the scale multiplies the
+// step's fp32 partial sums after its 4 mmas — 4 FMAs per 16x8 tile instead of one multiply per code. The
+// k order inside a step is permuted (decode_math.cuh: mma_physical_k) so that each lane's fragments lie in
+// its own loads — no shuffles, and x goes into the B registers as loaded. Lane L (g = L/4, t = L%4) per step:
+//   loads codes 16t .. 16t+15 of rows g and g+8 (two 8-byte loads; their one scale each decoded here)
+//   and x[token 8j + g][16t .. 16t+15] for each 8-token tile j (two 16-byte loads per tile);
+//   decodes each row's 8 bytes into 8 A registers in registers (decode_nf4_word / int4_magic_word);
+//   for mma ks = 0..3: A registers 0/1 (rows g, g+8) from byte 2ks of the row loads, registers 2/3 from
 //   byte 2ks+1; B registers from words 2ks and 2ks+1 of the x span; C rows g, g+8 x tokens 2t, 2t+1.
-// kUnroll steps are loaded together so that several 16-byte loads of W are in flight per lane.
+// kUnroll steps are loaded together so that several loads of W are in flight per lane.
 // Tokens past M read row M-1 (any valid row): their C columns are never stored.
+//
+// Numerics: the decoded A value is the NF4 table value rounded to T (at most half an ulp of T away from
+// it, so the weight code·absmax is within 2^-(p+1)·|w| <= one ulp of T of its exact value, p = T's
+// significant bits) or the integer q - zero (exact); products and sums are fp32.
 #include "decode_device.cuh"
 
 namespace fusedlora {
@@ -20,10 +28,13 @@ namespace {
 
 using namespace decode;
 
-constexpr int kMmaWarps = 8;
+constexpr int kMmaWarps = 8;  // also the 8 table pools built at the start, one per warp
 constexpr int kMmaRows = 16;
 constexpr int kStep = kMmaStep;  // codes per row per step (decode_lora.h)
-constexpr int kUnroll = 2;  // steps loaded together: 2 rows x 2 steps = 4 x 16 bytes of W in flight per lane
+// Steps loaded together: 2 rows x 4 steps = 8 x 8 bytes of W in flight per lane; one step per lane of a
+// row pair's group, whose scales that lane decodes.
+constexpr int kUnroll = 4;
+static_assert(kUnroll == 4, "one step per lane t of a group (the scale shuffles)");
 
 __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2],
                                           const __nv_bfloat16*) {
@@ -49,28 +60,143 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const
 #endif
 }
 
-// One A register: the two codes of byte ``b`` of a word (even column from the high nibble, in the low half),
-// dequantized in fp32 and rounded to T. even/odd are the word's nibble_offsets.
+// The INT4 magic (int4_magic_word) of each type, in both halves: 128.0 in bf16, 1024.0 in fp16.
+template <typename T>
+struct Int4Magic;
+template <>
+struct Int4Magic<__nv_bfloat16> {
+  static constexpr uint32_t bits = 0x43004300u;
+  static constexpr float value = 128.f;
+};
+template <>
+struct Int4Magic<__half> {
+  static constexpr uint32_t bits = 0x64006400u;
+  static constexpr float value = 1024.f;
+};
+
+// The 8 A registers of one row's step: pair p = byte p of the row's 8-byte load. ``shift`` (INT4): magic +
+// zero in both halves of T.
 template <typename T, Format F>
-__device__ __forceinline__ uint32_t dequant_pair(const SharedTable& table, uint32_t even, uint32_t odd, int b,
-                                                 float sc, float zp) {
-  return float2_to_pair(dequant<F>(table_load(table, table_entry_address(table.base, even, b)), sc, zp),
-                        dequant<F>(table_load(table, table_entry_address(table.base, odd, b)), sc, zp),
-                        static_cast<const T*>(nullptr));
+__device__ __forceinline__ void decode_row(uint2 w, const uint32_t tab[8], uint32_t shift, uint32_t pair[8]) {
+  if constexpr (F != Format::kINT4) {
+    decode_nf4_word(w.x, tab, pair);
+    decode_nf4_word(w.y, tab, pair + 4);
+  } else {
+    int4_magic_word(w.x, Int4Magic<T>::bits, pair);
+    int4_magic_word(w.y, Int4Magic<T>::bits, pair + 4);
+#pragma unroll
+    for (int p = 0; p < 8; ++p) pair[p] = sub_pair(pair[p], shift, static_cast<const T*>(nullptr));
+  }
+}
+
+// The scale of row n for the step at column k, and (INT4) magic + zero as a pair of T (exact: an integer
+// below 2^11).
+template <typename T, Format F>
+__device__ __forceinline__ void step_scale(const DecodeArgs& a, int64_t n, int64_t k, float& sc, uint32_t& shift) {
+  float zp;
+  block_scale<F>(a, n, k, sc, zp);
+  shift = F == Format::kINT4 ? float2_to_pair(Int4Magic<T>::value + zp, Int4Magic<T>::value + zp,
+                                              static_cast<const T*>(nullptr))
+                             : 0u;
+}
+
+// Steps s0 .. s0 + count - 1 of the lane's rows n_lo (g) and n_hi (g + 8), accumulated into c. kFull: count is
+// kUnroll; otherwise the loads past the last step repeat it (unused).
+template <typename T, Format F, int NT, bool kFull>
+__device__ __forceinline__ void step_group(const DecodeArgs& a, const uint32_t tab[8], int lane, int s0, int count,
+                                           int64_t n_lo, int64_t n_hi, float c[NT][4]) {
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t k_first = static_cast<int64_t>(kStep) * s0;
+  const uint8_t* w_lo_p = a.w + n_lo * (a.K / 2) + k_first / 2 + 8 * t;
+  const uint8_t* w_hi_p = a.w + n_hi * (a.K / 2) + k_first / 2 + 8 * t;
+  auto clamp = [count](int u) { return kFull ? u : min(u, count - 1); };
+  uint2 w_lo[kUnroll], w_hi[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    w_lo[u] = load_stream8(w_lo_p + clamp(u) * (kStep / 2));
+    w_hi[u] = load_stream8(w_hi_p + clamp(u) * (kStep / 2));
+  }
+  // The four lanes of a row pair need the same scales: lane t decodes those of step s0 + t and the group
+  // shares them, one shuffle per value instead of a scale decode per lane and step.
+  float my_sc_lo, my_sc_hi;
+  uint32_t my_shift_lo, my_shift_hi;
+  const int64_t k_t = k_first + kStep * clamp(t);
+  step_scale<T, F>(a, n_lo, k_t, my_sc_lo, my_shift_lo);
+  step_scale<T, F>(a, n_hi, k_t, my_sc_hi, my_shift_hi);
+  float sc_lo[kUnroll], sc_hi[kUnroll];
+  uint32_t shift_lo[kUnroll], shift_hi[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int src = (lane & ~3) | u;
+    sc_lo[u] = __shfl_sync(0xffffffffu, my_sc_lo, src);
+    sc_hi[u] = __shfl_sync(0xffffffffu, my_sc_hi, src);
+    if constexpr (F == Format::kINT4) {
+      shift_lo[u] = __shfl_sync(0xffffffffu, my_shift_lo, src);
+      shift_hi[u] = __shfl_sync(0xffffffffu, my_shift_hi, src);
+    } else {
+      shift_lo[u] = shift_hi[u] = 0u;
+    }
+  }
+  const T* x = static_cast<const T*>(a.x);
+  const T* xrow[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xrow[j] = x + static_cast<int64_t>(min(8 * j + g, a.M - 1)) * a.ldx + k_first + 16 * t;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (!kFull && u >= count) break;  // the same for the whole warp
+    uint4 xv[NT][2];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) xv[j][q] = __ldg(reinterpret_cast<const uint4*>(xrow[j] + kStep * u) + q);
+    uint32_t lo[8], hi[8];
+    decode_row<T, F>(w_lo[u], tab, shift_lo[u], lo);
+    decode_row<T, F>(w_hi[u], tab, shift_hi[u], hi);
+    float part[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kStep / 16; ++ks) {
+      const int p0 = mma_pair_index(ks, 0), p1 = mma_pair_index(ks, 1);
+      const uint32_t af[4] = {lo[p0], hi[p0], lo[p1], hi[p1]};  // rows g, g+8 x columns 2t.., then 2t+8..
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint32_t* xw = &xv[j][0].x;  // the lane's 8 words of x, in order
+        const uint32_t bf[2] = {xw[p0], xw[p1]};
+        mma_16816(part[j], af, bf, x);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {  // C registers 0/1: row g, 2/3: row g+8
+      c[j][0] = fmaf(sc_lo[u], part[j][0], c[j][0]);
+      c[j][1] = fmaf(sc_lo[u], part[j][1], c[j][1]);
+      c[j][2] = fmaf(sc_hi[u], part[j][2], c[j][2]);
+      c[j][3] = fmaf(sc_hi[u], part[j][3], c[j][3]);
+    }
+  }
 }
 
 template <typename T, Format F, int NT>
 __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const DecodeArgs a) {
-  // The code table: NF4 values, or for INT4 the codes themselves (0..15). 256-byte aligned: an entry's
-  // address is one PRMT away from its offset (table_entry_address).
-  __shared__ __align__(256) float code_s[16];
+  // NF4: the code table rounded to T, as byte pools (decode_math.cuh: table_byte_pool), built once per block
+  // in one copy per lane: each lane reads its own, so the compiler cannot prove the registers uniform and
+  // keep them in uniform registers, which PRMT cannot read (a move per use).
+  __shared__ uint32_t tab_s[8][32];
   __shared__ float red[kMmaWarps][kMmaRows][8 * NT];
-  if (threadIdx.x < 16) code_s[threadIdx.x] = F != Format::kINT4 ? a.code[threadIdx.x] : static_cast<float>(threadIdx.x);
-  __syncthreads();
-  const SharedTable table = shared_table(code_s);
+  uint32_t tab[8] = {};
+  if constexpr (F != Format::kINT4) {
+    {
+      const int r = threadIdx.x >> 5;  // kMmaWarps == 8 pools, one per warp
+      uint16_t bits[16];
+#pragma unroll
+      for (int q = 0; q < 16; ++q) bits[q] = value_bits(a.code[q], static_cast<const T*>(nullptr));
+      tab_s[r][threadIdx.x & 31] = table_byte_pool(bits, r);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 8; ++r) tab[r] = tab_s[r][threadIdx.x & 31];
+  }
 
-  const T* __restrict__ x = static_cast<const T*>(a.x);
-  const int64_t K = a.K;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * kMmaRows;
@@ -81,60 +207,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_lora_mma_kernel(const Dec
   const int s_begin = warp * per_warp;
   const int s_end = min(steps, s_begin + per_warp);
 
-  const T* xrow[NT];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) xrow[j] = x + static_cast<int64_t>(min(8 * j + g, a.M - 1)) * a.ldx + 32 * t;
-
   float c[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
 
-  for (int s0 = s_begin; s0 < s_end; s0 += kUnroll) {
-    uint4 w_lo[kUnroll], w_hi[kUnroll];
-    float sc_lo[kUnroll], sc_hi[kUnroll], zp_lo[kUnroll], zp_hi[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      // The lane's 32 codes of a row are 32-element chunk 4s + t of that row.
-      const int64_t chunk = 4 * static_cast<int64_t>(min(s0 + u, s_end - 1)) + t;  // past the range: a repeat, unused
-      w_lo[u] = load_stream(a.w + chunk_byte_offset(n_lo, chunk, K));
-      w_hi[u] = load_stream(a.w + chunk_byte_offset(n_hi, chunk, K));
-      chunk_scale<F>(a, n_lo, chunk, sc_lo[u], zp_lo[u]);
-      chunk_scale<F>(a, n_hi, chunk, sc_hi[u], zp_hi[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (s0 + u >= s_end) break;  // the same for the whole warp
-      const int64_t k0 = static_cast<int64_t>(kStep) * (s0 + u);
-      uint4 xv[NT][4];
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) xv[j][q] = __ldg(reinterpret_cast<const uint4*>(xrow[j] + k0) + q);
-#pragma unroll
-      for (int wd = 0; wd < 4; ++wd) {  // word wd of the row loads holds the bytes of mmas 2wd and 2wd + 1
-        const uint32_t lo = (&w_lo[u].x)[wd], hi = (&w_hi[u].x)[wd];
-        const uint32_t lo_even = nibble_offsets(lo, 0), lo_odd = nibble_offsets(lo, 1);
-        const uint32_t hi_even = nibble_offsets(hi, 0), hi_odd = nibble_offsets(hi, 1);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int ks = 2 * wd + h;
-          const int b0 = mma_pair_index(ks, 0) & 3, b1 = mma_pair_index(ks, 1) & 3;  // bytes within word wd
-          const uint32_t af[4] = {
-              dequant_pair<T, F>(table, lo_even, lo_odd, b0, sc_lo[u], zp_lo[u]),  // row g,   columns 2t, 2t+1
-              dequant_pair<T, F>(table, hi_even, hi_odd, b0, sc_hi[u], zp_hi[u]),  // row g+8, columns 2t, 2t+1
-              dequant_pair<T, F>(table, lo_even, lo_odd, b1, sc_lo[u], zp_lo[u]),  // row g,   columns 2t+8, 2t+9
-              dequant_pair<T, F>(table, hi_even, hi_odd, b1, sc_hi[u], zp_hi[u]),  // row g+8, columns 2t+8, 2t+9
-          };
-#pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const uint32_t* xw = &xv[j][0].x;  // the lane's 16 words of x, in order
-            const uint32_t bf[2] = {xw[mma_pair_index(ks, 0)], xw[mma_pair_index(ks, 1)]};
-            mma_16816(c[j], af, bf, x);
-          }
-        }
-      }
-    }
-  }
+  // Whole groups of kUnroll steps (loads at fixed offsets from pointers that advance), then at most one
+  // partial group.
+  int s0 = s_begin;
+  for (; s0 + kUnroll <= s_end; s0 += kUnroll) step_group<T, F, NT, true>(a, tab, lane, s0, kUnroll, n_lo, n_hi, c);
+  if (s0 < s_end) step_group<T, F, NT, false>(a, tab, lane, s0, s_end - s0, n_lo, n_hi, c);
 
 #pragma unroll
   for (int j = 0; j < NT; ++j) {

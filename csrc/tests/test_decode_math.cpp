@@ -69,30 +69,75 @@ static void test_dq_absmax() {
 }
 
 static void test_mma_permutation() {
-  // The tensor-core kernel's k order: every mma ks takes 16 distinct codes of the 128-code step, all
-  // 8 mmas together take each code once, and a lane's A pair (byte of its row load) and B pair (word of
+  // The tensor-core kernel's k order: every mma ks takes 16 distinct codes of the 64-code step, all
+  // 4 mmas together take each code once, and a lane's A pair (byte of its row load) and B pair (word of
   // its x span) for the same logical columns are the same two physical codes.
-  for (int ks = 0; ks < 8; ++ks) {
-    bool seen[128] = {};
+  constexpr int kMmas = 4, kCodes = 64;
+  for (int ks = 0; ks < kMmas; ++ks) {
+    bool seen[kCodes] = {};
     for (int col = 0; col < 16; ++col) {
       const int k = mma_physical_k(ks, col);
-      EXPECT(k >= 0 && k < 128 && !seen[k]);
+      EXPECT(k >= 0 && k < kCodes && !seen[k]);
       seen[k] = true;
     }
   }
-  bool covered[128] = {};
-  for (int ks = 0; ks < 8; ++ks)
+  bool covered[kCodes] = {};
+  for (int ks = 0; ks < kMmas; ++ks)
     for (int col = 0; col < 16; ++col) covered[mma_physical_k(ks, col)] = true;
   for (bool c : covered) EXPECT(c);
   for (int t = 0; t < 4; ++t)
-    for (int ks = 0; ks < 8; ++ks)
+    for (int ks = 0; ks < kMmas; ++ks)
       for (int half = 0; half < 2; ++half) {
         const int col = 2 * t + 8 * half;  // the pair's even column; the odd one follows it
-        // Byte p of the lane's row load holds codes 32t + 2p (high nibble) and 32t + 2p + 1; word p of its x
-        // span holds x[32t + 2p] (low half) and x[32t + 2p + 1]: both start at the same physical code.
-        const int first = 32 * t + 2 * mma_pair_index(ks, half);
+        // Byte p of the lane's 8-byte row load holds codes 16t + 2p (high nibble) and 16t + 2p + 1; word p of
+        // its x span holds x[16t + 2p] (low half) and x[16t + 2p + 1]: both start at the same physical code.
+        const int first = 16 * t + 2 * mma_pair_index(ks, half);
         EXPECT(first == mma_physical_k(ks, col) && first + 1 == mma_physical_k(ks, col + 1));
       }
+}
+
+static void test_prmt_sign_replication() {
+  // Selector nibbles 0-7 pick bytes like byte_perm; with bit 3 set, the picked byte's sign fills the byte.
+  const uint32_t x = 0x80017F02u, y = 0xFF00C033u;
+  EXPECT(prmt(x, y, 0x3210u) == x && prmt(x, y, 0x7654u) == y);
+  EXPECT(prmt(x, y, 0x8888u) == 0x00000000u);  // byte 0 of x (0x02): positive
+  EXPECT(prmt(x, y, 0xBBBBu) == 0xFFFFFFFFu);  // byte 3 of x (0x80): negative
+  EXPECT(prmt(x, y, 0xF9D0u) == 0xFF00FF02u);  // y.b3 (0xFF) -, x.b1 (0x7F) +, y.b1 (0xC0) -, plain x.b0
+  std::mt19937 rng(99);
+  for (int trial = 0; trial < 1000; ++trial) {  // without bit 3 the two agree
+    const uint32_t a = static_cast<uint32_t>(rng()), b = static_cast<uint32_t>(rng());
+    const uint32_t sel = static_cast<uint32_t>(rng()) & 0x7777u;
+    EXPECT(prmt(a, b, sel) == byte_perm(a, b, sel));
+  }
+}
+
+static void test_register_decode() {
+  // decode_nf4_word against a direct lookup, for random 16-bit tables and every code in every position:
+  // pair i of a word holds table[high nibble of byte i] in its low half and table[low nibble] in its high half.
+  std::mt19937 rng(2027);
+  for (int trial = 0; trial < 2000; ++trial) {
+    uint16_t values[16];
+    for (uint16_t& v : values) v = static_cast<uint16_t>(rng());
+    if (trial == 0)
+      for (int q = 0; q < 16; ++q) values[q] = static_cast<uint16_t>(0x8080u | (q << 8) | q);  // sign bits set
+    uint32_t tab[8];
+    for (int r = 0; r < 8; ++r) tab[r] = table_byte_pool(values, r);
+    const uint32_t w = trial < 16 ? 0x11111111u * static_cast<uint32_t>(trial) : static_cast<uint32_t>(rng());
+    uint32_t pair[4];
+    decode_nf4_word(w, tab, pair);
+    for (int i = 0; i < 4; ++i) {
+      EXPECT((pair[i] & 0xFFFFu) == values[word_code(w, 2 * i)]);
+      EXPECT((pair[i] >> 16) == values[word_code(w, 2 * i + 1)]);
+    }
+    // INT4: the same layout with magic | code in each half.
+    for (uint32_t magic : {0x43004300u, 0x64006400u}) {
+      int4_magic_word(w, magic, pair);
+      for (int i = 0; i < 4; ++i) {
+        EXPECT((pair[i] & 0xFFFFu) == ((magic & 0xFFFFu) | word_code(w, 2 * i)));
+        EXPECT((pair[i] >> 16) == ((magic >> 16) | word_code(w, 2 * i + 1)));
+      }
+    }
+  }
 }
 
 int main() {
@@ -101,6 +146,8 @@ int main() {
   test_offsets();
   test_dq_absmax();
   test_mma_permutation();
+  test_prmt_sign_replication();
+  test_register_decode();
   std::printf("decode_math: all tests passed\n");
   return 0;
 }

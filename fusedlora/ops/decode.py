@@ -24,14 +24,13 @@ from ..formats.packed import Packed4bit
 from .registry import implementation, register
 
 DECODE_MAX_M = 16
-# From this M on (with K % 128 == 0) the tensor-core kernel runs instead of the CUDA-core GEMV. Both are
-# limited by issuing instructions about as much as by HBM (an H100 issues ~1e12 warp-instructions/s and
-# streams ~3.35e12 bytes/s), and their sm_90 main loops, per 2 KB of weight per warp (bf16, NF4 with double
-# quantization; bench/sass_loops.py), take: GEMV 586 instructions at M = 1 and 813 at M = 2 (one more FMA
-# per code and token); tensor cores 706 for any M <= 8 and 746 up to 16. So M = 1 stays on the GEMV and
-# M >= 2 moves to the tensor cores. These are instruction counts, not timings: bench/bench_decode.py times
-# both paths per M, and the measured cut-over replaces this on each GPU.
-DECODE_MMA_MIN_M = 2
+# From this M on (with K and the block size multiples of 64) the tensor-core kernel runs instead of the
+# CUDA-core GEMV. Both are limited by issuing instructions about as much as by HBM, and their sm_90 main
+# loops, per 2 KB of weight per warp (bf16, NF4 with double quantization; bench/sass_loops.py), take: GEMV
+# 586 instructions at M = 1 (one FMA per code and token, so more above), tensor cores 481 for any M <= 8 and
+# 491 up to 16. So every M runs on the tensor cores. These are instruction counts, not timings:
+# bench/bench_decode.py times both paths per M, and the measured cut-over replaces this on each GPU.
+DECODE_MMA_MIN_M = 1
 _SCHEME_ID = {"nf4": 0, "int4": 1}
 
 
