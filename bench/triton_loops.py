@@ -17,9 +17,11 @@ handle one tile per program). Both sides of any branch inside the loop are count
 Roles and formats come from the spec names (``lora_fwd_<dtype>_<fmt>_<BM>x<BN>x<BK>``, ``lora_dx_...``,
 ``lowrank_*``, ``reduce_m_*``, ``g_db_*``, ``decode_absmax``, ``dequant_<fmt>_...``, ``dora_fwd_<dtype>``,
 ``dora_bwd_<dtype>``: DoRA's column-scaling streams, BLOCK_M x BLOCK_N elements per iteration,
-``dora_norm_<dtype>``: its row norms, BLOCK_N x BLOCK_R per iteration). A spec may carry a ``report`` dict
-that overrides them: ``role`` (fwd, dx, lowrank, reduce_m, g_db, decode_absmax, dequant, dora_fwd, dora_bwd,
-dora_norm, other), ``fmt`` (dense, nf4, int4, nf4-unaligned, nf4-dq), ``dtype`` and
+``dora_norm_<dtype>``: its row norms, BLOCK_N x BLOCK_R per iteration; ``dora_add_<dtype>``,
+``dora_colsum_<dtype>``: the streams with g folded elsewhere; ``dora_gain_<dtype>``: the fold's row
+block). A spec may carry a ``report`` dict that overrides them: ``role`` (fwd, dx, lowrank, reduce_m,
+g_db, decode_absmax, dequant, dora_fwd, dora_bwd, dora_add, dora_colsum, dora_gain, dora_norm, other),
+``fmt`` (dense, nf4, int4, nf4-unaligned, nf4-dq), ``dtype`` and
 ``elements`` (weight elements per iteration).
 
 The prediction (``CHIPS``, ``MODEL``; bench/README.md says what it ignores): per kernel launch,
@@ -29,9 +31,10 @@ loop waits for its own wgmma and one CTA fits per SM). Each kernel runs at the c
 predicts fastest for the shape. The training layer (NF4 with double quantization, LoRA r = 16, dropout
 0.1) is the sequence of launches of ``layer_kernels``, on both 4-bit paths; the dispatcher
 (``fusedlora.ops.paths.training_path``) marks the one it takes. Baselines are cuBLAS calls modelled from
-their FLOPs and bytes. The DoRA layer (``dora_layer_kernels``: the LoRA layer's launches, the row norm's
-GEMM at M = r and its kernel, the two column-scaling streams and, with dropout, the second base product and
-the dropout split's two passes) is predicted at the large-M shapes as a ratio to our LoRA layer at the same dropout.
+their FLOPs and bytes. The DoRA layer (``dora_layer_kernels``: the row norm's GEMM at M = r and its kernel, the
+kernel folding g into the weight's scales and B, the LoRA layer's launches on the folded weight, the
+column sums for dm and, with dropout, the second base product at rank 0, the add and the dropout split's two
+passes) is predicted at the large-M shapes as a ratio to our LoRA layer at the same dropout.
 
     python bench/triton_loops.py [--from DIR | --only SUBSTR] [--cc 90] [--check]
                                  [--write-ceilings] [--write-readme]
@@ -206,9 +209,11 @@ def describe(name: str, constexprs: dict, report: dict) -> dict:
                  elements=c.get("BLOCK_M", 0) * c.get("BLOCK_K", 0) or None)
     elif m := re.match(r"dora_norm_([a-z0-9]+)$", name):
         d.update(role="dora_norm", dtype=m.group(1), elements=c.get("BLOCK_N", 0) * c.get("BLOCK_R", 0) or None)
-    elif m := re.match(r"dora_(fwd|bwd)_([a-z0-9]+)$", name):
+    elif m := re.match(r"dora_(fwd|bwd|add|colsum)_([a-z0-9]+)$", name):
         d.update(role="dora_" + m.group(1), dtype=m.group(2),
                  elements=c.get("BLOCK_M", 0) * c.get("BLOCK_N", 0) or None)
+    elif m := re.match(r"dora_gain_([a-z0-9]+)$", name):
+        d.update(role="dora_gain", dtype=m.group(1), elements=c.get("BLOCK_N", 0) * c.get("BLOCK_C", 0) or None)
     elif name.startswith("decode_absmax"):
         d.update(role="decode_absmax", elements=c.get("BLOCK"))
     elif m := re.match(r"dequant_(nf4|int4)_[a-z0-9]+_(dq_)?([a-z0-9]+)$", name):
@@ -363,13 +368,17 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
         return Work(m_tiles * splits * cdiv(r, c["BLOCK_R"]), cols_tiles,
                     2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_R"],
                     e * m * n + 4 * m * r + e * n * r + 4 * (splits * m + m_tiles * n) * r)
-    if role in ("dora_fwd", "dora_bwd"):  # one pass over [m, n]; fp32 g [n] read, bwd: fp32 column-sum partials
+    if role in DORA_STREAMS:  # one pass over [m, n]; fp32 g [n] read; the backward: fp32 column-sum partials
         m, n = dims["m"], dims["n"]
         col_tiles, bands = cdiv(n, c["BLOCK_N"]), cdiv(m, c["BLOCK_M"])
         splits = dora_splits(m, n, c, sms)
-        streams = 2 + bool(dims.get("u")) if role == "dora_fwd" else 3  # z (+ u) -> y; dy, z -> dz
+        streams = DORA_STREAMS[role] + (role in ("dora_fwd", "dora_add") and bool(dims.get("u")))
         return Work(col_tiles * splits, cdiv(bands, splits), 0,
-                    e * streams * m * n + 4 * n + (4 * splits * n if role == "dora_bwd" else 0))
+                    e * streams * m * n + 4 * n + (4 * splits * n if role in DORA_SUMS else 0))
+    if role == "dora_gain":  # per row block: g, 1 / m; g B [n, r]; the block scales (uint8 codes in, fp32 out)
+        n, r, blocks = dims["n"], dims["r"], dims["k"] // NF4_BLOCK
+        return Work(cdiv(n, c["BLOCK_N"]), cdiv(r, c["BLOCK_C"]) + cdiv(blocks, c["BLOCK_C"]), 0,
+                    16 * n + 2 * e * n * r + 5 * n * blocks)
     if role in ("dora_drop_fwd", "dora_drop_bwd"):  # one tile per program: x -> xd, c (+ bits); dxd, dc -> dx
         m, k = dims["m"], dims["k"]
         return Work(cdiv(m, c["BLOCK_M"]) * cdiv(k, c["BLOCK_K"]), 1, 0, 3 * e * m * k + m * k / 8)
@@ -382,8 +391,14 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
     if role == "dequant":
         numel = dims["n"] * dims["k"]
         per_program = 2 * c["BYTES"]
-        return Work(cdiv(numel, per_program), 1, 0, numel / 2 + numel / NF4_BLOCK + e * numel)
+        return Work(cdiv(numel, per_program), 1, 0, weight_bytes(dims["n"], dims["k"], dims["wfmt"]) + e * numel)
     raise ValueError(f"no launch model for role {role!r}")
+
+
+# DoRA's streams over [m, n]: how many [m, n] tensors each reads or writes (dora_fwd, dora_add: + u when
+# given): z -> y = g z; v -> y (the add of u and bias alone); dy, z -> dz; dy, v -> column sums alone
+DORA_STREAMS = {"dora_fwd": 2, "dora_add": 2, "dora_bwd": 3, "dora_colsum": 2}
+DORA_SUMS = ("dora_bwd", "dora_colsum")
 
 
 def g_db_grid(c: dict, dims: dict, sms: int) -> tuple[int, int]:
@@ -435,15 +450,15 @@ def dequant_baseline_us(n: int, k: int, chip: dict) -> float:
     return memory_us(2 * blocks + 4 * blocks, chip) + memory_us(n * k / 2 + 4 * blocks + 2 * n * k, chip)
 
 
-def _decode(p: str, n: int, k: int) -> list:
-    """The stage that decodes the weight before a GEMM on path ``p``: a dequant launch, or empty (the
-    in-loop GEMMs decode the double-quantized absmax themselves, fmt nf4-dq)."""
-    return [[("dequant", {"fmt": "nf4-dq"}, {"n": n, "k": k})]] if p == "dequant" else []
+def _decode(p: str, n: int, k: int, fmt: str = "nf4-dq") -> list:
+    """The stage that decodes the weight (format ``fmt``) before a GEMM on path ``p``: a dequant launch, or
+    empty (the in-loop GEMMs decode it themselves, a double-quantized absmax included)."""
+    return [[("dequant", {"fmt": fmt}, {"n": n, "k": k, "wfmt": fmt})]] if p == "dequant" else []
 
 
-def _gemm(role: str, p: str, m: int, n: int, k: int, r: int, drops: bool) -> list:
+def _gemm(role: str, p: str, m: int, n: int, k: int, r: int, drops: bool, fmt: str = "nf4-dq") -> list:
     """The fused GEMM stage; ``drops``: the call applies dropout (dX then reads the keep-mask)."""
-    wfmt = "dense" if p == "dequant" else "nf4-dq"
+    wfmt = "dense" if p == "dequant" else fmt
     return [[(role, {"fmt": wfmt}, {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt, "dropout": drops})]]
 
 
@@ -451,66 +466,69 @@ def _paths(path) -> tuple[str, str]:
     return (path, path) if isinstance(path, str) else path
 
 
-def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True) -> list[list[list[tuple]]]:
+def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True,
+                  fmt: str = "nf4-dq") -> list[list[list[tuple]]]:
     """The launches of our training layer (forward + backward, NF4 with double quantization) as stages, each
     a list of options (the first whose kernels all have compiled specs is taken), each option a list of
     (role, selection, dims): selection picks candidate specs (fmt, dropout), dims are the call's sizes.
     ``path``: "dequant" or "inloop" for both GEMMs, or a (forward, dX) pair of them. Without dropout
-    (``p_drop`` False) dA runs the dropout build of its kernel when no other is compiled, with no mask."""
+    (``p_drop`` False) dA runs the dropout build of its kernel when no other is compiled, with no mask.
+    ``fmt``: the weight's format (nf4: fp32 block scales, as DoRA's folded weight)."""
     fwd_path, dx_path = _paths(path)
     dims_a = {"m": m, "c": k, "r": r, "dropout": p_drop}
     stages = [
         # forward: xa = drop(x) . A^T, W decoded into the scratch or in the loop, y = x . W^T + s . xa . B^T
         [[("lowrank", {"dropout": p_drop}, {"m": m, "k": k, "r": r})]],
-        _decode(fwd_path, n, k),
-        _gemm("fwd", fwd_path, m, n, k, r, p_drop),
+        _decode(fwd_path, n, k, fmt),
+        _gemm("fwd", fwd_path, m, n, k, r, p_drop, fmt),
         # backward: g = dY . B and dB = s dY^T xa (one pass over dY, or two kernels)
         [[("g_db", {}, {"m": m, "n": n, "r": r})],
          [("lowrank", {"dropout": False}, {"m": m, "k": n, "r": r}),
           ("reduce_m", {"dropout": False}, {"m": m, "c": n, "r": r})]],
         # dX = dY . W + mask * (s g A), dA = s drop(x)^T g
-        _decode(dx_path, n, k),
-        _gemm("dx", dx_path, m, n, k, r, p_drop),
+        _decode(dx_path, n, k, fmt),
+        _gemm("dx", dx_path, m, n, k, r, p_drop, fmt),
         [[("reduce_m", {"dropout": p_drop}, dims_a)], [("reduce_m", {}, dims_a)]],
     ]
     return [stage for stage in stages if stage]
 
 
-# DoRA's torch launches on [N] (``fusedlora.ops.dora``, magnitude and ‖W_n‖² fp32): none for the row norm
-# and g (the fused GEMM at M = r and the norm kernel), dm = sum / norm in the backward
-DORA_NORM_LAUNCHES = 0
-DORA_SCALE_LAUNCHES = 1
+# DoRA's torch launches on [N] and [N, r] (``fusedlora.ops.dora``, magnitude and ‖W_n‖² fp32): none for the
+# row norm, g, g ⊙ B, 1 / m and the folded scales (the fused GEMM at M = r, the norm and gain kernels);
+# dB = g ⊙ (the op's gradient of g ⊙ B) in the backward: a product and its cast
+DORA_LAUNCHES = 2
 
 
 def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_drop: bool) -> list:
-    """The launches of the DoRA layer (``fusedlora.ops.dora``, forward + backward) as ``layer_kernels``'s
-    stages. The fused LoRA op runs without dropout, on x, or with dropout on torch's drop(x) (z); then the
-    base product of x - drop(x) (u: the fused op with its low-rank term scaled by 0, which still runs; the
-    backward needs its dX, not dA or dB); the row norm (the fused forward GEMM with A as its r rows, on
-    ``norm_path``, and the norm kernel); y = g z (+ u) and its backward (one stream each way). With dropout
-    one pass makes drop(x) and x - drop(x) (and the mask's bits), one pass forms dx from their gradients."""
+    """The launches of the DoRA layer (``fusedlora.ops.dora``, forward + backward; an NF4 base in bf16 takes
+    g into its row scales) as ``layer_kernels``'s stages. The row norm (the fused forward GEMM with A as its
+    r rows, on ``norm_path``, and the norm kernel), one kernel for g, 1 / m, g ⊙ B and the block scales
+    times g (decoded to fp32: the layer's GEMMs then read an NF4 weight with fp32 scales); the fused LoRA
+    op on them, without dropout, on x or drop(x): v = g ⊙ z, and its backward on dY as it is; dm from the
+    column sums of dY ⊙ v (one stream). With dropout: one pass makes drop(x) and x - drop(x) (and the
+    mask's bits); the base product of x - drop(x) (u: the fused GEMMs at rank 0, forward and dX, on the
+    weight as it is); y = v + u (one stream); one pass forms dx from the two gradients and the bits."""
     fwd_path, dx_path = _paths(path)
-    stages = layer_kernels(path, m, n, k, r, p_drop=False)
-    if p_drop:
-        stages += [
-            [[("lowrank", {"dropout": False}, {"m": m, "k": k, "r": r})]],
-            _decode(fwd_path, n, k),
-            _gemm("fwd", fwd_path, m, n, k, r, False),
-            [[("g_db", {}, {"m": m, "n": n, "r": r, "db": False})]],
-            _decode(dx_path, n, k),
-            _gemm("dx", dx_path, m, n, k, r, False),
-            [[("dora_drop_fwd", {}, {"m": m, "k": k})]],
-            [[("dora_drop_bwd", {}, {"m": m, "k": k})]],
-        ]
-    stages += [
+    stages = [
         [[("lowrank", {"dropout": False}, {"m": r, "k": k, "r": r})]],
         _decode(norm_path, n, k),
         _gemm("fwd", norm_path, r, n, k, r, False),
         [[("dora_norm", {}, {"n": n, "r": r})]],
-        [[("torch", {}, {"what": "dm", "launches": DORA_NORM_LAUNCHES + DORA_SCALE_LAUNCHES, "bytes": 12 * n})]],
-        [[("dora_fwd", {}, {"m": m, "n": n, "u": p_drop})]],
-        [[("dora_bwd", {}, {"m": m, "n": n})]],
+        [[("dora_gain", {}, {"n": n, "k": k, "r": r})]],
+        *layer_kernels(path, m, n, k, r, p_drop=False, fmt="nf4"),
+        [[("torch", {}, {"what": "dB", "launches": DORA_LAUNCHES, "bytes": 12 * n * r})]],
+        [[("dora_colsum", {}, {"m": m, "n": n})]],
     ]
+    if p_drop:
+        stages += [
+            [[("dora_drop_fwd", {}, {"m": m, "k": k})]],
+            _decode(fwd_path, n, k),
+            _gemm("fwd", fwd_path, m, n, k, 0, False),
+            [[("dora_add", {}, {"m": m, "n": n, "u": True})]],
+            _decode(dx_path, n, k),
+            _gemm("dx", dx_path, m, n, k, 0, False),
+            [[("dora_drop_bwd", {}, {"m": m, "k": k})]],
+        ]
     return [stage for stage in stages if stage]
 
 
@@ -544,7 +562,7 @@ def launch_us(lp: Loop, role: str, dims: dict, chip: dict) -> float:
             t += memory_us(4 * (splits + 1) * dims["m"] * dims["r"], chip)
         if m_tiles > 1 and dims.get("db", True):
             t += memory_us(4 * (m_tiles + 1) * dims["n"] * dims["r"], chip)
-    if role == "dora_bwd":  # the torch sum of the column-sum partials
+    if role in DORA_SUMS:  # the torch sum of the column-sum partials
         t += memory_us(4 * (w.programs // cdiv(dims["n"], lp.constexprs["BLOCK_N"]) + 1) * dims["n"], chip)
     return t
 
@@ -841,7 +859,7 @@ def problems(loops: list[Loop], version: str) -> list[str]:
             out.append(f"{tag}: main loop touches local memory (LDL/STL: spills)")
         if lp.role in ("fwd", "dx") and lp.mma is None:
             out.append(f"{tag}: GEMM main loop without an MMA")
-        if lp.role in ("dora_fwd", "dora_bwd") and not lp.is_loop:
+        if lp.role in DORA_STREAMS and not lp.is_loop:
             out.append(f"{tag}: stream kernel without its loop over row bands")
         if lp.cc == 90 and lp.role in ("fwd", "dx") and lp.large_m_gemm and lp.wait == 0:
             out.append(f"{tag}: large-M GEMM loop waits for its own wgmma (WARPGROUP.DEPBAR.LE gsb0, 0x0)")

@@ -86,6 +86,64 @@ def _check_with_oracle(layer, x, y, mask):
         assert _rel(g, g0) < TOL[x.dtype], name
 
 
+@pytest.mark.parametrize("quant, p", [("nf4", 0.0), ("int4", 0.3)])
+def test_folded_route_without_bias_and_with_a_zero_magnitude(triton_backend, monkeypatch, quant, p):
+    """A 4-bit base in fp32 takes g into its row scales and B: without dropout or bias the fused op's output
+    is the layer's (no stream), the backward runs only column sums (no g ⊙ dy pass). A zero magnitude
+    (folded as 2^-64) leaves its column at 0 (without dropout) and its gradient equal to the oracle's."""
+    from fusedlora.kernels import dora as kernels_dora
+
+    layer = _layer(quant, dropout=p, bias=False)
+    with torch.no_grad():
+        layer.lora_magnitude_vector.weight[5] = 0.0
+    x = torch.randn(4, 9, layer.in_features, device=_device(), requires_grad=True)
+    mask = (torch.rand(x.shape, device=x.device) >= p) if p else None
+    streams = []
+    for name, g_at in (("dora_scale_fwd", 1), ("dora_scale_bwd", 2)):  # (name, position of its g)
+        real = getattr(kernels_dora, name)
+        monkeypatch.setattr(kernels_dora, name, lambda *a, _n=name, _r=real, _i=g_at: streams.append(
+            (_n, a[_i] is None)) or _r(*a))
+    mag = layer.lora_magnitude_vector
+    y = dora_linear(x, layer.base_weight, layer.lora_A, layer.lora_B, layer.scaling, mag.weight,
+                    mag.base_sq_norm(layer, x.dtype), None, p, True, mask)
+    if not p:  # (with dropout, column 5 is W_5·(x − drop(x)), the base term DoRA leaves unscaled)
+        assert y[..., 5].abs().max() < 1e-12 * y.abs().max()
+    _check_with_oracle(layer, x, y, mask)
+    # with dropout: the add of u (g not applied); always: column sums without dz
+    assert streams == ([("dora_scale_fwd", True)] if p else []) + [("dora_scale_bwd", True)]
+
+
+def test_gain_kernel_folds_g_into_scales_and_b(triton_backend):
+    """``dora_gain`` (one launch): g = m / norm with a zero m counted as the given stand-in, 1 / m, g ⊙ B,
+    and block scales times g that decode to g[n]·W[n, :] for a double-quantized NF4 and an INT4 weight
+    (fp32 scales: one rounding of the product, so within 2 ulps of fp32), with NaN-poisoned outputs."""
+    from fusedlora.formats import dequantize_reference
+    from fusedlora.formats.int4 import quantize_int4
+    from fusedlora.formats.nf4 import quantize_nf4
+    from fusedlora.kernels.dora import dora_gain
+    from fusedlora.ops.dora import _scales, with_scales
+
+    n, r = 37, 5
+    w = torch.randn(n, 256, device=_device())
+    m = torch.rand(n, device=_device()) + 0.25
+    m[3] = 0.0
+    norm = torch.rand(n, device=_device()) + 0.5
+    b = torch.randn(n, r, device=_device(), dtype=torch.float16)
+    real = torch.empty
+    for packed in (quantize_nf4(w, 64, double_quant=True), quantize_int4(w, 128)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "empty", lambda *a, **kw: real(*a, **kw).fill_(float("nan")))
+            mp.setattr(torch, "empty_like",
+                       lambda t, **kw: real(t.shape, dtype=t.dtype, device=t.device).fill_(float("nan")))
+            g, inv_m, b_fold, folded = dora_gain(m, norm, b, *_scales(packed), 1e-3)
+        m_used = torch.where(m == 0, 1e-3, m).double()
+        assert _rel(g, m_used / norm.double()) < 1e-6 and _rel(inv_m, 1 / m_used) < 1e-6
+        assert _rel(b_fold, b.double() * g.double()[:, None]) <= torch.finfo(torch.float16).eps
+        want = dequantize_reference(packed, torch.float64) * g.double()[:, None]
+        got = dequantize_reference(with_scales(packed, folded), torch.float64)
+        assert _rel(got, want) < 2 * torch.finfo(torch.float32).eps, packed.scheme
+
+
 def test_norm_from_the_expansion_equals_the_direct_norm(triton_backend):
     for quant in (None, "nf4"):
         layer = _layer(quant, n=64, k=128)
@@ -144,6 +202,13 @@ def test_scale_kernels_write_every_element(triton_backend, monkeypatch, dtype):
     assert _rel(y_plain, zd * gd) <= eps
     assert _rel(dz, dy.double() * gd) <= eps
     assert colsum.dtype == torch.float32 and _rel(colsum, (dy.double() * zd).sum(0)) < 1e-6
+    # g folded elsewhere: the add alone, and the column sums alone times a factor (no dz)
+    y_add = dora_scale_fwd(z, None, u, bias)
+    factor = torch.rand(n, device=dev) + 0.5
+    no_dz, sums = dora_scale_bwd(dy, z, None, factor)
+    assert torch.isfinite(y_add).all() and no_dz is None
+    assert _rel(y_add, zd + u.double() + bias.double()) <= eps
+    assert _rel(sums, (dy.double() * zd).sum(0) * factor.double()) < 1e-6
 
 
 def test_layer_merge_disable_and_to_linear(triton_backend):
@@ -271,7 +336,7 @@ def test_kept_norm_is_computed_once_per_adapter_state(triton_backend, monkeypatc
     a, b = layer.lora_A, layer.lora_B
     uncached = dora_linear(x, layer.base_weight, a, b, layer.scaling, mag.weight, mag.base_sq_norm(layer, x.dtype),
                            layer.bias, 0.0, True)
-    assert len(calls) == 3 and calls[-1] is False  # the op computing norm and g itself
+    assert len(calls) == 3  # the op computing the norm itself
     assert _rel(y3, uncached) < 1e-6 and _rel(y3, y1) > 1e-3
 
 

@@ -191,6 +191,42 @@ def test_matches_reference(dtype, kind, path, m, k, n, r, bias):
               dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind,path", [("dense", None), ("nf4-dq", "inloop"), ("int4", "dequant")])
+def test_base_product_at_rank_zero(monkeypatch, dtype, kind, path):
+    """``base_linear``: the fused GEMMs with no low-rank term give x·Wᵀ and dX (within the file's rule), with
+    no low-rank pre-kernel and no g pass launched, on NaN-poisoned outputs."""
+    from fusedlora.kernels import lora_bwd, lora_fwd
+    from fusedlora.ops.lora_triton import base_linear
+    from fusedlora.ops.paths import forced_path
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a low-rank kernel was launched at rank 0")
+
+    monkeypatch.setattr(lora_fwd, "_lowrank_kernel", refuse)
+    monkeypatch.setattr(lora_bwd, "_g_db_kernel", refuse)
+    real = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real(*a, **kw).fill_(float("nan"))
+                        if kw.get("dtype", torch.get_default_dtype()).is_floating_point else real(*a, **kw))
+    m, k, n = 37, 192, 97
+    torch.manual_seed(7)
+    weight, w64, wlow = make_weight(kind, n, k, dtype)
+    x = torch.randn(2, m, k, dtype=dtype, requires_grad=True)
+    dy = torch.randn(2, m, n, dtype=dtype)
+    with forced_path(path):
+        y = base_linear(x, weight)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = F.linear(x64, w64)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    xl = x.detach().clone().requires_grad_(True)
+    yl = F.linear(xl, wlow)
+    (dxl,) = torch.autograd.grad(yl, xl, dy)
+    for name, o, r, lp in (("y", y, y64, yl), ("dx", dx, dx64, dxl)):
+        assert o.dtype == dtype and torch.isfinite(o).all(), name
+        assert_within(o, r, lp, name, dtype)
+
+
 @pytest.mark.parametrize("kind", ["nf4", "nf4-dq", "int4"])
 def test_hand_built_layouts_match_formats(kind):
     # the kernels' reading of the layouts (what these tests build by hand) is the formats code's reading

@@ -198,22 +198,27 @@ def test_dora_layer_launches():
     assert len(lora[-1]) == 2 and lora[-1][1][0][1] == {}  # dA: the dropout build stands in, without a mask
     p0 = tl_.dora_layer_kernels("inloop", "inloop", 4096, 4096, 4096, 16, False)
     roles = _roles(p0)
-    assert roles[:len(lora)] == _roles(lora)
-    assert roles[len(lora):] == ["lowrank", "fwd", "dora_norm", "torch", "dora_fwd", "dora_bwd"]
-    norm_gemm = p0[len(lora) + 1][0][0][2]
+    assert roles[:4] == ["lowrank", "fwd", "dora_norm", "dora_gain"]
+    assert roles[4:4 + len(lora)] == _roles(lora) and roles[4 + len(lora):] == ["torch", "dora_colsum"]
+    norm_gemm = p0[1][0][0][2]
     assert norm_gemm["m"] == 16 and norm_gemm["wfmt"] == "nf4-dq"  # the norm: A as 16 rows of input
-    assert p0[-2][0][0][2]["u"] is False
+    # the layer's GEMMs read the folded weight: NF4 codes with fp32 scales
+    assert {d["wfmt"] for role, _, d in (s[0][0] for s in p0[4:4 + len(lora)]) if role in ("fwd", "dx")} == {"nf4"}
     p1 = tl_.dora_layer_kernels(("inloop", "dequant"), "inloop", 4096, 4096, 4096, 16, True)
     roles = _roles(p1)
     assert roles.count("fwd") == 3 and roles.count("dx") == 2 and roles.count("dequant") == 2
-    assert roles.count("torch") == 1 and p1[-2][0][0][2]["u"] is True
-    # the second base product needs neither dA nor dB, nor dropout anywhere in the fused op
-    assert [d.get("db", True) for role, _, d in (s[0][0] for s in p1) if role == "g_db"] == [True, False]
+    assert roles.count("torch") == 1 and roles.count("dora_add") == 1 and roles.count("g_db") == 1
+    # the second base product: rank 0 (no low-rank launches), on the weight as it is, no dropout anywhere
+    second = [d for role, _, d in (s[0][0] for s in p1[4 + len(lora) + 2:]) if role in ("fwd", "dx")]
+    assert [(d["r"], d["wfmt"]) for d in second] == [(0, "nf4-dq"), (0, "dense")]
+    assert roles.count("lowrank") == 2  # the norm's and the layer's
     assert not any(d.get("dropout") for _, _, d in (s[0][0] for s in p1))
     assert roles.count("dora_drop_fwd") == roles.count("dora_drop_bwd") == 1
     drop = tl_.work("dora_drop_fwd", {"BLOCK_M": 16, "BLOCK_K": 128}, {"m": 4096, "k": 4096}, 132)
     mk = 4096 * 4096
     assert drop.bytes == 6 * mk + mk / 8 and drop.programs == 256 * 32  # bf16: x in, xd and c out, 1-bit mask
+    colsum = tl_.work("dora_colsum", {"BLOCK_M": 32, "BLOCK_N": 128}, {"m": 4096, "n": 4096}, 132)
+    assert colsum.bytes >= 4 * mk and colsum.bytes < 4.1 * mk  # dY and v read, no dz written
 
 
 def _fake(name, role, constexprs, count=200, warps=4, mma=None, fmt=None):
@@ -230,12 +235,12 @@ def test_dora_predictions_rows():
         _fake("lowrank_dropout", "lowrank", {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 16, "DROPOUT": True}),
         _fake("reduce_m_dropout", "reduce_m", {"BLOCK_M": 64, "BLOCK_C": 64, "BLOCK_R": 16, "DROPOUT": True}),
         _fake("g_db", "g_db", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 16}, mma="HMMA"),
-        _fake("dequant", "dequant", {"BYTES": 2048}, fmt="nf4-dq"),
+        *[_fake(f"dequant_{fmt}", "dequant", {"BYTES": 2048}, fmt=fmt) for fmt in ("nf4", "nf4-dq")],
         *[_fake(f"{role}_{fmt}", role, gemm, count=300, mma="HGMMA", fmt=fmt)
-          for role in ("fwd", "dx") for fmt in ("dense", "nf4-dq")],
-        _fake("dora_fwd_bf16", "dora_fwd", {"BLOCK_M": 32, "BLOCK_N": 128}),
-        _fake("dora_bwd_bf16", "dora_bwd", {"BLOCK_M": 32, "BLOCK_N": 128}),
+          for role in ("fwd", "dx") for fmt in ("dense", "nf4", "nf4-dq")],
+        *[_fake(f"dora_{s}_bf16", f"dora_{s}", {"BLOCK_M": 32, "BLOCK_N": 128}) for s in ("add", "colsum")],
         _fake("dora_norm_bf16", "dora_norm", {"BLOCK_N": 64, "BLOCK_R": 16}),
+        _fake("dora_gain_bf16", "dora_gain", {"BLOCK_N": 32, "BLOCK_C": 64}),
         *[_fake(f"dora_drop_{d}_bf16", f"dora_drop_{d}", {"BLOCK_M": 16, "BLOCK_K": 128}) for d in ("fwd", "bwd")],
     ]
     rows = tl_.dora_predictions(loops)
@@ -256,16 +261,17 @@ def test_dora_predictions_rows():
     assert any(x.startswith("Predicted DoRA layer") for x in block)
 
 
-def test_dora_norm_launch_count():
-    """DORA_NORM_LAUNCHES is the number of torch kernels the fast path's row norm and g run besides the
-    fused GEMM at M = r and the norm kernel."""
+def test_dora_torch_launch_count():
+    """DORA_LAUNCHES is the number of torch kernels the folded route runs besides its own kernels: the row
+    gain (one kernel, replaced here) forward, then dB = g ⊙ (the gradient of g ⊙ B) backward."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fusedlora.kernels import dora as kernels_dora
     from fusedlora.ops import dora as ops_dora
 
-    views = {"aten.detach.default", "aten.t.default", "aten.empty.memory_format"}
+    views = {"aten.detach.default", "aten.t.default", "aten.empty.memory_format", "aten.unsqueeze.default",
+             "aten.slice.Tensor", "aten.view.default"}
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -276,24 +282,23 @@ def test_dora_norm_launch_count():
             self.ops.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    n, k, r = 64, 128, 16
-    w = torch.randn(n, k, dtype=torch.bfloat16)
-    a, b = torch.randn(r, k, dtype=torch.bfloat16), torch.randn(n, r, dtype=torch.bfloat16)
+    n, r = 64, 16
+    b = torch.randn(n, r, dtype=torch.bfloat16, requires_grad=True)
     calls = []
+    made = (torch.rand(n), torch.rand(n), torch.randn(n, r, dtype=torch.bfloat16), torch.empty(n, 2))
+    m, norm, scales = torch.rand(n), torch.rand(n), torch.empty(2 * n)
 
-    def gemm(x, *args):
-        calls.append("gemm")
-        return torch.empty(x.shape[0], n, dtype=x.dtype), torch.empty(r, r), None
+    def gain(*args):
+        calls.append("gain")
+        return made
 
-    def norm(*args):
-        calls.append("norm")
-        return torch.empty(n), torch.empty(n)
-
-    counter, sq, m = Count(), torch.rand(n), torch.rand(n)
+    forward, backward = Count(), Count()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.ops.fusedlora, "lora_fwd", gemm)
-        mp.setattr(kernels_dora, "dora_norm", norm)
-        with counter:
-            ops_dora._norm_and_scale_triton(w, a, b, 2.0, sq, m)
-    assert calls == ["gemm", "norm"]
-    assert len([o for o in counter.ops if o not in views]) == tl_.DORA_NORM_LAUNCHES
+        mp.setattr(kernels_dora, "dora_gain", gain)
+        with forward:
+            b_fold, *_ = ops_dora._RowGain.apply(b, m, norm, scales, None)
+    grad = torch.randn_like(b_fold)
+    with backward:
+        torch.autograd.grad(b_fold, b, grad)
+    assert calls == ["gain"] and [o for o in forward.ops if o not in views] == []
+    assert len([o for o in backward.ops if o not in views]) == tl_.DORA_LAUNCHES, backward.ops

@@ -5,6 +5,9 @@ DoRA multiplies output column n of z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ by g[n] = m[
     forward   y = g ⊙ z (+ u) (+ bias)          u: the base product of the dropped part of x (dropout on)
     backward  dz = g ⊙ dy,  Σ_rows dy ⊙ z        (the magnitude's gradient before its 1/‖·‖ factor)
 
+Where g is already folded into the GEMM (``ops.dora``: a 4-bit weight's row scales), the same kernels run
+without it: the forward only adds u and bias (or does not run), the backward only takes the column sums.
+
 ``_dora_norm_kernel`` gives the detached row norms and g in one launch from what the fused GEMM at M = r
 returns (W·Aᵀ, and A·Aᵀ from its low-rank pre-kernel) and ‖W_n‖²:
 
@@ -29,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..formats.packed import NESTED_BLOCKSIZE
 from . import device_guard, interpreted
 from .dropout import keep_bytes, load_bits, threshold, unpack_bits
 
@@ -40,18 +44,22 @@ def _dora_scale_fwd_kernel(
     # sizes
     M, N, SPLITS,
     # meta-parameters
-    HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
+    if HAS_G:
+        g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
     if HAS_BIAS:
         b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     for band in range(tl.program_id(1), tl.cdiv(M, BLOCK_M), SPLITS):
         rows = tl.arange(0, BLOCK_M).to(tl.int64) + band * BLOCK_M  # int64: rows * N passes 2^31
         ok = (rows < M)[:, None] & col_ok[None, :]
         offs = rows[:, None] * N + cols[None, :]
-        y = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32) * g[None, :]
+        y = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_G:
+            y *= g[None, :]
         if HAS_U:
             y += tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -66,10 +74,11 @@ def _dora_scale_bwd_kernel(
     # sizes
     M, N, SPLITS,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_DZ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    # g: dz's scale; for the column sums alone, a factor on them (1 / m, so the sums leave as dm's parts)
     g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
     # per-element sums across bands, reduced over rows once at the end (no cross-warp reduction per band)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -79,9 +88,49 @@ def _dora_scale_bwd_kernel(
         offs = rows[:, None] * N + cols[None, :]
         dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(dz_ptr + offs, (dy * g[None, :]).to(dz_ptr.dtype.element_ty), mask=ok)
+        if STORE_DZ:
+            tl.store(dz_ptr + offs, (dy * g[None, :]).to(dz_ptr.dtype.element_ty), mask=ok)
         acc += dy * z
-    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+    sums = tl.sum(acc, axis=0)
+    if not STORE_DZ:
+        sums *= g
+    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * N + cols, sums, mask=col_ok)
+
+
+@triton.jit
+def _dora_gain_kernel(
+    # pointers
+    m_ptr, norm_ptr, b_ptr, sc_ptr, code_ptr, nested_ptr, g_ptr, inv_m_ptr, b_out_ptr, sc_out_ptr,
+    # sizes
+    N, R, KB, offset, zero_m,
+    # meta-parameters
+    DQ: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rows < N
+    rows64 = rows.to(tl.int64)  # N·KB may pass 2^31
+    m = tl.load(m_ptr + rows, mask=ok, other=1.0).to(tl.float32)
+    m = tl.where(m == 0.0, zero_m, m)
+    g = m / tl.load(norm_ptr + rows, mask=ok, other=1.0)
+    tl.store(g_ptr + rows, g, mask=ok)
+    tl.store(inv_m_ptr + rows, 1.0 / m, mask=ok)
+    for j0 in range(0, R, BLOCK_C):  # g ⊙ B, rounded once to B's dtype
+        js = j0 + tl.arange(0, BLOCK_C)
+        t_ok = ok[:, None] & (js < R)[None, :]
+        offs = rows64[:, None] * R + js[None, :]
+        b = tl.load(b_ptr + offs, mask=t_ok, other=0.0)
+        tl.store(b_out_ptr + offs, (b.to(tl.float32) * g[:, None]).to(b.dtype), mask=t_ok)
+    for j0 in range(0, KB, BLOCK_C):  # each row's block scales (a double-quantized absmax decoded) times g
+        js = j0 + tl.arange(0, BLOCK_C)
+        t_ok = ok[:, None] & (js < KB)[None, :]
+        offs = rows64[:, None] * KB + js[None, :]
+        if DQ:
+            qa = tl.load(sc_ptr + offs, mask=t_ok, other=0).to(tl.int32)
+            sc = tl.load(code_ptr + qa, mask=t_ok, other=0.0) * tl.load(nested_ptr + offs // NESTED_BLOCK,
+                                                                       mask=t_ok, other=0.0) + offset
+        else:
+            sc = tl.load(sc_ptr + offs, mask=t_ok, other=0.0)
+        tl.store(sc_out_ptr + offs, sc * g[:, None], mask=t_ok)
 
 
 @triton.jit
@@ -237,35 +286,65 @@ def _splits(m: int, n: int, device: torch.device) -> tuple[tuple[int, int], int]
     return (col_blocks, splits), splits
 
 
-def dora_scale_fwd(z: torch.Tensor, g: torch.Tensor, u: torch.Tensor | None, bias: torch.Tensor | None):
-    """y = g ⊙ z (+ u) (+ bias): z, u [M, N] contiguous in one dtype, g [N] fp32, bias [N] in z's dtype."""
+def dora_scale_fwd(z: torch.Tensor, g: torch.Tensor | None, u: torch.Tensor | None, bias: torch.Tensor | None):
+    """y = g ⊙ z (+ u) (+ bias): z, u [M, N] contiguous in one dtype, g [N] fp32 (None: z as it is), bias [N]
+    in z's dtype."""
     m, n = z.shape
     y = torch.empty_like(z)
     if z.numel():
         grid, splits = _splits(m, n, z.device)
         bm, bn = _blocks()
+        dummy = z if g is None else g
         with device_guard(z.device):
             _dora_scale_fwd_kernel[grid](
-                z, g, z if u is None else u, g if bias is None else bias, y, m, n, splits,
-                HAS_U=u is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS,
+                z, dummy, z if u is None else u, dummy if bias is None else bias, y, m, n, splits,
+                HAS_G=g is not None, HAS_U=u is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=NUM_WARPS,
             )
     return y
 
 
-def dora_scale_bwd(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dz = g ⊙ dy in z's dtype, Σ_rows dy ⊙ z as fp32 [N]); dy and z [M, N] contiguous, g [N] fp32."""
+def dora_scale_bwd(dy: torch.Tensor, z: torch.Tensor, g: torch.Tensor | None,
+                   factor: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(dz = g ⊙ dy in z's dtype, Σ_rows dy ⊙ z as fp32 [N]); dy and z [M, N] contiguous, g [N] fp32. With
+    ``g`` None: (None, factor ⊙ Σ_rows dy ⊙ z), ``factor`` [N] fp32."""
     m, n = z.shape
-    dz = torch.empty_like(z)
+    dz = None if g is None else torch.empty_like(z)
     grid, splits = _splits(m, n, z.device)
     part = torch.empty(splits, n, dtype=torch.float32, device=z.device)
     if z.numel():
         bm, bn = _blocks()
         with device_guard(z.device):
-            _dora_scale_bwd_kernel[grid](dy, z, g, dz, part, m, n, splits, BLOCK_M=bm, BLOCK_N=bn,
+            _dora_scale_bwd_kernel[grid](dy, z, factor if g is None else g, z if dz is None else dz, part, m, n,
+                                         splits, STORE_DZ=g is not None, BLOCK_M=bm, BLOCK_N=bn,
                                          num_warps=NUM_WARPS)
     else:
         part.zero_()
     return dz, part.sum(0)
+
+
+_GAIN_BLOCK_N, _GAIN_BLOCK_C = 32, 64
+
+
+def dora_gain(m: torch.Tensor, norm: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
+              nested: tuple | None, zero_m: float):
+    """What folding g = m / ‖·‖ into a 4-bit weight needs, in one launch: (g fp32 [N], 1 / m fp32 [N],
+    g ⊙ B [N, r] in B's dtype, each row's block scales times g, fp32 [N, K / block]); a magnitude that is 0
+    counts as ``zero_m``. ``scales``: fp32 [N·K / block], or the uint8 absmax codes with ``nested`` =
+    (nested_absmax, nested_code, offset) for double quantization; m [N], norm fp32 [N], B [N, r] contiguous."""
+    n, r = b.shape
+    kb = scales.numel() // max(n, 1)
+    g, inv_m = (torch.empty(n, dtype=torch.float32, device=b.device) for _ in range(2))
+    b_out = torch.empty_like(b)
+    sc_out = torch.empty(n, kb, dtype=torch.float32, device=b.device)
+    na, nc, off = nested if nested is not None else (g, g, 0.0)
+    if n:
+        with device_guard(b.device):
+            _dora_gain_kernel[(triton.cdiv(n, _GAIN_BLOCK_N),)](
+                m, norm, b, scales, nc, na, g, inv_m, b_out, sc_out, n, r, kb, float(off), float(zero_m),
+                DQ=nested is not None, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCK_N=_GAIN_BLOCK_N, BLOCK_C=_GAIN_BLOCK_C,
+                num_warps=NUM_WARPS)
+    return g, inv_m, b_out, sc_out
 
 
 def aot_specs() -> list[dict]:
@@ -300,20 +379,37 @@ def aot_specs() -> list[dict]:
         })
         common = {"M": "i32", "N": "i32", "SPLITS": "i32"}
         specs.append({
-            "name": f"dora_fwd_{t}", "fn": _dora_scale_fwd_kernel,
-            "signature": {"z_ptr": f"*{t}", "g_ptr": "*fp32", "u_ptr": f"*{t}", "bias_ptr": f"*{t}",
-                          "y_ptr": f"*{t}", **common, "HAS_U": "constexpr", "HAS_BIAS": "constexpr",
-                          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-            "constexprs": {"HAS_U": True, "HAS_BIAS": True, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N},
+            "name": f"dora_gain_{t}", "fn": _dora_gain_kernel,
+            "signature": {"m_ptr": "*fp32", "norm_ptr": "*fp32", "b_ptr": f"*{t}", "sc_ptr": "*u8",
+                          "code_ptr": "*fp32", "nested_ptr": "*fp32", "g_ptr": "*fp32", "inv_m_ptr": "*fp32",
+                          "b_out_ptr": f"*{t}", "sc_out_ptr": "*fp32", "N": "i32", "R": "i32", "KB": "i32",
+                          "offset": "fp32", "zero_m": "fp32", "DQ": "constexpr", "NESTED_BLOCK": "constexpr",
+                          "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"},
+            "constexprs": {"DQ": True, "NESTED_BLOCK": NESTED_BLOCKSIZE, "BLOCK_N": _GAIN_BLOCK_N,
+                           "BLOCK_C": _GAIN_BLOCK_C},
             "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
-            "divisible_by_16": ["z_ptr", "g_ptr", "u_ptr", "bias_ptr", "y_ptr", "N"],
+            "divisible_by_16": ["m_ptr", "norm_ptr", "b_ptr", "sc_ptr", "code_ptr", "nested_ptr", "g_ptr",
+                                "inv_m_ptr", "b_out_ptr", "sc_out_ptr", "N", "R", "KB"],
         })
-        specs.append({
-            "name": f"dora_bwd_{t}", "fn": _dora_scale_bwd_kernel,
-            "signature": {"dy_ptr": f"*{t}", "z_ptr": f"*{t}", "g_ptr": "*fp32", "dz_ptr": f"*{t}",
-                          "part_ptr": "*fp32", **common, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-            "constexprs": {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N},
-            "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
-            "divisible_by_16": ["dy_ptr", "z_ptr", "g_ptr", "dz_ptr", "part_ptr", "N"],
-        })
+        # g applied (4-bit weights fold it into the GEMM instead: the add of u and bias, column sums only)
+        for name, g in (("dora_fwd", True), ("dora_add", False)):
+            specs.append({
+                "name": f"{name}_{t}", "fn": _dora_scale_fwd_kernel,
+                "signature": {"z_ptr": f"*{t}", "g_ptr": "*fp32", "u_ptr": f"*{t}", "bias_ptr": f"*{t}",
+                              "y_ptr": f"*{t}", **common, "HAS_G": "constexpr", "HAS_U": "constexpr",
+                              "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                "constexprs": {"HAS_G": g, "HAS_U": True, "HAS_BIAS": True, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N},
+                "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
+                "divisible_by_16": ["z_ptr", "g_ptr", "u_ptr", "bias_ptr", "y_ptr", "N"],
+            })
+        for name, store in (("dora_bwd", True), ("dora_colsum", False)):
+            specs.append({
+                "name": f"{name}_{t}", "fn": _dora_scale_bwd_kernel,
+                "signature": {"dy_ptr": f"*{t}", "z_ptr": f"*{t}", "g_ptr": "*fp32", "dz_ptr": f"*{t}",
+                              "part_ptr": "*fp32", **common, "STORE_DZ": "constexpr", "BLOCK_M": "constexpr",
+                              "BLOCK_N": "constexpr"},
+                "constexprs": {"STORE_DZ": store, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N},
+                "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
+                "divisible_by_16": ["dy_ptr", "z_ptr", "g_ptr", "dz_ptr", "part_ptr", "N"],
+            })
     return specs

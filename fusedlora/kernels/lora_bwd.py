@@ -41,6 +41,7 @@ from .lora_fwd import (
     low_rank_operand,
     m_bucket,
     rank_variants,
+    readable,
     reduction_splits,
     sm_count,
     spec,
@@ -261,6 +262,7 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nes
     if m == 0 or k == 0:
         return dx
     wfmt = FORMATS[fmt]
+    g, lora_A = readable(g), readable(lora_A, dy)
     dummy = g
     aligned = wfmt != 0 and k % block == 0
     na, nc, noff = nested if nested is not None else (dummy, dummy, 0.0)
@@ -306,8 +308,9 @@ def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float):
     splits, cols = split_len(n, m_tiles, cfg["BLOCK_N"], G_DB_TARGET_PROGRAMS)
     g_ws = torch.empty((splits, m, r), dtype=torch.float32, device=dy.device)
     db_ws = torch.empty((m_tiles, n, r), dtype=torch.float32, device=dy.device)
-    if m == 0:
+    if m == 0 or r == 0:
         db_ws.zero_()
+        g_ws.zero_()
     else:
         _g_db_kernel[(m_tiles, splits, triton.cdiv(r, br))](
             dy, lora_B, xa, g_ws, db_ws, m, n, r, cols, dy.stride(0),

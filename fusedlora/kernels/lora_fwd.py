@@ -407,6 +407,14 @@ def reduction_splits(m: int, cols: int, length: int, sms: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # launchers
 
+def readable(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``t``, or for an empty ``t`` (rank 0: a GEMM with no low-rank term, whose kernels never read it) a
+    one-element tensor of ``like`` (default: fp32) on its device, so that every pointer argument is valid."""
+    if t.numel():
+        return t
+    return torch.empty(1, dtype=torch.float32, device=t.device) if like is None else like.new_empty(1)
+
+
 def decode_absmax(qa: torch.Tensor, nested_code: torch.Tensor, nested_absmax: torch.Tensor,
                   offset: float, nested_block: int = 256) -> torch.Tensor:
     """fp32 absmax of double-quantized NF4: nested_code[qa[i]] · nested_absmax[i // 256] + offset."""
@@ -427,7 +435,7 @@ def lowrank(x: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0,
     out = torch.empty((m, r), dtype=torch.float32, device=x.device)
     dropout = p > 0.0
     bits = torch.empty((m, triton.cdiv(k, 8)) if dropout else (0,), dtype=torch.uint8, device=x.device)
-    if m == 0:
+    if m == 0 or (r == 0 and not dropout):
         return out, bits
     cfg = lowrank_config(m)
     br = block_r(r)
@@ -465,7 +473,8 @@ def lora_forward(
     if m == 0 or n == 0:
         return y, xa, bits
     wfmt = FORMATS[fmt]
-    dummy = xa
+    xa_in, b_in = readable(xa), readable(lora_B, x)
+    dummy = xa_in
     aligned = wfmt != 0 and k % block == 0
     na, nc, noff = nested if nested is not None else (dummy, dummy, 0.0)
     splits = reduction_splits(m, n, k, sm_count(x.device)) if aligned else 1
@@ -473,7 +482,7 @@ def lora_forward(
     kernel = gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device, aligned or wfmt == 0)
     kernel[_grid_2d(m, n, "BLOCK_M", "BLOCK_N", splits)](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        table_tensor(wfmt, x.dtype, x.device), na, nc, xa, lora_B, bias if bias is not None else dummy, out,
+        table_tensor(wfmt, x.dtype, x.device), na, nc, xa_in, b_in, bias if bias is not None else dummy, out,
         m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale), float(noff),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, DQ=nested is not None, ROWS_ALIGNED=aligned,
         HAS_BIAS=bias is not None, USE_ASM=not interpreted(), SPLIT=splits > 1, BLOCK_R=block_r(r),

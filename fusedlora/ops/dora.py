@@ -16,14 +16,28 @@ The fast path (``dora_linear_fused``) is then the fused LoRA op plus one stream 
 - dropout off: z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (one fused GEMM), y = g ⊙ z + b;
 - dropout on (xd = drop(x) and x − xd made in one pass, the mask drawn from a seed as the LoRA kernels
   draw theirs and kept as bits): W·x + (g − 1) ⊙ W·xd = W·(x − xd) + g ⊙ W·xd, so
-  z = xd·Wᵀ + s·(xd·Aᵀ)·Bᵀ and u = (x − xd)·Wᵀ (the fused GEMM with its low-rank term scaled by 0),
+  z = xd·Wᵀ + s·(xd·Aᵀ)·Bᵀ and u = (x − xd)·Wᵀ (the fused GEMM at rank 0: no low-rank launches),
   y = g ⊙ z + u + b: two base products, as the formula has two.
 The magnitude's gradient is dm = Σ_rows dy ⊙ z / ‖·‖ and z's is g ⊙ dy; autograd carries the rest through
-the fused op's own backward. ``dora_linear_reference`` computes PEFT's formula literally (the dense weight,
-the full W + s·B·A) and is the oracle of the tests.
+the fused op's own backward.
+
+A 4-bit weight whose blocks follow its rows (K a multiple of the block size) takes g into the GEMM instead
+(bf16, fp32): g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) = x·(g ⊙ W)ᵀ + s·(x·Aᵀ)·(g ⊙ B)ᵀ, and g ⊙ W is the same 4-bit codes
+with each row's block scales times g[n] (fp32 [N, K / block], a double-quantized absmax decoded; one
+launch makes them, g ⊙ B and 1 / m). The fused op then returns v = g ⊙ z itself, its backward gives dx, dA
+and dB with g applied (no dz = g ⊙ dy pass), and dm = Σ_rows dy ⊙ v / m needs only column sums. Without
+dropout or bias no stream runs at all. The op saves the fp32 scales for its backward: 1/8 of the 4-bit
+weight's bytes per layer. A magnitude that is exactly 0 is folded as 2^-64 (its outputs are then
+2^-64·z/‖·‖, not 0), so that z stays recoverable from v for its gradient; fp16's range cannot hold that,
+so fp16 keeps the z-and-streams route.
+
+``dora_linear_reference`` computes PEFT's formula literally (the dense weight, the full W + s·B·A) and is
+the oracle of the tests.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -225,24 +239,118 @@ class _DoraScale(torch.autograd.Function):
         return (dz.reshape(shape) if need_z else None), dm, None, None, db, du
 
 
+# stands in for a zero magnitude in the folded route (small enough to leave outputs unchanged in bf16/fp32)
+_ZERO_MAGNITUDE = 2.0**-64
+
+
+def _folds(weight, dtype: torch.dtype) -> bool:
+    """Whether g goes into the weight's row scales: a 4-bit weight with K a multiple of its block size
+    (every block inside one row), in bf16 or fp32."""
+    return (isinstance(weight, Packed4bit) and weight.shape[1] % weight.block == 0
+            and dtype in (torch.bfloat16, torch.float32))
+
+
+def _scales(weight: Packed4bit) -> tuple[torch.Tensor, tuple | None]:
+    """The weight's block scales as ``kernels.dora.dora_gain`` reads them: (fp32 absmax or INT4 scales, None),
+    or (uint8 absmax codes, (nested_absmax, nested_code, offset)) for double quantization."""
+    if weight.scheme == "int4":
+        return weight.scales.contiguous(), None
+    if not weight.double_quant:
+        return weight.absmax.contiguous(), None
+    return weight.absmax.contiguous(), (weight.nested_absmax.float().contiguous(),
+                                        weight.nested_code.float().contiguous(), float(weight.nested_offset))
+
+
+def with_scales(weight: Packed4bit, scales: torch.Tensor) -> Packed4bit:
+    """The same codes with fp32 block scales ``scales`` [N, K / block] (an NF4 absmax no longer nested)."""
+    if weight.scheme == "int4":
+        return replace(weight, scales=scales)
+    return replace(weight, absmax=scales.view(-1), nested_absmax=None, nested_code=None, nested_offset=0.0)
+
+
+class _RowGain(torch.autograd.Function):
+    """(g ⊙ B, g, 1 / m, the weight's block scales times g) from one ``kernels.dora.dora_gain`` launch; B's
+    gradient is g ⊙ that of g ⊙ B, nothing else gets one (g detached, as PEFT's norm)."""
+
+    @staticmethod
+    def forward(ctx, lora_B, magnitude, norm, scales, nested):
+        from ..kernels.dora import dora_gain
+
+        g, inv_m, b_fold, folded = dora_gain(magnitude.detach(), norm, lora_B.detach().contiguous(), scales,
+                                             nested, _ZERO_MAGNITUDE)
+        ctx.save_for_backward(g)
+        ctx.mark_non_differentiable(g, inv_m, folded)
+        ctx.set_materialize_grads(False)  # no zero tensors made for the outputs without gradients
+        return b_fold, g, inv_m, folded
+
+    @staticmethod
+    def backward(ctx, d_b_fold, _dg, _dinv, _dfolded):
+        (g,) = ctx.saved_tensors
+        db = None if d_b_fold is None else torch.mul(d_b_fold, g[:, None]).to(d_b_fold.dtype)
+        return db, None, None, None, None
+
+
+class _FoldedScale(torch.autograd.Function):
+    """y = v (+ u) (+ bias) for v = g ⊙ z from the fused op on the folded tensors; gives the magnitude its
+    gradient dm = Σ_rows dy ⊙ v / m (= Σ dy ⊙ z / ‖·‖; ``inv_m`` = 1 / m as folded)."""
+
+    @staticmethod
+    def forward(ctx, v, magnitude, inv_m, bias, u):
+        from ..kernels.dora import dora_scale_fwd
+
+        shape = v.shape
+        v2 = v.reshape(-1, shape[-1])
+        if u is None and bias is None:
+            y = v.view_as(v)
+        else:
+            y = dora_scale_fwd(v2, None, None if u is None else u.reshape(-1, shape[-1]).contiguous(),
+                               bias).view(shape)
+        ctx.save_for_backward(v2, inv_m)
+        ctx.m_dtype, ctx.has_u = magnitude.dtype, u is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ..kernels.dora import dora_scale_bwd
+
+        v2, inv_m = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        _, need_m, _, need_b, need_u = ctx.needs_input_grad
+        dm = dora_scale_bwd(dy2, v2, None, inv_m)[1].to(ctx.m_dtype) if need_m else None
+        db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None
+        return dy, dm, None, db, (dy if need_u and ctx.has_u else None)
+
+
+def _dora_folded(xd, u, weight, lora_A, lora_B, scale, magnitude, norm, bias):
+    """``dora_linear_fused`` with g in the weight's row scales and in B (``_folds``): ``xd`` the input of the
+    DoRA terms (drop(x), or x), ``u`` the base product of x − drop(x) (None without dropout)."""
+    b_fold, _, inv_m, folded = _RowGain.apply(lora_B, magnitude, norm, *_scales(weight))
+    v = lora_linear(xd, with_scales(weight, folded), lora_A, b_fold, scale)
+    return _FoldedScale.apply(v, magnitude, inv_m, bias, u)
+
+
 @register("dora_linear", "triton")
 def dora_linear_fused(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias, dropout_p, training,
                       dropout_mask, weight_norm=None):
     """The fused LoRA op for the GEMMs, ``kernels.dora`` for the norm, the dropout split and the column scaling
     (fp64 never comes here: the op table gives it the reference)."""
+    folds = _folds(weight, x.dtype)
     if weight_norm is not None:
         norm = weight_norm.detach()
-        g = magnitude.detach().to(norm.dtype) / norm
+        g = None if folds else magnitude.detach().to(norm.dtype) / norm
     else:
-        norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, magnitude)
+        norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, None if folds else magnitude)
+    xd, u = x, None
     if training and dropout_p > 0:
+        from .lora_triton import base_linear
+
         if dropout_mask is None:
             xd, c = _DropSplit.apply(x, dropout_p)
         else:
             xd = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
             c = x - xd
-        z = lora_linear(xd, weight, lora_A, lora_B, scale)
-        u = lora_linear(c, weight, lora_A.detach(), lora_B.detach(), 0.0)
-    else:
-        z, u = lora_linear(x, weight, lora_A, lora_B, scale), None
+        u = base_linear(c, weight)
+    if folds:
+        return _dora_folded(xd, u, weight, lora_A, lora_B, scale, magnitude, norm, bias)
+    z = lora_linear(xd, weight, lora_A, lora_B, scale)
     return _DoraScale.apply(z, magnitude, norm, g, bias, u)

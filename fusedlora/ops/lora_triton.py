@@ -210,6 +210,22 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
+def base_linear(x: Tensor, weight) -> Tensor:
+    """x·Wᵀ by the fused GEMMs with no low-rank term (rank 0: no low-rank pre-kernel, no g pass in the
+    backward), on the 4-bit path of ``ops.paths`` as ``lora_linear``; autograd gives x its gradient (and a
+    dense W, as there)."""
+    n, k = weight.shape if isinstance(weight, Packed4bit) else tuple(weight.shape)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
+    y2, _, _ = torch.ops.fusedlora.lora_fwd(
+        x2, w, w_scales, w_zeros, nested_absmax, nested_code, x.new_empty((0, k)), x.new_empty((n, 0)), None,
+        None, 0.0, 0.0, fmt, n, block, nested_offset)
+    return y2.reshape(*lead, n)
+
+
 @register("lora_linear", "triton")
 def lora_linear_triton(x, weight, lora_A, lora_B, scale, bias, dropout_p, training, dropout_mask):
     """Fused Triton forward (and backward through autograd); arguments as ``ops.lora.lora_linear``."""
