@@ -27,7 +27,7 @@ DECODE_MAX_M = 16
 # From this M on (with K and the block size multiples of 64) the tensor-core kernel runs instead of the
 # CUDA-core GEMV. Both are limited by issuing instructions about as much as by HBM, and their sm_90 main
 # loops, per 2 KB of weight per warp (bf16, NF4 with double quantization; bench/sass_loops.py), take: GEMV
-# 586 instructions at M = 1 (one FMA per code and token, so more above), tensor cores 481 for any M <= 8 and
+# 582 instructions at M = 1 (one FMA per code and token, so more above), tensor cores 481 for any M <= 8 and
 # 491 up to 16. So every M runs on the tensor cores. These are instruction counts, not timings:
 # bench/bench_decode.py times both paths per M, and the measured cut-over replaces this on each GPU.
 DECODE_MMA_MIN_M = 1
