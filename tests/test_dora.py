@@ -8,7 +8,9 @@ expansion (‖W‖² + 2s·ΣB·(WAᵀ) + s²·ΣB·(B·AAᵀ), all terms positi
 scale leaves two orders of headroom. fp16: x, A, B, drop(x) and the outputs are rounded to fp16 (2^-11
 relative each) before or after fp32 sums over K, and W·Aᵀ for the norm takes A rounded to fp16: a few
 units of 2^-11 of the output's scale, so 2^-8 (8 units) bounds it, while a wrong mask, scale or
-column is off by O(1).
+column is off by O(1). bf16 (GPU only): the same roundings at 2^-8 each, plus the folded weight g ⊙ W
+rounded once (within one ulp of g times the oracle's bf16 weight, DESIGN.md's rule for the fast paths):
+a few units of 2^-8, so 2^-6.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import fusedlora as fl
 from fusedlora.functional import dora_linear
 from fusedlora.ops.dora import dora_linear_reference, dora_weight_norm, weight_row_sq_norms
 
-TOL = {torch.float32: 1e-5, torch.float16: 2.0**-8}
+TOL = {torch.float32: 1e-5, torch.float16: 2.0**-8, torch.bfloat16: 2.0**-6}
 
 
 def _device():
@@ -142,6 +144,21 @@ def test_gain_kernel_folds_g_into_scales_and_b(triton_backend):
         want = dequantize_reference(packed, torch.float64) * g.double()[:, None]
         got = dequantize_reference(with_scales(packed, folded), torch.float64)
         assert _rel(got, want) < 2 * torch.finfo(torch.float32).eps, packed.scheme
+
+
+@pytest.mark.gpu
+def test_folded_route_bf16_gpu(triton_backend):
+    """bf16 takes the folded route (g in a double-quantized NF4 weight's row scales): with dropout and bias
+    (drop split, rank-0 second product, the add), and without either (the op's output as it is); outputs
+    and gradients against the float64 oracle within TOL."""
+    for p, bias in ((0.3, True), (0.0, False)):
+        layer = _layer("nf4", n=192, k=256, r=16, dropout=p, bias=bias, dtype=torch.bfloat16)
+        x = torch.randn(64, layer.in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        mask = (torch.rand(x.shape, device=x.device) >= p) if p else None
+        mag = layer.lora_magnitude_vector
+        y = dora_linear(x, layer.base_weight, layer.lora_A, layer.lora_B, layer.scaling, mag.weight,
+                        mag.base_sq_norm(layer, x.dtype), layer.bias, p, True, mask)
+        _check_with_oracle(layer, x, y, mask)
 
 
 def test_norm_from_the_expansion_equals_the_direct_norm(triton_backend):
