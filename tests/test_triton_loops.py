@@ -246,7 +246,7 @@ def test_dora_predictions_rows():
     rows = tl_.dora_predictions(loops)
     assert len(rows) == len(tl_.CHIPS) * len(tl_.PROJECTIONS) * len(tl_.DORA_TOKENS) * len(tl_.DORA_DROPOUT)
     for row in rows:
-        assert {"dora", "lora", "dense", "dense_lora", "dequant_lora", "p", "path"} <= set(row)
+        assert {"dora", "lora", "peft_dora", "dense", "dense_lora", "dequant_lora", "p", "path"} <= set(row)
         assert row["dora"] > row["lora"]
     by_p = {r["p"]: r["dora"] / r["lora"] for r in rows if (r["chip"], r["k"], r["n"], r["m"]) ==
             ("H100-SXM", 4096, 4096, 4096)}
@@ -256,9 +256,24 @@ def test_dora_predictions_rows():
     lines = tl_.dora_target_lines(rows)
     assert len(lines) == len(tl_.CHIPS) and all("p = 0:" in x and "p = 0.1:" in x for x in lines)
     misses = tl_.dora_target_misses(rows)
-    assert len(misses) == sum(r["dora"] / r["lora"] > tl_.DORA_BARS[r["p"]] for r in rows)
+    assert len(misses) == sum(r["dora"] / r["lora"] > tl_.DORA_BARS[r["p"]] for r in rows) + sum(
+        r["peft_dora"] / r["dora"] < tl_.DORA_PEFT_BAR for r in rows)
     block = tl_.readme_block(loops, [], "3.6.0", rows)
     assert any(x.startswith("Predicted DoRA layer") for x in block)
+
+
+def test_peft_dora_baseline():
+    """PEFT's DoRA over bitsandbytes costs at least the dequantize -> cuBLAS -> LoRA layer (it runs those
+    launches and more), dropout adds a second GEMM each way, and [N, K] passes make it grow with N·K."""
+    chip = tl_.CHIPS["H100-SXM"]
+    for m, n, k in ((4096, 4096, 4096), (512, 14336, 4096)):
+        base = tl_.baselines_us(m, n, k, chip)["dequant_lora"]
+        p0, p1 = (tl_.peft_bnb_dora_us(m, n, k, chip, p) for p in (0.0, 0.1))
+        assert base < p0 < p1
+        assert p1 - p0 > 2 * tl_.cublas_us(m, n, k, chip) - 1e-9  # the second GEMM, forward and dX
+    # M-independent [N, K] work (eye, B·A, the norm's passes, two more dequantizations) dominates at small M
+    small = tl_.peft_bnb_dora_us(16, 4096, 4096, chip, 0.0) - tl_.baselines_us(16, 4096, 4096, chip)["dequant_lora"]
+    assert small > 2 * tl_.dequant_baseline_us(4096, 4096, chip)
 
 
 def test_dora_torch_launch_count():
