@@ -26,7 +26,7 @@ A 4-bit weight whose blocks follow its rows (K a multiple of the block size) tak
 with each row's block scales times g[n] (fp32 [N, K / block], a double-quantized absmax decoded; one
 launch makes them, g ⊙ B and 1 / m). The fused op then returns v = g ⊙ z itself, its backward gives dx, dA
 and dB with g applied (no dz = g ⊙ dy pass), and dm = Σ_rows dy ⊙ v / m needs only column sums. Without
-dropout or bias no stream runs at all. The op saves the fp32 scales for its backward: 1/8 of the 4-bit
+dropout or bias no stream runs at all. The op saves the fp32 scales for its backward: at most 1/8 of the 4-bit
 weight's bytes per layer. A magnitude that is exactly 0 is folded as 2^-64 (its outputs are then
 2^-64·z/‖·‖, not 0), so that z stays recoverable from v for its gradient; fp16's range cannot hold that,
 so fp16 keeps the z-and-streams route.
