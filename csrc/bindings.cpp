@@ -236,9 +236,9 @@ void check_decode_lora(const at::Tensor& x, const at::Tensor& w, const std::opti
   }
 }
 
-// y[M, N] = x·deq(W)ᵀ + scale·(x·Aᵀ)·Bᵀ + bias for M <= 16 (csrc/decode_lora.cu); x [M, K] bf16/fp16.
-// M >= mma_min_m (and K % 128 == 0) runs the tensor-core kernel, smaller M the CUDA-core GEMV; M = 0 launches
-// nothing. kCpu: the CPU registration (checks, then refuse_cpu).
+// y[M, N] = x·deq(W)ᵀ + scale·(x·Aᵀ)·Bᵀ + bias, M <= kDecodeMaxM (csrc/decode_lora.cu); x [M, K] bf16/fp16.
+// M >= mma_min_m (and K, block multiples of kMmaStep) runs the tensor-core kernel, smaller M (<= kGemvMaxM)
+// the CUDA-core GEMV; M = 0 launches nothing. kCpu: the CPU registration (checks, then refuse_cpu).
 template <bool kCpu>
 at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& absmax,
                             const std::optional<at::Tensor>& absmax_q,
@@ -282,6 +282,11 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
   a.r = static_cast<int>(r);
   a.scale = static_cast<float>(scale);
   a.mma_min_m = static_cast<int>(std::min<int64_t>(std::max<int64_t>(mma_min_m, 1), fusedlora::kDecodeMaxM + 1));
+  TORCH_CHECK_VALUE(m_rows <= fusedlora::kGemvMaxM ||
+                        (m_rows >= a.mma_min_m && k % fusedlora::kMmaStep == 0 && block % fusedlora::kMmaStep == 0),
+                    "x: M = ", m_rows, " > ", fusedlora::kGemvMaxM, " rows needs the tensor-core kernel (k and block "
+                    "multiples of ", fusedlora::kMmaStep, ", mma_min_m <= M), got k = ", k, ", block = ", block,
+                    ", mma_min_m = ", mma_min_m);
   a.overlap = supports_dependent_launch(x.device().index()) ? 1 : 0;
   const auto act = x.scalar_type() == at::kBFloat16 ? fusedlora::Act::kBF16 : fusedlora::Act::kFP16;
   const auto sch = scheme == 0 ? fusedlora::Scheme::kNF4 : fusedlora::Scheme::kINT4;

@@ -13,7 +13,7 @@
 //   thread streams 16-byte chunks (32 codes) of all kRows rows per step, so kRows loads are in flight. A code
 //   costs one byte pick, one shared-table read and one FMA per token, so its cost grows with M;
 // - decode_lora_mma.cu's tensor-core kernel (M >= mma_min_m, K and block multiples of 64), whose cost
-//   barely grows with M up to 16.
+//   barely grows with M up to 48 (the GEMV serves M <= 16 only).
 // Scales (NF4 absmax, plain or double-quantized, or INT4 scale + zero) are decoded in the same pass.
 // Accumulation is fp32.
 #include "decode_device.cuh"
@@ -210,6 +210,8 @@ cudaError_t launch_typed(const DecodeArgs& a, Scheme scheme, cudaStream_t stream
 
 cudaError_t decode_lora(const DecodeArgs& args, Act act, Scheme scheme, cudaStream_t stream) {
   if (args.M < 1 || args.M > kDecodeMaxM || args.K % 32 != 0 || args.r < 1) return cudaErrorInvalidValue;
+  const bool mma = args.M >= args.mma_min_m && args.K % kMmaStep == 0 && args.block % kMmaStep == 0;
+  if (args.M > kGemvMaxM && !mma) return cudaErrorInvalidValue;  // the GEMV is built up to kGemvMaxM
   if (args.block < 32 || (args.block & (args.block - 1)) != 0) return cudaErrorInvalidValue;
   DecodeArgs a = args;
   a.block_shift = 0;

@@ -38,8 +38,10 @@ struct DecodeArgs {
   int overlap;          // 1 on sm_90+: the main kernel is launched as a programmatic dependent of the pre-pass
 };
 
-// Largest M the kernel is built for; larger M goes to the Triton GEMM.
-constexpr int kDecodeMaxM = 16;
+// Largest M each main kernel is built for; larger M goes to the Triton GEMM. The tensor-core kernel serves
+// up to 6 token tiles (kDecodeMaxM; fusedlora/ops/decode.py says why there), the GEMV up to kGemvMaxM.
+constexpr int kDecodeMaxM = 48;
+constexpr int kGemvMaxM = 16;
 // The tensor-core kernel walks K in steps of this many codes, each inside one block (NF4) or group (INT4);
 // other K, and blocks of 32, run the CUDA-core GEMV.
 constexpr int kMmaStep = 64;

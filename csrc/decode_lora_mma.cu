@@ -1,8 +1,8 @@
 // Tensor-core decode kernel: yᵀ[N, M] = deq(W)[N, K] · xᵀ[K, M] with mma.sync m16n8k16, plus LoRA.
 //
-// The weight is the 16-row A operand and the tokens sit on the 8-wide N side, so M <= 8 pads to 8 columns
-// (one mma per 16x16 weight tile) and M <= 16 to two: the multiply costs almost nothing next to streaming
-// W, and M = 1 runs here too (the CUDA-core GEMV spends an FMA per code and token on it).
+// The weight is the 16-row A operand and the tokens sit on the 8-wide N side in NT tiles of 8 (M <= 8: one
+// mma per 16x16 weight tile, M <= 16: two, up to 6 at M <= 48): the multiply costs almost nothing next to
+// streaming W, and M = 1 runs here too (the CUDA-core GEMV spends an FMA per code and token on it).
 //
 // A block owns 16 rows of W; its kMmaWarps warps split K in steps of 64 codes. A step lies inside one NF4
 // block or INT4 group (both are multiples of 64 here), so each mma sums codes of a single scale: the A
@@ -244,8 +244,14 @@ template <typename T, Format F>
 cudaError_t launch_decode_mma(const DecodeArgs& a, cudaStream_t stream) {
   const dim3 grid((a.N + kMmaRows - 1) / kMmaRows), block(kMmaWarps * 32);
   const bool dependent = a.overlap != 0;
+  // Token tiles for M: each tile adds 4 HMMA + 4 FFMA + 2 loads of x per 64-code step; 6 tiles (M <= 48)
+  // is the most that keeps every instantiation free of spills on sm_80 and sm_90 (8 tiles spill 8-44 bytes),
+  // and M = 17..48 is where the Triton forward is predicted 1.8-3.6x slower (fusedlora/ops/decode.py:
+  // DECODE_MAX_M).
   if (a.M <= 8) return launch_kernel(gemv_lora_mma_kernel<T, F, 1>, grid, block, stream, dependent, a);
-  return launch_kernel(gemv_lora_mma_kernel<T, F, 2>, grid, block, stream, dependent, a);
+  if (a.M <= 16) return launch_kernel(gemv_lora_mma_kernel<T, F, 2>, grid, block, stream, dependent, a);
+  if (a.M <= 32) return launch_kernel(gemv_lora_mma_kernel<T, F, 4>, grid, block, stream, dependent, a);
+  return launch_kernel(gemv_lora_mma_kernel<T, F, 6>, grid, block, stream, dependent, a);
 }
 
 #define FUSEDLORA_INSTANTIATE(T, F) template cudaError_t launch_decode_mma<T, F>(const DecodeArgs&, cudaStream_t);

@@ -1,7 +1,8 @@
 // The decode kernels (csrc/decode_lora.cu: x·Aᵀ pre-pass + CUDA-core GEMV; decode_lora_mma.cu: tensor-core
 // kernel) run through their host entry point, fusedlora::decode_lora, under the host emulator
 // (tests/emulator.h) and are compared with float64 math: NF4 (plain and double-quantized absmax) and INT4,
-// bf16 and fp16, M = 1..16 on both main kernels, odd N, K that leave the tensor-core kernel's warps
+// bf16 and fp16, M = 1..16 on both main kernels and M = 17..48 (2 to 6 token tiles, odd M on each side of a
+// tile) on the tensor-core kernel, odd N, K that leave the tensor-core kernel's warps
 // uneven or idle, with and without bias. Outputs and the xa workspace start as NaN, so an element left
 // unwritten, or xa read before the pre-pass wrote it, fails the comparison. Inputs are fresh random draws
 // on every run (the seed is printed; FUSEDLORA_TEST_SEED=<seed> repeats a run).
@@ -9,7 +10,8 @@
 // The bound (DESIGN.md, numerics of the fast paths): each weight element the kernels multiply may sit up to
 // one ulp of T from its exact value (the tensor-core kernel holds the NF4 table rounded to T and applies the
 // block scale to fp32 partial sums), so y may differ from the float64 result by Σ_k |x_k|·ulp_T(w_k), plus
-// fp32 accumulation and one rounding into T.
+// fp32 accumulation and one rounding into T. The bound is per output element, so it is the same for every M:
+// a token tile adds columns, never terms to an element's sum.
 #include "tests/emulator.h"  // first: routes the kernels' launches and PTX-only points to the host
 
 #include "decode_lora.cu"
@@ -256,17 +258,19 @@ void run_all() {
   const Shape shapes[] = {
       {37, 96, 64, 32, 3},   {9, 256, 64, 64, 1},     {50, 256, 128, 128, 16},
       {21, 1088, 64, 64, 8}, {19, 2048, 256, 128, 5}, {17, 2176, 128, 64, 4}, {23, 4224, 64, 128, 2}};
-  const int Ms[] = {1, 2, 3, 4, 7, 8, 9, 16};
+  const int Ms[] = {1, 2, 3, 4, 7, 8, 9, 16, 17, 24, 31, 32, 33, 41, 47, 48};
   int count = 0;
   for (const Shape& s : shapes)
     for (Format f : {Format::kNF4, Format::kNF4DoubleQuant, Format::kINT4}) {
       const int block = f == Format::kINT4 ? s.int4_group : s.nf4_block;
       for (int M : Ms) {
         const bool small = s.K <= 256;
-        if (!small && M != 1 && M != 9 && M != 16) continue;  // keep the long-K cases few
-        // Both main kernels for every M: the GEMV (tensor cores never chosen) and the tensor-core kernel.
+        if (!small && M != 1 && M != 9 && M != 16 && M != 33 && M != 48) continue;  // keep the long-K cases few
+        // Both main kernels for every M they serve: the GEMV (tensor cores never chosen) up to kGemvMaxM, and
+        // the tensor-core kernel.
         for (int mma_min_m : {kDecodeMaxM + 1, 1}) {
           if (mma_min_m == 1 && (s.K % kMmaStep != 0 || block % kMmaStep != 0)) continue;
+          if (mma_min_m != 1 && M > kGemvMaxM) continue;
           // dtype and bias alternate across the pairs of paths, so each combination meets both kernels
           const Case c{f, M, s.N, s.K, block, s.r, (count / 4) % 2 == 0, mma_min_m, (count / 8) % 4 != 0};
           if ((count / 2) % 2 == 0) {
@@ -292,6 +296,13 @@ void test_rejected_arguments() {
   a.M = 0;
   EXPECT(decode_lora(a, Act::kBF16, Scheme::kNF4, nullptr) == cudaErrorInvalidValue);
   a.M = kDecodeMaxM + 1;
+  EXPECT(decode_lora(a, Act::kBF16, Scheme::kNF4, nullptr) == cudaErrorInvalidValue);
+  // past the GEMV's largest M: K not a multiple of kMmaStep, or the tensor cores not chosen for this M
+  a.M = kGemvMaxM + 1;
+  a.K = 96;
+  EXPECT(decode_lora(a, Act::kBF16, Scheme::kNF4, nullptr) == cudaErrorInvalidValue);
+  a.K = 64;
+  a.mma_min_m = kGemvMaxM + 2;
   EXPECT(decode_lora(a, Act::kBF16, Scheme::kNF4, nullptr) == cudaErrorInvalidValue);
   a.M = 1;
   a.K = 48;
