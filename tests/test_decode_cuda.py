@@ -1,4 +1,5 @@
-"""The hand-written CUDA decode kernel (4-bit GEMV + LoRA, M <= 16) against the reference, on a GPU."""
+"""The hand-written CUDA decode kernels (4-bit GEMV + LoRA, M <= 16; tensor cores, M <= 48) against the
+reference, on a GPU, and the dispatch rule that picks them."""
 
 import pytest
 import torch
@@ -55,8 +56,8 @@ def test_decode_op_schema_and_fake_on_meta_tensors(dq):
     torch.library.opcheck(torch.ops.fusedlora.decode_lora_cuda.default, args)
 
 
-# K = 96 and 320 (multiples of 32, and of 64, not of 128) always take the GEMV; INT4 groups (64, 128) must
-# divide K, so INT4 leaves out K = 96 (the device check lets no test skip).
+# K = 96 (a multiple of 32, not of 64) always takes the GEMV, so it serves M <= 16 only; INT4 groups (64, 128)
+# must divide K, so INT4 leaves out K = 96 (the device check lets no test skip).
 DECODE_SHAPES = [
     (quant, k, n)
     for quant in ("nf4", "nf4-dq", "int4")
@@ -125,12 +126,15 @@ def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant,k,n", DECODE_SHAPES)
-@pytest.mark.parametrize("m,mma_min_m", [(1, 1), (2, 1), (3, 1), (8, 1), (16, 1), (1, 17), (3, 17), (16, 17)])
+@pytest.mark.parametrize("m,mma_min_m", [(1, 1), (2, 1), (3, 1), (8, 1), (16, 1), (17, 1), (31, 1), (33, 1),
+                                         (48, 1), (1, 17), (3, 17), (16, 17)])
 def test_decode_matches_reference(dtype, quant, m, mma_min_m, k, n, monkeypatch):
-    # mma_min_m 1: the tensor-core kernel for every M (K a multiple of 64; K = 96 and 320 take the GEMV);
-    # 17: the CUDA-core GEMV for every M.
+    # mma_min_m 1: the tensor-core kernel for every M (K a multiple of 64; K = 96 takes the GEMV), 1 to 6
+    # token tiles; 17: the CUDA-core GEMV for every M.
     from fusedlora.ops import decode
 
+    if m > decode.DECODE_GEMV_MAX_M and k % decode.MMA_STEP:
+        return  # the GEMV is not built for this M: test_decode_serves_m_up_to_the_cutover checks the dispatch
     monkeypatch.setattr(decode, "DECODE_MMA_MIN_M", mma_min_m)
     torch.manual_seed(m * 1000 + n)
     r = 16
@@ -166,7 +170,7 @@ def test_decode_is_the_path_taken_and_training_is_not():
     with torch.no_grad():
         assert decode_applies(x, qw.packed, A, B, None, 0.0, False)
         assert not decode_applies(x, qw.packed, A, B, None, 0.1, True)  # dropout: training path
-        assert not decode_applies(torch.randn(17, k, device="cuda", dtype=torch.bfloat16), qw.packed, A, B, None,
+        assert not decode_applies(torch.randn(49, k, device="cuda", dtype=torch.bfloat16), qw.packed, A, B, None,
                                   0.0, False)
     assert not decode_applies(x, qw.packed, A, B, None, 0.0, False)  # grads needed: Triton forward/backward
 
@@ -186,3 +190,21 @@ def test_decode_takes_misaligned_views():
         y = fl.lora_linear(x, qw, A, B, 2.0)
         y_aligned = fl.lora_linear(x.clone(), qw, A.clone(), B, 2.0)
     torch.testing.assert_close(y, y_aligned, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k,block", [(256, 64), (4096, 128), (320, 64), (96, 64)])
+def test_decode_serves_m_up_to_the_cutover(k, block):
+    # No GPU needed: the rule of ops.decode. The tensor-core kernel (K and block multiples of 64; every NF4
+    # block size is) serves M up to DECODE_MAX_M, the GEMV (K = 96) up to DECODE_GEMV_MAX_M; past them the
+    # Triton path runs.
+    from fusedlora.ops import decode
+
+    qw = fl.quantize(torch.randn(33, k), scheme="nf4", blocksize=block)
+    A, B = torch.randn(8, k, dtype=torch.bfloat16), torch.randn(33, 8, dtype=torch.bfloat16)
+    tensor_cores = k % 64 == 0 and block % 64 == 0
+    last = decode.DECODE_MAX_M if tensor_cores else decode.DECODE_GEMV_MAX_M
+    assert decode.DECODE_MAX_M == 48 and decode.DECODE_GEMV_MAX_M == 16
+    with torch.no_grad():
+        for m in (1, 16, 17, last, last + 1):
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            assert decode.decode_applies(x, qw.packed, A, B, None, 0.0, False) == (m <= last), m

@@ -87,8 +87,9 @@ def path_times_ms(x, qw, A, B) -> dict:
     with torch.no_grad():
         if x.shape[0] <= decode.DECODE_MAX_M:
             saved = decode.DECODE_MMA_MIN_M
+            gemv = x.shape[0] <= decode.DECODE_GEMV_MAX_M  # the GEMV is built for fewer tokens
             try:
-                for name, min_m in (("cuda_cores", decode.DECODE_MAX_M + 1), ("tensor_cores", 1)):
+                for name, min_m in (("cuda_cores", decode.DECODE_MAX_M + 1), ("tensor_cores", 1))[not gemv:]:
                     decode.DECODE_MMA_MIN_M = min_m
                     times[name] = time_ms(lambda: lora_linear(x, qw, A, B, 2.0))
             finally:

@@ -5,13 +5,14 @@ runs when all of these hold, and the Triton kernels run otherwise (training alwa
 forward that saved tensors and the backward agree on dropout and layout):
 - the weight is 4-bit (a ``Packed4bit``) and x is bf16 or fp16;
 - no gradient is needed (inference, or torch.no_grad) and dropout is off;
-- 1 <= M = x.numel() / K <= DECODE_MAX_M (``ops.lora`` answers M = 0 itself), K is a multiple of 32
-  (16-byte loads never straddle rows) and the packed weight starts on a 16-byte boundary (x is copied to
-  an aligned buffer when it does not).
+- 1 <= M = x.numel() / K <= DECODE_MAX_M (``ops.lora`` answers M = 0 itself), and above
+  DECODE_GEMV_MAX_M only where the tensor-core kernel runs (K and the block size multiples of 64); K is a
+  multiple of 32 (16-byte loads never straddle rows) and the packed weight starts on a 16-byte boundary (x
+  is copied to an aligned buffer when it does not).
 The weight's metadata was validated by ``ops.lora`` (``formats.check_packed``), and the binding checks
 the same sizes again in C++ before the kernel indexes anything.
-DECODE_MAX_M is where the GEMV stops beating the Triton GEMM; 16 is the starting point of DESIGN.md and
-is to be replaced by the cut-over measured by bench/bench_decode.py on each GPU generation.
+DECODE_MAX_M is the cut-over to the Triton path (below, from the prediction), to be replaced by the one
+measured by bench/bench_decode.py on each GPU generation.
 """
 
 from __future__ import annotations
@@ -23,13 +24,29 @@ from ..formats.nf4 import nf4_code
 from ..formats.packed import Packed4bit
 from .registry import implementation, register
 
-DECODE_MAX_M = 16
+# The cut-over to the Triton path (the low-rank pre-kernel + the fused forward GEMM with in-loop decode),
+# from bench/sass_loops.py's prediction (H100 and H200, Llama-3-8B projections, NF4 double quant, bf16):
+# the tensor-core decode streams W once at any M, so it costs about the weight's bytes at the copy rate
+# plus a launch, 5-14 µs, growing 3-26 % from M = 16 to 48 (sm_90: 591 and 674 instructions per 2 KB at 4
+# and 6 token tiles against 491 at 2), while the Triton forward is issue-bound on its decode and costs
+# 18-34 µs from M = 17 to 49 (its pre-kernel alone ~6.5 µs). The decode is predicted faster at every M it
+# serves, so the cut-over is the largest M it is built for: 6 token tiles, the most without spills on sm_80
+# and sm_90 (csrc/decode_lora_mma.cu). M = 49 still meets a cliff of 1.8-3.1x (sass_loops' cut-over table).
+# Not in the model, and the reason to measure: every 16-row block re-reads x from L2 (M·K·2 bytes; 100-350
+# MB per call at M = 48), which would tie the Triton forward at 6.8 TB/s of L2 on 4096 -> 4096 but at
+# 12.5-15.8 TB/s on the 14336-wide shapes; and one block per SM at 4 and 6 tiles halves the loads in
+# flight. bench/bench_decode.py times both paths at M = 32; its measurement replaces this.
+DECODE_MAX_M = 48
+# the CUDA-core GEMV (K or the block size not a multiple of 64) is built up to this M (csrc/decode_lora.h)
+DECODE_GEMV_MAX_M = 16
+MMA_STEP = 64  # the tensor-core kernel needs K and the block size multiples of this (kMmaStep)
 # From this M on (with K and the block size multiples of 64) the tensor-core kernel runs instead of the
 # CUDA-core GEMV. Both are limited by issuing instructions about as much as by HBM, and their sm_90 main
 # loops, per 2 KB of weight per warp (bf16, NF4 with double quantization; bench/sass_loops.py), take: GEMV
-# 582 instructions at M = 1 (one FMA per code and token, so more above), tensor cores 481 for any M <= 8 and
-# 491 up to 16. So every M runs on the tensor cores. These are instruction counts, not timings:
-# bench/bench_decode.py times both paths per M, and the measured cut-over replaces this on each GPU.
+# 582 instructions at M = 1 (one FMA per code and token, so more above), tensor cores 481 for any M <= 8,
+# 491 up to 16, 591 up to 32 and 674 up to 48. So every M runs on the tensor cores. These are instruction
+# counts, not timings: bench/bench_decode.py times both paths per M, and the measured cut-over replaces this
+# on each GPU.
 DECODE_MMA_MIN_M = 1
 _SCHEME_ID = {"nf4": 0, "int4": 1}
 
@@ -42,7 +59,10 @@ def decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training) -> bool
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
         return False
     k = weight.shape[1]
-    return k % 32 == 0 and 1 <= x.numel() // k <= DECODE_MAX_M and weight.data.data_ptr() % 16 == 0
+    m = x.numel() // k
+    tensor_cores = m >= DECODE_MMA_MIN_M and k % MMA_STEP == 0 and weight.block % MMA_STEP == 0
+    limit = DECODE_MAX_M if tensor_cores else DECODE_GEMV_MAX_M
+    return k % 32 == 0 and 1 <= m <= limit and weight.data.data_ptr() % 16 == 0
 
 
 _CODE_CACHE: dict[torch.device, torch.Tensor] = {}
