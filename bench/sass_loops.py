@@ -24,7 +24,7 @@ instantiation above 16 is printed without a target). bench/README.md says what t
 The cut-over: per chip and projection, the decode at M = 16 and at each larger M it serves next to the
 Triton inference forward (the low-rank pre-kernel without dropout, then the fused forward GEMM on the path
 fusedlora.ops.paths.training_path picks, with the torch sums of its split partials:
-triton_loops.stage_kernels) at M = 17 and at the first M past fusedlora.ops.decode.DECODE_MAX_M, with
+triton_loops.stage_kernels) at M = 17 and at the first M past fusedlora.ops.decode.decode_max_m, with
 TARGET MISSED (not a failure) wherever the first Triton M is predicted slower per call than the last decode
 M. The Triton kernels are read from builds saved by .ci/aot_compile.py --save (--triton-from DIR) or
 compiled here for sm_90 (the few specs needed); that table names the triton version, and --check compares
@@ -273,39 +273,39 @@ def triton_forward(tloops: list, chip_name: str, k: int, n: int, m: int) -> dict
 
 
 def cutover_rows(loops: list[Loop], tloops: list) -> list[dict]:
-    """Per chip and projection: the decode from M = 16 up to DECODE_MAX_M, the Triton forward at M = 17 and at
-    the first M past DECODE_MAX_M, and the bytes of x the decode's 16-row blocks re-read (from L2)."""
+    """Per chip and projection: the decode at M = 16 and at its cut-over (``decode_max_m``), the Triton
+    forward at M = 17 and at the first M past the cut-over, and the bytes of x the decode's 16-row blocks
+    re-read (from L2) at the cut-over."""
     import triton_loops
 
-    from fusedlora.ops.decode import DECODE_MAX_M
+    from fusedlora.ops.decode import decode_max_m
 
-    decode_ms = [m for m in tokens(loops) if TARGET_MAX_M <= m < DECODE_MAX_M] + [DECODE_MAX_M]
     rows = []
     for chip in triton_loops.CHIPS:
         for k, n in triton_loops.PROJECTIONS:
+            last = decode_max_m(k, n)
             rows.append({"chip": chip, "k": k, "n": n,
-                         "decode": {m: decode_row(loops, chip, k, n, m)["ours_us"] for m in decode_ms},
+                         "decode": {m: decode_row(loops, chip, k, n, m)["ours_us"]
+                                    for m in sorted({TARGET_MAX_M, last})},
                          "triton": {m: triton_forward(tloops, chip, k, n, m)
-                                    for m in sorted({TARGET_MAX_M + 1, DECODE_MAX_M + 1})},
-                         "x_l2_mb": -(-n // 16) * DECODE_MAX_M * k * 2 / 1e6})
+                                    for m in sorted({TARGET_MAX_M + 1, last + 1})},
+                         "x_l2_mb": -(-n // 16) * last * k * 2 / 1e6})
     return rows
 
 
 def cutover_table(rows: list[dict], chip: str) -> list[str]:
-    mine = [r for r in rows if r["chip"] == chip]
-    dec, tri = list(mine[0]["decode"]), list(mine[0]["triton"])
-    last, first = dec[-1], tri[-1]
-    lines = ["| K -> N | " + " | ".join(f"decode M={m} µs" for m in dec) + " | "
-             + " | ".join(f"Triton fwd M={m} µs (pre-kernel + GEMM, path)" for m in tri)
-             + f" | M={first} / M={last} | x re-read at M={last}, MB | L2 rate at which it ties M={first}, TB/s |",
-             "|---|" + "---|" * (len(dec) + len(tri) + 3)]
-    for r in mine:
-        cells = [f"{r['decode'][m]:.2f}" for m in dec]
-        cells += [f"{t['us']:.2f} ({' + '.join(f'{us:.2f}' for _, us in t['parts'])}, {t['path']})"
-                  for t in r["triton"].values()]
-        ratio = r["triton"][first]["us"] / r["decode"][last]
-        lines.append(f"| {r['k']} -> {r['n']} | " + " | ".join(cells) + f" | {ratio:.2f} | {r['x_l2_mb']:.0f} "
-                     f"| {tie_l2_tbs(r):.1f} |")
+    def triton(t: dict) -> str:
+        return f"{t['us']:.2f} ({' + '.join(f'{us:.2f}' for _, us in t['parts'])}, {t['path']})"
+
+    lines = [f"| K -> N | decode M={TARGET_MAX_M} µs | cut-over M | decode at it, µs "
+             f"| Triton fwd M={TARGET_MAX_M + 1} µs (pre-kernel + GEMM, path) | Triton fwd past the cut-over, µs "
+             "| past / at the cut-over | x re-read at the cut-over, MB | L2 rate at which it ties, TB/s |",
+             "|---|" + "---|" * 8]
+    for r in (r for r in rows if r["chip"] == chip):
+        (last, dec), (first, tri) = list(r["decode"].items())[-1], list(r["triton"].items())[-1]
+        lines.append(f"| {r['k']} -> {r['n']} | {r['decode'][TARGET_MAX_M]:.2f} | {last} | {dec:.2f} "
+                     f"| {triton(r['triton'][TARGET_MAX_M + 1])} | M={first}: {triton(tri)} | {tri['us'] / dec:.2f} "
+                     f"| {r['x_l2_mb']:.0f} | {tie_l2_tbs(r):.1f} |")
     return lines
 
 

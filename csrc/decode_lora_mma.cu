@@ -246,8 +246,8 @@ cudaError_t launch_decode_mma(const DecodeArgs& a, cudaStream_t stream) {
   const bool dependent = a.overlap != 0;
   // Token tiles for M: each tile adds 4 HMMA + 4 FFMA + 2 loads of x per 64-code step; 6 tiles (M <= 48)
   // is the most that keeps every instantiation free of spills on sm_80 and sm_90 (8 tiles spill 8-44 bytes),
-  // and M = 17..48 is where the Triton forward is predicted 1.8-3.6x slower (fusedlora/ops/decode.py:
-  // DECODE_MAX_M).
+  // and M = 17..48 is where the Triton forward is predicted 1.8-3.6x slower before x's L2 re-reads count
+  // (fusedlora/ops/decode.py: decode_max_m, which caps those re-reads).
   if (a.M <= 8) return launch_kernel(gemv_lora_mma_kernel<T, F, 1>, grid, block, stream, dependent, a);
   if (a.M <= 16) return launch_kernel(gemv_lora_mma_kernel<T, F, 2>, grid, block, stream, dependent, a);
   if (a.M <= 32) return launch_kernel(gemv_lora_mma_kernel<T, F, 4>, grid, block, stream, dependent, a);

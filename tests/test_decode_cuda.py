@@ -136,6 +136,7 @@ def test_decode_matches_reference(dtype, quant, m, mma_min_m, k, n, monkeypatch)
     if m > decode.DECODE_GEMV_MAX_M and k % decode.MMA_STEP:
         return  # the GEMV is not built for this M: test_decode_serves_m_up_to_the_cutover checks the dispatch
     monkeypatch.setattr(decode, "DECODE_MMA_MIN_M", mma_min_m)
+    monkeypatch.setattr(decode, "X_REREAD_BUDGET", 1 << 62)  # every M the kernel serves
     torch.manual_seed(m * 1000 + n)
     r = 16
     w = torch.randn(n, k, device="cuda", dtype=dtype)
@@ -192,18 +193,32 @@ def test_decode_takes_misaligned_views():
     torch.testing.assert_close(y, y_aligned, rtol=0, atol=0)
 
 
+def test_kernel_limit_matches_the_cuda_source():
+    """ops.decode's copy of the kernel's largest M is csrc's, and the dispatcher stays within it."""
+    import re
+    from pathlib import Path
+
+    from fusedlora.ops import decode
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "decode_lora.h").read_text()
+    assert int(re.search(r"kDecodeMaxM = (\d+);", header).group(1)) == decode.DECODE_KERNEL_MAX_M
+    # the rule's cut-overs on the Llama-3-8B projections (ops.decode derives them) and its bounds
+    assert [decode.decode_max_m(k, n) for k, n in ((4096, 4096), (4096, 14336), (14336, 4096))] == [32, 16, 16]
+    assert decode.decode_max_m(256, 33) == decode.DECODE_KERNEL_MAX_M
+    assert decode.decode_max_m(256, 33, tensor_cores=False) == decode.DECODE_GEMV_MAX_M
+
+
 @pytest.mark.parametrize("k,block", [(256, 64), (4096, 128), (320, 64), (96, 64)])
 def test_decode_serves_m_up_to_the_cutover(k, block):
     # No GPU needed: the rule of ops.decode. The tensor-core kernel (K and block multiples of 64; every NF4
-    # block size is) serves M up to DECODE_MAX_M, the GEMV (K = 96) up to DECODE_GEMV_MAX_M; past them the
+    # block size is) serves M up to decode_max_m, the GEMV (K = 96) up to DECODE_GEMV_MAX_M; past them the
     # Triton path runs.
     from fusedlora.ops import decode
 
     qw = fl.quantize(torch.randn(33, k), scheme="nf4", blocksize=block)
     A, B = torch.randn(8, k, dtype=torch.bfloat16), torch.randn(33, 8, dtype=torch.bfloat16)
     tensor_cores = k % 64 == 0 and block % 64 == 0
-    last = decode.DECODE_MAX_M if tensor_cores else decode.DECODE_GEMV_MAX_M
-    assert decode.DECODE_MAX_M == 48 and decode.DECODE_GEMV_MAX_M == 16
+    last = decode.decode_max_m(k, 33, tensor_cores)
     with torch.no_grad():
         for m in (1, 16, 17, last, last + 1):
             x = torch.randn(m, k, dtype=torch.bfloat16)

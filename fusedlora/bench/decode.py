@@ -80,20 +80,21 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
 
 def path_times_ms(x, qw, A, B) -> dict:
     """The same call on each path that can run it: the CUDA-core GEMV, the tensor-core kernel and the Triton
-    GEMM. Where they cross in M places DECODE_MMA_MIN_M and DECODE_MAX_M (fusedlora/ops/decode.py)."""
+    GEMM. Where they cross in M places DECODE_MMA_MIN_M and ``decode_max_m`` (fusedlora/ops/decode.py)."""
     from ..ops import decode
 
     times = {}
     with torch.no_grad():
-        if x.shape[0] <= decode.DECODE_MAX_M:
-            saved = decode.DECODE_MMA_MIN_M
+        if x.shape[0] <= decode.DECODE_KERNEL_MAX_M:
+            saved = decode.DECODE_MMA_MIN_M, decode.X_REREAD_BUDGET
             gemv = x.shape[0] <= decode.DECODE_GEMV_MAX_M  # the GEMV is built for fewer tokens
+            decode.X_REREAD_BUDGET = 1 << 62  # every M the kernel serves, whatever the rule would pick
             try:
-                for name, min_m in (("cuda_cores", decode.DECODE_MAX_M + 1), ("tensor_cores", 1))[not gemv:]:
+                for name, min_m in (("cuda_cores", decode.DECODE_KERNEL_MAX_M + 1), ("tensor_cores", 1))[not gemv:]:
                     decode.DECODE_MMA_MIN_M = min_m
                     times[name] = time_ms(lambda: lora_linear(x, qw, A, B, 2.0))
             finally:
-                decode.DECODE_MMA_MIN_M = saved
+                decode.DECODE_MMA_MIN_M, decode.X_REREAD_BUDGET = saved
         with forced("triton"):
             times["triton"] = time_ms(lambda: lora_linear(x, qw, A, B, 2.0))
     return times

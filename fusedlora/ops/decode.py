@@ -5,14 +5,14 @@ runs when all of these hold, and the Triton kernels run otherwise (training alwa
 forward that saved tensors and the backward agree on dropout and layout):
 - the weight is 4-bit (a ``Packed4bit``) and x is bf16 or fp16;
 - no gradient is needed (inference, or torch.no_grad) and dropout is off;
-- 1 <= M = x.numel() / K <= DECODE_MAX_M (``ops.lora`` answers M = 0 itself), and above
+- 1 <= M = x.numel() / K <= ``decode_max_m(K, N)`` (``ops.lora`` answers M = 0 itself), and above
   DECODE_GEMV_MAX_M only where the tensor-core kernel runs (K and the block size multiples of 64); K is a
   multiple of 32 (16-byte loads never straddle rows) and the packed weight starts on a 16-byte boundary (x
   is copied to an aligned buffer when it does not).
 The weight's metadata was validated by ``ops.lora`` (``formats.check_packed``), and the binding checks
 the same sizes again in C++ before the kernel indexes anything.
-DECODE_MAX_M is the cut-over to the Triton path (below, from the prediction), to be replaced by the one
-measured by bench/bench_decode.py on each GPU generation.
+``decode_max_m`` is the cut-over to the Triton path (below, from the prediction), to be replaced by the
+one measured by bench/bench_decode.py on each GPU generation.
 """
 
 from __future__ import annotations
@@ -29,14 +29,16 @@ from .registry import implementation, register
 # the tensor-core decode streams W once at any M, so it costs about the weight's bytes at the copy rate
 # plus a launch, 5-14 µs, growing 3-26 % from M = 16 to 48 (sm_90: 591 and 674 instructions per 2 KB at 4
 # and 6 token tiles against 491 at 2), while the Triton forward is issue-bound on its decode and costs
-# 18-34 µs from M = 17 to 49 (its pre-kernel alone ~6.5 µs). The decode is predicted faster at every M it
-# serves, so the cut-over is the largest M it is built for: 6 token tiles, the most without spills on sm_80
-# and sm_90 (csrc/decode_lora_mma.cu). M = 49 still meets a cliff of 1.8-3.1x (sass_loops' cut-over table).
-# Not in the model, and the reason to measure: every 16-row block re-reads x from L2 (M·K·2 bytes; 100-350
-# MB per call at M = 48), which would tie the Triton forward at 6.8 TB/s of L2 on 4096 -> 4096 but at
-# 12.5-15.8 TB/s on the 14336-wide shapes; and one block per SM at 4 and 6 tiles halves the loads in
-# flight. bench/bench_decode.py times both paths at M = 32; its measurement replaces this.
-DECODE_MAX_M = 48
+# 18-34 µs from M = 17 to 49 (its pre-kernel alone ~6.5 µs). That model would run the decode up to the
+# kernel's largest M, 48 (6 token tiles, the most without spills). It leaves out one cost that grows with
+# M: every 16-row block re-reads x from L2, M·K·2 bytes each, M / 4 times the weight's bytes. L2 is not in
+# the chip table (no measured rate here), so the rule caps that traffic instead: the decode runs while x's
+# re-reads stay within X_REREAD_BUDGET, and always up to DECODE_GEMV_MAX_M. With 64 MiB, 4096 -> 4096 runs
+# it up to M = 32 (re-reads tie the Triton forward only below 4.5 TB/s of L2) and the 14336-wide shapes
+# up to 16 (below 4.6 TB/s; at M = 32 they would tie at 8.4-10.5 TB/s, which an L2 may not reach).
+# bench/bench_decode.py times both paths at M = 32 on a GPU, and its measurement replaces this rule.
+DECODE_KERNEL_MAX_M = 48  # csrc/decode_lora.h kDecodeMaxM; the binding refuses more
+X_REREAD_BUDGET = 64 << 20
 # the CUDA-core GEMV (K or the block size not a multiple of 64) is built up to this M (csrc/decode_lora.h)
 DECODE_GEMV_MAX_M = 16
 MMA_STEP = 64  # the tensor-core kernel needs K and the block size multiples of this (kMmaStep)
@@ -51,6 +53,16 @@ DECODE_MMA_MIN_M = 1
 _SCHEME_ID = {"nf4": 0, "int4": 1}
 
 
+def decode_max_m(k: int, n: int, tensor_cores: bool = True) -> int:
+    """The largest M the decode runs for an [n, k] weight (the rule above): the GEMV's build limit, or as
+    many tokens as keep the tensor-core kernel's re-reads of x (M·k·2 bytes per 16 rows) within
+    X_REREAD_BUDGET, between DECODE_GEMV_MAX_M and DECODE_KERNEL_MAX_M."""
+    if not tensor_cores:
+        return DECODE_GEMV_MAX_M
+    per_token = 2 * k * -(-n // 16)
+    return max(DECODE_GEMV_MAX_M, min(DECODE_KERNEL_MAX_M, X_REREAD_BUDGET // max(per_token, 1)))
+
+
 def decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training) -> bool:
     if not isinstance(weight, Packed4bit) or x.dtype not in (torch.bfloat16, torch.float16):
         return False
@@ -58,11 +70,10 @@ def decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training) -> bool
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
         return False
-    k = weight.shape[1]
+    n, k = weight.shape
     m = x.numel() // k
     tensor_cores = m >= DECODE_MMA_MIN_M and k % MMA_STEP == 0 and weight.block % MMA_STEP == 0
-    limit = DECODE_MAX_M if tensor_cores else DECODE_GEMV_MAX_M
-    return k % 32 == 0 and 1 <= m <= limit and weight.data.data_ptr() % 16 == 0
+    return k % 32 == 0 and 1 <= m <= decode_max_m(k, n, tensor_cores) and weight.data.data_ptr() % 16 == 0
 
 
 _CODE_CACHE: dict[torch.device, torch.Tensor] = {}
