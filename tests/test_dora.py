@@ -115,6 +115,23 @@ def test_folded_route_without_bias_and_with_a_zero_magnitude(triton_backend, mon
     assert streams == ([("dora_scale_fwd", True)] if p else []) + [("dora_scale_bwd", True)]
 
 
+def test_folded_output_in_place(triton_backend):
+    """Without dropout or bias the folded route hands over the fused op's output itself (no copy): in-place
+    changes to it work without gradients, and with them autograd reports the change (the output is what dm
+    is computed from) instead of a custom-Function view error or a wrong gradient."""
+    layer = _layer("nf4", bias=False)
+    x = torch.randn(5, layer.in_features, device=_device())
+    with torch.no_grad():
+        y = layer(x)
+        want = y.clone() * 2
+        y.mul_(2.0)
+    assert torch.equal(y, want)
+    y = layer(x.requires_grad_(True))
+    y.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_gain_kernel_folds_g_into_scales_and_b(triton_backend):
     """``dora_gain`` (one launch): g = m / norm with a zero m counted as the given stand-in, 1 / m, g ⊙ B,
     and block scales times g that decode to g[n]·W[n, :] for a double-quantized NF4 and an INT4 weight

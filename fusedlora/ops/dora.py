@@ -299,13 +299,15 @@ class _FoldedScale(torch.autograd.Function):
         from ..kernels.dora import dora_scale_fwd
 
         shape = v.shape
-        v2 = v.reshape(-1, shape[-1])
         if u is None and bias is None:
-            y = v.view_as(v)
+            # v is the output: taken over (not a view of it, so the caller may still modify it in place;
+            # autograd then reports that v, saved here, changed)
+            ctx.mark_dirty(v)
+            y = v
         else:
-            y = dora_scale_fwd(v2, None, None if u is None else u.reshape(-1, shape[-1]).contiguous(),
-                               bias).view(shape)
-        ctx.save_for_backward(v2, inv_m)
+            y = dora_scale_fwd(v.reshape(-1, shape[-1]), None,
+                               None if u is None else u.reshape(-1, shape[-1]).contiguous(), bias).view(shape)
+        ctx.save_for_backward(v, inv_m)
         ctx.m_dtype, ctx.has_u = magnitude.dtype, u is not None
         return y
 
@@ -313,7 +315,8 @@ class _FoldedScale(torch.autograd.Function):
     def backward(ctx, dy):
         from ..kernels.dora import dora_scale_bwd
 
-        v2, inv_m = ctx.saved_tensors
+        v, inv_m = ctx.saved_tensors
+        v2 = v.reshape(-1, v.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         _, need_m, _, need_b, need_u = ctx.needs_input_grad
         dm = dora_scale_bwd(dy2, v2, None, inv_m)[1].to(ctx.m_dtype) if need_m else None
