@@ -63,6 +63,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -971,11 +972,11 @@ def main() -> int:
         sys.exit("triton_loops: no builds")
     version = builds[0].triton
     failed = [f"{b.name} sm_{b.cc}: compile failed: {b.error}" for b in builds if b.error]
-    loops = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for b in builds:
-            if not b.error:
-                loops.append(analyse(b, *disassemble(b, Path(tmp))))
+    ok = [b for b in builds if not b.error]
+    # cuobjdump runs are independent subprocesses: a few at a time (each cubin has its own file name)
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        texts = pool.map(lambda b: disassemble(b, Path(tmp)), ok)
+        loops = [analyse(b, *text) for b, text in zip(ok, texts, strict=True)]
     full = not args.only
     out = (lambda *a, **k: None) if args.quiet else print
     for cc in targets:
