@@ -35,6 +35,7 @@ import triton.language as tl
 from ..formats.packed import NESTED_BLOCKSIZE
 from . import device_guard, interpreted
 from .dropout import keep_bytes, load_bits, threshold, unpack_bits
+from .lora_fwd import nested_absmax
 
 
 @triton.jit
@@ -125,9 +126,7 @@ def _dora_gain_kernel(
         t_ok = ok[:, None] & (js < KB)[None, :]
         offs = rows64[:, None] * KB + js[None, :]
         if DQ:
-            qa = tl.load(sc_ptr + offs, mask=t_ok, other=0).to(tl.int32)
-            sc = tl.load(code_ptr + qa, mask=t_ok, other=0.0) * tl.load(nested_ptr + offs // NESTED_BLOCK,
-                                                                       mask=t_ok, other=0.0) + offset
+            sc = nested_absmax(sc_ptr, code_ptr, nested_ptr, offs, t_ok, offset, NESTED_BLOCK)
         else:
             sc = tl.load(sc_ptr + offs, mask=t_ok, other=0.0)
         tl.store(sc_out_ptr + offs, sc * g[:, None], mask=t_ok)

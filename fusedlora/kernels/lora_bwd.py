@@ -310,7 +310,6 @@ def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float):
     db_ws = torch.empty((m_tiles, n, r), dtype=torch.float32, device=dy.device)
     if m == 0 or r == 0:
         db_ws.zero_()
-        g_ws.zero_()
     else:
         _g_db_kernel[(m_tiles, splits, triton.cdiv(r, br))](
             dy, lora_B, xa, g_ws, db_ws, m, n, r, cols, dy.stride(0),

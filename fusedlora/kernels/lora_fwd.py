@@ -40,6 +40,15 @@ from .weight_tile import FORMATS, load_w_tile
 
 
 @triton.jit
+def nested_absmax(qa_ptr, code_ptr, nested_absmax_ptr, i, mask, offset, NESTED_BLOCK: tl.constexpr):
+    """fp32 absmax of double-quantized NF4 blocks ``i``: code[qa[i]] · nested_absmax[i // NESTED_BLOCK] +
+    offset (0 where ``mask`` is off)."""
+    qa = tl.load(qa_ptr + i, mask=mask, other=0).to(tl.int32)
+    code = tl.load(code_ptr + qa, mask=mask, other=0.0)
+    return code * tl.load(nested_absmax_ptr + i // NESTED_BLOCK, mask=mask, other=0.0) + offset
+
+
+@triton.jit
 def _decode_absmax_kernel(
     # pointers
     qa_ptr, code_ptr, nested_absmax_ptr, out_ptr,
@@ -50,10 +59,8 @@ def _decode_absmax_kernel(
 ):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n_blocks
-    qa = tl.load(qa_ptr + i, mask=mask, other=0).to(tl.int32)
-    code = tl.load(code_ptr + qa, mask=mask, other=0.0)
-    nested = tl.load(nested_absmax_ptr + i // NESTED_BLOCK, mask=mask, other=0.0)
-    tl.store(out_ptr + i, code * nested + offset, mask=mask)
+    tl.store(out_ptr + i, nested_absmax(qa_ptr, code_ptr, nested_absmax_ptr, i, mask, offset, NESTED_BLOCK),
+             mask=mask)
 
 
 @triton.jit

@@ -210,20 +210,30 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def base_linear(x: Tensor, weight) -> Tensor:
-    """x·Wᵀ by the fused GEMMs with no low-rank term (rank 0: no low-rank pre-kernel, no g pass in the
-    backward), on the 4-bit path of ``ops.paths`` as ``lora_linear``; autograd gives x its gradient (and a
-    dense W, as there)."""
+def _fused_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scale: float,
+                  p: float) -> Tensor:
+    """``fusedlora::lora_fwd`` on x [..., K] (leading dimensions flattened into M, a unit stride along K) and
+    the weight's tensors, dropout ``p`` drawn from a fresh seed; y [..., N]."""
     n, k = weight.shape if isinstance(weight, Packed4bit) else tuple(weight.shape)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    seed = draw_seed(x.device) if p > 0 else None
     w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
     y2, _, _ = torch.ops.fusedlora.lora_fwd(
-        x2, w, w_scales, w_zeros, nested_absmax, nested_code, x.new_empty((0, k)), x.new_empty((n, 0)), None,
-        None, 0.0, 0.0, fmt, n, block, nested_offset)
+        x2, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A.contiguous(), lora_B.contiguous(),
+        None if bias is None else bias.contiguous(), seed, float(scale), p, fmt, n, block, nested_offset,
+    )
     return y2.reshape(*lead, n)
+
+
+def base_linear(x: Tensor, weight) -> Tensor:
+    """x·Wᵀ by the fused GEMMs with no low-rank term (rank 0: no low-rank pre-kernel, no g pass in the
+    backward), on the 4-bit path of ``ops.paths`` as ``lora_linear``; autograd gives x its gradient (and a
+    dense W, as there)."""
+    n, k = weight.shape if isinstance(weight, Packed4bit) else tuple(weight.shape)
+    return _fused_linear(x, weight, x.new_empty((0, k)), x.new_empty((n, 0)), None, 0.0, 0.0)
 
 
 @register("lora_linear", "triton")
@@ -234,16 +244,5 @@ def lora_linear_triton(x, weight, lora_A, lora_B, scale, bias, dropout_p, traini
             "dropout_mask: the triton backend draws dropout masks from a seed and cannot take an explicit "
             "mask (fusedlora.kernels.dropout.dropout_mask materializes its masks); use the reference backend "
             "to pass a mask")
-    n, k = weight.shape if isinstance(weight, Packed4bit) else tuple(weight.shape)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    p = float(dropout_p) if training and dropout_p > 0 else 0.0
-    seed = draw_seed(x.device) if p > 0 else None
-    w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
-    y2, _, _ = torch.ops.fusedlora.lora_fwd(
-        x2, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A.contiguous(), lora_B.contiguous(),
-        None if bias is None else bias.contiguous(), seed, float(scale), p, fmt, n, block, nested_offset,
-    )
-    return y2.reshape(*lead, n)
+    return _fused_linear(x, weight, lora_A, lora_B, bias, scale,
+                         float(dropout_p) if training and dropout_p > 0 else 0.0)
