@@ -278,7 +278,7 @@ def cutover_rows(loops: list[Loop], tloops: list) -> list[dict]:
     re-read (from L2) at the cut-over."""
     import triton_loops
 
-    from fusedlora.ops.decode import decode_max_m
+    from fusedlora.ops.decode import decode_max_m, x_reread_bytes
 
     rows = []
     for chip in triton_loops.CHIPS:
@@ -289,7 +289,7 @@ def cutover_rows(loops: list[Loop], tloops: list) -> list[dict]:
                                     for m in sorted({TARGET_MAX_M, last})},
                          "triton": {m: triton_forward(tloops, chip, k, n, m)
                                     for m in sorted({TARGET_MAX_M + 1, last + 1})},
-                         "x_l2_mb": -(-n // 16) * last * k * 2 / 1e6})
+                         "x_l2_mb": x_reread_bytes(last, k, n) / 1e6})
     return rows
 
 
@@ -381,11 +381,27 @@ def nvcc_version() -> str:
     return f"nvcc {m.group(1)}" if m else "nvcc"
 
 
-def readme_diff(block: list[str]) -> list[str]:
+def generated_block(begin: str, end: str) -> list[str] | None:
+    """The lines of bench/README.md from marker ``begin`` to marker ``end``, None without both markers."""
     text = README.read_text()
-    if BEGIN not in text or END not in text:
+    if begin not in text or end not in text:
+        return None
+    return text[text.index(begin):text.index(end) + len(end)].splitlines()
+
+
+def replace_generated_block(begin: str, end: str, block: list[str]) -> bool:
+    """Write ``block`` over bench/README.md's lines from ``begin`` to ``end``; False without both markers."""
+    text = README.read_text()
+    if begin not in text or end not in text:
+        return False
+    README.write_text(text[:text.index(begin)] + "\n".join(block) + text[text.index(end) + len(end):])
+    return True
+
+
+def readme_diff(block: list[str]) -> list[str]:
+    old = generated_block(BEGIN, END)
+    if old is None:
         return [f"{README.name}: no generated decode block (run --write-readme)"]
-    old = text[text.index(BEGIN):text.index(END) + len(END)].splitlines()
     if cutover_version(old) != cutover_version(block):  # another triton's prediction: not comparable
         old, block = (lines[:next(i for i, x in enumerate(lines + [CUTOVER_HEAD]) if x.startswith(CUTOVER_HEAD))]
                       for lines in (old, block))
@@ -397,10 +413,8 @@ def cutover_version(lines: list[str]) -> str | None:
 
 
 def write_readme(block: list[str]) -> None:
-    text = README.read_text()
-    if BEGIN not in text or END not in text:
+    if not replace_generated_block(BEGIN, END, block):
         sys.exit(f"{README.name}: no {BEGIN!r} ... {END!r} markers to write between")
-    README.write_text(text[:text.index(BEGIN)] + "\n".join(block) + text[text.index(END) + len(END):])
 
 
 def main() -> int:

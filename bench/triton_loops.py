@@ -68,7 +68,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_build  # noqa: E402
-from sass_loops import opcode, target, tool  # noqa: E402
+from sass_loops import generated_block, opcode, replace_generated_block, target, tool  # noqa: E402
 
 ROOT = triton_build.ROOT
 CEILINGS = Path(__file__).with_name("triton_ceilings.json")
@@ -925,10 +925,9 @@ def decode_target_misses(loops: list[Loop]) -> list[str]:
 def readme_diff(block: list[str]) -> list[str] | None:
     """Differences between README's generated block and ``block``; None when README's block was made with
     another triton version (not comparable)."""
-    text = README.read_text()
-    if BEGIN not in text or END not in text:
+    old = generated_block(BEGIN, END)
+    if old is None:
         return [f"{README.name}: no generated block (run --write-readme)"]
-    old = text[text.index(BEGIN):text.index(END) + len(END)].splitlines()
     version = lambda lines: next((re.search(r"triton (\S+?)[ (:]", x).group(1) for x in lines  # noqa: E731
                                   if re.search(r"triton (\S+?)[ (:]", x)), None)
     if version(old) != version(block):
@@ -937,13 +936,8 @@ def readme_diff(block: list[str]) -> list[str] | None:
 
 
 def write_readme(block: list[str]) -> None:
-    text = README.read_text()
-    new = "\n".join(block)
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + new + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    README.write_text(text)
+    if not replace_generated_block(BEGIN, END, block):
+        README.write_text(README.read_text().rstrip("\n") + "\n\n" + "\n".join(block) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -59,8 +59,13 @@ def decode_max_m(k: int, n: int, tensor_cores: bool = True) -> int:
     X_REREAD_BUDGET, between DECODE_GEMV_MAX_M and DECODE_KERNEL_MAX_M."""
     if not tensor_cores:
         return DECODE_GEMV_MAX_M
-    per_token = 2 * k * -(-n // 16)
-    return max(DECODE_GEMV_MAX_M, min(DECODE_KERNEL_MAX_M, X_REREAD_BUDGET // max(per_token, 1)))
+    return max(DECODE_GEMV_MAX_M, min(DECODE_KERNEL_MAX_M, X_REREAD_BUDGET // max(x_reread_bytes(1, k, n), 1)))
+
+
+def x_reread_bytes(m: int, k: int, n: int) -> int:
+    """Bytes of x [m, k] (16-bit) the tensor-core kernel's 16-row blocks of an [n, k] weight read from L2:
+    every block all of x."""
+    return m * 2 * k * -(-n // 16)
 
 
 def decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training) -> bool:
