@@ -263,18 +263,25 @@ def test_quantized_weights_match_reference_op(kind, kwargs):
         torch.testing.assert_close(o, rf, rtol=1e-5, atol=1e-5 * rf.abs().max().item())
 
 
-def test_other_tile_configs_give_the_same_result():
+@pytest.mark.parametrize("kind,tile", [
+    ("int4", (16, 64, 64)),
+    # more tokens per tile than K per step: the NF4 forward scales each weight element in the loop instead
+    # of each step's product (the default interpreter tile takes the latter)
+    ("nf4-dq", (64, 32, 32)),
+])
+def test_other_tile_configs_give_the_same_result(kind, tile):
     # another tile shape (as a config sweep on a GPU would set) computes the same function; rounding
     # differs only through the order of the fp32 sums
     from fusedlora.kernels import lora_fwd
 
     torch.manual_seed(13)
-    weight, _, _ = make_weight("int4", 40, 128, torch.float32)
+    weight, _, _ = make_weight(kind, 40, 128, torch.float32)
     x, a, b, bias = lora_inputs(21, 128, 40, 4, torch.float32)
     dy = torch.randn(21, 40)
     default = run(triton_fn(weight, 1.0), x, a, b, bias, dy)
+    bm, bn, bk = tile
     try:
-        lora_fwd.set_gemm_configs([{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4,
+        lora_fwd.set_gemm_configs([{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4,
                                     "num_stages": 1}])
         other = run(triton_fn(weight, 1.0), x, a, b, bias, dy)
     finally:

@@ -147,35 +147,52 @@ def code_pairs(byte, words, WFMT: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl
 
 
 @triton.jit
+def rows_load(ptrs, row_mask, other, ROWS: tl.constexpr = 1):
+    """``tl.load(ptrs)`` masked by ``row_mask`` (broadcast over a second axis when ROWS is 2), or unmasked
+    when ``row_mask`` is None: every row in range, known when the kernel is compiled."""
+    if row_mask is None:
+        out = tl.load(ptrs)
+    elif ROWS == 2:
+        out = tl.load(ptrs, mask=row_mask[:, None], other=other)
+    else:
+        out = tl.load(ptrs, mask=row_mask, other=other)
+    return out
+
+
+@triton.jit
 def load_w_codes(
     w_ptr, s_ptr, z_ptr, words, na_ptr, nc_ptr, noff,
     rn, k0, n_mask,
     K,
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
+    DTYPE: tl.constexpr, USE_ASM: tl.constexpr, SCALED: tl.constexpr = False,
 ):
     """(tile [BLOCK_N, BLOCK_K] in DTYPE, scale [BLOCK_N] fp32) of the 4-bit W[rn, k0:k0+BLOCK_K] with
-    K % QBLOCK == 0 and QBLOCK % BLOCK_K == 0. NF4: the tile holds the code values and W = tile · absmax
-    row by row (the GEMM applies the absmax to its product); with DQ the absmax is decoded here from its
-    uint8 code (s_ptr), the nested absmax (na_ptr), the nested code (nc_ptr) and the offset: two gathers
-    per row per step, instead of a separate launch per GEMM. INT4: the tile is W itself."""
+    K % QBLOCK == 0 and QBLOCK % BLOCK_K == 0 (so the tile's columns are all in range: only rows are
+    masked, by ``n_mask``, or not at all when it is None). NF4: the tile holds the code values and
+    W = tile · absmax row by row (the GEMM applies the absmax to its product), or with SCALED the products
+    themselves (``times_scale``); with DQ the absmax is decoded here from its uint8 code (s_ptr), the
+    nested absmax (na_ptr), the nested code (nc_ptr) and the offset: two gathers per row per step, instead
+    of a separate launch per GEMM. INT4: the tile is W itself."""
     n64 = rn.to(tl.int64)
     j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    byte = tl.load((w_ptr + n64 * (K // 2))[:, None] + j[None, :], mask=n_mask[:, None] & (j < K // 2)[None, :],
-                   other=0)
+    byte = rows_load((w_ptr + n64 * (K // 2))[:, None] + j[None, :], n_mask, 0, 2)
     if WFMT == 1:
         hi, lo = code_pairs(byte, words, WFMT, DTYPE, USE_ASM)
-        codes = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
         blk = (n64 * K + k0) // QBLOCK
         if DQ:
-            qa = tl.load(s_ptr + blk, mask=n_mask, other=0).to(tl.int32)
-            scale = tl.load(nc_ptr + qa) * tl.load(na_ptr + blk // 256, mask=n_mask, other=0.0) + noff
+            qa = rows_load(s_ptr + blk, n_mask, 0).to(tl.int32)
+            scale = tl.load(nc_ptr + qa) * rows_load(na_ptr + blk // 256, n_mask, 0.0) + noff
         else:
-            scale = tl.load(s_ptr + blk, mask=n_mask, other=0.0)
+            scale = rows_load(s_ptr + blk, n_mask, 0.0)
+        if SCALED:  # on the lookup's register pairs, before the join interleaves them
+            hi = times_scale(hi, scale, USE_ASM)
+            lo = times_scale(lo, scale, USE_ASM)
+        codes = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
     else:
         srow = n64 * (K // QBLOCK) + k0 // QBLOCK
-        scale = tl.load(s_ptr + srow, mask=n_mask, other=0.0)
-        zero = tl.load(z_ptr + srow, mask=n_mask, other=0).to(tl.float32)
+        scale = rows_load(s_ptr + srow, n_mask, 0.0)
+        zero = rows_load(z_ptr + srow, n_mask, 0).to(tl.float32)
         codes = int4_weights(byte, scale, zero, BLOCK_N, BLOCK_K, DTYPE)
     return codes, scale
 
@@ -190,12 +207,30 @@ def int4_weights(byte, scale, zero, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
     return ((qf - (8388608.0 + zero[:, None])) * scale[:, None]).to(DTYPE)
 
 
+# c · (s_hi + s_lo) for bf16 pairs: t = c·s_lo (a fused multiply-add with -0, which sm_80 has and
+# mul.bf16x2 needs sm_90 for), then c·s_hi + t rounded once
+ASM_SCALE_BF16 = tl.constexpr("""{ .reg .b32 t, z;
+    mov.b32 z, 0x80008000;
+    fma.rn.bf16x2 t, $1, $3, z;
+    fma.rn.bf16x2 $0, $1, $2, t; }""")
+
+
 @triton.jit
-def scaled_codes(tile, scale, WFMT: tl.constexpr):
-    """The weight tile itself from ``load_w_codes``'s tile: NF4 code values times the row's absmax (fp32
-    product, rounded once to the tile's dtype); INT4 tiles are W already."""
-    if WFMT == 1:
-        out = (tile.to(tl.float32) * scale[:, None]).to(tile.dtype)
+def times_scale(values, scale, USE_ASM: tl.constexpr):
+    """NF4 code values [BLOCK_N, C] (bf16 or fp16) times the rows' fp32 absmax [BLOCK_N], rounded once to
+    their dtype.
+
+    bf16 with USE_ASM: the scale is split into s_hi = bf16(s) and s_lo = bf16(s - s_hi) (s to 16 bits,
+    2^-17 relative) and each register pair of values takes two packed bf16 FMAs, c·s_hi + c·s_lo: one
+    instruction per element instead of 2.5 (widen to fp32, multiply, narrow in pairs). Before the one
+    rounding to bf16 the result differs from the fp32 product by at most 2^-17 relative (the code's own
+    rounding to bf16 comes first in both). fp16 keeps the fp32 product: its range cannot hold every fp32
+    absmax."""
+    if USE_ASM and values.dtype == tl.bfloat16:
+        s_hi = scale.to(tl.bfloat16)
+        s_lo = (scale - s_hi.to(tl.float32)).to(tl.bfloat16)
+        out = tl.inline_asm_elementwise(ASM_SCALE_BF16, "=r,r,r,r", [values, s_hi[:, None], s_lo[:, None]],
+                                        dtype=tl.bfloat16, is_pure=True, pack=2)
     else:
-        out = tile
+        out = (values.to(tl.float32) * scale[:, None]).to(values.dtype)
     return out

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .code_lookup import load_w_codes, scaled_codes, table_tensor
+from .code_lookup import load_w_codes, table_tensor
 from .dropout import keep_bytes, threshold, unpack_bits
 from .weight_tile import FORMATS, load_w_tile
 
@@ -209,18 +209,19 @@ def _lora_fwd_kernel(
         # yᵀ = W·xᵀ: the decoded tile is the left operand, which the tensor cores (wgmma) take straight from
         # registers. NF4 with BLOCK_M <= BLOCK_K: each K step is one scale block per row, applied to the
         # step's product (BLOCK_M / BLOCK_K FMAs per weight element, but the loop then waits for its
-        # wgmma); wider token tiles scale each weight element (2.5 instructions) and keep a wgmma in
-        # flight. INT4 is always scaled per element (its zero point would cost a second FMA per output).
+        # wgmma); wider token tiles scale each weight element (``times_scale``: one instruction per element
+        # in bf16, 2.5 in fp16) and keep a wgmma in flight. INT4 is always scaled per element (its zero
+        # point would cost a second FMA per output).
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         k_lo, k_hi = split_range(K, BLOCK_K)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             xt = tl.load(x_rows + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
             wt, w_scale = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, noff, rn, k0, n_mask, K,
-                                       WFMT, QBLOCK, DQ, BLOCK_N, BLOCK_K, xt.dtype, USE_ASM)
+                                       WFMT, QBLOCK, DQ, BLOCK_N, BLOCK_K, xt.dtype, USE_ASM, BLOCK_M > BLOCK_K)
             if WFMT == 1 and BLOCK_M <= BLOCK_K:
                 acc_t += tl.dot(wt, tl.trans(xt)) * w_scale[:, None]
             else:
-                acc_t = tl.dot(scaled_codes(wt, w_scale, WFMT), tl.trans(xt), acc_t)
+                acc_t = tl.dot(wt, tl.trans(xt), acc_t)
         if tl.program_id(1) == 0:
             acc_t = lora_epilogue(acc_t, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R, True)
             if HAS_BIAS:
@@ -259,12 +260,15 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
 # of it: one scale per row per K step. In the forward BLOCK_N is the weight rows (the register operand of
 # wgmma, 64 per warpgroup) and BLOCK_M the tokens; in dX, BLOCK_K is the weight columns (the output width,
 # held to 64 by the scale blocks), BLOCK_N the reduction step. The decode costs a fixed number of
-# instructions per weight element (sm_90: ~7-9 forward, ~11 dX), the tensor work BLOCK_M MMAs per weight
+# instructions per weight element (sm_90, bf16: ~7-12 forward, ~10-11 dX), the tensor work BLOCK_M MMAs per weight
 # element: 256-token tiles hide the decode under the tensor cores (~16 instructions per element fit at
 # 2048 FMA/clk per SM), 64- and 32-token tiles serve mid and small M.
 INLOOP_FWD_CONFIGS = [
     _cfg(256, 128, 64, 8, 3),  # large M: two warpgroups of 64 weight rows x 256 tokens
-    _cfg(64, 128, 64, 4, 4),   # mid M
+    # mid M: one warpgroup, 128 weight rows x 128 tokens, each weight element scaled in the loop; the
+    # tensor time per step (640 clocks) covers its ~620 instructions in bf16 (sm_90), one wave at M = 512
+    _cfg(128, 128, 64, 4, 3),
+    _cfg(64, 128, 64, 4, 4),   # mid M, 64-token tiles: twice the programs where 128-token ones fill no wave
     _cfg(32, 64, 64, 4, 4),    # small M: N/64 programs spread the weight stream over more SMs
 ]
 INLOOP_DX_CONFIGS = [

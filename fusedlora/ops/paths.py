@@ -14,15 +14,16 @@ The rule (from the sm_90 SASS counts of ``bench/triton_loops.py``; H100: 2048 bf
 against 4 issued instructions, so a loop with T tokens per tile hides up to T / 16 instructions per weight
 element under the tensor cores):
 
-- forward: in-loop at every M. Its decode costs ~7 instructions per weight element with 64-token tiles
-  and ~11 with the 256-token tiles of large M, which stay under the tensor time (256 / 16 = 16), so a
-  dequant pass (~17 µs per 4096² weight on an H100) would only add time.
-- dX: in-loop up to ``CUTOVERS``, then dequant. Its decode also scales each element along the reduction
-  (~12 instructions per element; the widest tile without spills has 128 tokens, budget 8), so at large M
-  its loop is issue-bound, ~1.25-1.6x the tensor time: an overhead that grows with M while the dequant
-  pass costs the same at every M. The report's model (``bench/triton_loops.py``, both GEMMs on each path
-  and the mixed one, Llama-3-8B projections, H100 and H200) has the mixed path ahead from 2048 tokens on
-  every shape and behind at 1024 (e.g. 4096x14336 on an H100: 421 vs 441 µs at 1024, 760 vs 752 at 2048).
+- forward: in-loop at every M. Its decode costs ~7-12 instructions per weight element (sm_90, bf16; 64-,
+  128- and 256-token tiles), under the tensor time of the tiles that serve each M (T / 16), so a dequant
+  pass (~17 µs per 4096² weight on an H100) would only add time.
+- dX, NF4: in-loop at every M as well. Its decode scales each element along the reduction (one packed
+  bf16 FMA pair per two elements) and, with N a multiple of the step, keeps only loop-invariant masks:
+  ~9.9 instructions per element at 128 tokens per tile (634 per step against 640 clocks of tensor work),
+  so the loop is tensor-bound and the dequant pass would again only add time (report: 4096² at M = 4096
+  on an H100, in-loop 182 µs for dX against 17 + 182 on the dequant path).
+- dX, INT4: in-loop up to 2048 tokens, then dequant. Its zero point and scale cost ~12 instructions per
+  element (fp32 arithmetic), issue-bound at every tile, while the dequant pass costs the same at every M.
 
 A GPU run replaces the arithmetic: ``bench/device_check.sh`` times both paths per shape
 (``bench/bench_cutover.py``) and writes the measured cut-overs to ``cutovers.json`` beside this file
@@ -41,7 +42,7 @@ GEMMS = ("fwd", "dx")
 FORMATS = ("nf4", "int4")
 CUTOVER_FILE = Path(__file__).with_name("cutovers.json")
 # tokens from which a GEMM over a 4-bit weight takes the dequant path; None: never (module docstring)
-ARITHMETIC_CUTOVERS: dict[str, int | None] = {"nf4-fwd": None, "nf4-dx": 2048, "int4-fwd": None, "int4-dx": 2048}
+ARITHMETIC_CUTOVERS: dict[str, int | None] = {"nf4-fwd": None, "nf4-dx": None, "int4-fwd": None, "int4-dx": 2048}
 
 
 def _load_cutovers(path: Path = CUTOVER_FILE) -> dict[str, int | None]:
