@@ -137,9 +137,9 @@ def op_class(op: str) -> str:
 
 def find_loop(ins: list[tuple[int, str]]) -> tuple[list[str], bool]:
     """(main loop body, whether it is a loop). Loops are backward-branch ranges; the main loop is, among the
-    innermost loops holding an MMA, the one with the most MMA instructions (the first on a tie: an epilogue
-    loop over LoRA rank slices comes after the K loop); without MMA, the innermost loop with a global load;
-    without either, the whole function."""
+    innermost loops holding an MMA, the one with the most tensor work (``mma_work``; the first on a tie: an
+    epilogue loop over LoRA rank slices comes after the K loop); without MMA, the innermost loop with a
+    global load; without either, the whole function."""
     index = {a: i for i, (a, _) in enumerate(ins)}
     loops = []  # (first index, last index)
     for i, (a, text) in enumerate(ins):
@@ -147,16 +147,30 @@ def find_loop(ins: list[tuple[int, str]]) -> tuple[list[str], bool]:
             to = target(text, "BRA")
             if to is not None and to < a and to in index:
                 loops.append((index[to], i))
-    ops = [opcode(t).split(".")[0] for _, t in ins]
+    full = [opcode(t) for _, t in ins]
+    ops = [o.split(".")[0] for o in full]
     holds = lambda lo, hi, kinds: sum(o in kinds for o in ops[lo:hi + 1])  # noqa: E731
+    weight = lambda lo, hi, kinds: sum(mma_work(f) if o in CLASSES["MMA"] else 1  # noqa: E731
+                                       for o, f in zip(ops[lo:hi + 1], full[lo:hi + 1], strict=True) if o in kinds)
     inside = lambda a, b: a != b and b[0] <= a[0] and a[1] <= b[1]  # noqa: E731
     for kinds in (CLASSES["MMA"], ("LDG", "LDGSTS", "UTMALDG")):
         having = [lp for lp in loops if holds(*lp, kinds)]
         innermost = [lp for lp in having if not any(inside(o, lp) for o in having)]
         if innermost:
-            lo, hi = min(innermost, key=lambda lp: (-holds(*lp, kinds), lp[0]))
+            lo, hi = min(innermost, key=lambda lp: (-weight(*lp, kinds), lp[0]))
             return [t for _, t in ins[lo:hi + 1]], True
     return [t for _, t in ins], False
+
+
+def mma_work(op: str) -> int:
+    """Multiply-adds of one MMA instruction from its shape: ``HGMMA.64x128x16...`` 64·128·16 (per
+    warpgroup), ``HMMA.16816...`` 16·8·16 (per warp); other MMA opcodes count as one m16n8k16. A K loop's
+    wgmma then outweighs an epilogue's many small mma.sync (the dA partials of dX)."""
+    if m := re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", op):
+        return int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+    if m := re.match(r"HMMA\.16(8)(\d+)", op):
+        return 16 * 8 * int(m.group(2))
+    return 16 * 8 * 16
 
 
 def wait_depth(body: list[str]) -> int | None:
@@ -345,9 +359,11 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
         out_cols, red, out_tile, red_tile = (n, k, bn, bk) if role == "fwd" else (k, n, bk, bn)
         # the 4-bit in-loop GEMMs slice their reduction at few tokens (fp32 partials, added by torch)
         splits = reduction_splits(m, out_cols, red, sms) if dims["wfmt"] != "dense" else 1
+        # dX with dA in its epilogue: x read once more, one fp32 [r, K] partial per row tile written
+        da = e * m * k + 4 * cdiv(m, bm) * r * k if dims.get("da") else 0
         return Work(cdiv(m, bm) * cdiv(out_cols, out_tile) * splits, cdiv(cdiv(red, red_tile), splits), bm * bn * bk,
                     e * m * red + weight_bytes(n, k, dims["wfmt"]) + e * m * out_cols + 4 * m * r + e * out_cols * r
-                    + (8 * splits * m * out_cols if splits > 1 else 0), splits)
+                    + (8 * splits * m * out_cols if splits > 1 else 0) + da, splits)
     if role == "lowrank":  # out fp32 [m, r] = drop(x [m, k]) . V[r, k]^T, K sliced at few rows
         m, k, r = dims["m"], dims["k"], dims["r"]
         m_tiles, steps = cdiv(m, c["BLOCK_M"]), cdiv(k, c["BLOCK_K"])
@@ -457,10 +473,12 @@ def _decode(p: str, n: int, k: int, fmt: str = "nf4-dq") -> list:
     return [[("dequant", {"fmt": fmt}, {"n": n, "k": k, "wfmt": fmt})]] if p == "dequant" else []
 
 
-def _gemm(role: str, p: str, m: int, n: int, k: int, r: int, drops: bool, fmt: str = "nf4-dq") -> list:
-    """The fused GEMM stage; ``drops``: the call applies dropout (dX then reads the keep-mask)."""
+def _gemm(role: str, p: str, m: int, n: int, k: int, r: int, drops: bool, fmt: str = "nf4-dq",
+          da: bool = False) -> list:
+    """The fused GEMM stage; ``drops``: the call applies dropout (dX then reads the keep-mask); ``da``: dX
+    also makes dA's partial sums (``lora_bwd.FUSED_DA_MAX_RANK``)."""
     wfmt = "dense" if p == "dequant" else fmt
-    return [[(role, {"fmt": wfmt}, {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt, "dropout": drops})]]
+    return [[(role, {"fmt": wfmt}, {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt, "dropout": drops, "da": da})]]
 
 
 def _paths(path) -> tuple[str, str]:
@@ -475,8 +493,11 @@ def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True,
     ``path``: "dequant" or "inloop" for both GEMMs, or a (forward, dX) pair of them. Without dropout
     (``p_drop`` False) dA runs the dropout build of its kernel when no other is compiled, with no mask.
     ``fmt``: the weight's format (nf4: fp32 block scales, as DoRA's folded weight)."""
+    from fusedlora.kernels.lora_bwd import FUSED_DA_MAX_RANK
+
     fwd_path, dx_path = _paths(path)
     dims_a = {"m": m, "c": k, "r": r, "dropout": p_drop}
+    fused_da = 0 < r <= FUSED_DA_MAX_RANK
     stages = [
         # forward: xa = drop(x) . A^T, W decoded into the scratch or in the loop, y = x . W^T + s . xa . B^T
         [[("lowrank", {"dropout": p_drop}, {"m": m, "k": k, "r": r})]],
@@ -486,10 +507,10 @@ def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True,
         [[("g_db", {}, {"m": m, "n": n, "r": r})],
          [("lowrank", {"dropout": False}, {"m": m, "k": n, "r": r}),
           ("reduce_m", {"dropout": False}, {"m": m, "c": n, "r": r})]],
-        # dX = dY . W + mask * (s g A), dA = s drop(x)^T g
+        # dX = dY . W + mask * (s g A), dA = s drop(x)^T g: in dX's epilogue up to the fused rank, else a pass
         _decode(dx_path, n, k, fmt),
-        _gemm("dx", dx_path, m, n, k, r, p_drop, fmt),
-        [[("reduce_m", {"dropout": p_drop}, dims_a)], [("reduce_m", {}, dims_a)]],
+        _gemm("dx", dx_path, m, n, k, r, p_drop, fmt, da=fused_da),
+        [] if fused_da else [[("reduce_m", {"dropout": p_drop}, dims_a)], [("reduce_m", {}, dims_a)]],
     ]
     return [stage for stage in stages if stage]
 
@@ -541,6 +562,8 @@ def candidates(loops: list[Loop], role: str, sel: dict) -> list[Loop]:
             continue
         if "BLOCK_R" in lp.constexprs and lp.constexprs["BLOCK_R"] != max(16, 1 << (RANK - 1).bit_length()):
             continue
+        if lp.constexprs.get("EVEN_N") is False:  # every modelled layer's N is a multiple of the step
+            continue
         if "fmt" in sel and lp.fmt != sel["fmt"]:
             continue
         if "dropout" in sel and "DROPOUT" in lp.constexprs and bool(lp.constexprs["DROPOUT"]) != sel["dropout"]:
@@ -555,6 +578,8 @@ def launch_us(lp: Loop, role: str, dims: dict, chip: dict) -> float:
     t = kernel_us(lp, w, chip)
     if w.splits > 1:  # the torch sum over the slices' partials (its bytes are in w.bytes)
         t += MODEL["launch_us"]
+    if role == "dx" and dims.get("da"):  # the torch sum of dA's row-tile partials
+        t += memory_us(4 * (cdiv(dims["m"], lp.constexprs["BLOCK_M"]) + 1) * dims["r"] * dims["k"], chip)
     if role == "reduce_m" and w.programs > cdiv(dims["c"], lp.constexprs["BLOCK_C"]):
         t += memory_us(4 * w.programs * lp.constexprs["BLOCK_C"] * dims["r"], chip)
     if role == "g_db":

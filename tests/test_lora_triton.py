@@ -290,6 +290,40 @@ def test_other_tile_configs_give_the_same_result(kind, tile):
         torch.testing.assert_close(o, d, rtol=1e-5, atol=1e-5 * d.abs().max().item())
 
 
+@pytest.mark.parametrize("r,block_m", [(8, 32), (8, 16), (32, 64), (40, 32)])
+def test_da_from_the_dx_epilogue(monkeypatch, r, block_m):
+    # up to FUSED_DA_MAX_RANK dA comes out of dX's launch (row tiles of the config that ran, summed after),
+    # above it from its own pass; with dropout both equal the oracle given the mask, rows not a multiple
+    # of the tile and NaN-poisoned workspaces (an unwritten row tile of the sum would show)
+    from fusedlora.kernels import lora_bwd, lora_fwd
+    from fusedlora.kernels.dropout import dropout_mask
+
+    fused = r <= lora_bwd.FUSED_DA_MAX_RANK
+    separate = []
+    real_reduce = lora_bwd.reduce_da
+    monkeypatch.setattr(lora_bwd, "reduce_da", lambda *a, **kw: separate.append(1) or real_reduce(*a, **kw))
+    real_empty = torch.empty
+    monkeypatch.setattr(lora_bwd.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan"))
+                        if kw.get("dtype") == torch.float32 else real_empty(*a, **kw))
+    m, k, n, p, scale = 83, 128, 64, 0.2, 0.7
+    torch.manual_seed(21)
+    weight, w64, wlow = make_weight("nf4-dq", n, k, torch.float32)
+    x, a, b, bias = lora_inputs(m, k, n, r, torch.float32)
+    dy = torch.randn(m, n)
+    seed = _seed_drawn_after(99)
+    torch.manual_seed(99)
+    try:
+        lora_fwd.set_gemm_configs([{"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2,
+                                    "num_warps": 4, "num_stages": 1}])
+        ours = run(triton_fn(weight, scale, p, True), x, a, b, bias, dy)
+    finally:
+        lora_fwd.set_gemm_configs(None)
+    assert (not separate) == fused
+    mask = dropout_mask(seed, x.shape, p, "cpu")
+    check_all(ours, run(oracle(w64, scale, p, mask), x, a, b, bias, dy),
+              run(plain(wlow, scale, p, mask), x, a, b, bias, dy), torch.float32)
+
+
 def test_dense_weight_gradient():
     # a dense weight that requires grad gets dW = dYᵀ·x (frozen bases never ask for it)
     torch.manual_seed(3)

@@ -81,6 +81,19 @@ def test_main_loop_is_the_one_with_most_mma():
     assert len(body) == 5 and sum("HGMMA" in t for t in body) == 2
 
 
+def test_main_loop_weighs_mma_by_shape():
+    # dX's K loop (one wgmma of 64x128x16) against its dA epilogue loop (six mma.sync of 16x8x16, more
+    # instructions but an eighth of the work): the K loop is the main loop
+    body_k = [(0x100, "HGMMA.64x128x16.F32.BF16 R24, R88, gdesc[UR12], R24"), (0x110, "@!P1 BRA 0x100")]
+    body_e = [(0x120 + 0x10 * i, "HMMA.16816.F32.BF16 R4, R8, R12, R4") for i in range(6)]
+    sass = "\n".join(f"        /*{a:04x}*/  {t} ;" for a, t in body_k + body_e + [(0x180, "@!P2 BRA 0x120"),
+                                                                                 (0x190, "EXIT")])
+    body, _ = tl_.find_loop(tl_.instructions(sass))
+    assert len(body) == 2 and "HGMMA" in body[0]
+    assert tl_.mma_work("HGMMA.64x128x16.F32.BF16") == 64 * 128 * 16
+    assert tl_.mma_work("HMMA.16816.F32.BF16") == 16 * 8 * 16 and tl_.mma_work("HMMA.1688.F32.TF32") == 16 * 8 * 8
+
+
 def test_resources_and_occupancy():
     assert tl_.resource_usage(USAGE) == {"REG": 113, "STACK": 0, "SHARED": 1024, "LOCAL": 8}
     # 113 regs -> 15 x 256 per warp -> 4 warps per scheduler -> 16 warps: two 8-warp CTAs; smem allows two
@@ -195,7 +208,12 @@ def _roles(stages):
 
 def test_dora_layer_launches():
     lora = tl_.layer_kernels("inloop", 4096, 4096, 4096, 16, p_drop=False)
-    assert len(lora[-1]) == 2 and lora[-1][1][0][1] == {}  # dA: the dropout build stands in, without a mask
+    # r <= 32: dA in dX's epilogue (no pass of its own); above, its own pass, where without dropout the
+    # dropout build stands in, without a mask
+    assert "reduce_m" not in _roles(lora) and lora[-1][0][0][0] == "dx" and lora[-1][0][0][2]["da"]
+    wide = tl_.layer_kernels("inloop", 4096, 4096, 4096, 64, p_drop=False)
+    assert not [d for role, _, d in (s[0][0] for s in wide) if role == "dx"][0]["da"]
+    assert len(wide[-1]) == 2 and wide[-1][0][0][0] == "reduce_m" and wide[-1][1][0][1] == {}
     p0 = tl_.dora_layer_kernels("inloop", "inloop", 4096, 4096, 4096, 16, False)
     roles = _roles(p0)
     assert roles[:4] == ["lowrank", "fwd", "dora_norm", "dora_gain"]

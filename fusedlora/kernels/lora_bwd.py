@@ -6,7 +6,8 @@ the keep-mask (1 bit per element, saved by the forward's pre-kernel) and q = 1/(
 
     g  = dY·B,  dB = s·dYᵀ·xa                   [M, r], [N, r]  ``_g_db_kernel`` (one pass over dY)
     dX = dY·deq(W) + m ⊙ ((s·q·g)·A)            [M, K]          ``_lora_dx_kernel``
-    dA = s·gᵀ·drop(x) = s·q·gᵀ·(m ⊙ x)          [r, K]          ``_reduce_m_kernel``
+    dA = s·gᵀ·drop(x) = s·q·gᵀ·(m ⊙ x)          [r, K]          ``da_partial`` in dX's epilogue
+                                                                (r <= 32), else ``_reduce_m_kernel``
     dbias = Σ_m dY                              [N]             (torch)
 
 ``_lora_dx_kernel`` is one GEMM over tiles of dX whose N loop reads W tiles [BLOCK_N, BLOCK_K] (decoded in
@@ -15,10 +16,13 @@ decoder), then adds the LoRA term as r-deep epilogue dots, in rank slices, maske
 (the mask multiplies the product, so it cannot share the main accumulator before it).
 
 ``_g_db_kernel`` streams dY once: each program owns a row tile and a split of the columns, accumulates g
-over its columns and writes dB's partial sum over its rows; ``_reduce_m_kernel`` streams x once for dA,
-each program a column tile and a slice of M. Partial sums go to fp32 workspaces that torch adds
-(deterministic, no atomics). The r-deep dots take bf16 operands for bf16 layers (the rounding plain torch
-does too), fp32 (tf32 on GPUs) for fp16 layers, whose range g, xa and s·g may exceed, and fp32 for fp32.
+over its columns and writes dB's partial sum over its rows. dA needs the whole g, so it comes after
+``_g_db_kernel``: up to ``FUSED_DA_MAX_RANK`` each dX program (first reduction slice) reads its x tile
+after storing dX and writes dA's partial sum over its rows (saving a pass over x); above it
+``_reduce_m_kernel`` streams x once, each program a column tile and a slice of M. Partial sums go to
+fp32 workspaces that torch adds (deterministic, no atomics). The r-deep dots take bf16 operands for bf16
+layers (the rounding plain torch does too), fp32 (tf32 on GPUs) for fp16 layers, whose range g, xa and s·g
+may exceed, and fp32 for fp32.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .lora_fwd import (
     band_tile,
     block_r,
     fp16_widened,
+    gemm_configs,
     gemm_kernel,
     gemm_specs,
     low_rank_operand,
@@ -56,15 +61,17 @@ def _lora_dx_kernel(
     # pointers: dY [M, N], W (format WFMT; tab_ptr the code table words of ``code_lookup``, na_ptr and
     # nc_ptr NF4's nested absmax and code when DQ), g fp32 [M, R], A [R, K], keep bits [M, ceil(K/8)], dX [M, K]
     dy_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, g_ptr, a_ptr, bits_ptr, dx_ptr,
+    # with FUSE_DA: x [M, K] and the fp32 workspace of dA's partial sums [row tiles, R, K]
+    x_ptr, da_ptr,
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
-    stride_dym, stride_dxm,
+    stride_dym, stride_dxm, stride_xm,
     # s/(1-p); NF4's nested offset (DQ)
     lora_scale, noff,
     # meta-parameters
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, DQ: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DROPOUT: tl.constexpr,
-    USE_ASM: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
+    USE_ASM: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, FUSE_DA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -107,6 +114,9 @@ def _lora_dx_kernel(
             out += tl.program_id(1).to(tl.int64) * M * stride_dxm
         tl.store(out + rm64[None, :] * stride_dxm + rk[:, None], acc_t.to(dx_ptr.dtype.element_ty),
                  mask=k_mask[:, None] & m_mask[None, :])
+        if FUSE_DA and tl.program_id(1) == 0:  # after the store: the dX accumulator's registers are free
+            da_partial(g_ptr, x_ptr, bits_ptr, da_ptr, pid_m, rm64, rk, k0, m_mask, k_mask, K, R, stride_xm,
+                       lora_scale, DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
@@ -123,6 +133,9 @@ def _lora_dx_kernel(
                             BLOCK_M, BLOCK_K, BLOCK_R)
         tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & k_mask[None, :])
+        if FUSE_DA:
+            da_partial(g_ptr, x_ptr, bits_ptr, da_ptr, pid_m, rm64, rk, k0, m_mask, k_mask, K, R, stride_xm,
+                       lora_scale, DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R)
 
 
 # EVEN_N follows from the config the autotuner tries (its BLOCK_N) and the call's N
@@ -155,6 +168,25 @@ def dx_lora_term(g_ptr, a_ptr, bits_ptr, rm64, rk, k0, m_mask, k_mask, K, R, lor
             kept = tl.trans(kept)
         lo = tl.where(kept, lo, 0.0)
     return lo
+
+
+@triton.jit
+def da_partial(g_ptr, x_ptr, bits_ptr, da_ptr, pid_m, rm64, rk, k0, m_mask, k_mask, K, R, stride_xm, out_scale,
+               DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dA's partial sum over this dX tile's rows, out_scale · gᵀ·drop(x) [R, BLOCK_K], into row tile
+    ``pid_m`` of the workspace (the launcher adds the row tiles): the epilogue reads x once more (the
+    separate pass would read all of it again), its r-deep products are r / N of the main loop's."""
+    xt = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    if DROPOUT:
+        xt = tl.where(load_bits(bits_ptr, rm64, k0, (K + 7) // 8, m_mask, BLOCK_M, BLOCK_K), xt, 0.0)
+    out = da_ptr + pid_m.to(tl.int64) * R * K
+    for j0 in range(0, R, BLOCK_R):
+        rj = j0 + tl.arange(0, BLOCK_R)
+        j_mask = rj < R
+        gt = tl.load(g_ptr + rm64[None, :] * R + rj[:, None], mask=j_mask[:, None] & m_mask[None, :], other=0.0)
+        part = tl.dot(low_rank_operand(gt, xt), fp16_widened(xt))
+        tl.store(out + rj.to(tl.int64)[:, None] * K + rk[None, :], part * out_scale,
+                 mask=j_mask[:, None] & k_mask[None, :])
 
 
 @triton.jit
@@ -269,12 +301,20 @@ def split_len(length: int, other_programs: int, block: int, target: int) -> tupl
     return triton.cdiv(max(length, 1), size), size
 
 
-def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nested=None) -> torch.Tensor:
+# dA rides in dX's epilogue up to this rank: its workspace (one fp32 [r, K] per row tile, allocated for the
+# smallest row tile the autotuner may pick, 32) is then at most twice x's bytes
+FUSED_DA_MAX_RANK = 32
+
+
+def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nested=None,
+            x=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dX, dA or None): with ``x`` given (M, K > 0, unit column stride) dA = s/(1-p)·(m ⊙ x)ᵀ·g comes from
+    the same launch, each program adding its rows' share to a workspace row tile that torch sums after."""
     m, n = dy.shape
     r, k = lora_A.shape
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
     if m == 0 or k == 0:
-        return dx
+        return dx, None
     wfmt = FORMATS[fmt]
     g, lora_A = readable(g), readable(lora_A, dy)
     dummy = g
@@ -282,17 +322,27 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nes
     na, nc, noff = nested if nested is not None else (dummy, dummy, 0.0)
     splits = reduction_splits(m, k, n, sm_count(dy.device)) if aligned else 1
     out = dx if splits == 1 else torch.empty((splits, m, k), dtype=torch.float32, device=dy.device)
+    fuse_da = x is not None
+    if fuse_da:
+        smallest = min(c["BLOCK_M"] for c in gemm_configs("dx", wfmt == 0, aligned or wfmt == 0))
+        da_ws = torch.empty((triton.cdiv(m, smallest), r, k), dtype=torch.float32, device=dy.device)
     kernel = gemm_kernel(_lora_dx_even_n, "dx", wfmt == 0, dy.device, aligned or wfmt == 0)
     kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), splits)](
         dy, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
         table_tensor(wfmt, dy.dtype, dy.device), na, nc, g, lora_A, bits if p > 0 else dummy, out,
-        m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), float(scale) / (1.0 - p), float(noff),
+        x if fuse_da else dy, da_ws if fuse_da else dummy,
+        m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), x.stride(0) if fuse_da else 0,
+        float(scale) / (1.0 - p), float(noff),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, DQ=nested is not None, ROWS_ALIGNED=aligned, DROPOUT=p > 0,
-        USE_ASM=not interpreted(), SPLIT=splits > 1, BLOCK_R=block_r(r),
+        USE_ASM=not interpreted(), SPLIT=splits > 1, FUSE_DA=fuse_da, BLOCK_R=block_r(r),
     )
     if splits > 1:
         dx.copy_(out.sum(0))
-    return dx
+    da = None
+    if fuse_da:  # the row tiles of the config that ran (the autotuner's choice for this key)
+        tiles = triton.cdiv(m, kernel.best_config.kwargs["BLOCK_M"])
+        da = da_ws[:tiles].sum(0) if tiles > 1 else da_ws[0]
+    return dx, da
 
 
 def reduce_da(x, g, out_scale, p=0.0, bits=None) -> torch.Tensor:
@@ -344,9 +394,15 @@ def lora_backward(
     """(dX in x's dtype, dA, dB in fp32) — each None when not needed. dY, x [M, *] with unit column stride;
     ``bits`` the forward's dropout keep bits when p > 0."""
     g, db = g_and_db(dy, lora_B, xa, need_dx or need_da, need_db, scale)
-    dx = lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nested) if need_dx else None
-    # dA = s/(1-p)·(m ⊙ x)ᵀ·g, stored as [r, K]
-    da = reduce_da(x, g, scale / (1.0 - p), p, bits) if need_da else None
+    m, k = x.shape
+    fuse = need_dx and need_da and m > 0 and k > 0 and 0 < lora_A.shape[0] <= FUSED_DA_MAX_RANK
+    dx = da = None
+    if need_dx:
+        dx, da = lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nested,
+                         x if fuse else None)
+    if need_da and da is None:
+        # dA = s/(1-p)·(m ⊙ x)ᵀ·g, stored as [r, K]
+        da = reduce_da(x, g, scale / (1.0 - p), p, bits)
     return dx, da, db
 
 
@@ -374,11 +430,13 @@ def aot_specs() -> list[dict]:
     # the dX output tile is [BLOCK_M, BLOCK_K], its N loop steps BLOCK_N
     specs += gemm_specs("dx", _lora_dx_kernel, lambda dptr, fid, dq: {
         "dy_ptr": dptr, **weight_signature(fid, dptr, dq), "tab_ptr": "*i32", "na_ptr": "*fp32", "nc_ptr": "*fp32",
-        "g_ptr": "*fp32", "a_ptr": dptr, "bits_ptr": "*u8", "dx_ptr": dptr, "M": "i32", "N": "i32", "K": "i32",
-        "R": "i32", "M_BUCKET": "i32", "stride_dym": "i32", "stride_dxm": "i32", "lora_scale": "fp32",
-        "noff": "fp32"},
-        {"DROPOUT": True, "USE_ASM": True, "SPLIT": False, "EVEN_N": True})
+        "g_ptr": "*fp32", "a_ptr": dptr, "bits_ptr": "*u8", "dx_ptr": dptr, "x_ptr": dptr, "da_ptr": "*fp32",
+        "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "stride_dym": "i32", "stride_dxm": "i32",
+        "stride_xm": "i32", "lora_scale": "fp32", "noff": "fp32"},
+        {"DROPOUT": True, "USE_ASM": True, "SPLIT": False, "EVEN_N": True, "FUSE_DA": True})
     # N not a multiple of BLOCK_N (every step masks its rows): once, on the large-M 4-bit config
-    ragged = dict(next(s for s in specs if s["name"] == "lora_dx_bf16_nf4-dq_128x128x64"))
-    ragged.update(name=ragged["name"] + "_ragged_n", constexprs={**ragged["constexprs"], "EVEN_N": False})
-    return specs + [ragged]
+    base = next(s for s in specs if s["name"] == "lora_dx_bf16_nf4-dq_128x128x64")
+    ragged = dict(base, name=base["name"] + "_ragged_n", constexprs={**base["constexprs"], "EVEN_N": False})
+    # dA by its own pass (ranks above FUSED_DA_MAX_RANK, rank 0, dX without dA): the same config
+    no_da = dict(base, name=base["name"] + "_no_da", constexprs={**base["constexprs"], "FUSE_DA": False})
+    return specs + [ragged, no_da]
