@@ -504,13 +504,15 @@ def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True,
         _decode(fwd_path, n, k, fmt),
         _gemm("fwd", fwd_path, m, n, k, r, p_drop, fmt),
         # backward: g = dY . B and dB = s dY^T xa (one pass over dY, or two kernels)
-        [[("g_db", {}, {"m": m, "n": n, "r": r})],
+        [[("g_db", {}, {"m": m, "n": n, "r": r, "db_deferred": fused_da})],
          [("lowrank", {"dropout": False}, {"m": m, "k": n, "r": r}),
           ("reduce_m", {"dropout": False}, {"m": m, "c": n, "r": r})]],
         # dX = dY . W + mask * (s g A), dA = s drop(x)^T g: in dX's epilogue up to the fused rank, else a pass
         _decode(dx_path, n, k, fmt),
         _gemm("dx", dx_path, m, n, k, r, p_drop, fmt, da=fused_da),
-        [] if fused_da else [[("reduce_m", {"dropout": p_drop}, dims_a)], [("reduce_m", {}, dims_a)]],
+        # dA's own pass, or (fused) the one launch that adds dB's and dA's partial sums (bytes counted above)
+        [[("reduce_m", {"dropout": p_drop}, dims_a)], [("reduce_m", {}, dims_a)]] if not fused_da
+        else [[("torch", {}, {"what": "dB, dA sums", "launches": 1, "bytes": 0})]],
     ]
     return [stage for stage in stages if stage]
 
@@ -578,16 +580,18 @@ def launch_us(lp: Loop, role: str, dims: dict, chip: dict) -> float:
     t = kernel_us(lp, w, chip)
     if w.splits > 1:  # the torch sum over the slices' partials (its bytes are in w.bytes)
         t += MODEL["launch_us"]
-    if role == "dx" and dims.get("da"):  # the torch sum of dA's row-tile partials
-        t += memory_us(4 * (cdiv(dims["m"], lp.constexprs["BLOCK_M"]) + 1) * dims["r"] * dims["k"], chip)
+    if role == "dx" and dims.get("da"):  # the bytes of the sum of dA's row-tile partials (its launch: "sums")
+        t += memory_us(4 * (cdiv(dims["m"], lp.constexprs["BLOCK_M"]) + 1) * dims["r"] * dims["k"], chip) \
+            - MODEL["launch_us"]
     if role == "reduce_m" and w.programs > cdiv(dims["c"], lp.constexprs["BLOCK_C"]):
         t += memory_us(4 * w.programs * lp.constexprs["BLOCK_C"] * dims["r"], chip)
     if role == "g_db":
         m_tiles, splits = g_db_grid(lp.constexprs, dims, chip["sms"])
         if splits > 1:
             t += memory_us(4 * (splits + 1) * dims["m"] * dims["r"], chip)
-        if m_tiles > 1 and dims.get("db", True):
-            t += memory_us(4 * (m_tiles + 1) * dims["n"] * dims["r"], chip)
+        if dims.get("db", True):  # dB's sum (with dA's in one launch after dX when deferred)
+            t += memory_us(4 * (m_tiles + 1) * dims["n"] * dims["r"], chip) \
+                - (MODEL["launch_us"] if dims.get("db_deferred") else 0.0)
     if role in DORA_SUMS:  # the torch sum of the column-sum partials
         t += memory_us(4 * (w.programs // cdiv(dims["n"], lp.constexprs["BLOCK_N"]) + 1) * dims["n"], chip)
     return t

@@ -324,6 +324,23 @@ def test_da_from_the_dx_epilogue(monkeypatch, r, block_m):
               run(plain(wlow, scale, p, mask), x, a, b, bias, dy), torch.float32)
 
 
+def test_sum_partials_two_jobs_one_launch():
+    # the closing sum of the backward: two workspaces in one launch, only the first ``parts`` slices
+    # (later ones NaN-poisoned), sizes not a multiple of the block, the scale applied once
+    from fusedlora.kernels.lora_bwd import SUM_BLOCK, sum_partials
+
+    torch.manual_seed(17)
+    a = torch.randn(5, 3, SUM_BLOCK + 37)
+    b = torch.randn(4, 29, 16)
+    a[3:] = float("nan")
+    out_a, out_b = sum_partials((a, 3, 1.0), (b, 4, 0.25))
+    torch.testing.assert_close(out_a.double(), a[:3].double().sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out_b.double(), 0.25 * b.double().sum(0), rtol=1e-6, atol=1e-6)
+    only, none = sum_partials((b, 2, 2.0))
+    assert none is None
+    torch.testing.assert_close(only.double(), 2.0 * b[:2].double().sum(0), rtol=1e-6, atol=1e-6)
+
+
 def test_dense_weight_gradient():
     # a dense weight that requires grad gets dW = dYᵀ·x (frozen bases never ask for it)
     torch.manual_seed(3)

@@ -210,7 +210,10 @@ def test_dora_layer_launches():
     lora = tl_.layer_kernels("inloop", 4096, 4096, 4096, 16, p_drop=False)
     # r <= 32: dA in dX's epilogue (no pass of its own); above, its own pass, where without dropout the
     # dropout build stands in, without a mask
-    assert "reduce_m" not in _roles(lora) and lora[-1][0][0][0] == "dx" and lora[-1][0][0][2]["da"]
+    assert "reduce_m" not in _roles(lora) and [d for role, _, d in (s[0][0] for s in lora) if role == "dx"][0]["da"]
+    # ... and dB's partial sums wait for dA's: one closing launch adds both
+    assert _roles(lora)[-2:] == ["dx", "torch"] and lora[-1][0][0][2]["launches"] == 1
+    assert [d for role, _, d in (s[0][0] for s in lora) if role == "g_db"][0]["db_deferred"]
     wide = tl_.layer_kernels("inloop", 4096, 4096, 4096, 64, p_drop=False)
     assert not [d for role, _, d in (s[0][0] for s in wide) if role == "dx"][0]["da"]
     assert len(wide[-1]) == 2 and wide[-1][0][0][0] == "reduce_m" and wide[-1][1][0][1] == {}
@@ -225,7 +228,7 @@ def test_dora_layer_launches():
     p1 = tl_.dora_layer_kernels(("inloop", "dequant"), "inloop", 4096, 4096, 4096, 16, True)
     roles = _roles(p1)
     assert roles.count("fwd") == 3 and roles.count("dx") == 2 and roles.count("dequant") == 2
-    assert roles.count("torch") == 1 and roles.count("dora_add") == 1 and roles.count("g_db") == 1
+    assert roles.count("torch") == 2 and roles.count("dora_add") == 1 and roles.count("g_db") == 1  # sums, dB
     # the second base product: rank 0 (no low-rank launches), on the weight as it is, no dropout anywhere
     second = [d for role, _, d in (s[0][0] for s in p1[4 + len(lora) + 2:]) if role in ("fwd", "dx")]
     assert [(d["r"], d["wfmt"]) for d in second] == [(0, "nf4-dq"), (0, "dense")]

@@ -20,7 +20,8 @@ over its columns and writes dB's partial sum over its rows. dA needs the whole g
 ``_g_db_kernel``: up to ``FUSED_DA_MAX_RANK`` each dX program (first reduction slice) reads its x tile
 after storing dX and writes dA's partial sum over its rows (saving a pass over x); above it
 ``_reduce_m_kernel`` streams x once, each program a column tile and a slice of M. Partial sums go to
-fp32 workspaces that torch adds (deterministic, no atomics). The r-deep dots take bf16 operands for bf16
+fp32 workspaces added in a fixed order (deterministic, no atomics): g's by torch before dX, dB's and dA's
+together by one ``_sum_partials_kernel`` launch after it. The r-deep dots take bf16 operands for bf16
 layers (the rounding plain torch does too), fp32 (tf32 on GPUs) for fp16 layers, whose range g, xa and s·g
 may exceed, and fp32 for fp32.
 """
@@ -267,6 +268,52 @@ def _g_db_kernel(
     tl.store(g_out + rm64[:, None] * R + rj[None, :], g, mask=m_mask[:, None] & j_mask[None, :])
 
 
+@triton.jit
+def _sum_slot(ws_ptr, out_ptr, parts, numel, scale, pid, BLOCK: tl.constexpr):
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = ws_ptr + offs
+    for _ in range(0, parts):  # in order: the same sum every run; the pointer steps a slice (64-bit)
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += numel
+    tl.store(out_ptr + offs, acc * scale, mask=mask)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    # two independent sums, one launch: out = scale · Σ_i ws[i] over ``parts`` slices of ``numel`` fp32
+    a_ws, a_out, a_parts, a_numel, a_scale, a_programs,
+    b_ws, b_out, b_parts, b_numel, b_scale,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < a_programs:
+        _sum_slot(a_ws, a_out, a_parts, a_numel, a_scale, pid, BLOCK)
+    else:
+        _sum_slot(b_ws, b_out, b_parts, b_numel, b_scale, pid - a_programs, BLOCK)
+
+
+SUM_BLOCK = 1024
+
+
+def sum_partials(first: tuple, second: tuple | None = None) -> tuple:
+    """(scale · Σ_i ws[i] for (ws, parts, scale) in (first, second)): fp32 partial-sum workspaces [>= parts,
+    *shape] (contiguous; slices past ``parts`` are ignored) added in slice order, both in one launch."""
+    jobs = [j for j in (first, second) if j is not None]
+    outs = [torch.empty(ws.shape[1:], dtype=torch.float32, device=ws.device) for ws, _, _ in jobs]
+    numels = [o.numel() for o in outs]
+    programs = [triton.cdiv(n, SUM_BLOCK) for n in numels]
+    if sum(programs):
+        (a_ws, a_parts, a_scale), (b_ws, b_parts, b_scale) = jobs[0], jobs[-1]
+        _sum_partials_kernel[(sum(programs),)](
+            a_ws, outs[0], a_parts, numels[0], float(a_scale), programs[0],
+            b_ws, outs[-1], b_parts if len(jobs) > 1 else 0, numels[-1], float(b_scale),
+            BLOCK=SUM_BLOCK, num_warps=4,
+        )
+    return tuple(outs) + ((None,) if second is None else ())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # launch configs
 
@@ -308,8 +355,9 @@ FUSED_DA_MAX_RANK = 32
 
 def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nested=None,
             x=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dX, dA or None): with ``x`` given (M, K > 0, unit column stride) dA = s/(1-p)·(m ⊙ x)ᵀ·g comes from
-    the same launch, each program adding its rows' share to a workspace row tile that torch sums after."""
+    """(dX, dA's job or None): with ``x`` given (M, K > 0, unit column stride) dA = s/(1-p)·(m ⊙ x)ᵀ·g comes
+    from the same launch, each program writing its rows' share to a workspace row tile; the job
+    (workspace, row tiles, 1) is for ``sum_partials``."""
     m, n = dy.shape
     r, k = lora_A.shape
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
@@ -340,8 +388,7 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nes
         dx.copy_(out.sum(0))
     da = None
     if fuse_da:  # the row tiles of the config that ran (the autotuner's choice for this key)
-        tiles = triton.cdiv(m, kernel.best_config.kwargs["BLOCK_M"])
-        da = da_ws[:tiles].sum(0) if tiles > 1 else da_ws[0]
+        da = (da_ws, triton.cdiv(m, kernel.best_config.kwargs["BLOCK_M"]), 1.0)
     return dx, da
 
 
@@ -362,8 +409,9 @@ def reduce_da(x, g, out_scale, p=0.0, bits=None) -> torch.Tensor:
     return ws.sum(0) if splits > 1 else ws[0]
 
 
-def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float):
-    """(g = dY·B fp32 [M, r] or None, dB = s·dYᵀ·xa fp32 [N, r] or None) from one pass over dY."""
+def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float, defer_db: bool = False):
+    """(g = dY·B fp32 [M, r] or None, dB = s·dYᵀ·xa fp32 [N, r] or None) from one pass over dY; with
+    ``defer_db`` dB as its unsummed job for ``sum_partials`` (workspace, row tiles, s)."""
     m, n = dy.shape
     r = lora_B.shape[1]
     cfg = _g_db_config()
@@ -381,7 +429,9 @@ def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float):
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     g = (g_ws.sum(0) if splits > 1 else g_ws[0]) if need_g else None
-    db = (db_ws.sum(0) if m_tiles > 1 else db_ws[0]) * scale if need_db else None
+    if need_db and defer_db:
+        return g, (db_ws, m_tiles, scale)
+    db = sum_partials((db_ws, m_tiles, scale))[0] if need_db else None
     return g, db
 
 
@@ -393,14 +443,18 @@ def lora_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dX in x's dtype, dA, dB in fp32) — each None when not needed. dY, x [M, *] with unit column stride;
     ``bits`` the forward's dropout keep bits when p > 0."""
-    g, db = g_and_db(dy, lora_B, xa, need_dx or need_da, need_db, scale)
     m, k = x.shape
     fuse = need_dx and need_da and m > 0 and k > 0 and 0 < lora_A.shape[0] <= FUSED_DA_MAX_RANK
+    # dB's partial sums wait for dA's (from dX's epilogue): one launch adds both
+    g, db = g_and_db(dy, lora_B, xa, need_dx or need_da, need_db, scale, defer_db=fuse)
     dx = da = None
     if need_dx:
         dx, da = lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nested,
                          x if fuse else None)
-    if need_da and da is None:
+    if fuse:
+        da, db_sum = sum_partials(da, db)
+        db = db_sum if need_db else None
+    elif need_da:
         # dA = s/(1-p)·(m ⊙ x)ᵀ·g, stored as [r, K]
         da = reduce_da(x, g, scale / (1.0 - p), p, bits)
     return dx, da, db
@@ -410,7 +464,11 @@ def lora_backward(
 # ahead-of-time compilation specs
 
 def aot_specs() -> list[dict]:
-    specs = []
+    specs = [spec("sum_partials", _sum_partials_kernel,
+                  {"a_ws": "*fp32", "a_out": "*fp32", "a_parts": "i32", "a_numel": "i32", "a_scale": "fp32",
+                   "a_programs": "i32", "b_ws": "*fp32", "b_out": "*fp32", "b_parts": "i32", "b_numel": "i32",
+                   "b_scale": "fp32"},
+                  {"BLOCK": SUM_BLOCK}, 4, 1)]
     rc, gc = REDUCE_CONFIG, G_DB_CONFIG
     for dname, dptr in DTYPES.items():
         ranks = list(rank_variants()) if dname == "bf16" else [("", block_r(AOT_R))]

@@ -576,9 +576,11 @@ def aot_specs() -> list[dict]:
                         f"lowrank_{dname}_{cname}{'_dropout' if dropout else ''}{suffix}", _lowrank_kernel,
                         {"x_ptr": dptr, "v_ptr": dptr, "seed_ptr": "*i64", "out_ptr": "*fp32", "bits_ptr": "*u8",
                          "M": "i32",
-                         "K": "i32", "R": "i32", "stride_xm": "i32", "stride_vj": "i32", "stride_vk": "i32",
+                         "K": "i32", "R": "i32", "stride_xm": "i32", "stride_vj": "i32",
                          "thresh": "i32", "inv_keep": "fp32"},
-                        {"DROPOUT": dropout, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"], "BLOCK_R": br},
+                        # a contiguous A: the JIT specializes the unit stride as a constant (16-byte loads)
+                        {"stride_vk": 1, "DROPOUT": dropout, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"],
+                         "BLOCK_R": br},
                         cfg["num_warps"], cfg["num_stages"]))
     return specs + gemm_specs("fwd", _lora_fwd_kernel, lambda dptr, fid, dq: {
         "x_ptr": dptr, **weight_signature(fid, dptr, dq), "tab_ptr": "*i32", "na_ptr": "*fp32", "nc_ptr": "*fp32",
