@@ -268,6 +268,7 @@ INLOOP_FWD_CONFIGS = [
     # mid M: one warpgroup, 128 weight rows x 128 tokens, each weight element scaled in the loop; the
     # tensor time per step (640 clocks) covers its ~620 instructions in bf16 (sm_90), one wave at M = 512
     _cfg(128, 128, 64, 4, 3),
+    _cfg(128, 64, 64, 4, 3),   # the same with 64 weight rows: twice the programs over N
     _cfg(64, 128, 64, 4, 4),   # mid M, 64-token tiles: twice the programs where 128-token ones fill no wave
     _cfg(32, 64, 64, 4, 4),    # small M: N/64 programs spread the weight stream over more SMs
 ]
