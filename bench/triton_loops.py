@@ -325,10 +325,10 @@ def reduction_splits(m: int, cols: int, length: int, sms: int) -> int:
     return rule(m, cols, length, sms)
 
 
-def slices(programs: int, steps: int, sms: int) -> int:
-    from fusedlora.kernels.lora_fwd import slices as rule
+def lowrank_splits(m_tiles: int, steps: int, sms: int) -> int:
+    from fusedlora.kernels.lora_fwd import lowrank_splits as rule
 
-    return rule(programs, steps, sms)
+    return rule(m_tiles, steps, sms)
 
 
 def weight_bytes(n: int, k: int, fmt: str, elem: int = 2) -> float:
@@ -367,7 +367,7 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
     if role == "lowrank":  # out fp32 [m, r] = drop(x [m, k]) . V[r, k]^T, K sliced at few rows
         m, k, r = dims["m"], dims["k"], dims["r"]
         m_tiles, steps = cdiv(m, c["BLOCK_M"]), cdiv(k, c["BLOCK_K"])
-        splits = slices(m_tiles, steps, sms)
+        splits = lowrank_splits(m_tiles, steps, sms)
         return Work(m_tiles * splits, cdiv(steps, splits), c["BLOCK_M"] * c["BLOCK_K"] * c["BLOCK_R"],
                     e * m * k + 4 * m * r + e * r * k + (8 * splits * m * r if splits > 1 else 0), splits)
     if role == "reduce_m":  # fp32 [c, r] = drop(big [m, c])^T . thin [m, r], split over M
@@ -587,8 +587,8 @@ def launch_us(lp: Loop, role: str, dims: dict, chip: dict) -> float:
         t += memory_us(4 * w.programs * lp.constexprs["BLOCK_C"] * dims["r"], chip)
     if role == "g_db":
         m_tiles, splits = g_db_grid(lp.constexprs, dims, chip["sms"])
-        if splits > 1:
-            t += memory_us(4 * (splits + 1) * dims["m"] * dims["r"], chip)
+        if splits > 1:  # g's partials added by the last split of each row tile (no launch of its own)
+            t += memory_us(4 * (splits + 1) * dims["m"] * dims["r"], chip) - MODEL["launch_us"]
         if dims.get("db", True):  # dB's sum (with dA's in one launch after dX when deferred)
             t += memory_us(4 * (m_tiles + 1) * dims["n"] * dims["r"], chip) \
                 - (MODEL["launch_us"] if dims.get("db_deferred") else 0.0)

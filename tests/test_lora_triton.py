@@ -341,6 +341,36 @@ def test_sum_partials_two_jobs_one_launch():
     torch.testing.assert_close(only.double(), 2.0 * b[:2].double().sum(0), rtol=1e-6, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("m,r", [(37, 8), (16, 40)])
+def test_g_summed_by_the_last_column_split(monkeypatch, m, r):
+    # g = dY·B from a launch cut into column splits (the last split of each row tile adds the partials):
+    # equal to the fp64 product, several row tiles and rank slices, twice in a row (the tickets are back at
+    # 0 after each launch), every float buffer NaN-poisoned when allocated (an unwritten element would show)
+    import triton
+
+    from fusedlora.kernels import lora_bwd
+
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+    torch.manual_seed(18)
+    n = 200
+    dy, b, xa = torch.randn(m, n), torch.randn(n, r), torch.randn(m, r)
+    cfg = lora_bwd._g_db_config()
+    splits, _ = lora_bwd.split_len(n, triton.cdiv(m, cfg["BLOCK_M"]), cfg["BLOCK_N"], lora_bwd.G_DB_TARGET_PROGRAMS)
+    assert splits > 1
+    for _ in range(2):
+        g, db = lora_bwd.g_and_db(dy, b, xa, True, True, 0.5)
+        torch.testing.assert_close(g.double(), dy.double() @ b.double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(db.double(), 0.5 * dy.double().t() @ xa.double(), rtol=1e-5, atol=1e-5)
+    assert not lora_bwd._TICKETS[(torch.device("cpu"), 0)].any()
+
 def test_dense_weight_gradient():
     # a dense weight that requires grad gets dW = dYᵀ·x (frozen bases never ask for it)
     torch.manual_seed(3)

@@ -20,8 +20,9 @@ over its columns and writes dB's partial sum over its rows. dA needs the whole g
 ``_g_db_kernel``: up to ``FUSED_DA_MAX_RANK`` each dX program (first reduction slice) reads its x tile
 after storing dX and writes dA's partial sum over its rows (saving a pass over x); above it
 ``_reduce_m_kernel`` streams x once, each program a column tile and a slice of M. Partial sums go to
-fp32 workspaces added in a fixed order (deterministic, no atomics): g's by torch before dX, dB's and dA's
-together by one ``_sum_partials_kernel`` launch after it. The r-deep dots take bf16 operands for bf16
+fp32 workspaces added in a fixed order (deterministic: no atomic adds of values): g's by the last of
+``_g_db_kernel``'s column splits of each row tile (an atomic ticket says which), dB's and dA's together by
+one ``_sum_partials_kernel`` launch after dX. The r-deep dots take bf16 operands for bf16
 layers (the rounding plain torch does too), fp32 (tf32 on GPUs) for fp16 layers, whose range g, xa and s·g
 may exceed, and fp32 for fp32.
 """
@@ -230,8 +231,9 @@ def _reduce_m_kernel(
 
 @triton.jit
 def _g_db_kernel(
-    # pointers: dY [M, N], B [N, R], xa fp32 [M, R]; workspaces fp32 g [n_splits, M, R], dB [m_tiles, N, R]
-    dy_ptr, b_ptr, xa_ptr, g_ws_ptr, db_ws_ptr,
+    # pointers: dY [M, N], B [N, R], xa fp32 [M, R]; workspaces fp32 g [n_splits, M, R], dB [m_tiles, N, R];
+    # with several column splits: g fp32 [M, R] and int32 tickets [m_tiles, rank slices], all 0 at launch
+    dy_ptr, b_ptr, xa_ptr, g_ws_ptr, db_ws_ptr, g_ptr, ticket_ptr,
     # sizes: N columns per split (a multiple of BLOCK_N)
     M, N, R, cols_per_split,
     # strides
@@ -241,7 +243,8 @@ def _g_db_kernel(
 ):
     """One pass over dY for both thin products: program (row tile, column split, rank slice) streams its
     [BLOCK_M, cols_per_split] part of dY once and writes g's partial sum over those columns and dB's
-    partial sum over those rows (unscaled; the launcher sums the partials)."""
+    partial sum over those rows (unscaled; the launcher sums dB's). The last split of a row tile to finish
+    adds g's partials, in split order (the same sum every run), so dX needs no launch between."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -264,8 +267,21 @@ def _g_db_kernel(
         g = tl.dot(dyt, bt, g)
         db = tl.dot(tl.trans(fp16_widened(dyt)), low_rank_operand(xa, dyt))
         tl.store(db_rows + rn.to(tl.int64)[:, None] * R + rj[None, :], db, mask=n_mask[:, None] & j_mask[None, :])
-    g_out = g_ws_ptr + pid_s.to(tl.int64) * M * R
-    tl.store(g_out + rm64[:, None] * R + rj[None, :], g, mask=m_mask[:, None] & j_mask[None, :])
+    g_offs = rm64[:, None] * R + rj[None, :]
+    g_mask = m_mask[:, None] & j_mask[None, :]
+    tl.store(g_ws_ptr + pid_s.to(tl.int64) * M * R + g_offs, g, mask=g_mask)
+    splits = tl.num_programs(1)
+    if splits > 1:
+        # every thread's partial stored before the ticket is taken (release), read after it (acquire)
+        tl.debug_barrier()
+        ticket = ticket_ptr + pid_m * tl.num_programs(2) + tl.program_id(2)
+        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for i in range(0, splits):  # L2 reads (.cg): the other splits' stores are not in this SM's L1
+                total += tl.load(g_ws_ptr + i * M.to(tl.int64) * R + g_offs, mask=g_mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(g_ptr + g_offs, total, mask=g_mask)
+            tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")  # 0 again for the next launch
 
 
 @triton.jit
@@ -409,6 +425,20 @@ def reduce_da(x, g, out_scale, p=0.0, bits=None) -> torch.Tensor:
     return ws.sum(0) if splits > 1 else ws[0]
 
 
+_TICKETS: dict = {}
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    """``count`` int32 counters of the device's current stream, 0 between launches (each kernel that takes
+    one puts it back), allocated once and grown as needed; per stream, so concurrent launches on two streams
+    never share one."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    have = _TICKETS.get(key)
+    if have is None or have.numel() < count:
+        have = _TICKETS[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+    return have
+
+
 def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float, defer_db: bool = False):
     """(g = dY·B fp32 [M, r] or None, dB = s·dYᵀ·xa fp32 [N, r] or None) from one pass over dY; with
     ``defer_db`` dB as its unsummed job for ``sum_partials`` (workspace, row tiles, s)."""
@@ -420,15 +450,19 @@ def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float, defer_db
     splits, cols = split_len(n, m_tiles, cfg["BLOCK_N"], G_DB_TARGET_PROGRAMS)
     g_ws = torch.empty((splits, m, r), dtype=torch.float32, device=dy.device)
     db_ws = torch.empty((m_tiles, n, r), dtype=torch.float32, device=dy.device)
+    g = g_ws[0] if splits == 1 else torch.empty((m, r), dtype=torch.float32, device=dy.device)
     if m == 0 or r == 0:
         db_ws.zero_()
+        g.zero_()
     else:
-        _g_db_kernel[(m_tiles, splits, triton.cdiv(r, br))](
-            dy, lora_B, xa, g_ws, db_ws, m, n, r, cols, dy.stride(0),
+        rank_slices = triton.cdiv(r, br)
+        tickets = _tickets(dy.device, m_tiles * rank_slices) if splits > 1 else g
+        _g_db_kernel[(m_tiles, splits, rank_slices)](
+            dy, lora_B, xa, g_ws, db_ws, g, tickets, m, n, r, cols, dy.stride(0),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=br,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    g = (g_ws.sum(0) if splits > 1 else g_ws[0]) if need_g else None
+    g = g if need_g else None
     if need_db and defer_db:
         return g, (db_ws, m_tiles, scale)
     db = sum_partials((db_ws, m_tiles, scale))[0] if need_db else None
@@ -482,7 +516,8 @@ def aot_specs() -> list[dict]:
             specs.append(spec(
                 f"g_db_{dname}{suffix}", _g_db_kernel,
                 {"dy_ptr": dptr, "b_ptr": dptr, "xa_ptr": "*fp32", "g_ws_ptr": "*fp32", "db_ws_ptr": "*fp32",
-                 "M": "i32", "N": "i32", "R": "i32", "cols_per_split": "i32", "stride_dym": "i32"},
+                 "g_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "R": "i32", "cols_per_split": "i32",
+                 "stride_dym": "i32"},
                 {"BLOCK_M": gc["BLOCK_M"], "BLOCK_N": gc["BLOCK_N"], "BLOCK_R": br},
                 gc["num_warps"], gc["num_stages"]))
     # the dX output tile is [BLOCK_M, BLOCK_K], its N loop steps BLOCK_N

@@ -353,10 +353,18 @@ def set_gemm_configs(configs: list[dict] | None = None) -> None:
     _AUTOTUNED.clear()
 
 
-def lowrank_config(m: int) -> dict:
+def lowrank_config(m: int, sms: int) -> dict:
+    """The pre-kernel's tile: 32 rows once that still gives two programs per SM, else 16."""
     if interpreted():
         return INTERPRET_LOWRANK_CONFIG
-    return LOWRANK_SMALL_M_CONFIG if m <= 1024 else LOWRANK_CONFIG
+    return LOWRANK_CONFIG if triton.cdiv(m, LOWRANK_CONFIG["BLOCK_M"]) >= 2 * sms else LOWRANK_SMALL_M_CONFIG
+
+
+def lowrank_splits(m_tiles: int, steps: int, sms: int) -> int:
+    """Slices of K for the pre-kernel's ``m_tiles`` row tiles: none from one program per SM up (a stream
+    needs bytes in flight, which 3 stages of a 16 x 128 tile per program give, not programs; a slice
+    costs a torch sum launch), else ``slices``."""
+    return 1 if m_tiles >= sms else slices(m_tiles, steps, sms)
 
 
 def autotuned(kernel, configs: list[dict]):
@@ -449,11 +457,12 @@ def lowrank(x: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0,
     bits = torch.empty((m, triton.cdiv(k, 8)) if dropout else (0,), dtype=torch.uint8, device=x.device)
     if m == 0 or (r == 0 and not dropout):
         return out, bits
-    cfg = lowrank_config(m)
+    sms = sm_count(x.device)
+    cfg = lowrank_config(m, sms)
     br = block_r(r)
     m_tiles = triton.cdiv(m, cfg["BLOCK_M"])
     # few rows: slices of K so that the stream of x still occupies the GPU
-    splits = slices(m_tiles, k // cfg["BLOCK_K"], sm_count(x.device))
+    splits = lowrank_splits(m_tiles, k // cfg["BLOCK_K"], sms)
     part = out if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
     _lowrank_kernel[(m_tiles, splits, triton.cdiv(r, br))](
         x, lora_A, seed if dropout else out, part, bits, m, k, r, x.stride(0), lora_A.stride(0), lora_A.stride(1),
