@@ -89,7 +89,8 @@ def _lora_dx_kernel(
     m_mask = rm < M
     k_mask = rk < K
     rm64 = rm.to(tl.int64)
-    dy_rows = dy_ptr + rm64[:, None] * stride_dym
+    # rows past M read row M - 1 (their outputs are never stored): no row mask on the loop's dY loads
+    dy_rows = dy_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * stride_dym
 
     if WFMT != 0 and ROWS_ALIGNED and QBLOCK % BLOCK_K == 0:
         # dXᵀ = Wᵀ·dYᵀ: the decoded W tile, transposed, is the register-sourced left operand of the tensor
@@ -99,12 +100,12 @@ def _lora_dx_kernel(
         for n0 in range(n_lo, n_hi, BLOCK_N):
             n = n0 + rn
             if EVEN_N:
-                dyt = tl.load(dy_rows + n[None, :], mask=m_mask[:, None], other=0.0)
+                dyt = tl.load(dy_rows + n[None, :])
                 wt, _ = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, noff, n, k0, None, K,
                                      WFMT, QBLOCK, DQ, BLOCK_N, BLOCK_K, dyt.dtype, USE_ASM, True)
             else:
                 n_mask = n < N
-                dyt = tl.load(dy_rows + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+                dyt = tl.load(dy_rows + n[None, :], mask=n_mask[None, :], other=0.0)
                 wt, _ = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, noff, n, k0, n_mask, K,
                                      WFMT, QBLOCK, DQ, BLOCK_N, BLOCK_K, dyt.dtype, USE_ASM, True)
             acc_t = tl.dot(tl.trans(wt), tl.trans(dyt), acc_t)
@@ -125,9 +126,9 @@ def _lora_dx_kernel(
             n = n0 + rn
             n_mask = n < N
             if EVEN_N:
-                dyt = tl.load(dy_rows + n[None, :], mask=m_mask[:, None], other=0.0)
+                dyt = tl.load(dy_rows + n[None, :])
             else:
-                dyt = tl.load(dy_rows + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+                dyt = tl.load(dy_rows + n[None, :], mask=n_mask[None, :], other=0.0)
             wt = load_w_tile(w_ptr, ws_ptr, wz_ptr, n[:, None], rk[None, :], k0, n_mask[:, None],
                              k_mask[None, :], K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
             acc = tl.dot(dyt, wt.to(dyt.dtype), acc)

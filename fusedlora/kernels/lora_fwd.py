@@ -203,7 +203,9 @@ def _lora_fwd_kernel(
     m_mask = rm < M
     n_mask = rn < N
     rm64 = rm.to(tl.int64)
-    x_rows = x_ptr + rm64[:, None] * stride_xm
+    # rows past M read row M - 1 (their outputs are never stored): the x loads in the loop need no mask,
+    # which costs a compare and a select per load per step otherwise
+    x_rows = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * stride_xm
 
     if WFMT != 0 and ROWS_ALIGNED and QBLOCK % BLOCK_K == 0:
         # yᵀ = W·xᵀ: the decoded tile is the left operand, which the tensor cores (wgmma) take straight from
@@ -215,7 +217,7 @@ def _lora_fwd_kernel(
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         k_lo, k_hi = split_range(K, BLOCK_K)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            xt = tl.load(x_rows + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
+            xt = tl.load(x_rows + (k0 + rk)[None, :])
             wt, w_scale = load_w_codes(w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, noff, rn, k0, n_mask, K,
                                        WFMT, QBLOCK, DQ, BLOCK_N, BLOCK_K, xt.dtype, USE_ASM, BLOCK_M > BLOCK_K)
             if WFMT == 1 and BLOCK_M <= BLOCK_K:
@@ -236,7 +238,7 @@ def _lora_fwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             k = k0 + rk
             k_mask = k < K
-            xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            xt = tl.load(x_rows + k[None, :], mask=k_mask[None, :], other=0.0)
             wt = load_w_tile(w_ptr, ws_ptr, wz_ptr, rn[None, :], k[:, None], k0, n_mask[None, :],
                              k_mask[:, None], K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
             acc = tl.dot(xt, wt.to(xt.dtype), acc)
