@@ -357,7 +357,8 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
         m, n, k, r = dims["m"], dims["n"], dims["k"], dims["r"]
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         out_cols, red, out_tile, red_tile = (n, k, bn, bk) if role == "fwd" else (k, n, bk, bn)
-        # the 4-bit in-loop GEMMs slice their reduction at few tokens (fp32 partials, added by torch)
+        # the 4-bit in-loop GEMMs slice their reduction at few tokens (fp32 partials written and read back by
+        # the last slice of each tile: ``fusedlora.kernels.split_sum``)
         splits = reduction_splits(m, out_cols, red, sms) if dims["wfmt"] != "dense" else 1
         # dX with dA in its epilogue: x read once more, one fp32 [r, K] partial per row tile written
         da = e * m * k + 4 * cdiv(m, bm) * r * k if dims.get("da") else 0
@@ -575,11 +576,9 @@ def candidates(loops: list[Loop], role: str, sel: dict) -> list[Loop]:
 
 
 def launch_us(lp: Loop, role: str, dims: dict, chip: dict) -> float:
-    """One launch of ``lp`` on ``dims``, plus the torch sums over its split partials."""
+    """One launch of ``lp`` on ``dims``, plus the torch sums of partials that follow it."""
     w = work(role, lp.constexprs, dims, chip["sms"])
     t = kernel_us(lp, w, chip)
-    if w.splits > 1:  # the torch sum over the slices' partials (its bytes are in w.bytes)
-        t += MODEL["launch_us"]
     if role == "dx" and dims.get("da"):  # the bytes of the sum of dA's row-tile partials (its launch: "sums")
         t += memory_us(4 * (cdiv(dims["m"], lp.constexprs["BLOCK_M"]) + 1) * dims["r"] * dims["k"], chip) \
             - MODEL["launch_us"]
@@ -587,7 +586,7 @@ def launch_us(lp: Loop, role: str, dims: dict, chip: dict) -> float:
         t += memory_us(4 * w.programs * lp.constexprs["BLOCK_C"] * dims["r"], chip)
     if role == "g_db":
         m_tiles, splits = g_db_grid(lp.constexprs, dims, chip["sms"])
-        if splits > 1:  # g's partials added by the last split of each row tile (no launch of its own)
+        if splits > 1:  # g's partials, added by the last split of each row tile (no launch of its own)
             t += memory_us(4 * (splits + 1) * dims["m"] * dims["r"], chip) - MODEL["launch_us"]
         if dims.get("db", True):  # dB's sum (with dA's in one launch after dX when deferred)
             t += memory_us(4 * (m_tiles + 1) * dims["n"] * dims["r"], chip) \

@@ -113,6 +113,25 @@ def run(fn, x, a, b, bias, dy):
     return [y.detach()] + [t.grad if t is not None else None for t in leaves]
 
 
+def poison_new_tensors(monkeypatch):
+    """Every float tensor torch.empty makes from now on starts as NaN, so an element a kernel leaves
+    unwritten shows in the result."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def no_ticket_left(device="cpu") -> bool:
+    """Whether every ``split_sum`` counter of the device is back at 0 (each launch resets what it took)."""
+    from fusedlora.kernels import split_sum
+
+    return not split_sum._TICKETS[(torch.device(device), 0)].any()
+
+
 def plain(w, scale, p=0.0, mask=None):
     """torch doing the same math in the inputs' dtype (the error yardstick)."""
 
@@ -351,13 +370,7 @@ def test_g_summed_by_the_last_column_split(monkeypatch, m, r):
 
     from fusedlora.kernels import lora_bwd
 
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+    poison_new_tensors(monkeypatch)
 
     torch.manual_seed(18)
     n = 200
@@ -369,7 +382,7 @@ def test_g_summed_by_the_last_column_split(monkeypatch, m, r):
         g, db = lora_bwd.g_and_db(dy, b, xa, True, True, 0.5)
         torch.testing.assert_close(g.double(), dy.double() @ b.double(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(db.double(), 0.5 * dy.double().t() @ xa.double(), rtol=1e-5, atol=1e-5)
-    assert not lora_bwd._TICKETS[(torch.device("cpu"), 0)].any()
+    assert no_ticket_left()
 
 def test_dense_weight_gradient():
     # a dense weight that requires grad gets dW = dYᵀ·x (frozen bases never ask for it)

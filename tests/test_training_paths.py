@@ -19,8 +19,10 @@ from test_lora_triton import (
     check_all,
     lora_inputs,
     make_weight,
+    no_ticket_left,
     oracle,
     plain,
+    poison_new_tensors,
     run,
     triton_fn,
 )
@@ -214,7 +216,10 @@ def test_forward_saves_the_mask_as_bits(m, k):
 @pytest.mark.parametrize("kind", ["nf4-dq", "int4"])
 def test_few_tokens_split_the_reduction(kind, monkeypatch):
     # few tokens and a long reduction: the in-loop forward slices K, dX slices N and the pre-kernel slices
-    # K, each slice an fp32 partial sum; with dropout and bias the result is the reference's
+    # K, each slice an fp32 partial sum that the last slice of its tile adds; with dropout and bias the
+    # result is the reference's, through outputs that start NaN-poisoned, and the counters end at 0
+    import triton
+
     from fusedlora.kernels import lora_fwd
     from fusedlora.kernels.dropout import dropout_mask
 
@@ -222,6 +227,9 @@ def test_few_tokens_split_the_reduction(kind, monkeypatch):
     m, k, n, r, p = 9, 1024, 1024, 4, 0.2
     sms = lora_fwd.sm_count(torch.device("cpu"))
     assert lora_fwd.reduction_splits(m, n, k, sms) == lora_fwd.reduction_splits(m, k, n, sms) == 4  # premise
+    cfg = lora_fwd.lowrank_config(m, sms)
+    assert lora_fwd.lowrank_splits(triton.cdiv(m, cfg["BLOCK_M"]), k // cfg["BLOCK_K"], sms) > 1
+    poison_new_tensors(monkeypatch)
     torch.manual_seed(17)
     weight, w64, wlow = make_weight(kind, n, k, torch.float32)
     x, a, b, bias = lora_inputs(m, k, n, r, torch.float32)
@@ -232,4 +240,5 @@ def test_few_tokens_split_the_reduction(kind, monkeypatch):
     mask = dropout_mask(seed, x.shape, p, "cpu")
     check_all(ours, run(oracle(w64, 0.5, p, mask), x, a, b, bias, dy),
               run(plain(wlow, 0.5, p, mask), x, a, b, bias, dy), torch.float32)
+    assert no_ticket_left()
 

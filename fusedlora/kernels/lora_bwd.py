@@ -53,8 +53,10 @@ from .lora_fwd import (
     sm_count,
     spec,
     split_range,
+    split_tickets,
     weight_signature,
 )
+from .split_sum import add_slices, tickets
 from .weight_tile import FORMATS, load_w_tile
 
 
@@ -63,6 +65,8 @@ def _lora_dx_kernel(
     # pointers: dY [M, N], W (format WFMT; tab_ptr the code table words of ``code_lookup``, na_ptr and
     # nc_ptr NF4's nested absmax and code when DQ), g fp32 [M, R], A [R, K], keep bits [M, ceil(K/8)], dX [M, K]
     dy_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, g_ptr, a_ptr, bits_ptr, dx_ptr,
+    # SPLIT: dX [M, K] (dx_ptr is then the slices' workspace) and the ``split_sum`` counters, one per tile
+    sum_ptr, ticket_ptr,
     # with FUSE_DA: x [M, K] and the fp32 workspace of dA's partial sums [row tiles, R, K]
     x_ptr, da_ptr,
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
@@ -77,7 +81,8 @@ def _lora_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # SPLIT as in the forward: slices of N, fp32 partial sums in dx_ptr [splits, M, K], LoRA term in slice 0
+    # SPLIT as in the forward: slices of N, fp32 partial sums in dx_ptr [splits, M, K], LoRA term in slice 0,
+    # the last slice of a tile to finish adding them into sum_ptr
     # output tiles are [BLOCK_M, BLOCK_K]; the reduction runs over N in BLOCK_N steps. EVEN_N (N a multiple
     # of BLOCK_N, every real layer): no step crosses N, so the loads inside the loop carry only the
     # loop-invariant row masks (a per-step mask costs ~90 instructions per step in the sm_90 4-bit loop)
@@ -112,11 +117,14 @@ def _lora_dx_kernel(
         if tl.program_id(1) == 0:
             acc_t += dx_lora_term(g_ptr, a_ptr, bits_ptr, rm64, rk, k0, m_mask, k_mask, K, R, lora_scale, DROPOUT,
                                   BLOCK_M, BLOCK_K, BLOCK_R, True)
-        out = dx_ptr
+        offs = rm64[None, :] * stride_dxm + rk[:, None]
+        mask = k_mask[:, None] & m_mask[None, :]
         if SPLIT:
-            out += tl.program_id(1).to(tl.int64) * M * stride_dxm
-        tl.store(out + rm64[None, :] * stride_dxm + rk[:, None], acc_t.to(dx_ptr.dtype.element_ty),
-                 mask=k_mask[:, None] & m_mask[None, :])
+            tl.store(dx_ptr + tl.program_id(1).to(tl.int64) * M * stride_dxm + offs, acc_t, mask=mask)
+            add_slices(dx_ptr, M.to(tl.int64) * stride_dxm, offs, mask, ticket_ptr + tl.program_id(0), sum_ptr,
+                       offs)
+        else:
+            tl.store(dx_ptr + offs, acc_t.to(dx_ptr.dtype.element_ty), mask=mask)
         if FUSE_DA and tl.program_id(1) == 0:  # after the store: the dX accumulator's registers are free
             da_partial(g_ptr, x_ptr, bits_ptr, da_ptr, pid_m, rm64, rk, k0, m_mask, k_mask, K, R, stride_xm,
                        lora_scale, DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R)
@@ -271,18 +279,9 @@ def _g_db_kernel(
     g_offs = rm64[:, None] * R + rj[None, :]
     g_mask = m_mask[:, None] & j_mask[None, :]
     tl.store(g_ws_ptr + pid_s.to(tl.int64) * M * R + g_offs, g, mask=g_mask)
-    splits = tl.num_programs(1)
-    if splits > 1:
-        # every thread's partial stored before the ticket is taken (release), read after it (acquire)
-        tl.debug_barrier()
-        ticket = ticket_ptr + pid_m * tl.num_programs(2) + tl.program_id(2)
-        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == splits - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for i in range(0, splits):  # L2 reads (.cg): the other splits' stores are not in this SM's L1
-                total += tl.load(g_ws_ptr + i * M.to(tl.int64) * R + g_offs, mask=g_mask, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(g_ptr + g_offs, total, mask=g_mask)
-            tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")  # 0 again for the next launch
+    if tl.num_programs(1) > 1:
+        add_slices(g_ws_ptr, M.to(tl.int64) * R, g_offs, g_mask,
+                   ticket_ptr + pid_m * tl.num_programs(2) + tl.program_id(2), g_ptr, g_offs)
 
 
 @triton.jit
@@ -387,6 +386,7 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nes
     na, nc, noff = nested if nested is not None else (dummy, dummy, 0.0)
     splits = reduction_splits(m, k, n, sm_count(dy.device)) if aligned else 1
     out = dx if splits == 1 else torch.empty((splits, m, k), dtype=torch.float32, device=dy.device)
+    tix = split_tickets("dx", wfmt == 0, aligned, m, k, dy.device) if splits > 1 else dummy
     fuse_da = x is not None
     if fuse_da:
         smallest = min(c["BLOCK_M"] for c in gemm_configs("dx", wfmt == 0, aligned or wfmt == 0))
@@ -394,15 +394,13 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nes
     kernel = gemm_kernel(_lora_dx_even_n, "dx", wfmt == 0, dy.device, aligned or wfmt == 0)
     kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), splits)](
         dy, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        table_tensor(wfmt, dy.dtype, dy.device), na, nc, g, lora_A, bits if p > 0 else dummy, out,
+        table_tensor(wfmt, dy.dtype, dy.device), na, nc, g, lora_A, bits if p > 0 else dummy, out, dx, tix,
         x if fuse_da else dy, da_ws if fuse_da else dummy,
         m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), x.stride(0) if fuse_da else 0,
         float(scale) / (1.0 - p), float(noff),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, DQ=nested is not None, ROWS_ALIGNED=aligned, DROPOUT=p > 0,
         USE_ASM=not interpreted(), SPLIT=splits > 1, FUSE_DA=fuse_da, BLOCK_R=block_r(r),
     )
-    if splits > 1:
-        dx.copy_(out.sum(0))
     da = None
     if fuse_da:  # the row tiles of the config that ran (the autotuner's choice for this key)
         da = (da_ws, triton.cdiv(m, kernel.best_config.kwargs["BLOCK_M"]), 1.0)
@@ -426,20 +424,6 @@ def reduce_da(x, g, out_scale, p=0.0, bits=None) -> torch.Tensor:
     return ws.sum(0) if splits > 1 else ws[0]
 
 
-_TICKETS: dict = {}
-
-
-def _tickets(device: torch.device, count: int) -> torch.Tensor:
-    """``count`` int32 counters of the device's current stream, 0 between launches (each kernel that takes
-    one puts it back), allocated once and grown as needed; per stream, so concurrent launches on two streams
-    never share one."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    have = _TICKETS.get(key)
-    if have is None or have.numel() < count:
-        have = _TICKETS[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-    return have
-
-
 def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float, defer_db: bool = False):
     """(g = dY·B fp32 [M, r] or None, dB = s·dYᵀ·xa fp32 [N, r] or None) from one pass over dY; with
     ``defer_db`` dB as its unsummed job for ``sum_partials`` (workspace, row tiles, s)."""
@@ -457,9 +441,9 @@ def g_and_db(dy, lora_B, xa, need_g: bool, need_db: bool, scale: float, defer_db
         g.zero_()
     else:
         rank_slices = triton.cdiv(r, br)
-        tickets = _tickets(dy.device, m_tiles * rank_slices) if splits > 1 else g
+        tix = tickets(dy.device, m_tiles * rank_slices) if splits > 1 else g
         _g_db_kernel[(m_tiles, splits, rank_slices)](
-            dy, lora_B, xa, g_ws, db_ws, g, tickets, m, n, r, cols, dy.stride(0),
+            dy, lora_B, xa, g_ws, db_ws, g, tix, m, n, r, cols, dy.stride(0),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=br,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -524,7 +508,8 @@ def aot_specs() -> list[dict]:
     # the dX output tile is [BLOCK_M, BLOCK_K], its N loop steps BLOCK_N
     specs += gemm_specs("dx", _lora_dx_kernel, lambda dptr, fid, dq: {
         "dy_ptr": dptr, **weight_signature(fid, dptr, dq), "tab_ptr": "*i32", "na_ptr": "*fp32", "nc_ptr": "*fp32",
-        "g_ptr": "*fp32", "a_ptr": dptr, "bits_ptr": "*u8", "dx_ptr": dptr, "x_ptr": dptr, "da_ptr": "*fp32",
+        "g_ptr": "*fp32", "a_ptr": dptr, "bits_ptr": "*u8", "dx_ptr": dptr, "sum_ptr": dptr, "ticket_ptr": "*i32",
+        "x_ptr": dptr, "da_ptr": "*fp32",
         "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "stride_dym": "i32", "stride_dxm": "i32",
         "stride_xm": "i32", "lora_scale": "fp32", "noff": "fp32"},
         {"DROPOUT": True, "USE_ASM": True, "SPLIT": False, "EVEN_N": True, "FUSE_DA": True})

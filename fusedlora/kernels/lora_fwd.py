@@ -36,6 +36,7 @@ import triton.language as tl
 from . import interpreted
 from .code_lookup import load_w_codes, table_tensor
 from .dropout import keep_bytes, threshold, unpack_bits
+from .split_sum import add_slices, tickets
 from .weight_tile import FORMATS, load_w_tile
 
 
@@ -66,8 +67,9 @@ def _decode_absmax_kernel(
 @triton.jit
 def _lowrank_kernel(
     # pointers: x [M, K]; V element (j, k) at v_ptr + j*stride_vj + k*stride_vk; out fp32 [M, R]; with
-    # dropout the keep-mask bits [M, ceil(K / 8)] written by the first rank slice
-    x_ptr, v_ptr, seed_ptr, out_ptr, bits_ptr,
+    # dropout the keep-mask bits [M, ceil(K / 8)] written by the first rank slice; with K slices, out is
+    # their workspace [slices, M, R], sum_ptr [M, R] the result and ticket_ptr the ``split_sum`` counters
+    x_ptr, v_ptr, seed_ptr, out_ptr, bits_ptr, sum_ptr, ticket_ptr,
     # sizes
     M, K, R,
     # strides
@@ -78,7 +80,8 @@ def _lowrank_kernel(
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # programs are (row block, K slice, column block of out): ranks above BLOCK_R re-read x once per column
-    # block; at few rows K is cut into slices (split_range) whose fp32 partial sums out_ptr[s] holds
+    # block; at few rows K is cut into slices (split_range) whose fp32 partial sums out_ptr[s] holds, the
+    # last slice of a tile to finish adding them into sum_ptr
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     rj = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -106,8 +109,12 @@ def _lowrank_kernel(
         acc = tl.dot(xt, vt, acc)
     if DROPOUT:
         acc = acc * inv_keep
-    out = out_ptr + tl.program_id(1).to(tl.int64) * M * R
-    tl.store(out + rm64[:, None] * R + rj[None, :], acc, mask=m_mask[:, None] & j_mask[None, :])
+    offs = rm64[:, None] * R + rj[None, :]
+    mask = m_mask[:, None] & j_mask[None, :]
+    tl.store(out_ptr + tl.program_id(1).to(tl.int64) * M * R + offs, acc, mask=mask)
+    if tl.num_programs(1) > 1:
+        add_slices(out_ptr, M.to(tl.int64) * R, offs, mask,
+                   ticket_ptr + tl.program_id(0) * tl.num_programs(2) + tl.program_id(2), sum_ptr, offs)
 
 
 @triton.jit
@@ -182,6 +189,8 @@ def _lora_fwd_kernel(
     # pointers (tab_ptr: the code table words of ``code_lookup``; na_ptr, nc_ptr: NF4's nested absmax and
     # code when DQ)
     x_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    # SPLIT: y [M, N] (y_ptr is then the slices' workspace) and the ``split_sum`` counters, one per tile
+    sum_ptr, ticket_ptr,
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
@@ -195,7 +204,8 @@ def _lora_fwd_kernel(
     GROUP_M: tl.constexpr,
 ):
     # SPLIT (4-bit in-loop path, few tokens): program (tile, s) sums the s-th of num_programs(1) slices of K
-    # into fp32 y_ptr[s] ([splits, M, N]), the LoRA term and bias in slice 0; the launcher adds the slices
+    # into fp32 y_ptr[s] ([splits, M, N]), the LoRA term and bias in slice 0; the last slice of a tile to
+    # finish adds them into sum_ptr (``split_sum``)
     pid_m, pid_n = band_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -228,11 +238,13 @@ def _lora_fwd_kernel(
             acc_t = lora_epilogue(acc_t, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R, True)
             if HAS_BIAS:
                 acc_t += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        out = y_ptr
+        offs = rm64[None, :] * stride_ym + rn[:, None]
+        mask = n_mask[:, None] & m_mask[None, :]
         if SPLIT:
-            out += tl.program_id(1).to(tl.int64) * M * stride_ym
-        tl.store(out + rm64[None, :] * stride_ym + rn[:, None], acc_t.to(y_ptr.dtype.element_ty),
-                 mask=n_mask[:, None] & m_mask[None, :])
+            tl.store(y_ptr + tl.program_id(1).to(tl.int64) * M * stride_ym + offs, acc_t, mask=mask)
+            add_slices(y_ptr, M.to(tl.int64) * stride_ym, offs, mask, ticket_ptr + tl.program_id(0), sum_ptr, offs)
+        else:
+            tl.store(y_ptr + offs, acc_t.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -364,8 +376,8 @@ def lowrank_config(m: int, sms: int) -> dict:
 
 def lowrank_splits(m_tiles: int, steps: int, sms: int) -> int:
     """Slices of K for the pre-kernel's ``m_tiles`` row tiles: none from one program per SM up (a stream
-    needs bytes in flight, which 3 stages of a 16 x 128 tile per program give, not programs; a slice
-    costs a torch sum launch), else ``slices``."""
+    needs bytes in flight, which 3 stages of a 16 x 128 tile per program give, not programs; slices cost
+    the fp32 partials' bytes and a tail that reads them back), else ``slices``."""
     return 1 if m_tiles >= sms else slices(m_tiles, steps, sms)
 
 
@@ -426,6 +438,15 @@ def reduction_splits(m: int, cols: int, length: int, sms: int) -> int:
     return slices(triton.cdiv(m, 32) * triton.cdiv(cols, 64), length // 64, sms)
 
 
+def split_tickets(role: str, dense: bool, aligned: bool, rows: int, cols: int, device) -> torch.Tensor:
+    """``split_sum`` counters for a sliced fused GEMM over [rows, cols] outputs: one per output tile of the
+    config with the smallest tiles the autotuner may pick (``role`` "fwd": BLOCK_M x BLOCK_N tiles, "dx":
+    BLOCK_M x BLOCK_K)."""
+    col_key = "BLOCK_N" if role == "fwd" else "BLOCK_K"
+    return tickets(device, max(triton.cdiv(rows, c["BLOCK_M"]) * triton.cdiv(cols, c[col_key])
+                               for c in gemm_configs(role, dense, aligned or dense)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # launchers
 
@@ -466,13 +487,14 @@ def lowrank(x: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0,
     # few rows: slices of K so that the stream of x still occupies the GPU
     splits = lowrank_splits(m_tiles, k // cfg["BLOCK_K"], sms)
     part = out if splits == 1 else torch.empty((splits, m, r), dtype=torch.float32, device=x.device)
-    _lowrank_kernel[(m_tiles, splits, triton.cdiv(r, br))](
-        x, lora_A, seed if dropout else out, part, bits, m, k, r, x.stride(0), lora_A.stride(0), lora_A.stride(1),
+    rank_slices = triton.cdiv(r, br)
+    tix = tickets(x.device, m_tiles * rank_slices) if splits > 1 else out
+    _lowrank_kernel[(m_tiles, splits, rank_slices)](
+        x, lora_A, seed if dropout else out, part, bits, out, tix, m, k, r, x.stride(0), lora_A.stride(0),
+        lora_A.stride(1),
         threshold(p), 1.0 / (1.0 - p), DROPOUT=dropout, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=br, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if splits > 1:
-        torch.sum(part, 0, out=out)
     return out, bits
 
 
@@ -502,16 +524,15 @@ def lora_forward(
     na, nc, noff = nested if nested is not None else (dummy, dummy, 0.0)
     splits = reduction_splits(m, n, k, sm_count(x.device)) if aligned else 1
     out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    tix = split_tickets("fwd", wfmt == 0, aligned, m, n, x.device) if splits > 1 else dummy
     kernel = gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device, aligned or wfmt == 0)
     kernel[_grid_2d(m, n, "BLOCK_M", "BLOCK_N", splits)](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        table_tensor(wfmt, x.dtype, x.device), na, nc, xa_in, b_in, bias if bias is not None else dummy, out,
+        table_tensor(wfmt, x.dtype, x.device), na, nc, xa_in, b_in, bias if bias is not None else dummy, out, y, tix,
         m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale), float(noff),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, DQ=nested is not None, ROWS_ALIGNED=aligned,
         HAS_BIAS=bias is not None, USE_ASM=not interpreted(), SPLIT=splits > 1, BLOCK_R=block_r(r),
     )
-    if splits > 1:
-        y.copy_(out.sum(0))
     return y, xa, bits
 
 
@@ -587,7 +608,7 @@ def aot_specs() -> list[dict]:
                     specs.append(spec(
                         f"lowrank_{dname}_{cname}{'_dropout' if dropout else ''}{suffix}", _lowrank_kernel,
                         {"x_ptr": dptr, "v_ptr": dptr, "seed_ptr": "*i64", "out_ptr": "*fp32", "bits_ptr": "*u8",
-                         "M": "i32",
+                         "sum_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32",
                          "K": "i32", "R": "i32", "stride_xm": "i32", "stride_vj": "i32",
                          "thresh": "i32", "inv_keep": "fp32"},
                         # a contiguous A: the JIT specializes the unit stride as a constant (16-byte loads)
@@ -596,7 +617,8 @@ def aot_specs() -> list[dict]:
                         cfg["num_warps"], cfg["num_stages"]))
     return specs + gemm_specs("fwd", _lora_fwd_kernel, lambda dptr, fid, dq: {
         "x_ptr": dptr, **weight_signature(fid, dptr, dq), "tab_ptr": "*i32", "na_ptr": "*fp32", "nc_ptr": "*fp32",
-        "xa_ptr": "*fp32", "b_ptr": dptr, "bias_ptr": dptr, "y_ptr": dptr, "M": "i32", "N": "i32", "K": "i32",
+        "xa_ptr": "*fp32", "b_ptr": dptr, "bias_ptr": dptr, "y_ptr": dptr, "sum_ptr": dptr, "ticket_ptr": "*i32",
+        "M": "i32", "N": "i32", "K": "i32",
         "R": "i32", "M_BUCKET": "i32", "stride_xm": "i32", "stride_ym": "i32", "scale": "fp32", "noff": "fp32"},
         {"HAS_BIAS": True, "USE_ASM": True, "SPLIT": False})
 
