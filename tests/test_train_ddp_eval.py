@@ -37,6 +37,8 @@ for n in json.loads(sys.argv[2]):
     out[n] = evaluate(model, seqs, config, torch.device("cpu"), contextlib.nullcontext, rank, world)
 if rank == 0:
     json.dump(out, open(sys.argv[1], "w"))
+torch.distributed.barrier()  # no process leaves the group while a peer still talks to it
+torch.distributed.destroy_process_group()
 """
 
 

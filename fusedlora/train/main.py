@@ -44,6 +44,18 @@ def _error(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The command: train, report, and leave the process group a multi-process launch joined (a process that
+    exits inside one can abort in its communication threads, and its peers with it)."""
+    try:
+        return _run(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     from .stop import Interrupted
 
     try:
