@@ -23,7 +23,8 @@ instantiation above 16 is printed without a target). bench/README.md says what t
 
 The cut-over: per chip and projection, the decode at M = 16 and at each larger M it serves next to the
 Triton inference forward (the low-rank pre-kernel without dropout, then the fused forward GEMM on the path
-fusedlora.ops.paths.training_path picks, its split partials added inside it:
+fusedlora.ops.paths.training_path picks, its split partials added inside it; at few tokens the GEMM alone,
+making xa in its own loop:
 triton_loops.stage_kernels) at M = 17 and at the first M past fusedlora.ops.decode.decode_max_m, with
 TARGET MISSED (not a failure) wherever the first Triton M is predicted slower per call than the last decode
 M. The Triton kernels are read from builds saved by .ci/aot_compile.py --save (--triton-from DIR) or
@@ -264,8 +265,7 @@ def triton_forward(tloops: list, chip_name: str, k: int, n: int, m: int) -> dict
     from fusedlora.ops.paths import training_path
 
     path = training_path(m, n, k, "nf4", "fwd")
-    stages = [[[("lowrank", {"dropout": False}, {"m": m, "k": k, "r": RANK, "dropout": False})]],
-              triton_loops._decode(path, n, k, QUANT), triton_loops._gemm("fwd", path, m, n, k, RANK, False, QUANT)]
+    stages = triton_loops._forward(path, m, n, k, RANK, False, QUANT)
     kernels = triton_loops.stage_kernels(tloops, [stage for stage in stages if stage], triton_loops.CHIPS[chip_name])
     if kernels is None:
         raise SystemExit(f"sass_loops: no compiled Triton spec for the forward at M={m} {k}->{n} ({path})")
@@ -366,8 +366,9 @@ def readme_block(loops: list[Loop], rows: list[dict], chips: dict, nvcc: str, cu
     for chip in chips:
         block += ["", f"{chip}:", ""] + prediction_table(rows, chip)
     block += ["", f"{CUTOVER_HEAD} (triton {triton_version}, sm_90; same model and chips; the Triton forward "
-              "is the low-rank pre-kernel without dropout + the fused forward GEMM, split partials added inside "
-              "each; TARGET MISSED where the first Triton M is slower per call than the last decode M):", ""]
+              "is the low-rank pre-kernel without dropout + the fused forward GEMM (up to M = 64 the GEMM alone, "
+              "making xa itself), split partials added inside each; TARGET MISSED where the first Triton M is "
+              "slower per call than the last decode M):", ""]
     block += [f"- {miss}" for miss in cutover_misses(cut)] or ["- no cliff: every first Triton M is predicted no "
                                                                 "slower than the last decode M"]
     for chip in chips:

@@ -362,9 +362,13 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
         splits = reduction_splits(m, out_cols, red, sms) if dims["wfmt"] != "dense" else 1
         # dX with dA in its epilogue: x read once more, one fp32 [r, K] partial per row tile written
         da = e * m * k + 4 * cdiv(m, bm) * r * k if dims.get("da") else 0
-        return Work(cdiv(m, bm) * cdiv(out_cols, out_tile) * splits, cdiv(cdiv(red, red_tile), splits), bm * bn * bk,
+        # the forward making xa: an r-row product per step besides the tile's, A read (fp32 xa slices)
+        xa_fma, xa_bytes = (bm * c.get("BLOCK_R", 16) * bk, e * r * k + 8 * splits * m * r) \
+            if dims.get("fused_xa") else (0, 0)
+        return Work(cdiv(m, bm) * cdiv(out_cols, out_tile) * splits, cdiv(cdiv(red, red_tile), splits),
+                    bm * bn * bk + xa_fma,
                     e * m * red + weight_bytes(n, k, dims["wfmt"]) + e * m * out_cols + 4 * m * r + e * out_cols * r
-                    + (8 * splits * m * out_cols if splits > 1 else 0) + da, splits)
+                    + (8 * splits * m * out_cols if splits > 1 else 0) + da + xa_bytes, splits)
     if role == "lowrank":  # out fp32 [m, r] = drop(x [m, k]) . V[r, k]^T, K sliced at few rows
         m, k, r = dims["m"], dims["k"], dims["r"]
         m_tiles, steps = cdiv(m, c["BLOCK_M"]), cdiv(k, c["BLOCK_K"])
@@ -475,11 +479,26 @@ def _decode(p: str, n: int, k: int, fmt: str = "nf4-dq") -> list:
 
 
 def _gemm(role: str, p: str, m: int, n: int, k: int, r: int, drops: bool, fmt: str = "nf4-dq",
-          da: bool = False) -> list:
+          da: bool = False, fused_xa: bool = False) -> list:
     """The fused GEMM stage; ``drops``: the call applies dropout (dX then reads the keep-mask); ``da``: dX
-    also makes dA's partial sums (``lora_bwd.FUSED_DA_MAX_RANK``)."""
+    also makes dA's partial sums (``lora_bwd.FUSED_DA_MAX_RANK``); ``fused_xa``: the forward makes xa in
+    its own loop (``lora_fwd.fuses_xa``)."""
     wfmt = "dense" if p == "dequant" else fmt
-    return [[(role, {"fmt": wfmt}, {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt, "dropout": drops, "da": da})]]
+    return [[(role, {"fmt": wfmt, "fused_xa": fused_xa},
+              {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt, "dropout": drops, "da": da, "fused_xa": fused_xa})]]
+
+
+def _forward(p: str, m: int, n: int, k: int, r: int, drops: bool, fmt: str = "nf4-dq") -> list:
+    """The forward's stages on path ``p``: the low-rank pre-kernel, the weight decode, the fused GEMM; where
+    the in-loop GEMM makes xa itself (few tokens, no dropout: ``lora_fwd.fuses_xa``), that GEMM alone
+    (the pre-kernel and the plain GEMM when no such spec was compiled)."""
+    from fusedlora.kernels.lora_fwd import fuses_xa
+
+    pre = ("lowrank", {"dropout": drops}, {"m": m, "k": k, "r": r})
+    plain = _gemm("fwd", p, m, n, k, r, drops, fmt)[0][0]
+    if p == "inloop" and fuses_xa(m, r, 0.1 if drops else 0.0, True):
+        return [[_gemm("fwd", p, m, n, k, r, drops, fmt, fused_xa=True)[0], [pre, plain]]]
+    return [[[pre]], _decode(p, n, k, fmt), [[plain]]]
 
 
 def _paths(path) -> tuple[str, str]:
@@ -501,9 +520,7 @@ def layer_kernels(path, m: int, n: int, k: int, r: int, p_drop: bool = True,
     fused_da = 0 < r <= FUSED_DA_MAX_RANK
     stages = [
         # forward: xa = drop(x) . A^T, W decoded into the scratch or in the loop, y = x . W^T + s . xa . B^T
-        [[("lowrank", {"dropout": p_drop}, {"m": m, "k": k, "r": r})]],
-        _decode(fwd_path, n, k, fmt),
-        _gemm("fwd", fwd_path, m, n, k, r, p_drop, fmt),
+        *_forward(fwd_path, m, n, k, r, p_drop, fmt),
         # backward: g = dY . B and dB = s dY^T xa (one pass over dY, or two kernels)
         [[("g_db", {}, {"m": m, "n": n, "r": r, "db_deferred": fused_da})],
          [("lowrank", {"dropout": False}, {"m": m, "k": n, "r": r}),
@@ -535,9 +552,7 @@ def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_d
     weight as it is); y = v + u (one stream); one pass forms dx from the two gradients and the bits."""
     fwd_path, dx_path = _paths(path)
     stages = [
-        [[("lowrank", {"dropout": False}, {"m": r, "k": k, "r": r})]],
-        _decode(norm_path, n, k),
-        _gemm("fwd", norm_path, r, n, k, r, False),
+        *_forward(norm_path, r, n, k, r, False),
         [[("dora_norm", {}, {"n": n, "r": r})]],
         [[("dora_gain", {}, {"n": n, "k": k, "r": r})]],
         *layer_kernels(path, m, n, k, r, p_drop=False, fmt="nf4"),
@@ -570,6 +585,8 @@ def candidates(loops: list[Loop], role: str, sel: dict) -> list[Loop]:
         if "fmt" in sel and lp.fmt != sel["fmt"]:
             continue
         if "dropout" in sel and "DROPOUT" in lp.constexprs and bool(lp.constexprs["DROPOUT"]) != sel["dropout"]:
+            continue
+        if bool(lp.constexprs.get("FUSED_XA")) != bool(sel.get("fused_xa")):
             continue
         out.append(lp)
     return out

@@ -129,7 +129,8 @@ def no_ticket_left(device="cpu") -> bool:
     """Whether every ``split_sum`` counter of the device is back at 0 (each launch resets what it took)."""
     from fusedlora.kernels import split_sum
 
-    return not split_sum._TICKETS[(torch.device(device), 0)].any()
+    counters = split_sum._TICKETS.get((torch.device(device), 0))
+    return counters is None or not counters.any()
 
 
 def plain(w, scale, p=0.0, mask=None):
@@ -208,6 +209,36 @@ def test_matches_reference(dtype, kind, path, m, k, n, r, bias):
         ours = run(triton_fn(weight, scale), x, a, b, bias_t, dy)
     check_all(ours, run(oracle(w64, scale), x, a, b, bias_t, dy), run(plain(wlow, scale), x, a, b, bias_t, dy),
               dtype)
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "int4"])
+@pytest.mark.parametrize("m,sms", [(9, 64), (40, 1)])
+def test_forward_makes_xa_at_few_tokens(monkeypatch, kind, m, sms):
+    # up to FUSED_XA_MAX_M tokens without dropout the 4-bit forward makes xa = x·Aᵀ in its own K loop (no
+    # pre-kernel launched), each K slice adding the LoRA term of its own share; y, the xa it keeps for the
+    # backward (through dA and dB) and dx equal the reference, all buffers NaN-poisoned when allocated.
+    # sms = 64: a GPU-sized machine, so K is sliced; 1: one slice
+    from fusedlora.kernels import lora_fwd
+    from fusedlora.ops.paths import forced_path
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the low-rank pre-kernel was launched")
+
+    monkeypatch.setitem(lora_fwd._SMS, torch.device("cpu"), sms)
+    k, n, r = 512, 96, 16
+    assert lora_fwd.fuses_xa(m, r, 0.0, True) and not lora_fwd.fuses_xa(m, r, 0.1, True)
+    assert (lora_fwd.reduction_splits(m, n, k, sms) > 1) == (sms == 64)
+    torch.manual_seed(m + sms)
+    weight, w64, wlow = make_weight(kind, n, k, torch.float32)
+    x, a, b, bias = lora_inputs(m, k, n, r, torch.float32)
+    dy = torch.randn(m, n)
+    monkeypatch.setattr(lora_fwd, "_lowrank_kernel", refuse)
+    poison_new_tensors(monkeypatch)
+    with forced_path("inloop"):
+        ours = run(triton_fn(weight, 0.75), x, a, b, bias, dy)
+    check_all(ours, run(oracle(w64, 0.75), x, a, b, bias, dy), run(plain(wlow, 0.75), x, a, b, bias, dy),
+              torch.float32)
+    assert no_ticket_left()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -602,6 +633,31 @@ def test_bf16_matches_reference_gpu(kind):
         mask = dropout_mask(seed, x.shape, p_, dev) if p_ > 0 else None
         check_all(ours, run(oracle(w64, scale, p_, mask), x, a, b, bias, dy),
                   run(plain(wlow, scale, p_, mask), x, a, b, bias, dy), dtype)
+
+
+@pytest.mark.gpu
+def test_split_reductions_gpu():
+    # few tokens on the GPU's own SM count: the pre-kernel and the NF4 forward slice K, dX slices N, g/dB
+    # slices its columns, and in each the last slice of a tile to finish (an atomic ticket taken across
+    # SMs) adds the partials; twice in a row, as the tickets must be back at 0 after each launch
+    from fusedlora.kernels import lora_fwd
+    from fusedlora.kernels.dropout import dropout_mask
+
+    dtype, dev = torch.bfloat16, "cuda"
+    m, k, n, r, p, scale = 9, 4096, 4096, 16, 0.1, 2.0
+    sms = lora_fwd.sm_count(torch.device(dev))
+    assert lora_fwd.reduction_splits(m, n, k, sms) > 1 and lora_fwd.reduction_splits(m, k, n, sms) > 1
+    torch.manual_seed(5)
+    weight, w64, wlow = make_weight("nf4-dq", n, k, dtype, dev)
+    x, a, b, bias = lora_inputs(m, k, n, r, dtype, True, device=dev)
+    dy = torch.randn(m, n, dtype=dtype, device=dev)
+    for _ in range(2):
+        seed = _seed_drawn_after(78)
+        torch.manual_seed(78)
+        ours = run(triton_fn(weight, scale, p, True), x, a, b, bias, dy)
+        mask = dropout_mask(seed, x.shape, p, dev)
+        check_all(ours, run(oracle(w64, scale, p, mask), x, a, b, bias, dy),
+                  run(plain(wlow, scale, p, mask), x, a, b, bias, dy), dtype)
 
 
 def _rows_check(ours_rows, x_rows, w, a, b, scale, what):

@@ -219,20 +219,21 @@ def test_dora_layer_launches():
     assert len(wide[-1]) == 2 and wide[-1][0][0][0] == "reduce_m" and wide[-1][1][0][1] == {}
     p0 = tl_.dora_layer_kernels("inloop", "inloop", 4096, 4096, 4096, 16, False)
     roles = _roles(p0)
-    assert roles[:4] == ["lowrank", "fwd", "dora_norm", "dora_gain"]
-    assert roles[4:4 + len(lora)] == _roles(lora) and roles[4 + len(lora):] == ["torch", "dora_colsum"]
-    norm_gemm = p0[1][0][0][2]
-    assert norm_gemm["m"] == 16 and norm_gemm["wfmt"] == "nf4-dq"  # the norm: A as 16 rows of input
+    # the norm: the forward GEMM with A as its 16 rows of input, making A·Aᵀ (its xa) in its own loop
+    assert roles[:3] == ["fwd", "dora_norm", "dora_gain"]
+    assert roles[3:3 + len(lora)] == _roles(lora) and roles[3 + len(lora):] == ["torch", "dora_colsum"]
+    norm_gemm = p0[0][0][0][2]
+    assert norm_gemm["m"] == 16 and norm_gemm["wfmt"] == "nf4-dq" and norm_gemm["fused_xa"]
     # the layer's GEMMs read the folded weight: NF4 codes with fp32 scales
-    assert {d["wfmt"] for role, _, d in (s[0][0] for s in p0[4:4 + len(lora)]) if role in ("fwd", "dx")} == {"nf4"}
+    assert {d["wfmt"] for role, _, d in (s[0][0] for s in p0[3:3 + len(lora)]) if role in ("fwd", "dx")} == {"nf4"}
     p1 = tl_.dora_layer_kernels(("inloop", "dequant"), "inloop", 4096, 4096, 4096, 16, True)
     roles = _roles(p1)
     assert roles.count("fwd") == 3 and roles.count("dx") == 2 and roles.count("dequant") == 2
     assert roles.count("torch") == 2 and roles.count("dora_add") == 1 and roles.count("g_db") == 1  # sums, dB
     # the second base product: rank 0 (no low-rank launches), on the weight as it is, no dropout anywhere
-    second = [d for role, _, d in (s[0][0] for s in p1[4 + len(lora) + 2:]) if role in ("fwd", "dx")]
+    second = [d for role, _, d in (s[0][0] for s in p1[3 + len(lora) + 2:]) if role in ("fwd", "dx")]
     assert [(d["r"], d["wfmt"]) for d in second] == [(0, "nf4-dq"), (0, "dense")]
-    assert roles.count("lowrank") == 2  # the norm's and the layer's
+    assert roles.count("lowrank") == 1  # the layer's (the norm's GEMM makes its xa itself)
     assert not any(d.get("dropout") for _, _, d in (s[0][0] for s in p1))
     assert roles.count("dora_drop_fwd") == roles.count("dora_drop_bwd") == 1
     drop = tl_.work("dora_drop_fwd", {"BLOCK_M": 16, "BLOCK_K": 128}, {"m": 4096, "k": 4096}, 132)

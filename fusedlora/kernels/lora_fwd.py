@@ -15,6 +15,8 @@ Two launches:
    fp32; operands of the tensor core dots are x's dtype (fp32 inputs run tf32 dots on GPUs), except s·xa
    for fp16 inputs, which stays fp32 (tf32 dot) so it cannot overflow. Tiles are visited in GROUP_M-row
    bands so consecutive programs share W tiles in L2.
+At few tokens without dropout (``fuses_xa``) the 4-bit GEMM makes xa in its own K loop and the first
+launch does not run.
 
 Offsets that scale with M·K, M·N or N·K are built in int64 once per row; per-element offsets stay int32.
 
@@ -28,6 +30,8 @@ TRITON_INTERPRET=1 a single small config; ``set_gemm_configs`` replaces the list
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import triton
@@ -129,8 +133,7 @@ def lora_epilogue(acc, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_
         if TRANSPOSED:
             xa = tl.load(xa_ptr + rm64[None, :] * R + rj[:, None], mask=j_mask[:, None] & m_mask[None, :],
                          other=0.0)
-            bt = tl.load(b_ptr + rn.to(tl.int64)[:, None] * R + rj[None, :], mask=n_mask[:, None] & j_mask[None, :],
-                         other=0.0)
+            bt = b_rows(b_ptr, rn, n_mask, rj, j_mask, R)
             acc = tl.dot(fp16_widened(bt), low_rank_operand(xa * scale, bt), acc)
         else:
             xa = tl.load(xa_ptr + rm64[:, None] * R + rj[None, :], mask=m_mask[:, None] & j_mask[None, :],
@@ -139,6 +142,13 @@ def lora_epilogue(acc, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_
                          other=0.0)
             acc = tl.dot(low_rank_operand(xa * scale, bt), fp16_widened(bt), acc)
     return acc
+
+
+@triton.jit
+def b_rows(b_ptr, rn, n_mask, rj, j_mask, R):
+    """B[rn, rj] [len(rn), len(rj)] (0 outside the masks)."""
+    return tl.load(b_ptr + rn.to(tl.int64)[:, None] * R + rj[None, :], mask=n_mask[:, None] & j_mask[None, :],
+                   other=0.0)
 
 
 @triton.jit
@@ -190,7 +200,10 @@ def _lora_fwd_kernel(
     # code when DQ)
     x_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
     # SPLIT: y [M, N] (y_ptr is then the slices' workspace) and the ``split_sum`` counters, one per tile
+    # (then, with FUSED_XA, one per row tile)
     sum_ptr, ticket_ptr,
+    # FUSED_XA: A [R, K] contiguous, the fp32 workspace of xa's slices [splits, M, R] when SPLIT
+    a_ptr, xa_ws_ptr,
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
@@ -199,13 +212,17 @@ def _lora_fwd_kernel(
     scale, noff,
     # meta-parameters
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, DQ: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr, FUSED_XA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # SPLIT (4-bit in-loop path, few tokens): program (tile, s) sums the s-th of num_programs(1) slices of K
     # into fp32 y_ptr[s] ([splits, M, N]), the LoRA term and bias in slice 0; the last slice of a tile to
-    # finish adds them into sum_ptr (``split_sum``)
+    # finish adds them into sum_ptr (``split_sum``).
+    # FUSED_XA (4-bit in-loop path, few tokens, no dropout, R <= BLOCK_R): xa = x·Aᵀ comes from the same K
+    # loop (one r-row dot per step on the x tile already loaded) instead of the pre-kernel; each slice adds
+    # the LoRA term of its own share of xa (the term is linear in xa) and the first column tile writes xa
+    # out for the backward
     pid_m, pid_n = band_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -225,6 +242,10 @@ def _lora_fwd_kernel(
         # in bf16, 2.5 in fp16) and keep a wgmma in flight. INT4 is always scaled per element (its zero
         # point would cost a second FMA per output).
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if FUSED_XA:
+            rj = tl.arange(0, BLOCK_R)
+            j_mask = rj < R
+            xa_t = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
         k_lo, k_hi = split_range(K, BLOCK_K)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             xt = tl.load(x_rows + (k0 + rk)[None, :])
@@ -234,8 +255,25 @@ def _lora_fwd_kernel(
                 acc_t += tl.dot(wt, tl.trans(xt)) * w_scale[:, None]
             else:
                 acc_t = tl.dot(wt, tl.trans(xt), acc_t)
+            if FUSED_XA:
+                at = tl.load(a_ptr + rj[:, None] * K + (k0 + rk)[None, :], mask=j_mask[:, None], other=0.0)
+                xa_t = tl.dot(at, tl.trans(xt), xa_t)
+        if FUSED_XA:
+            # fp32 operands (tf32 on GPUs): a slice's share of s·xa is not rounded to a 16-bit type before the
+            # shares are added
+            acc_t = tl.dot(b_rows(b_ptr, rn, n_mask, rj, j_mask, R).to(tl.float32), xa_t * scale, acc_t)
+            if pid_n == 0:
+                xa_offs = rm64[None, :] * R + rj[:, None]
+                xa_mask = j_mask[:, None] & m_mask[None, :]
+                if SPLIT:
+                    tl.store(xa_ws_ptr + tl.program_id(1).to(tl.int64) * M * R + xa_offs, xa_t, mask=xa_mask)
+                    add_slices(xa_ws_ptr, M.to(tl.int64) * R, xa_offs, xa_mask,
+                               ticket_ptr + tl.num_programs(0) + pid_m, xa_ptr, xa_offs)
+                else:
+                    tl.store(xa_ptr + xa_offs, xa_t, mask=xa_mask)
         if tl.program_id(1) == 0:
-            acc_t = lora_epilogue(acc_t, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R, True)
+            if not FUSED_XA:
+                acc_t = lora_epilogue(acc_t, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R, True)
             if HAS_BIAS:
                 acc_t += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         offs = rm64[None, :] * stride_ym + rn[:, None]
@@ -439,12 +477,25 @@ def reduction_splits(m: int, cols: int, length: int, sms: int) -> int:
 
 
 def split_tickets(role: str, dense: bool, aligned: bool, rows: int, cols: int, device) -> torch.Tensor:
-    """``split_sum`` counters for a sliced fused GEMM over [rows, cols] outputs: one per output tile of the
-    config with the smallest tiles the autotuner may pick (``role`` "fwd": BLOCK_M x BLOCK_N tiles, "dx":
-    BLOCK_M x BLOCK_K)."""
+    """``split_sum`` counters for a sliced fused GEMM over [rows, cols] outputs: one per output tile, then
+    one per row tile (the forward's xa), for the config with the smallest tiles the autotuner may pick
+    (``role`` "fwd": BLOCK_M x BLOCK_N tiles, "dx": BLOCK_M x BLOCK_K)."""
     col_key = "BLOCK_N" if role == "fwd" else "BLOCK_K"
-    return tickets(device, max(triton.cdiv(rows, c["BLOCK_M"]) * triton.cdiv(cols, c[col_key])
+    return tickets(device, max(triton.cdiv(rows, c["BLOCK_M"]) * (triton.cdiv(cols, c[col_key]) + 1)
                                for c in gemm_configs(role, dense, aligned or dense)))
+
+
+# The forward takes xa = x·Aᵀ into its own K loop (FUSED_XA) up to this many tokens, without dropout, for
+# ranks of one slice: one launch instead of two where launches are most of the time. Every column tile
+# repeats the r-row product (r / BLOCK_N more tensor work), which is free only while the loop is bound by
+# issuing its decode, not by the tensor cores.
+FUSED_XA_MAX_M = 64
+
+
+def fuses_xa(m: int, r: int, p: float, aligned: bool, hopper: bool = True) -> bool:
+    """Whether the 4-bit in-loop forward makes xa itself (``FUSED_XA_MAX_M``); sm_90+ only (``hopper``):
+    before it the 64 x 128 config then spills (sm_80 build)."""
+    return hopper and aligned and p == 0.0 and 0 < r <= RANK_SLICE and m <= FUSED_XA_MAX_M
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -513,25 +564,34 @@ def lora_forward(
     """
     m, k = x.shape
     r = lora_A.shape[0]
-    xa, bits = lowrank(x, lora_A, p, seed)
+    wfmt = FORMATS[fmt]
+    aligned = wfmt != 0 and k % block == 0
+    hopper = x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] >= 9
+    fused_xa = m > 0 and n > 0 and fuses_xa(m, r, p, aligned, hopper)
+    if fused_xa:  # written by the GEMM below
+        xa = torch.empty((m, r), dtype=torch.float32, device=x.device)
+        bits = torch.empty((0,), dtype=torch.uint8, device=x.device)
+    else:
+        xa, bits = lowrank(x, lora_A, p, seed)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y, xa, bits
-    wfmt = FORMATS[fmt]
     xa_in, b_in = readable(xa), readable(lora_B, x)
     dummy = xa_in
-    aligned = wfmt != 0 and k % block == 0
     na, nc, noff = nested if nested is not None else (dummy, dummy, 0.0)
     splits = reduction_splits(m, n, k, sm_count(x.device)) if aligned else 1
     out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     tix = split_tickets("fwd", wfmt == 0, aligned, m, n, x.device) if splits > 1 else dummy
+    xa_ws = torch.empty((splits, m, r), dtype=torch.float32, device=x.device) if fused_xa and splits > 1 else dummy
     kernel = gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device, aligned or wfmt == 0)
     kernel[_grid_2d(m, n, "BLOCK_M", "BLOCK_N", splits)](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
         table_tensor(wfmt, x.dtype, x.device), na, nc, xa_in, b_in, bias if bias is not None else dummy, out, y, tix,
+        lora_A.contiguous() if fused_xa else b_in, xa_ws,
         m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale), float(noff),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, DQ=nested is not None, ROWS_ALIGNED=aligned,
-        HAS_BIAS=bias is not None, USE_ASM=not interpreted(), SPLIT=splits > 1, BLOCK_R=block_r(r),
+        HAS_BIAS=bias is not None, USE_ASM=not interpreted(), SPLIT=splits > 1, FUSED_XA=fused_xa,
+        BLOCK_R=block_r(r),
     )
     return y, xa, bits
 
@@ -615,12 +675,18 @@ def aot_specs() -> list[dict]:
                         {"stride_vk": 1, "DROPOUT": dropout, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"],
                          "BLOCK_R": br},
                         cfg["num_warps"], cfg["num_stages"]))
-    return specs + gemm_specs("fwd", _lora_fwd_kernel, lambda dptr, fid, dq: {
+    gemms = gemm_specs("fwd", _lora_fwd_kernel, lambda dptr, fid, dq: {
         "x_ptr": dptr, **weight_signature(fid, dptr, dq), "tab_ptr": "*i32", "na_ptr": "*fp32", "nc_ptr": "*fp32",
         "xa_ptr": "*fp32", "b_ptr": dptr, "bias_ptr": dptr, "y_ptr": dptr, "sum_ptr": dptr, "ticket_ptr": "*i32",
-        "M": "i32", "N": "i32", "K": "i32",
+        "a_ptr": dptr, "xa_ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
         "R": "i32", "M_BUCKET": "i32", "stride_xm": "i32", "stride_ym": "i32", "scale": "fp32", "noff": "fp32"},
-        {"HAS_BIAS": True, "USE_ASM": True, "SPLIT": False})
+        {"HAS_BIAS": True, "USE_ASM": True, "SPLIT": False, "FUSED_XA": False})
+    # xa from the GEMM's own loop (FUSED_XA_MAX_M): the configs that serve so few tokens, with the K slices
+    # they run in there
+    fused = [dict(base, name=base["name"] + "_fused_xa", targets=(90,),
+                  constexprs={**base["constexprs"], "SPLIT": True, "FUSED_XA": True})
+             for base in gemms if re.fullmatch(r"lora_fwd_(bf16|fp16)_nf4-dq_(32x64|64x128)x64", base["name"])]
+    return specs + gemms + fused
 
 
 def gemm_specs(role: str, fn, signature, constexprs: dict) -> list[dict]:
