@@ -636,15 +636,18 @@ def test_bf16_matches_reference_gpu(kind):
 
 
 @pytest.mark.gpu
-def test_split_reductions_gpu():
-    # few tokens on the GPU's own SM count: the pre-kernel and the NF4 forward slice K, dX slices N, g/dB
-    # slices its columns, and in each the last slice of a tile to finish (an atomic ticket taken across
-    # SMs) adds the partials; twice in a row, as the tickets must be back at 0 after each launch
+@pytest.mark.parametrize("p", [0.1, 0.0])
+def test_split_reductions_gpu(p):
+    # few tokens on the GPU's own SM count: the NF4 forward slices K (with dropout the pre-kernel too;
+    # without, the forward makes xa itself), dX slices N, g/dB slices its columns, and in each the last
+    # slice of a tile to finish (an atomic ticket taken across SMs) adds the partials; twice in a row, as
+    # the tickets must be back at 0 after each launch
     from fusedlora.kernels import lora_fwd
     from fusedlora.kernels.dropout import dropout_mask
 
     dtype, dev = torch.bfloat16, "cuda"
-    m, k, n, r, p, scale = 9, 4096, 4096, 16, 0.1, 2.0
+    m, k, n, r, scale = 9, 4096, 4096, 16, 2.0
+    assert lora_fwd.fuses_xa(m, r, p, True) == (p == 0)
     sms = lora_fwd.sm_count(torch.device(dev))
     assert lora_fwd.reduction_splits(m, n, k, sms) > 1 and lora_fwd.reduction_splits(m, k, n, sms) > 1
     torch.manual_seed(5)
@@ -655,7 +658,7 @@ def test_split_reductions_gpu():
         seed = _seed_drawn_after(78)
         torch.manual_seed(78)
         ours = run(triton_fn(weight, scale, p, True), x, a, b, bias, dy)
-        mask = dropout_mask(seed, x.shape, p, dev)
+        mask = dropout_mask(seed, x.shape, p, dev) if p > 0 else None
         check_all(ours, run(oracle(w64, scale, p, mask), x, a, b, bias, dy),
                   run(plain(wlow, scale, p, mask), x, a, b, bias, dy), dtype)
 
