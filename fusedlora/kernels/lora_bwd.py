@@ -56,7 +56,7 @@ from .lora_fwd import (
     split_tickets,
     weight_signature,
 )
-from .split_sum import add_slices, tickets
+from .split_sum import store_slice, tickets
 from .weight_tile import FORMATS, load_w_tile
 
 
@@ -120,9 +120,8 @@ def _lora_dx_kernel(
         offs = rm64[None, :] * stride_dxm + rk[:, None]
         mask = k_mask[:, None] & m_mask[None, :]
         if SPLIT:
-            tl.store(dx_ptr + tl.program_id(1).to(tl.int64) * M * stride_dxm + offs, acc_t, mask=mask)
-            add_slices(dx_ptr, M.to(tl.int64) * stride_dxm, offs, mask, ticket_ptr + tl.program_id(0), sum_ptr,
-                       offs)
+            store_slice(acc_t, dx_ptr, M.to(tl.int64) * stride_dxm, offs, mask, ticket_ptr + tl.program_id(0),
+                        sum_ptr)
         else:
             tl.store(dx_ptr + offs, acc_t.to(dx_ptr.dtype.element_ty), mask=mask)
         if FUSE_DA and tl.program_id(1) == 0:  # after the store: the dX accumulator's registers are free
@@ -278,10 +277,8 @@ def _g_db_kernel(
         tl.store(db_rows + rn.to(tl.int64)[:, None] * R + rj[None, :], db, mask=n_mask[:, None] & j_mask[None, :])
     g_offs = rm64[:, None] * R + rj[None, :]
     g_mask = m_mask[:, None] & j_mask[None, :]
-    tl.store(g_ws_ptr + pid_s.to(tl.int64) * M * R + g_offs, g, mask=g_mask)
-    if tl.num_programs(1) > 1:
-        add_slices(g_ws_ptr, M.to(tl.int64) * R, g_offs, g_mask,
-                   ticket_ptr + pid_m * tl.num_programs(2) + tl.program_id(2), g_ptr, g_offs)
+    store_slice(g, g_ws_ptr, M.to(tl.int64) * R, g_offs, g_mask,
+                ticket_ptr + pid_m * tl.num_programs(2) + tl.program_id(2), g_ptr)
 
 
 @triton.jit

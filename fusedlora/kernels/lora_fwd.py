@@ -40,7 +40,7 @@ import triton.language as tl
 from . import interpreted
 from .code_lookup import load_w_codes, table_tensor
 from .dropout import keep_bytes, threshold, unpack_bits
-from .split_sum import add_slices, tickets
+from .split_sum import store_slice, tickets
 from .weight_tile import FORMATS, load_w_tile
 
 
@@ -115,10 +115,8 @@ def _lowrank_kernel(
         acc = acc * inv_keep
     offs = rm64[:, None] * R + rj[None, :]
     mask = m_mask[:, None] & j_mask[None, :]
-    tl.store(out_ptr + tl.program_id(1).to(tl.int64) * M * R + offs, acc, mask=mask)
-    if tl.num_programs(1) > 1:
-        add_slices(out_ptr, M.to(tl.int64) * R, offs, mask,
-                   ticket_ptr + tl.program_id(0) * tl.num_programs(2) + tl.program_id(2), sum_ptr, offs)
+    store_slice(acc, out_ptr, M.to(tl.int64) * R, offs, mask,
+                ticket_ptr + tl.program_id(0) * tl.num_programs(2) + tl.program_id(2), sum_ptr)
 
 
 @triton.jit
@@ -266,9 +264,8 @@ def _lora_fwd_kernel(
                 xa_offs = rm64[None, :] * R + rj[:, None]
                 xa_mask = j_mask[:, None] & m_mask[None, :]
                 if SPLIT:
-                    tl.store(xa_ws_ptr + tl.program_id(1).to(tl.int64) * M * R + xa_offs, xa_t, mask=xa_mask)
-                    add_slices(xa_ws_ptr, M.to(tl.int64) * R, xa_offs, xa_mask,
-                               ticket_ptr + tl.num_programs(0) + pid_m, xa_ptr, xa_offs)
+                    store_slice(xa_t, xa_ws_ptr, M.to(tl.int64) * R, xa_offs, xa_mask,
+                                ticket_ptr + tl.num_programs(0) + pid_m, xa_ptr)
                 else:
                     tl.store(xa_ptr + xa_offs, xa_t, mask=xa_mask)
         if tl.program_id(1) == 0:
@@ -279,8 +276,7 @@ def _lora_fwd_kernel(
         offs = rm64[None, :] * stride_ym + rn[:, None]
         mask = n_mask[:, None] & m_mask[None, :]
         if SPLIT:
-            tl.store(y_ptr + tl.program_id(1).to(tl.int64) * M * stride_ym + offs, acc_t, mask=mask)
-            add_slices(y_ptr, M.to(tl.int64) * stride_ym, offs, mask, ticket_ptr + tl.program_id(0), sum_ptr, offs)
+            store_slice(acc_t, y_ptr, M.to(tl.int64) * stride_ym, offs, mask, ticket_ptr + tl.program_id(0), sum_ptr)
         else:
             tl.store(y_ptr + offs, acc_t.to(y_ptr.dtype.element_ty), mask=mask)
     else:
