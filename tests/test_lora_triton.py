@@ -255,9 +255,7 @@ def test_base_product_at_rank_zero(monkeypatch, dtype, kind, path):
 
     monkeypatch.setattr(lora_fwd, "_lowrank_kernel", refuse)
     monkeypatch.setattr(lora_bwd, "_g_db_kernel", refuse)
-    real = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real(*a, **kw).fill_(float("nan"))
-                        if kw.get("dtype", torch.get_default_dtype()).is_floating_point else real(*a, **kw))
+    poison_new_tensors(monkeypatch)
     m, k, n = 37, 192, 97
     torch.manual_seed(7)
     weight, w64, wlow = make_weight(kind, n, k, dtype)
@@ -391,7 +389,6 @@ def test_sum_partials_two_jobs_one_launch():
     torch.testing.assert_close(only.double(), 2.0 * b[:2].double().sum(0), rtol=1e-6, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("m,r", [(37, 8), (16, 40)])
 def test_g_summed_by_the_last_column_split(monkeypatch, m, r):
     # g = dY·B from a launch cut into column splits (the last split of each row tile adds the partials):
@@ -402,7 +399,6 @@ def test_g_summed_by_the_last_column_split(monkeypatch, m, r):
     from fusedlora.kernels import lora_bwd
 
     poison_new_tensors(monkeypatch)
-
     torch.manual_seed(18)
     n = 200
     dy, b, xa = torch.randn(m, n), torch.randn(n, r), torch.randn(m, r)
@@ -414,6 +410,7 @@ def test_g_summed_by_the_last_column_split(monkeypatch, m, r):
         torch.testing.assert_close(g.double(), dy.double() @ b.double(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(db.double(), 0.5 * dy.double().t() @ xa.double(), rtol=1e-5, atol=1e-5)
     assert no_ticket_left()
+
 
 def test_dense_weight_gradient():
     # a dense weight that requires grad gets dW = dYᵀ·x (frozen bases never ask for it)
@@ -618,21 +615,26 @@ def test_torch_compile_fullgraph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["dense", "nf4", "nf4-dq", "int4"])
 def test_bf16_matches_reference_gpu(kind):
+    torch.manual_seed(1)
+    _check_bf16_gpu(kind, 1000, 512, 1344, 16, 2.0, (0.0, 0.1), 77)
+
+
+def _check_bf16_gpu(kind, m, k, n, r, scale, dropouts, seed_after):
+    """The layer in bf16 on the GPU, forward and backward, against the float64 oracle and plain torch, once
+    per dropout probability in ``dropouts`` (the mask drawn after ``seed_after``), on one draw of inputs."""
     from fusedlora.kernels.dropout import dropout_mask
 
     dtype, dev = torch.bfloat16, "cuda"
-    m, k, n, r, p, scale = 1000, 512, 1344, 16, 0.1, 2.0
-    torch.manual_seed(1)
     weight, w64, wlow = make_weight(kind, n, k, dtype, dev)
     x, a, b, bias = lora_inputs(m, k, n, r, dtype, True, device=dev)
     dy = torch.randn(m, n, dtype=dtype, device=dev)
-    for p_ in (0.0, p):
-        seed = _seed_drawn_after(77)
-        torch.manual_seed(77)
-        ours = run(triton_fn(weight, scale, p_, True), x, a, b, bias, dy)
-        mask = dropout_mask(seed, x.shape, p_, dev) if p_ > 0 else None
-        check_all(ours, run(oracle(w64, scale, p_, mask), x, a, b, bias, dy),
-                  run(plain(wlow, scale, p_, mask), x, a, b, bias, dy), dtype)
+    for p in dropouts:
+        seed = _seed_drawn_after(seed_after)
+        torch.manual_seed(seed_after)
+        ours = run(triton_fn(weight, scale, p, True), x, a, b, bias, dy)
+        mask = dropout_mask(seed, x.shape, p, dev) if p > 0 else None
+        check_all(ours, run(oracle(w64, scale, p, mask), x, a, b, bias, dy),
+                  run(plain(wlow, scale, p, mask), x, a, b, bias, dy), dtype)
 
 
 @pytest.mark.gpu
@@ -643,24 +645,13 @@ def test_split_reductions_gpu(p):
     # slice of a tile to finish (an atomic ticket taken across SMs) adds the partials; twice in a row, as
     # the tickets must be back at 0 after each launch
     from fusedlora.kernels import lora_fwd
-    from fusedlora.kernels.dropout import dropout_mask
 
-    dtype, dev = torch.bfloat16, "cuda"
-    m, k, n, r, scale = 9, 4096, 4096, 16, 2.0
+    m, k, n, r = 9, 4096, 4096, 16
     assert lora_fwd.fuses_xa(m, r, p, True) == (p == 0)
-    sms = lora_fwd.sm_count(torch.device(dev))
+    sms = lora_fwd.sm_count(torch.device("cuda"))
     assert lora_fwd.reduction_splits(m, n, k, sms) > 1 and lora_fwd.reduction_splits(m, k, n, sms) > 1
     torch.manual_seed(5)
-    weight, w64, wlow = make_weight("nf4-dq", n, k, dtype, dev)
-    x, a, b, bias = lora_inputs(m, k, n, r, dtype, True, device=dev)
-    dy = torch.randn(m, n, dtype=dtype, device=dev)
-    for _ in range(2):
-        seed = _seed_drawn_after(78)
-        torch.manual_seed(78)
-        ours = run(triton_fn(weight, scale, p, True), x, a, b, bias, dy)
-        mask = dropout_mask(seed, x.shape, p, dev) if p > 0 else None
-        check_all(ours, run(oracle(w64, scale, p, mask), x, a, b, bias, dy),
-                  run(plain(wlow, scale, p, mask), x, a, b, bias, dy), dtype)
+    _check_bf16_gpu("nf4-dq", m, k, n, r, 2.0, (p, p), 78)
 
 
 def _rows_check(ours_rows, x_rows, w, a, b, scale, what):
