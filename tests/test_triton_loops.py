@@ -276,7 +276,10 @@ def test_dora_predictions_rows():
     table = tl_.dora_table(rows, "H200")
     assert len(table) == 2 + len(rows) // len(tl_.CHIPS)
     lines = tl_.dora_target_lines(rows)
-    assert len(lines) == len(tl_.CHIPS) and all("p = 0:" in x and "p = 0.1:" in x for x in lines)
+    heads = [x for x in lines if x.startswith("- ")]
+    assert len(heads) == len(tl_.CHIPS) and all("p = 0:" in x and "p = 0.1:" in x for x in heads)
+    # per chip and dropout, the reachable DoRA / LoRA and PEFT ratios
+    assert sum("best reachable" in x for x in lines) == 2 * len(tl_.CHIPS) * len(tl_.DORA_DROPOUT)
     misses = tl_.dora_target_misses(rows)
     assert len(misses) == sum(r["dora"] / r["lora"] > tl_.DORA_BARS[r["p"]] for r in rows) + sum(
         r["peft_dora"] / r["dora"] < tl_.DORA_PEFT_BAR for r in rows)
@@ -339,3 +342,17 @@ def test_dora_torch_launch_count():
         torch.autograd.grad(b_fold, b, grad)
     assert calls == ["gain"] and [o for o in forward.ops if o not in views] == []
     assert len([o for o in backward.ops if o not in views]) == tl_.DORA_LAUNCHES, backward.ops
+
+
+def test_reach_line_names_the_shapes_no_kernel_can_meet():
+    """The best reachable ratio is the baseline over the bare dense products; a shape where even that misses
+    the bar is counted and the worst one named, in either direction of bar."""
+    rows = [{"k": 4096, "n": n, "m": m, "base": base, "dense": 100.0}
+            for n, m, base in ((4096, 512, 180.0), (14336, 4096, 125.0), (14336, 8192, 118.0))]
+    reach = lambda r: r["base"] / r["dense"]  # noqa: E731
+    line = tl_.reach_line(rows, "x", reach, 1.3)
+    assert "1.18–1.80" in line and "below 1.3 on 2 of 3 shapes" in line and "1.18 at 4096→14336 M = 8192" in line
+    assert "every shape can meet 1.1" in tl_.reach_line(rows, "x", reach, 1.1)
+    cost = tl_.reach_line(rows, "y", reach, 1.5, higher=False)
+    assert "above 1.5 on 1 of 3 shapes" in cost and "1.80 at 4096→4096 M = 512" in cost
+    assert tl_.dora_floor({"dense": 10.0, "p": 0.1}) == 20.0 and tl_.dora_floor({"dense": 10.0, "p": 0.0}) == 10.0
