@@ -368,7 +368,8 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
         return Work(cdiv(m, bm) * cdiv(out_cols, out_tile) * splits, cdiv(cdiv(red, red_tile), splits),
                     bm * bn * bk + xa_fma,
                     e * m * red + weight_bytes(n, k, dims["wfmt"]) + e * m * out_cols + 4 * m * r + e * out_cols * r
-                    + (8 * splits * m * out_cols if splits > 1 else 0) + da + xa_bytes, splits)
+                    + (8 * splits * m * out_cols if splits > 1 else 0) + da + xa_bytes
+                    + (e * m * out_cols if dims.get("residual") else 0), splits)
     if role == "lowrank":  # out fp32 [m, r] = drop(x [m, k]) . V[r, k]^T, K sliced at few rows
         m, k, r = dims["m"], dims["k"], dims["r"]
         m_tiles, steps = cdiv(m, c["BLOCK_M"]), cdiv(k, c["BLOCK_K"])
@@ -479,13 +480,14 @@ def _decode(p: str, n: int, k: int, fmt: str = "nf4-dq") -> list:
 
 
 def _gemm(role: str, p: str, m: int, n: int, k: int, r: int, drops: bool, fmt: str = "nf4-dq",
-          da: bool = False, fused_xa: bool = False) -> list:
+          da: bool = False, fused_xa: bool = False, residual: bool = False) -> list:
     """The fused GEMM stage; ``drops``: the call applies dropout (dX then reads the keep-mask); ``da``: dX
     also makes dA's partial sums (``lora_bwd.FUSED_DA_MAX_RANK``); ``fused_xa``: the forward makes xa in
-    its own loop (``lora_fwd.fuses_xa``)."""
+    its own loop (``lora_fwd.fuses_xa``); ``residual``: the forward adds an [M, N] tensor in its epilogue."""
     wfmt = "dense" if p == "dequant" else fmt
-    return [[(role, {"fmt": wfmt, "fused_xa": fused_xa},
-              {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt, "dropout": drops, "da": da, "fused_xa": fused_xa})]]
+    return [[(role, {"fmt": wfmt, "fused_xa": fused_xa, "residual": residual},
+              {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt, "dropout": drops, "da": da, "fused_xa": fused_xa,
+               "residual": residual})]]
 
 
 def _forward(p: str, m: int, n: int, k: int, r: int, drops: bool, fmt: str = "nf4-dq") -> list:
@@ -548,8 +550,9 @@ def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_d
     times g (decoded to fp32: the layer's GEMMs then read an NF4 weight with fp32 scales); the fused LoRA
     op on them, without dropout, on x or drop(x): v = g ⊙ z, and its backward on dY as it is; dm from the
     column sums of dY ⊙ v (one stream). With dropout: one pass makes drop(x) and x - drop(x) (and the
-    mask's bits); the base product of x - drop(x) (u: the fused GEMMs at rank 0, forward and dX, on the
-    weight as it is); y = v + u (one stream); one pass forms dx from the two gradients and the bits."""
+    mask's bits); the base product of x - drop(x) (the fused GEMMs at rank 0, forward and dX, on the weight
+    as it is), whose forward adds v in its epilogue (y = v + u); one pass forms dx from the two gradients
+    and the bits."""
     fwd_path, dx_path = _paths(path)
     stages = [
         *_forward(norm_path, r, n, k, r, False),
@@ -563,8 +566,7 @@ def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_d
         stages += [
             [[("dora_drop_fwd", {}, {"m": m, "k": k})]],
             _decode(fwd_path, n, k),
-            _gemm("fwd", fwd_path, m, n, k, 0, False),
-            [[("dora_add", {}, {"m": m, "n": n, "u": True})]],
+            _gemm("fwd", fwd_path, m, n, k, 0, False, residual=True),
             _decode(dx_path, n, k),
             _gemm("dx", dx_path, m, n, k, 0, False),
             [[("dora_drop_bwd", {}, {"m": m, "k": k})]],
@@ -587,6 +589,8 @@ def candidates(loops: list[Loop], role: str, sel: dict) -> list[Loop]:
         if "dropout" in sel and "DROPOUT" in lp.constexprs and bool(lp.constexprs["DROPOUT"]) != sel["dropout"]:
             continue
         if bool(lp.constexprs.get("FUSED_XA")) != bool(sel.get("fused_xa")):
+            continue
+        if bool(lp.constexprs.get("HAS_RES")) != bool(sel.get("residual")):
             continue
         out.append(lp)
     return out

@@ -243,9 +243,12 @@ def test_forward_makes_xa_at_few_tokens(monkeypatch, kind, m, sms):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind,path", [("dense", None), ("nf4-dq", "inloop"), ("int4", "dequant")])
-def test_base_product_at_rank_zero(monkeypatch, dtype, kind, path):
+@pytest.mark.parametrize("added", [False, True])
+def test_base_product_at_rank_zero(monkeypatch, dtype, kind, path, added):
     """``base_linear``: the fused GEMMs with no low-rank term give x·Wᵀ and dX (within the file's rule), with
-    no low-rank pre-kernel and no g pass launched, on NaN-poisoned outputs."""
+    no low-rank pre-kernel and no g pass launched, on NaN-poisoned outputs; ``added``: a residual [M, N]
+    (row stride wider than N) and a bias added in the forward's epilogue, their gradients dY and its column
+    sums."""
     from fusedlora.kernels import lora_bwd, lora_fwd
     from fusedlora.ops.lora_triton import base_linear
     from fusedlora.ops.paths import forced_path
@@ -255,24 +258,62 @@ def test_base_product_at_rank_zero(monkeypatch, dtype, kind, path):
 
     monkeypatch.setattr(lora_fwd, "_lowrank_kernel", refuse)
     monkeypatch.setattr(lora_bwd, "_g_db_kernel", refuse)
-    poison_new_tensors(monkeypatch)
     m, k, n = 37, 192, 97
-    torch.manual_seed(7)
+    torch.manual_seed(7 + added)
     weight, w64, wlow = make_weight(kind, n, k, dtype)
     x = torch.randn(2, m, k, dtype=dtype, requires_grad=True)
     dy = torch.randn(2, m, n, dtype=dtype)
+    res = torch.randn(2, m, n + 3, dtype=dtype)[..., :n].requires_grad_(True) if added else None
+    bias = torch.randn(n, dtype=dtype, requires_grad=True) if added else None
+    poison_new_tensors(monkeypatch)
     with forced_path(path):
-        y = base_linear(x, weight)
-        (dx,) = torch.autograd.grad(y, x, dy)
+        y = base_linear(x, weight, residual=res, bias=bias)
+        grads = torch.autograd.grad(y, [t for t in (x, res, bias) if t is not None], dy)
     x64 = x.detach().double().requires_grad_(True)
-    y64 = F.linear(x64, w64)
+    extra64 = 0.0 if not added else res.detach().double() + bias.detach().double()
+    y64 = F.linear(x64, w64) + extra64
     (dx64,) = torch.autograd.grad(y64, x64, dy.double())
     xl = x.detach().clone().requires_grad_(True)
-    yl = F.linear(xl, wlow)
+    yl = F.linear(xl, wlow) + (0.0 if not added else res.detach() + bias.detach())
     (dxl,) = torch.autograd.grad(yl, xl, dy)
-    for name, o, r, lp in (("y", y, y64, yl), ("dx", dx, dx64, dxl)):
+    for name, o, r, lp in (("y", y, y64, yl), ("dx", grads[0], dx64, dxl)):
         assert o.dtype == dtype and torch.isfinite(o).all(), name
         assert_within(o, r, lp, name, dtype)
+    if added:
+        assert torch.equal(grads[1], dy)
+        db64 = dy.double().sum((0, 1))
+        assert_within(grads[2], db64, dy.sum((0, 1)), "dbias", dtype)
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "int4"])
+def test_residual_added_once_across_k_slices(monkeypatch, kind):
+    """At few tokens the 4-bit forward slices K over programs (``split_sum``); the residual is added by one
+    slice only, so y = x·Wᵀ + residual exactly once, and the tickets end at 0."""
+    from fusedlora.kernels import lora_fwd
+    from fusedlora.ops.lora_triton import base_linear
+    from fusedlora.ops.paths import forced_path
+
+    monkeypatch.setitem(lora_fwd._SMS, torch.device("cpu"), 64)
+    m, k, n = 9, 512, 96
+    assert lora_fwd.reduction_splits(m, n, k, 64) > 1
+    torch.manual_seed(11)
+    weight, w64, wlow = make_weight(kind, n, k, torch.float32)
+    x, res = torch.randn(m, k), torch.randn(m, n) * 4
+    poison_new_tensors(monkeypatch)
+    with forced_path("inloop"):
+        y = base_linear(x, weight, residual=res)
+    assert_within(y, F.linear(x.double(), w64) + res.double(), F.linear(x, wlow) + res, "y", torch.float32)
+    assert no_ticket_left()
+
+
+def test_bad_residual_is_named():
+    from fusedlora.ops.lora_triton import base_linear
+
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match=r"residual: expected shape \(3, 8\), got \(3, 7\)"):
+        base_linear(torch.randn(3, 16), w, residual=torch.randn(3, 7))
+    with pytest.raises(ValueError, match="residual: expected torch.float32"):
+        base_linear(torch.randn(3, 16), w, residual=torch.randn(3, 8, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("kind", ["nf4", "nf4-dq", "int4"])

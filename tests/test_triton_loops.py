@@ -229,10 +229,14 @@ def test_dora_layer_launches():
     p1 = tl_.dora_layer_kernels(("inloop", "dequant"), "inloop", 4096, 4096, 4096, 16, True)
     roles = _roles(p1)
     assert roles.count("fwd") == 3 and roles.count("dx") == 2 and roles.count("dequant") == 2
-    assert roles.count("torch") == 2 and roles.count("dora_add") == 1 and roles.count("g_db") == 1  # sums, dB
-    # the second base product: rank 0 (no low-rank launches), on the weight as it is, no dropout anywhere
+    assert roles.count("torch") == 2 and roles.count("dora_add") == 0 and roles.count("g_db") == 1  # sums, dB
+    # the second base product: rank 0 (no low-rank launches), on the weight as it is, no dropout anywhere;
+    # its forward adds v in the epilogue (y = v + u: no stream), reading [M, N] once more
     second = [d for role, _, d in (s[0][0] for s in p1[3 + len(lora) + 2:]) if role in ("fwd", "dx")]
-    assert [(d["r"], d["wfmt"]) for d in second] == [(0, "nf4-dq"), (0, "dense")]
+    assert [(d["r"], d["wfmt"], d["residual"]) for d in second] == [(0, "nf4-dq", True), (0, "dense", False)]
+    gemm = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16}
+    plain, added = (tl_.work("fwd", gemm, {**second[0], "residual": res}, 132) for res in (False, True))
+    assert added.bytes - plain.bytes == 2 * 4096 * 4096 and added.fma_per_iter == plain.fma_per_iter
     assert roles.count("lowrank") == 1  # the layer's (the norm's GEMM makes its xa itself)
     assert not any(d.get("dropout") for _, _, d in (s[0][0] for s in p1))
     assert roles.count("dora_drop_fwd") == roles.count("dora_drop_bwd") == 1
@@ -260,6 +264,8 @@ def test_dora_predictions_rows():
         *[_fake(f"dequant_{fmt}", "dequant", {"BYTES": 2048}, fmt=fmt) for fmt in ("nf4", "nf4-dq")],
         *[_fake(f"{role}_{fmt}", role, gemm, count=300, mma="HGMMA", fmt=fmt)
           for role in ("fwd", "dx") for fmt in ("dense", "nf4", "nf4-dq")],
+        *[_fake(f"fwd_{fmt}_res", "fwd", {**gemm, "HAS_RES": True}, count=300, mma="HGMMA", fmt=fmt)
+          for fmt in ("dense", "nf4-dq")],
         *[_fake(f"dora_{s}_bf16", f"dora_{s}", {"BLOCK_M": 32, "BLOCK_N": 128}) for s in ("add", "colsum")],
         _fake("dora_norm_bf16", "dora_norm", {"BLOCK_N": 64, "BLOCK_R": 16}),
         _fake("dora_gain_bf16", "dora_gain", {"BLOCK_N": 32, "BLOCK_C": 64}),

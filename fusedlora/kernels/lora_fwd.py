@@ -197,6 +197,8 @@ def _lora_fwd_kernel(
     # pointers (tab_ptr: the code table words of ``code_lookup``; na_ptr, nc_ptr: NF4's nested absmax and
     # code when DQ)
     x_ptr, w_ptr, ws_ptr, wz_ptr, tab_ptr, na_ptr, nc_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    # HAS_RES: a tensor [M, N] added to y (row stride stride_rm)
+    res_ptr,
     # SPLIT: y [M, N] (y_ptr is then the slices' workspace) and the ``split_sum`` counters, one per tile
     # (then, with FUSED_XA, one per row tile)
     sum_ptr, ticket_ptr,
@@ -205,13 +207,13 @@ def _lora_fwd_kernel(
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
-    stride_xm, stride_ym,
+    stride_xm, stride_ym, stride_rm,
     # LoRA scale s; NF4's nested offset (DQ)
     scale, noff,
     # meta-parameters
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, DQ: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr, FUSED_XA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
+    FUSED_XA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # SPLIT (4-bit in-loop path, few tokens): program (tile, s) sums the s-th of num_programs(1) slices of K
@@ -275,6 +277,8 @@ def _lora_fwd_kernel(
                 acc_t += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         offs = rm64[None, :] * stride_ym + rn[:, None]
         mask = n_mask[:, None] & m_mask[None, :]
+        if HAS_RES and tl.program_id(1) == 0:
+            acc_t += tl.load(res_ptr + rm64[None, :] * stride_rm + rn[:, None], mask=mask, other=0.0).to(tl.float32)
         if SPLIT:
             store_slice(acc_t, y_ptr, M.to(tl.int64) * stride_ym, offs, mask, ticket_ptr + tl.program_id(0), sum_ptr)
         else:
@@ -292,6 +296,9 @@ def _lora_fwd_kernel(
         acc = lora_epilogue(acc, xa_ptr, b_ptr, rm64, rn, m_mask, n_mask, R, scale, BLOCK_R)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                           other=0.0).to(tl.float32)
         tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
@@ -549,6 +556,7 @@ def lora_forward(
     x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor | None, w_zeros: torch.Tensor | None,
     fmt: str, n: int, block: int, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
     scale: float, p: float, seed: torch.Tensor | None, nested: tuple | None = None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [M, N] in x's dtype, xa [M, r] fp32, dropout keep bits [M, ceil(K/8)] uint8 or [0]). x [M, K] with
     unit column stride; all else contiguous.
@@ -556,7 +564,7 @@ def lora_forward(
     ``fmt`` is "dense" (w [N, K]), "nf4" (w the packed bytes, w_scales fp32 absmax, or with ``nested`` =
     (nested_absmax, nested_code, offset) the uint8 absmax codes, for a K that is a multiple of the block
     size) or "int4" (w bytes [N, K/2], w_scales fp32 [N, K/block], w_zeros uint8); ``seed`` a 1-element
-    int64 tensor when p > 0.
+    int64 tensor when p > 0; ``residual`` [M, N] (unit column stride), added to y in the GEMM's epilogue.
     """
     m, k = x.shape
     r = lora_A.shape[0]
@@ -582,11 +590,13 @@ def lora_forward(
     kernel = gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device, aligned or wfmt == 0)
     kernel[_grid_2d(m, n, "BLOCK_M", "BLOCK_N", splits)](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        table_tensor(wfmt, x.dtype, x.device), na, nc, xa_in, b_in, bias if bias is not None else dummy, out, y, tix,
-        lora_A.contiguous() if fused_xa else b_in, xa_ws,
-        m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), float(scale), float(noff),
+        table_tensor(wfmt, x.dtype, x.device), na, nc, xa_in, b_in, bias if bias is not None else dummy, out,
+        residual if residual is not None else dummy, y, tix, lora_A.contiguous() if fused_xa else b_in, xa_ws,
+        m, n, k, r, m_bucket(m), x.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0,
+        float(scale), float(noff),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, DQ=nested is not None, ROWS_ALIGNED=aligned,
-        HAS_BIAS=bias is not None, USE_ASM=not interpreted(), SPLIT=splits > 1, FUSED_XA=fused_xa,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, USE_ASM=not interpreted(), SPLIT=splits > 1,
+        FUSED_XA=fused_xa,
         BLOCK_R=block_r(r),
     )
     return y, xa, bits
@@ -673,16 +683,21 @@ def aot_specs() -> list[dict]:
                         cfg["num_warps"], cfg["num_stages"]))
     gemms = gemm_specs("fwd", _lora_fwd_kernel, lambda dptr, fid, dq: {
         "x_ptr": dptr, **weight_signature(fid, dptr, dq), "tab_ptr": "*i32", "na_ptr": "*fp32", "nc_ptr": "*fp32",
-        "xa_ptr": "*fp32", "b_ptr": dptr, "bias_ptr": dptr, "y_ptr": dptr, "sum_ptr": dptr, "ticket_ptr": "*i32",
-        "a_ptr": dptr, "xa_ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-        "R": "i32", "M_BUCKET": "i32", "stride_xm": "i32", "stride_ym": "i32", "scale": "fp32", "noff": "fp32"},
-        {"HAS_BIAS": True, "USE_ASM": True, "SPLIT": False, "FUSED_XA": False})
+        "xa_ptr": "*fp32", "b_ptr": dptr, "bias_ptr": dptr, "y_ptr": dptr, "res_ptr": dptr, "sum_ptr": dptr,
+        "ticket_ptr": "*i32", "a_ptr": dptr, "xa_ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+        "R": "i32", "M_BUCKET": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "scale": "fp32",
+        "noff": "fp32"},
+        {"HAS_BIAS": True, "HAS_RES": False, "USE_ASM": True, "SPLIT": False, "FUSED_XA": False})
     # xa from the GEMM's own loop (FUSED_XA_MAX_M): the configs that serve so few tokens, with the K slices
     # they run in there
     fused = [dict(base, name=base["name"] + "_fused_xa", targets=(90,),
                   constexprs={**base["constexprs"], "SPLIT": True, "FUSED_XA": True})
              for base in gemms if re.fullmatch(r"lora_fwd_(bf16|fp16)_nf4-dq_(32x64|64x128)x64", base["name"])]
-    return specs + gemms + fused
+    # a residual added in the epilogue (DoRA with dropout: the second base product adds the first's output), on
+    # the bf16 configs the large-M forward picks from
+    res = [dict(base, name=base["name"] + "_res", constexprs={**base["constexprs"], "HAS_RES": True})
+           for base in gemms if re.fullmatch(r"lora_fwd_bf16_(dense|nf4-dq)_(128x128|256x128|128x64)x64", base["name"])]
+    return specs + gemms + fused + res
 
 
 def gemm_specs(role: str, fn, signature, constexprs: dict) -> list[dict]:

@@ -26,8 +26,9 @@ A 4-bit weight whose blocks follow its rows (K a multiple of the block size) tak
 with each row's block scales times g[n] (fp32 [N, K / block], a double-quantized absmax decoded; one
 launch makes them, g ⊙ B and 1 / m). The fused op then returns v = g ⊙ z itself, its backward gives dx, dA
 and dB with g applied (no dz = g ⊙ dy pass), and dm = Σ_rows dy ⊙ v / m needs only column sums. Without
-dropout or bias no stream runs at all. The op saves the fp32 scales for its backward: at most 1/8 of the 4-bit
-weight's bytes per layer. A magnitude that is exactly 0 is folded as 2^-64 (its outputs are then
+dropout or bias no stream runs at all; with dropout, the GEMM of u = (x − xd)·Wᵀ adds v and the bias in its
+epilogue, so y = v + u + b costs no stream either. The op saves the fp32 scales for its backward: at most
+1/8 of the 4-bit weight's bytes per layer. A magnitude that is exactly 0 is folded as 2^-64 (its outputs are then
 2^-64·z/‖·‖, not 0), so that z stays recoverable from v for its gradient; fp16's range cannot hold that,
 so fp16 keeps the z-and-streams route.
 
@@ -324,12 +325,17 @@ class _FoldedScale(torch.autograd.Function):
         return dy, dm, None, db, (dy if need_u and ctx.has_u else None)
 
 
-def _dora_folded(xd, u, weight, lora_A, lora_B, scale, magnitude, norm, bias):
+def _dora_folded(xd, c, weight, lora_A, lora_B, scale, magnitude, norm, bias):
     """``dora_linear_fused`` with g in the weight's row scales and in B (``_folds``): ``xd`` the input of the
-    DoRA terms (drop(x), or x), ``u`` the base product of x − drop(x) (None without dropout)."""
+    DoRA terms (drop(x), or x), ``c`` = x − drop(x) (None without dropout), whose base product's GEMM adds
+    v and the bias in its epilogue (no stream over [M, N] for y = v + u + b)."""
     b_fold, _, inv_m, folded = _RowGain.apply(lora_B, magnitude, norm, *_scales(weight))
     v = lora_linear(xd, with_scales(weight, folded), lora_A, b_fold, scale)
-    return _FoldedScale.apply(v, magnitude, inv_m, bias, u)
+    if c is None:
+        return _FoldedScale.apply(v, magnitude, inv_m, bias, None)
+    from .lora_triton import base_linear
+
+    return base_linear(c, weight, residual=_FoldedScale.apply(v, magnitude, inv_m, None, None), bias=bias)
 
 
 @register("dora_linear", "triton")
@@ -343,17 +349,16 @@ def dora_linear_fused(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm,
         g = None if folds else magnitude.detach().to(norm.dtype) / norm
     else:
         norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, None if folds else magnitude)
-    xd, u = x, None
+    xd, c = x, None
     if training and dropout_p > 0:
-        from .lora_triton import base_linear
-
         if dropout_mask is None:
             xd, c = _DropSplit.apply(x, dropout_p)
         else:
             xd = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
             c = x - xd
-        u = base_linear(c, weight)
     if folds:
-        return _dora_folded(xd, u, weight, lora_A, lora_B, scale, magnitude, norm, bias)
+        return _dora_folded(xd, c, weight, lora_A, lora_B, scale, magnitude, norm, bias)
+    from .lora_triton import base_linear
+
     z = lora_linear(xd, weight, lora_A, lora_B, scale)
-    return _DoraScale.apply(z, magnitude, norm, g, bias, u)
+    return _DoraScale.apply(z, magnitude, norm, g, bias, None if c is None else base_linear(c, weight))

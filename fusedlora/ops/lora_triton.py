@@ -2,8 +2,9 @@
 
 Ops (namespace ``fusedlora``), opaque to torch.compile, with fake impls and a registered autograd formula:
 - ``fusedlora::lora_fwd(x2, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, bias, seed,
-  scale, dropout_p, fmt, n, block, nested_offset) -> (y2 [M, N], xa [M, r] fp32, bits)``, bits the dropout
-  keep-mask, uint8 [M, ceil(K / 8)] with 1 bit per element (an empty [0] tensor when dropout is off)
+  scale, dropout_p, fmt, n, block, nested_offset, residual=None) -> (y2 [M, N], xa [M, r] fp32, bits)``, bits
+  the dropout keep-mask, uint8 [M, ceil(K / 8)] with 1 bit per element (an empty [0] tensor when dropout is
+  off); ``residual`` [M, N], when given, is added to y in the GEMM's epilogue (its gradient is dY)
 - ``fusedlora::lora_bwd(dy2, x2, xa, bits, w, ..., need_dx, need_da, need_db) -> (dx2, dA, dB)``; an output
   that is not needed comes back as an empty [0] tensor.
 
@@ -87,6 +88,7 @@ def lora_fwd(
     x: Tensor, w: Tensor, w_scales: Tensor | None, w_zeros: Tensor | None, nested_absmax: Tensor | None,
     nested_code: Tensor | None, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, seed: Tensor | None,
     scale: float, dropout_p: float, fmt: str, n: int, block: int, nested_offset: float,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels.lora_fwd import lora_forward
 
@@ -94,12 +96,12 @@ def lora_fwd(
         w, scales, zeros, fmt, nested = _gemm_weight("fwd", x.shape[0], w, w_scales, w_zeros, nested_absmax,
                                                      nested_code, fmt, n, x.shape[1], block, nested_offset, x.dtype)
         return lora_forward(x, w, scales, zeros, fmt, n, block, lora_A, lora_B, bias, scale, dropout_p, seed,
-                            nested)
+                            nested, residual)
 
 
 @lora_fwd.register_fake
 def _(x, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, bias, seed, scale, dropout_p, fmt,
-      n, block, nested_offset):
+      n, block, nested_offset, residual=None):
     m, k = x.shape
     bits = (m, (k + 7) // 8) if dropout_p > 0 else _EMPTY
     return (x.new_empty((m, n)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32),
@@ -142,17 +144,18 @@ def _(dy, x, xa, bits, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A,
 
 
 # inputs of lora_fwd, by position
-_X, _W, _A, _B, _BIAS = 0, 1, 6, 7, 8
-_N_INPUTS = 16
+_X, _W, _A, _B, _BIAS, _RES = 0, 1, 6, 7, 8, 16
+_N_INPUTS = 17
 
 
 def _setup_context(ctx, inputs, output):
     (x, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, bias, seed, scale, dropout_p, fmt,
-     n, block, nested_offset) = inputs
+     n, block, nested_offset, residual) = inputs
     _, xa, bits = output
     ctx.save_for_backward(x, xa, bits, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B)
     ctx.args = (scale, dropout_p, fmt, block, nested_offset)
     ctx.has_bias = bias is not None
+    ctx.has_res = residual is not None
 
 
 def _backward(ctx, dy, dxa, dbits):
@@ -173,6 +176,8 @@ def _backward(ctx, dy, dxa, dbits):
         grads[_W] = dy.t().mm(x)
     if ctx.has_bias and need[_BIAS]:
         grads[_BIAS] = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    if ctx.has_res and need[_RES]:
+        grads[_RES] = dy
     return tuple(grads)
 
 
@@ -211,9 +216,9 @@ def draw_seed(device: torch.device) -> Tensor:
 
 
 def _fused_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scale: float,
-                  p: float) -> Tensor:
+                  p: float, residual: Tensor | None = None) -> Tensor:
     """``fusedlora::lora_fwd`` on x [..., K] (leading dimensions flattened into M, a unit stride along K) and
-    the weight's tensors, dropout ``p`` drawn from a fresh seed; y [..., N]."""
+    the weight's tensors, dropout ``p`` drawn from a fresh seed, ``residual`` [..., N] added; y [..., N]."""
     n, k = weight.shape if isinstance(weight, Packed4bit) else tuple(weight.shape)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -224,16 +229,27 @@ def _fused_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, bias: Tenso
     y2, _, _ = torch.ops.fusedlora.lora_fwd(
         x2, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A.contiguous(), lora_B.contiguous(),
         None if bias is None else bias.contiguous(), seed, float(scale), p, fmt, n, block, nested_offset,
+        None if residual is None else _unit_columns(residual.reshape(-1, n)),
     )
     return y2.reshape(*lead, n)
 
 
-def base_linear(x: Tensor, weight) -> Tensor:
-    """x·Wᵀ by the fused GEMMs with no low-rank term (rank 0: no low-rank pre-kernel, no g pass in the
-    backward), on the 4-bit path of ``ops.paths`` as ``lora_linear``; autograd gives x its gradient (and a
-    dense W, as there)."""
+def _unit_columns(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def base_linear(x: Tensor, weight, residual: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """x·Wᵀ (+ ``residual`` [..., N]) (+ ``bias``) by the fused GEMMs with no low-rank term (rank 0: no
+    low-rank pre-kernel, no g pass in the backward), the residual and bias added in the forward GEMM's
+    epilogue, on the 4-bit path of ``ops.paths`` as ``lora_linear``; autograd gives x, the residual and
+    the bias their gradients (and a dense W, as there)."""
     n, k = weight.shape if isinstance(weight, Packed4bit) else tuple(weight.shape)
-    return _fused_linear(x, weight, x.new_empty((0, k)), x.new_empty((n, 0)), None, 0.0, 0.0)
+    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], n):
+        raise ValueError(f"residual: expected shape {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
+    if residual is not None and (residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(f"residual: expected {x.dtype} on {x.device} (x's), got {residual.dtype} on "
+                         f"{residual.device}")
+    return _fused_linear(x, weight, x.new_empty((0, k)), x.new_empty((n, 0)), bias, 0.0, 0.0, residual)
 
 
 @register("lora_linear", "triton")
