@@ -195,7 +195,8 @@ void check_decode_lora(const at::Tensor& x, const at::Tensor& w, const std::opti
                        const std::optional<at::Tensor>& nested_code, double nested_offset,
                        const std::optional<at::Tensor>& code, const std::optional<at::Tensor>& scales,
                        const std::optional<at::Tensor>& zeros, int64_t scheme, int64_t block, int64_t n, int64_t k,
-                       const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& bias) {
+                       const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& tickets, int64_t splits) {
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == k, "x: expected shape [M, K=", k, "], got ", x.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
                    "x: expected dtype bfloat16 or float16, got ", x.scalar_type());
@@ -234,6 +235,18 @@ void check_decode_lora(const at::Tensor& x, const at::Tensor& w, const std::opti
     CHECK_DTYPE(*bias, x.scalar_type());
     CHECK_NUMEL(*bias, n);
   }
+  // the 128-row kernel (M > kGemvMaxM) splits K over `splits` blocks, which meet on one counter per 128 rows
+  TORCH_CHECK_VALUE(splits >= 1 && splits <= std::max<int64_t>(1, k / fusedlora::kMmaStep),
+                    "splits: expected 1 <= splits <= k / ", fusedlora::kMmaStep, " = ", k / fusedlora::kMmaStep,
+                    ", got ", splits);
+  if (splits > 1) {
+    const int64_t blocks = (n + fusedlora::kDecodeWideRows - 1) / fusedlora::kDecodeWideRows;
+    const at::Tensor& t = required("tickets", tickets, "(int32 counters, all 0) when splits > 1");
+    CHECK_INPUT(t, x);
+    CHECK_DTYPE(t, at::kInt);
+    TORCH_CHECK_VALUE(t.numel() >= blocks, "tickets: expected at least ", blocks, " counters (one per ",
+                      fusedlora::kDecodeWideRows, " rows of n = ", n, "), got ", t.numel());
+  }
 }
 
 // y[M, N] = x·deq(W)ᵀ + scale·(x·Aᵀ)·Bᵀ + bias, M <= kDecodeMaxM (csrc/decode_lora.cu); x [M, K] bf16/fp16.
@@ -247,9 +260,10 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
                             const std::optional<at::Tensor>& code, const std::optional<at::Tensor>& scales,
                             const std::optional<at::Tensor>& zeros, int64_t scheme, int64_t block, int64_t n,
                             int64_t k, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                            const std::optional<at::Tensor>& bias, double scale, int64_t mma_min_m) {
+                            const std::optional<at::Tensor>& bias, double scale, int64_t mma_min_m,
+                            const std::optional<at::Tensor>& tickets, int64_t splits, int64_t wide_min_m) {
   check_decode_lora(x, w, absmax, absmax_q, nested_absmax, nested_code, nested_offset, code, scales, zeros, scheme,
-                    block, n, k, lora_A, lora_B, bias);
+                    block, n, k, lora_A, lora_B, bias, tickets, splits);
   if constexpr (kCpu) refuse_cpu("decode_lora_cuda", "x", x);
   CHECK_CUDA(x);
   const int64_t m_rows = x.size(0);
@@ -288,6 +302,15 @@ at::Tensor decode_lora_cuda(const at::Tensor& x, const at::Tensor& w, const std:
                     "multiples of ", fusedlora::kMmaStep, ", mma_min_m <= M), got k = ", k, ", block = ", block,
                     ", mma_min_m = ", mma_min_m);
   a.overlap = supports_dependent_launch(x.device().index()) ? 1 : 0;
+  // the split only applies to the 128-row kernel; a workspace for its fp32 partials
+  a.wide_min_m = static_cast<int>(std::min<int64_t>(std::max<int64_t>(wide_min_m, 1), fusedlora::kGemvMaxM + 1));
+  a.splits = m_rows >= a.wide_min_m ? static_cast<int>(splits) : 1;
+  at::Tensor partials;
+  if (a.splits > 1) {
+    partials = at::empty({a.splits, m_rows, n}, x.options().dtype(at::kFloat));
+    a.partials = partials.data_ptr<float>();
+    a.tickets = tickets->data_ptr<int>();
+  }
   const auto act = x.scalar_type() == at::kBFloat16 ? fusedlora::Act::kBF16 : fusedlora::Act::kFP16;
   const auto sch = scheme == 0 ? fusedlora::Scheme::kNF4 : fusedlora::Scheme::kINT4;
   const cudaError_t err = fusedlora::decode_lora(a, act, sch, c10::cuda::getCurrentCUDAStream());
@@ -305,7 +328,8 @@ TORCH_LIBRARY(fusedlora, m) {
   m.def(
       "decode_lora_cuda(Tensor x, Tensor w, Tensor? absmax, Tensor? absmax_q, Tensor? nested_absmax, "
       "Tensor? nested_code, float nested_offset, Tensor? code, Tensor? scales, Tensor? zeros, int scheme, "
-      "int block, int n, int k, Tensor lora_A, Tensor lora_B, Tensor? bias, float scale, int mma_min_m) -> Tensor");
+      "int block, int n, int k, Tensor lora_A, Tensor lora_B, Tensor? bias, float scale, int mma_min_m, "
+      "Tensor? tickets=None, int splits=1, int wide_min_m=17) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedlora, CUDA, m) {

@@ -12,8 +12,9 @@
 // - this file's CUDA-core GEMV (M < mma_min_m): each block owns kRows rows of W (8 at M = 1, else 4); each
 //   thread streams 16-byte chunks (32 codes) of all kRows rows per step, so kRows loads are in flight. A code
 //   costs one byte pick, one shared-table read and one FMA per token, so its cost grows with M;
-// - decode_lora_mma.cu's tensor-core kernel (M >= mma_min_m, K and block multiples of 64), whose cost
-//   barely grows with M up to 48 (the GEMV serves M <= 16 only).
+// - the tensor-core kernels (M >= mma_min_m, K and block multiples of 64), whose cost grows slowly with M:
+//   decode_lora_mma.cu's, 16 rows of W per block, up to M = 16, and decode_lora_wide.cu's, 128 rows per
+//   block sharing x, from wide_min_m (at most 17) to 64 (the GEMV serves M <= 16 only).
 // Scales (NF4 absmax, plain or double-quantized, or INT4 scale + zero) are decoded in the same pass.
 // Accumulation is fp32.
 #include "decode_device.cuh"

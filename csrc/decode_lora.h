@@ -36,15 +36,28 @@ struct DecodeArgs {
   float scale;
   int mma_min_m;        // M from which the tensor-core kernel runs (when K and block are multiples of kMmaStep)
   int overlap;          // 1 on sm_90+: the main kernel is launched as a programmatic dependent of the pre-pass
+  // The wide kernel (M > kGemvMaxM): K split over this many blocks per 128 rows; with more than one, fp32
+  // partials [splits, M, N] and one int32 counter per 128-row block, all 0 before the launch (left 0 after)
+  int splits;
+  float* partials;
+  int* tickets;
+  int wide_min_m;       // M from which the 128-row kernel runs (always above kGemvMaxM)
 };
 
-// Largest M each main kernel is built for; larger M goes to the Triton GEMM. The tensor-core kernel serves
-// up to 6 token tiles (kDecodeMaxM; fusedlora/ops/decode.py says why there), the GEMV up to kGemvMaxM.
-constexpr int kDecodeMaxM = 48;
+// Largest M each main kernel is built for; larger M goes to the Triton GEMM. Up to kGemvMaxM tokens the
+// GEMV or the 16-row tensor-core kernel runs, above it the 128-row one (decode_lora_wide.cu), up to
+// kDecodeMaxM (fusedlora/ops/decode.py says why there).
+constexpr int kDecodeMaxM = 64;
 constexpr int kGemvMaxM = 16;
+constexpr int kDecodeWideRows = 128;  // rows of W per block of the wide kernel (one counter each)
 // The tensor-core kernel walks K in steps of this many codes, each inside one block (NF4) or group (INT4);
 // other K, and blocks of 32, run the CUDA-core GEMV.
 constexpr int kMmaStep = 64;
+
+// Calls X(T, F) for every activation type and Format the kernels are instantiated for.
+#define FUSEDLORA_FOR_EACH_TYPE_AND_FORMAT(X)                                                        \
+  X(__nv_bfloat16, Format::kNF4) X(__nv_bfloat16, Format::kNF4DQ) X(__nv_bfloat16, Format::kINT4) \
+  X(__half, Format::kNF4) X(__half, Format::kNF4DQ) X(__half, Format::kINT4)
 
 // Launches the x·Aᵀ pre-pass and the fused GEMV on ``stream``; returns the first launch error.
 cudaError_t decode_lora(const DecodeArgs& args, Act act, Scheme scheme, cudaStream_t stream);
@@ -53,5 +66,8 @@ cudaError_t decode_lora(const DecodeArgs& args, Act act, Scheme scheme, cudaStre
 // every Format.
 template <typename T, Format F>
 cudaError_t launch_decode_mma(const DecodeArgs& args, cudaStream_t stream);
+// The 128-row tensor-core kernel for kGemvMaxM < M <= kDecodeMaxM (decode_lora_wide.cu).
+template <typename T, Format F>
+cudaError_t launch_decode_wide(const DecodeArgs& args, cudaStream_t stream);
 
 }  // namespace fusedlora

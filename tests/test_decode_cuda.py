@@ -1,5 +1,6 @@
-"""The hand-written CUDA decode kernels (4-bit GEMV + LoRA, M <= 16; tensor cores, M <= 48) against the
-reference, on a GPU, and the dispatch rule that picks them."""
+"""The hand-written CUDA decode kernels (4-bit GEMV + LoRA, M <= 16; tensor cores, 16 rows per block up to
+M = 16, 128 rows per block up to 64) against the reference, on a GPU, and the dispatch rule that picks
+them."""
 
 import pytest
 import torch
@@ -67,8 +68,8 @@ DECODE_SHAPES = [
 
 
 @pytest.mark.skipif(not fl.extension_loaded(), reason="the CUDA extension fusedlora._C is not built")
-@pytest.mark.parametrize("quant", ["nf4", "nf4-dq", "int4"])
-def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant):
+@pytest.mark.parametrize("quant,m", [("nf4", 3), ("nf4-dq", 3), ("int4", 3), ("nf4-dq", 20)])
+def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant, m):
     # No GPU needed: a CPU implementation of fusedlora::decode_lora_cuda, registered for this test only,
     # takes its arguments by the schema's names, rebuilds the weight from them and computes the op in
     # float64. The op's Python side (decode_lora_linear) calling it on CPU tensors must then give the
@@ -79,8 +80,10 @@ def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant):
     seen = {}
 
     def decode_lora_cpu(x, w, absmax, absmax_q, nested_absmax, nested_code, nested_offset, code, scales, zeros,
-                        scheme, block, n, k, lora_A, lora_B, bias, scale, mma_min_m):
-        seen.update(scheme=scheme, mma_min_m=mma_min_m, code=code)
+                        scheme, block, n, k, lora_A, lora_B, bias, scale, mma_min_m, tickets=None, splits=1,
+                        wide_min_m=17):  # torch leaves out trailing arguments equal to their defaults
+        seen.update(scheme=scheme, mma_min_m=mma_min_m, code=code, tickets=tickets, splits=splits,
+                    wide_min_m=wide_min_m)
         # the binding's contracts: fp32 absmax or uint8 absmax_q (+ nested), uint8 codes, fp32 scales
         assert w.dtype == torch.uint8 and x.shape == (x.shape[0], k)
         if scheme == 0:
@@ -103,7 +106,7 @@ def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant):
     try:
         lib.impl("decode_lora_cuda", decode_lora_cpu, "CPU")
         torch.manual_seed(11)
-        m, k, n, r = 3, 256, 40, 8
+        k, n, r = (256 if m < 17 else 1024), 40, 8
         w = torch.randn(n, k)
         qw = (fl.quantize(w, scheme="int4", group_size=64) if quant == "int4"
               else fl.quantize(w, scheme="nf4", blocksize=64, double_quant=quant == "nf4-dq"))
@@ -115,6 +118,13 @@ def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant):
     finally:
         lib._destroy()
     assert seen["scheme"] == (1 if quant == "int4" else 0) and seen["mma_min_m"] == decode.DECODE_MMA_MIN_M
+    # the 128-row kernel (M >= 17 here) splits K over 4 blocks (4 "SMs" for CPU tensors, one 128-row block,
+    # 16 steps of 64 codes), with its zeroed counters; fewer tokens run the 16-row kernel, unsplit
+    assert seen["wide_min_m"] == decode.wide_min_m(k, n) == 17
+    assert seen["splits"] == (4 if m >= 17 else 1)
+    assert (seen["tickets"] is None) == (m < 17)
+    if m >= 17:
+        assert seen["tickets"].dtype == torch.int32 and seen["tickets"].numel() >= 1 and not seen["tickets"].any()
     assert (seen["code"] is None) == (quant == "int4")
     if seen["code"] is not None:
         assert torch.equal(seen["code"], nf4_code(torch.device("cpu")))
@@ -126,16 +136,20 @@ def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant,k,n", DECODE_SHAPES)
-@pytest.mark.parametrize("m,mma_min_m", [(1, 1), (2, 1), (3, 1), (8, 1), (16, 1), (17, 1), (31, 1), (33, 1),
-                                         (48, 1), (1, 17), (3, 17), (16, 17)])
-def test_decode_matches_reference(dtype, quant, m, mma_min_m, k, n, monkeypatch):
-    # mma_min_m 1: the tensor-core kernel for every M (K a multiple of 64; K = 96 takes the GEMV), 1 to 6
-    # token tiles; 17: the CUDA-core GEMV for every M.
+@pytest.mark.parametrize("m,mma_min_m,wide_from", [
+    (1, 1, 17), (2, 1, 17), (3, 1, 17), (8, 1, 17), (16, 1, 17), (17, 1, 17), (31, 1, 17), (33, 1, 17), (48, 1, 17),
+    (64, 1, 17), (9, 1, 9), (16, 1, 9), (1, 17, 17), (3, 17, 17), (16, 17, 17)])
+def test_decode_matches_reference(dtype, quant, m, mma_min_m, wide_from, k, n, monkeypatch):
+    # mma_min_m 1: the tensor-core kernels for every M (K a multiple of 64; K = 96 takes the GEMV): 16 rows
+    # per block with 1 or 2 token tiles, 128 rows per block (its K split over blocks where N is small) from
+    # wide_from on, with 4 or 8; mma_min_m 17: the CUDA-core GEMV for every M.
+    from fusedlora.kernels import split_sum
     from fusedlora.ops import decode
 
     if m > decode.DECODE_GEMV_MAX_M and k % decode.MMA_STEP:
         return  # the GEMV is not built for this M: test_decode_serves_m_up_to_the_cutover checks the dispatch
     monkeypatch.setattr(decode, "DECODE_MMA_MIN_M", mma_min_m)
+    monkeypatch.setattr(decode, "wide_min_m", lambda k, n: wide_from)
     monkeypatch.setattr(decode, "X_REREAD_BUDGET", 1 << 62)  # every M the kernel serves
     torch.manual_seed(m * 1000 + n)
     r = 16
@@ -157,6 +171,7 @@ def test_decode_matches_reference(dtype, quant, m, mma_min_m, k, n, monkeypatch)
     exact, tol = _decode_bound(x, wd, A, B, 1.5, bias, dtype)
     err = (y.double() - exact).abs()
     assert (err <= tol).all(), f"worst error {(err / tol).max().item():.3g} of the bound"
+    assert not split_sum.tickets(x.device, 1).any()  # the K split's counters are back at 0
 
 
 @pytest.mark.gpu
@@ -171,7 +186,7 @@ def test_decode_is_the_path_taken_and_training_is_not():
     with torch.no_grad():
         assert decode_applies(x, qw.packed, A, B, None, 0.0, False)
         assert not decode_applies(x, qw.packed, A, B, None, 0.1, True)  # dropout: training path
-        assert not decode_applies(torch.randn(49, k, device="cuda", dtype=torch.bfloat16), qw.packed, A, B, None,
+        assert not decode_applies(torch.randn(65, k, device="cuda", dtype=torch.bfloat16), qw.packed, A, B, None,
                                   0.0, False)
     assert not decode_applies(x, qw.packed, A, B, None, 0.0, False)  # grads needed: Triton forward/backward
 
@@ -202,8 +217,19 @@ def test_kernel_limit_matches_the_cuda_source():
 
     header = (Path(__file__).resolve().parents[1] / "csrc" / "decode_lora.h").read_text()
     assert int(re.search(r"kDecodeMaxM = (\d+);", header).group(1)) == decode.DECODE_KERNEL_MAX_M
-    # the rule's cut-overs on the Llama-3-8B projections (ops.decode derives them) and its bounds
-    assert [decode.decode_max_m(k, n) for k, n in ((4096, 4096), (4096, 14336), (14336, 4096))] == [32, 16, 16]
+    assert int(re.search(r"kDecodeWideRows = (\d+);", header).group(1)) == decode.WIDE_ROWS
+    # the rule's cut-overs on the Llama-3-8B projections (ops.decode derives them) and its bounds: the
+    # 128-row kernel keeps x's re-reads within the budget up to the kernel's largest M, and takes over from
+    # the 16-row one where that one's would pass it
+    llama = ((4096, 4096), (4096, 14336), (14336, 4096))
+    assert [decode.decode_max_m(k, n) for k, n in llama] == [64, 64, 64]
+    assert [decode.wide_min_m(k, n) for k, n in llama] == [17, 10, 10]
+    for k, n in llama:
+        assert decode.rows_reread_bytes(decode.wide_min_m(k, n) - 1, k, n, 16) <= decode.X_REREAD_BUDGET
+        assert decode.x_reread_bytes(64, k, n) <= decode.X_REREAD_BUDGET < decode.rows_reread_bytes(64, k, n, 16)
+    # about one block per SM, at least 4 steps of 64 codes per split
+    assert [decode.wide_splits(n, k, 132) for k, n in llama] == [5, 2, 5]
+    assert decode.wide_splits(4096, 256, 132) == 1
     assert decode.decode_max_m(256, 33) == decode.DECODE_KERNEL_MAX_M
     assert decode.decode_max_m(256, 33, tensor_cores=False) == decode.DECODE_GEMV_MAX_M
 

@@ -16,6 +16,7 @@
 
 #include "decode_lora.cu"
 #include "decode_lora_mma.cu"
+#include "decode_lora_wide.cu"
 #include "nf4.cuh"
 #include "tests/expect.h"
 
@@ -59,6 +60,8 @@ struct Case {
   bool bias;
   int mma_min_m;
   bool overlap;  // main kernel launched as a programmatic dependent of the pre-pass (sm_90) or after it
+  int wide_min_m = kGemvMaxM + 1;  // M from which the 128-row kernel runs
+  int splits = 1;                  // its K split over blocks
 };
 
 uint32_t test_seed() {
@@ -184,9 +187,20 @@ void run_case(const Case& c) {
   a.scale = uniform(0.5f, 2.f);
   a.mma_min_m = c.mma_min_m;
   a.overlap = c.overlap ? 1 : 0;
+  a.wide_min_m = c.wide_min_m;
+  a.splits = c.splits;
+  // the 128-row kernel's split: partials start as NaN (a slice left unwritten shows), counters at 0
+  const int counters = (c.N + kDecodeWideRows - 1) / kDecodeWideRows;
+  Buffer partials(sizeof(float) * c.splits * c.M * c.N, "partials"), tickets(sizeof(int) * counters, "tickets");
+  for (int64_t i = 0; i < static_cast<int64_t>(c.splits) * c.M * c.N; ++i) partials.as<float>()[i] = NAN;
+  for (int i = 0; i < counters; ++i) tickets.as<int>()[i] = 0;
+  a.partials = partials.as<float>();
+  a.tickets = tickets.as<int>();
   const Scheme scheme = c.format == Format::kINT4 ? Scheme::kINT4 : Scheme::kNF4;
   EXPECT(decode_lora(a, D::act, scheme, nullptr) == cudaSuccess);
   emulate::synchronize();
+  for (int i = 0; i < counters; ++i) EXPECT(tickets.as<int>()[i] == 0);  // each launch leaves them at 0
+  const bool wide = tensor_cores && (c.M > kGemvMaxM || c.M >= c.wide_min_m);
 
   // Float64 reference on the exact weight (the fp32 dequantization, bit-exact with bitsandbytes).
   const std::vector<float> wf = reference_weight(c, w, absmax.get(), absmax_q.get(), nested_absmax.get(),
@@ -231,10 +245,10 @@ void run_case(const Case& c) {
       const double got = D::to(y.as<T>()[static_cast<int64_t>(m) * c.N + n]);
       if (!(std::fabs(got - expected) <= tol)) {
         std::fprintf(stderr,
-                     "%s %s M=%d N=%d K=%d block=%d r=%d bias=%d mma_min_m=%d (%s): y[%d, %d] = %.8g, expected "
-                     "%.8g (tolerance %.3g, seed %u)\n",
-                     D::name, format_name(c.format), c.M, c.N, c.K, c.block, c.r, c.bias, c.mma_min_m,
-                     tensor_cores ? "tensor cores" : "CUDA cores", m, n, got, expected, tol, seed);
+                     "%s %s M=%d N=%d K=%d block=%d r=%d bias=%d mma_min_m=%d splits=%d (%s): y[%d, %d] = %.8g, "
+                     "expected %.8g (tolerance %.3g, seed %u)\n",
+                     D::name, format_name(c.format), c.M, c.N, c.K, c.block, c.r, c.bias, c.mma_min_m, c.splits,
+                     wide ? "128-row" : tensor_cores ? "tensor cores" : "CUDA cores", m, n, got, expected, tol, seed);
         std::exit(1);
       }
       worst = std::max(worst, std::fabs(got - expected) / tol);
@@ -242,43 +256,53 @@ void run_case(const Case& c) {
   }
   EXPECT(std::memcmp(w_before.data(), w.as<char>(), w.bytes()) == 0);
   EXPECT(std::memcmp(x_before.data(), x.as<char>(), x.bytes()) == 0);
-  std::printf("ok %s %-6s M=%2d N=%3d K=%4d block=%3d r=%2d bias=%d overlap=%d %-12s worst error %.2f of tolerance\n",
-              D::name, format_name(c.format), c.M, c.N, c.K, c.block, c.r, c.bias, c.overlap,
-              tensor_cores ? "tensor cores" : "CUDA cores", worst);
+  std::printf("ok %s %-6s M=%2d N=%3d K=%4d block=%3d r=%2d bias=%d overlap=%d splits=%d %-12s worst error %.2f of "
+              "tolerance\n",
+              D::name, format_name(c.format), c.M, c.N, c.K, c.block, c.r, c.bias, c.overlap, c.splits,
+              wide ? "128-row" : tensor_cores ? "tensor cores" : "CUDA cores", worst);
 }
 
 // Shapes: K = 96 (NF4 blocks of 64 cross rows; INT4 groups of 32): the GEMV only; N < 16 and N odd (the last
-// block's rows past N); the tensor-core kernel's 64-code steps over 8 warps: K = 256 (one step per warp),
-// 1088 (17: uneven shares, idle warps), 2048 (4 per warp: whole unrolled groups only), 2176 and 4224 (34 and
-// 66: whole groups and a partial one); K = 256 with block 128 and r = 16, K = 2048 with block 256.
+// block's rows past N); the 16-row tensor-core kernel's 64-code steps over 8 warps: K = 256 (one step per
+// warp), 1088 (17: uneven shares, idle warps), 2048 (4 per warp: whole unrolled groups only), 2176 and 4224
+// (34 and 66: whole groups and a partial one); K = 256 with block 128 and r = 16, K = 2048 with block 256.
+// The 128-row kernel (M > 16, and from M = 9 where wide_min_m says so): N = 150 and 300 (a partial last
+// block, two and three blocks), and N < 128; its K split over 1 or 3 blocks (K = 256: 4 steps, so one
+// split has none; 1088: 6, 6 and 5 steps, partial groups).
 void run_all() {
   struct Shape {
     int N, K, nf4_block, int4_group, r;
   };
-  const Shape shapes[] = {
-      {37, 96, 64, 32, 3},   {9, 256, 64, 64, 1},     {50, 256, 128, 128, 16},
-      {21, 1088, 64, 64, 8}, {19, 2048, 256, 128, 5}, {17, 2176, 128, 64, 4}, {23, 4224, 64, 128, 2}};
-  const int Ms[] = {1, 2, 3, 4, 7, 8, 9, 16, 17, 24, 31, 32, 33, 41, 47, 48};
+  const Shape shapes[] = {{37, 96, 64, 32, 3},      {9, 256, 64, 64, 1},     {50, 256, 128, 128, 16},
+                          {21, 1088, 64, 64, 8},    {19, 2048, 256, 128, 5}, {17, 2176, 128, 64, 4},
+                          {23, 4224, 64, 128, 2},   {150, 256, 64, 64, 4},   {300, 1088, 128, 64, 8}};
+  const int Ms[] = {1, 2, 3, 4, 7, 8, 9, 16, 17, 24, 31, 32, 33, 41, 47, 48, 56, 64};
   int count = 0;
   for (const Shape& s : shapes)
     for (Format f : {Format::kNF4, Format::kNF4DoubleQuant, Format::kINT4}) {
       const int block = f == Format::kINT4 ? s.int4_group : s.nf4_block;
       for (int M : Ms) {
-        const bool small = s.K <= 256;
-        if (!small && M != 1 && M != 9 && M != 16 && M != 33 && M != 48) continue;  // keep the long-K cases few
-        // Both main kernels for every M they serve: the GEMV (tensor cores never chosen) up to kGemvMaxM, and
-        // the tensor-core kernel.
+        const bool small = s.K <= 256 && s.N <= 64;
+        if (!small && M != 1 && M != 9 && M != 16 && M != 33 && M != 48 && M != 64) continue;  // few long cases
+        // Every main kernel for every M it serves: the GEMV (tensor cores never chosen) up to kGemvMaxM, the
+        // 16-row tensor-core kernel up to kGemvMaxM, the 128-row one (also from M = 9 when asked to)
         for (int mma_min_m : {kDecodeMaxM + 1, 1}) {
           if (mma_min_m == 1 && (s.K % kMmaStep != 0 || block % kMmaStep != 0)) continue;
           if (mma_min_m != 1 && M > kGemvMaxM) continue;
-          // dtype and bias alternate across the pairs of paths, so each combination meets both kernels
-          const Case c{f, M, s.N, s.K, block, s.r, (count / 4) % 2 == 0, mma_min_m, (count / 8) % 4 != 0};
-          if ((count / 2) % 2 == 0) {
-            run_case<__nv_bfloat16>(c);
-          } else {
-            run_case<__half>(c);
+          for (int wide_min_m : {kGemvMaxM + 1, 9}) {
+            if (wide_min_m != kGemvMaxM + 1 && (mma_min_m != 1 || M < wide_min_m || M > kGemvMaxM)) continue;
+            const bool wide = mma_min_m == 1 && M >= wide_min_m;
+            // dtype, bias and the split alternate across the paths, so each combination meets every kernel
+            Case c{f, M, s.N, s.K, block, s.r, (count / 4) % 2 == 0, mma_min_m, (count / 8) % 4 != 0};
+            c.wide_min_m = wide_min_m;
+            c.splits = wide && count % 2 == 1 ? 3 : 1;
+            if ((count / 2) % 2 == 0) {
+              run_case<__nv_bfloat16>(c);
+            } else {
+              run_case<__half>(c);
+            }
+            ++count;
           }
-          ++count;
         }
       }
     }

@@ -79,22 +79,26 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
 
 
 def path_times_ms(x, qw, A, B) -> dict:
-    """The same call on each path that can run it: the CUDA-core GEMV, the tensor-core kernel and the Triton
-    GEMM. Where they cross in M places DECODE_MMA_MIN_M and ``decode_max_m`` (fusedlora/ops/decode.py)."""
+    """The same call on each path that can run it: the CUDA-core GEMV, the 16-row and the 128-row tensor-core
+    kernels and the Triton GEMM. Where they cross in M places DECODE_MMA_MIN_M, ``wide_min_m`` and
+    ``decode_max_m`` (fusedlora/ops/decode.py)."""
     from ..ops import decode
 
     times = {}
     with torch.no_grad():
         if x.shape[0] <= decode.DECODE_KERNEL_MAX_M:
-            saved = decode.DECODE_MMA_MIN_M, decode.X_REREAD_BUDGET
-            gemv = x.shape[0] <= decode.DECODE_GEMV_MAX_M  # the GEMV is built for fewer tokens
-            decode.X_REREAD_BUDGET = 1 << 62  # every M the kernel serves, whatever the rule would pick
+            saved = decode.DECODE_MMA_MIN_M, decode.X_REREAD_BUDGET, decode.wide_min_m
+            small = x.shape[0] <= decode.DECODE_GEMV_MAX_M  # the GEMV and the 16-row kernel serve fewer tokens
+            decode.X_REREAD_BUDGET = 1 << 62  # every M the kernels serve, whatever the rule would pick
+            paths = (("cuda_cores", decode.DECODE_KERNEL_MAX_M + 1, 64), ("tensor_cores", 1, 64),
+                     ("tensor_cores_128", 1, 1))
             try:
-                for name, min_m in (("cuda_cores", decode.DECODE_KERNEL_MAX_M + 1), ("tensor_cores", 1))[not gemv:]:
+                for name, min_m, wide_from in paths[0 if small else 2:]:
                     decode.DECODE_MMA_MIN_M = min_m
+                    decode.wide_min_m = lambda k, n, _m=wide_from: _m  # noqa: E731
                     times[name] = time_ms(lambda: lora_linear(x, qw, A, B, 2.0))
             finally:
-                decode.DECODE_MMA_MIN_M, decode.X_REREAD_BUDGET = saved
+                decode.DECODE_MMA_MIN_M, decode.X_REREAD_BUDGET, decode.wide_min_m = saved
         with forced("triton"):
             times["triton"] = time_ms(lambda: lora_linear(x, qw, A, B, 2.0))
     return times

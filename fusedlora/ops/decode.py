@@ -24,48 +24,75 @@ from ..formats.nf4 import nf4_code
 from ..formats.packed import Packed4bit
 from .registry import implementation, register
 
+
+def sm_count(device: torch.device) -> int:
+    from ..kernels.lora_fwd import sm_count as count
+
+    return count(device)
+
 # The cut-over to the Triton path (the low-rank pre-kernel + the fused forward GEMM with in-loop decode),
 # from bench/sass_loops.py's prediction (H100 and H200, Llama-3-8B projections, NF4 double quant, bf16):
 # the tensor-core decode streams W once at any M, so it costs about the weight's bytes at the copy rate
-# plus a launch, 5-14 µs, growing 3-26 % from M = 16 to 48 (sm_90: 591 and 674 instructions per 2 KB at 4
-# and 6 token tiles against 491 at 2), while the Triton forward is issue-bound on its decode and costs
-# 18-34 µs from M = 17 to 49 (its pre-kernel alone ~6.5 µs). That model would run the decode up to the
-# kernel's largest M, 48 (6 token tiles, the most without spills). It leaves out one cost that grows with
-# M: every 16-row block re-reads x from L2, M·K·2 bytes each, M / 4 times the weight's bytes. L2 is not in
-# the chip table (no measured rate here), so the rule caps that traffic instead: the decode runs while x's
-# re-reads stay within X_REREAD_BUDGET, and always up to DECODE_GEMV_MAX_M. With 64 MiB, 4096 -> 4096 runs
-# it up to M = 32 (re-reads tie the Triton forward only below 4.5 TB/s of L2) and the 14336-wide shapes
-# up to 16 (below 4.6 TB/s; at M = 32 they would tie at 8.4-10.5 TB/s, which an L2 may not reach).
-# bench/bench_decode.py times both paths at M = 32 on a GPU, and its measurement replaces this rule.
-DECODE_KERNEL_MAX_M = 48  # csrc/decode_lora.h kDecodeMaxM; the binding refuses more
+# plus a launch, 5-14 µs up to M = 16, growing with M above as its tensor work and issue grow, while the
+# Triton forward is issue-bound on its decode and costs 9-23 µs from M = 17 to 65. One cost the model
+# leaves out grows with M: the re-reads of x from L2. The 16-row kernel (decode_lora_mma.cu) reads all of
+# x again per 16 rows of W, M·K·2 bytes, M / 4 times the weight's bytes; the 128-row kernel
+# (decode_lora_wide.cu) shares x through shared memory over 128 rows, 8 times less. L2 is not in the chip
+# table (no measured rate here), so the rule caps that traffic: each M runs the 16-row kernel while its
+# re-reads stay within X_REREAD_BUDGET (up to DECODE_GEMV_MAX_M), the 128-row kernel above, and the
+# decode while the 128-row kernel's re-reads fit too, up to DECODE_KERNEL_MAX_M. With 64 MiB the
+# Llama-3-8B projections run the decode up to M = 64 (the 128-row kernel's re-reads there: 17 MB on
+# 4096 -> 4096, 59 MB on the 14336-wide ones) and switch to the 128-row kernel at M = 10 on the
+# 14336-wide ones (the 16-row kernel would re-read 73 MB there). bench/bench_decode.py times the paths
+# on a GPU, and its measurement replaces this rule.
+DECODE_KERNEL_MAX_M = 64  # csrc/decode_lora.h kDecodeMaxM; the binding refuses more
 X_REREAD_BUDGET = 64 << 20
 # the CUDA-core GEMV (K or the block size not a multiple of 64) is built up to this M (csrc/decode_lora.h)
 DECODE_GEMV_MAX_M = 16
-MMA_STEP = 64  # the tensor-core kernel needs K and the block size multiples of this (kMmaStep)
-# From this M on (with K and the block size multiples of 64) the tensor-core kernel runs instead of the
+MMA_STEP = 64  # the tensor-core kernels need K and the block size multiples of this (kMmaStep)
+WIDE_ROWS = 128  # rows of W per block of the 128-row kernel (kDecodeWideRows)
+# From this M on (with K and the block size multiples of 64) the tensor-core kernels run instead of the
 # CUDA-core GEMV. Both are limited by issuing instructions about as much as by HBM, and their sm_90 main
 # loops, per 2 KB of weight per warp (bf16, NF4 with double quantization; bench/sass_loops.py), take: GEMV
-# 582 instructions at M = 1 (one FMA per code and token, so more above), tensor cores 481 for any M <= 8,
-# 491 up to 16, 591 up to 32 and 674 up to 48. So every M runs on the tensor cores. These are instruction
-# counts, not timings: bench/bench_decode.py times both paths per M, and the measured cut-over replaces this
-# on each GPU.
+# 582 instructions at M = 1 (one FMA per code and token, so more above), tensor cores 481 for any M <= 8
+# and 491 up to 16. So every M runs on the tensor cores. These are instruction counts, not timings:
+# bench/bench_decode.py times both paths per M, and the measured cut-over replaces this on each GPU.
 DECODE_MMA_MIN_M = 1
 _SCHEME_ID = {"nf4": 0, "int4": 1}
 
 
 def decode_max_m(k: int, n: int, tensor_cores: bool = True) -> int:
-    """The largest M the decode runs for an [n, k] weight (the rule above): the GEMV's build limit, or as
-    many tokens as keep the tensor-core kernel's re-reads of x (M·k·2 bytes per 16 rows) within
-    X_REREAD_BUDGET, between DECODE_GEMV_MAX_M and DECODE_KERNEL_MAX_M."""
+    """The largest M the decode runs for an [n, k] weight (the rule above): the GEMV's build limit, or the
+    largest M up to DECODE_KERNEL_MAX_M whose tensor-core kernel keeps its re-reads of x within
+    X_REREAD_BUDGET."""
     if not tensor_cores:
         return DECODE_GEMV_MAX_M
-    return max(DECODE_GEMV_MAX_M, min(DECODE_KERNEL_MAX_M, X_REREAD_BUDGET // max(x_reread_bytes(1, k, n), 1)))
+    fits = [m for m in range(1, DECODE_KERNEL_MAX_M + 1) if x_reread_bytes(m, k, n) <= X_REREAD_BUDGET]
+    return max([DECODE_GEMV_MAX_M, *fits])
+
+
+def wide_min_m(k: int, n: int) -> int:
+    """The first M that runs the 128-row kernel: past DECODE_GEMV_MAX_M, or where the 16-row kernel's
+    re-reads of x would pass X_REREAD_BUDGET."""
+    return next((m for m in range(1, DECODE_GEMV_MAX_M + 1) if rows_reread_bytes(m, k, n, 16) > X_REREAD_BUDGET),
+                DECODE_GEMV_MAX_M + 1)
+
+
+def rows_reread_bytes(m: int, k: int, n: int, rows: int) -> int:
+    """Bytes of x [m, k] (16-bit) read from L2 by a kernel whose blocks of ``rows`` rows of an [n, k] weight
+    each read all of x."""
+    return m * 2 * k * -(-n // rows)
 
 
 def x_reread_bytes(m: int, k: int, n: int) -> int:
-    """Bytes of x [m, k] (16-bit) the tensor-core kernel's 16-row blocks of an [n, k] weight read from L2:
-    every block all of x."""
-    return m * 2 * k * -(-n // 16)
+    """The re-reads of x by the tensor-core kernel that runs M = ``m`` (``wide_min_m``)."""
+    return rows_reread_bytes(m, k, n, WIDE_ROWS if m >= wide_min_m(k, n) else 16)
+
+
+def wide_splits(n: int, k: int, sms: int) -> int:
+    """Blocks the 128-row kernel splits K over: enough for one block per SM, each with at least 4 steps of
+    64 codes."""
+    return max(1, min(k // (4 * MMA_STEP), -(-sms // -(-n // WIDE_ROWS))))
 
 
 def decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training) -> bool:
@@ -98,17 +125,22 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
 
 
 def decode_lora_linear(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
+    from ..kernels import split_sum
+
     n, k = weight.shape
     x2 = _aligned16(x.reshape(-1, k))
     a = _aligned16(lora_A)
     dq = weight.double_quant
+    m = x2.shape[0]
+    splits = wide_splits(n, k, sm_count(x.device)) if m >= wide_min_m(k, n) else 1
+    tickets = split_sum.tickets(x.device, -(-n // WIDE_ROWS)) if splits > 1 else None
     y = torch.ops.fusedlora.decode_lora_cuda(
         x2, weight.data,
         None if dq else weight.absmax, weight.absmax if dq else None,
         weight.nested_absmax, weight.nested_code, float(weight.nested_offset),
         _code_on(x.device) if weight.scheme == "nf4" else None,
         weight.scales, weight.zeros, _SCHEME_ID[weight.scheme], weight.block, n, k,
-        a, lora_B.contiguous(), bias, float(scale), DECODE_MMA_MIN_M,
+        a, lora_B.contiguous(), bias, float(scale), DECODE_MMA_MIN_M, tickets, splits, wide_min_m(k, n),
     )
     return y.reshape(*x.shape[:-1], n)
 
@@ -125,6 +157,6 @@ if extension_loaded() and hasattr(torch.ops.fusedlora, "decode_lora_cuda"):
     # Shape function of the extension's op, for torch.compile and meta tensors.
     @torch.library.register_fake("fusedlora::decode_lora_cuda")
     def _(x, w, absmax, absmax_q, nested_absmax, nested_code, nested_offset, code, scales, zeros, scheme, block,
-          n, k, lora_A, lora_B, bias, scale, mma_min_m):
+          n, k, lora_A, lora_B, bias, scale, mma_min_m, tickets=None, splits=1, wide_min_m=17):
         return x.new_empty(x.shape[0], n)
 
