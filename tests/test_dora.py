@@ -166,8 +166,8 @@ def test_gain_kernel_folds_g_into_scales_and_b(triton_backend):
 @pytest.mark.gpu
 def test_folded_route_bf16_gpu(triton_backend):
     """bf16 takes the folded route (g in a double-quantized NF4 weight's row scales): with dropout and bias
-    (drop split, rank-0 second product, the add), and without either (the op's output as it is); outputs
-    and gradients against the float64 oracle within TOL."""
+    (drop split, the rank-0 second product adding v and the bias), and without either (the op's output as
+    it is); outputs and gradients against the float64 oracle within TOL."""
     for p, bias in ((0.3, True), (0.0, False)):
         layer = _layer("nf4", n=192, k=256, r=16, dropout=p, bias=bias, dtype=torch.bfloat16)
         x = torch.randn(64, layer.in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)

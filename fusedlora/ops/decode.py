@@ -132,7 +132,9 @@ def decode_lora_linear(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
     a = _aligned16(lora_A)
     dq = weight.double_quant
     m = x2.shape[0]
-    splits = wide_splits(n, k, sm_count(x.device)) if m >= wide_min_m(k, n) else 1
+    # the 128-row kernel's K split (it runs from wide_min_m on where the tensor-core kernels do)
+    wide = m >= wide_min_m(k, n) and k % MMA_STEP == 0 and weight.block % MMA_STEP == 0
+    splits = wide_splits(n, k, sm_count(x.device)) if wide else 1
     tickets = split_sum.tickets(x.device, -(-n // WIDE_ROWS)) if splits > 1 else None
     y = torch.ops.fusedlora.decode_lora_cuda(
         x2, weight.data,
