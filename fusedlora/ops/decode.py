@@ -24,12 +24,6 @@ from ..formats.nf4 import nf4_code
 from ..formats.packed import Packed4bit
 from .registry import implementation, register
 
-
-def sm_count(device: torch.device) -> int:
-    from ..kernels.lora_fwd import sm_count as count
-
-    return count(device)
-
 # The cut-over to the Triton path (the low-rank pre-kernel + the fused forward GEMM with in-loop decode),
 # from bench/sass_loops.py's prediction (H100 and H200, Llama-3-8B projections, NF4 double quant, bf16):
 # the tensor-core decode streams W once at any M, so it costs about the weight's bytes at the copy rate
@@ -64,18 +58,18 @@ _SCHEME_ID = {"nf4": 0, "int4": 1}
 def decode_max_m(k: int, n: int, tensor_cores: bool = True) -> int:
     """The largest M the decode runs for an [n, k] weight (the rule above): the GEMV's build limit, or the
     largest M up to DECODE_KERNEL_MAX_M whose tensor-core kernel keeps its re-reads of x within
-    X_REREAD_BUDGET."""
+    X_REREAD_BUDGET. Closed form (re-reads grow linearly in M): it runs on every inference call."""
     if not tensor_cores:
         return DECODE_GEMV_MAX_M
-    fits = [m for m in range(1, DECODE_KERNEL_MAX_M + 1) if x_reread_bytes(m, k, n) <= X_REREAD_BUDGET]
-    return max([DECODE_GEMV_MAX_M, *fits])
+    wide_from = wide_min_m(k, n)  # every M below it fits in the 16-row kernel
+    wide_fit = min(DECODE_KERNEL_MAX_M, X_REREAD_BUDGET // rows_reread_bytes(1, k, n, WIDE_ROWS))
+    return max(DECODE_GEMV_MAX_M, wide_from - 1, wide_fit if wide_fit >= wide_from else 0)
 
 
 def wide_min_m(k: int, n: int) -> int:
     """The first M that runs the 128-row kernel: past DECODE_GEMV_MAX_M, or where the 16-row kernel's
     re-reads of x would pass X_REREAD_BUDGET."""
-    return next((m for m in range(1, DECODE_GEMV_MAX_M + 1) if rows_reread_bytes(m, k, n, 16) > X_REREAD_BUDGET),
-                DECODE_GEMV_MAX_M + 1)
+    return min(DECODE_GEMV_MAX_M + 1, X_REREAD_BUDGET // rows_reread_bytes(1, k, n, 16) + 1)
 
 
 def rows_reread_bytes(m: int, k: int, n: int, rows: int) -> int:
@@ -126,6 +120,7 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
 
 def decode_lora_linear(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
     from ..kernels import split_sum
+    from ..kernels.lora_fwd import sm_count
 
     n, k = weight.shape
     x2 = _aligned16(x.reshape(-1, k))

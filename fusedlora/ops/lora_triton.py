@@ -221,9 +221,7 @@ def _fused_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, bias: Tenso
     the weight's tensors, dropout ``p`` drawn from a fresh seed, ``residual`` [..., N] added; y [..., N]."""
     n, k = weight.shape if isinstance(weight, Packed4bit) else tuple(weight.shape)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _unit_columns(x.reshape(-1, k))
     seed = draw_seed(x.device) if p > 0 else None
     w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
     y2, _, _ = torch.ops.fusedlora.lora_fwd(
@@ -235,6 +233,7 @@ def _fused_linear(x: Tensor, weight, lora_A: Tensor, lora_B: Tensor, bias: Tenso
 
 
 def _unit_columns(t: Tensor) -> Tensor:
+    """``t`` with a unit stride along its last dimension (the kernels' loads need it; row strides pass)."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
