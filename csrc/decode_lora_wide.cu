@@ -1,5 +1,5 @@
-// Tensor-core decode kernel for 17..64 tokens: the step of decode_lora_mma.cu (decode_mma_step.cuh), with
-// x shared by 128 rows of W instead of 16.
+// Tensor-core decode kernel for 17..64 tokens (and from 10 where wide_min_m says so): the step of
+// decode_lora_mma.cu (decode_mma_step.cuh), with x shared by 128 rows of W instead of 16.
 //
 // Why: decode_lora_mma.cu gives each block 16 rows and splits K over its 8 warps, so every block reads all
 // of x again from L2 — M·K·2 bytes per 16 rows, M / 4 times the weight's own bytes (M = 64 on a
@@ -36,6 +36,8 @@ constexpr int kXRow = kStep + 8;  // staged row: 64 codes' x + 16 bytes of paddi
 // are interleaved; 4 at a time leave 47 NOPs between dependent mmas per 2 KB of weight at 8 tiles (2 at a
 // time: 76), and all 8 at once spill
 constexpr int kWidePass = 4;
+template <int NT>
+constexpr int kPassOf = NT < kWidePass ? NT : kWidePass;
 
 // The staged x of one group, read as decode_mma_step's XSpan.
 template <typename T, int NT>
@@ -139,17 +141,17 @@ __global__ void __launch_bounds__(kWideThreads, kWideMinBlocks<NT>) gemv_lora_wi
     for (; s0 + 2 * kUnroll <= s_end; s0 += kUnroll) {
       stage_x(s0, kUnroll);
       const GroupLoads next = load_group<T, F, true>(a, lane, s0 + kUnroll, kUnroll, n_lo, n_hi);
-      compute_group<T, F, NT, true, kWidePass>(now, tab, lane, kUnroll, c, span);
+      compute_group<T, F, NT, true, kPassOf<NT>>(now, tab, lane, kUnroll, c, span);
       now = next;
     }
     stage_x(s0, kUnroll);
-    compute_group<T, F, NT, true, kWidePass>(now, tab, lane, kUnroll, c, span);
+    compute_group<T, F, NT, true, kPassOf<NT>>(now, tab, lane, kUnroll, c, span);
     s0 += kUnroll;
   }
   if (s0 < s_end) {
     stage_x(s0, s_end - s0);
-    compute_group<T, F, NT, false, kWidePass>(load_group<T, F, false>(a, lane, s0, s_end - s0, n_lo, n_hi), tab, lane,
-                                         s_end - s0, c, span);
+    compute_group<T, F, NT, false, kPassOf<NT>>(load_group<T, F, false>(a, lane, s0, s_end - s0, n_lo, n_hi), tab,
+                                                lane, s_end - s0, c, span);
   }
 
   wait_for_prerequisite();  // xa comes from the pre-pass
@@ -196,7 +198,10 @@ cudaError_t launch_decode_wide(const DecodeArgs& a, cudaStream_t stream) {
   if (a.splits < 1 || (a.splits > 1 && (a.partials == nullptr || a.tickets == nullptr))) return cudaErrorInvalidValue;
   const dim3 grid((a.N + kWideRows - 1) / kWideRows, a.splits), block(kWideThreads);
   const bool dependent = a.overlap != 0;
-  // 4 or 8 token tiles: x staged for 4 steps of 64 codes is 18 or 37 KB of shared memory
+  // 2, 4 or 8 token tiles: x staged for 4 steps of 64 codes is 9, 18 or 37 KB of shared memory. 2 tiles run
+  // where the 128-row kernel takes over below 17 tokens (the 14336-wide shapes): half the mma work and x
+  // of 4 tiles
+  if (a.M <= 16) return launch_kernel(gemv_lora_wide_kernel<T, F, 2>, grid, block, stream, dependent, a);
   if (a.M <= 32) return launch_kernel(gemv_lora_wide_kernel<T, F, 4>, grid, block, stream, dependent, a);
   return launch_kernel(gemv_lora_wide_kernel<T, F, 8>, grid, block, stream, dependent, a);
 }

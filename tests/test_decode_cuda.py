@@ -142,7 +142,7 @@ def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant, m):
 def test_decode_matches_reference(dtype, quant, m, mma_min_m, wide_from, k, n, monkeypatch):
     # mma_min_m 1: the tensor-core kernels for every M (K a multiple of 64; K = 96 takes the GEMV): 16 rows
     # per block with 1 or 2 token tiles, 128 rows per block (its K split over blocks where N is small) from
-    # wide_from on, with 4 or 8; mma_min_m 17: the CUDA-core GEMV for every M.
+    # wide_from on, with 2, 4 or 8; mma_min_m 17: the CUDA-core GEMV for every M.
     from fusedlora.kernels import split_sum
     from fusedlora.ops import decode
 

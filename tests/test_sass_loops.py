@@ -27,17 +27,28 @@ def test_decode_model_picks_the_kernel_the_dispatcher_runs():
     counts every token of the picked instantiation's tiles, and a K split adds its fp32 partials' bytes."""
     from fusedlora.ops.decode import wide_min_m, wide_splits
 
-    loops = [_loop("tensor-core", 8), _loop("tensor-core", 16), _loop("128-row", 32, 600.0),
-             _loop("128-row", 64, 850.0)]
+    loops = [_loop("tensor-core", 8), _loop("tensor-core", 16), _loop("128-row", 16, 510.0),
+             _loop("128-row", 32, 600.0), _loop("128-row", 64, 850.0)]
     assert wide_min_m(4096, 14336) == 10 and wide_min_m(4096, 4096) == 17
     assert sl.picked(loops, 9, 1, 10).label == "tensor-core bf16 nf4-dq M<=16"
-    assert sl.picked(loops, 10, 1, 10).label == "128-row bf16 nf4-dq M<=32"
+    assert sl.picked(loops, 10, 1, 10).label == "128-row bf16 nf4-dq M<=16"
+    assert sl.picked(loops, 17, 1, 17).label == "128-row bf16 nf4-dq M<=32"
     assert sl.picked(loops, 33, 1, 17).label == "128-row bf16 nf4-dq M<=64"
     rows = {m: sl.decode_row(loops, "H100-SXM", 4096, 14336, m) for m in (9, 10, 33, 64)}
     assert rows[9]["loop"].startswith("tensor-core") and rows[10]["loop"].startswith("128-row")
     assert rows[64]["tensor_us"] == rows[33]["tensor_us"] > 0  # 64 tokens of tiles either way
-    assert rows[33]["tensor_us"] == 2 * rows[10]["tensor_us"]
+    assert rows[33]["tensor_us"] == 4 * rows[10]["tensor_us"]  # 64 tokens of tiles against 16
     # 4096 -> 4096 splits K over 5 blocks per 128 rows: the partials' bytes go into the time
     assert wide_splits(4096, 4096, 132) == 5
     split = sl.decode_row(loops, "H100-SXM", 4096, 4096, 64)
     assert split["ours_us"] > max(split["issue_us"], split["copy_us"], split["tensor_us"]) + 3.0
+
+
+def test_reach_line_counts_cases_no_kernel_can_meet():
+    """The best case has only the bytes and the launch: 3 µs of each is 50 % of copy, below the 75 % target
+    whatever the loop; 12 µs of bytes against 3 of launch is 80 %."""
+    rows = [{"copy_us": 3.0, "cublas_us": 14.0}, {"copy_us": 12.0, "cublas_us": 50.0}]
+    line = sl.reach_line(rows, 3.0)
+    assert "% of copy 50-80" in line and "speedup 2.33-3.33" in line
+    assert line.endswith("out of any kernel's reach in 1 of 2")
+    assert sl.reach_line(rows[1:], 3.0).endswith("every case can meet both targets")

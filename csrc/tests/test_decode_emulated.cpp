@@ -266,9 +266,9 @@ void run_case(const Case& c) {
 // block's rows past N); the 16-row tensor-core kernel's 64-code steps over 8 warps: K = 256 (one step per
 // warp), 1088 (17: uneven shares, idle warps), 2048 (4 per warp: whole unrolled groups only), 2176 and 4224
 // (34 and 66: whole groups and a partial one); K = 256 with block 128 and r = 16, K = 2048 with block 256.
-// The 128-row kernel (M > 16, and from M = 9 where wide_min_m says so): N = 150 and 300 (a partial last
-// block, two and three blocks), and N < 128; its K split over 1 or 3 blocks (K = 256: 4 steps, so one
-// split has none; 1088: 6, 6 and 5 steps, partial groups).
+// The 128-row kernel (M > 16, and from M = 9 where wide_min_m says so: its 2-tile build): N = 150 and 300
+// (a partial last block, two and three blocks), and N < 128; its K split over 1 or 3 blocks (K = 256:
+// 4 steps, so one split has none; 1088: 6, 6 and 5 steps, partial groups).
 void run_all() {
   struct Shape {
     int N, K, nf4_block, int4_group, r;
