@@ -369,7 +369,8 @@ def _work(role: str, c: dict, dims: dict, sms: int) -> Work:
                     bm * bn * bk + xa_fma,
                     e * m * red + weight_bytes(n, k, dims["wfmt"]) + e * m * out_cols + 4 * m * r + e * out_cols * r
                     + (8 * splits * m * out_cols if splits > 1 else 0) + da + xa_bytes
-                    + (e * m * out_cols if dims.get("residual") else 0), splits)
+                    + (e * m * out_cols if dims.get("residual") else 0)
+                    + (e * m * out_cols + m * out_cols / 8 if dims.get("blend") else 0), splits)
     if role == "lowrank":  # out fp32 [m, r] = drop(x [m, k]) . V[r, k]^T, K sliced at few rows
         m, k, r = dims["m"], dims["k"], dims["r"]
         m_tiles, steps = cdiv(m, c["BLOCK_M"]), cdiv(k, c["BLOCK_K"])
@@ -480,14 +481,15 @@ def _decode(p: str, n: int, k: int, fmt: str = "nf4-dq") -> list:
 
 
 def _gemm(role: str, p: str, m: int, n: int, k: int, r: int, drops: bool, fmt: str = "nf4-dq",
-          da: bool = False, fused_xa: bool = False, residual: bool = False) -> list:
+          da: bool = False, fused_xa: bool = False, residual: bool = False, blend: bool = False) -> list:
     """The fused GEMM stage; ``drops``: the call applies dropout (dX then reads the keep-mask); ``da``: dX
     also makes dA's partial sums (``lora_bwd.FUSED_DA_MAX_RANK``); ``fused_xa``: the forward makes xa in
-    its own loop (``lora_fwd.fuses_xa``); ``residual``: the forward adds an [M, N] tensor in its epilogue."""
+    its own loop (``lora_fwd.fuses_xa``); ``residual``: the forward adds an [M, N] tensor in its epilogue;
+    ``blend``: dX mixes in another [M, K] gradient by keep bits (``lora_bwd.blend_dropped``)."""
     wfmt = "dense" if p == "dequant" else fmt
-    return [[(role, {"fmt": wfmt, "fused_xa": fused_xa, "residual": residual},
+    return [[(role, {"fmt": wfmt, "fused_xa": fused_xa, "residual": residual, "blend": blend},
               {"m": m, "n": n, "k": k, "r": r, "wfmt": wfmt, "dropout": drops, "da": da, "fused_xa": fused_xa,
-               "residual": residual})]]
+               "residual": residual, "blend": blend})]]
 
 
 def _forward(p: str, m: int, n: int, k: int, r: int, drops: bool, fmt: str = "nf4-dq") -> list:
@@ -551,8 +553,8 @@ def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_d
     op on them, without dropout, on x or drop(x): v = g ⊙ z, and its backward on dY as it is; dm from the
     column sums of dY ⊙ v (one stream). With dropout: one pass makes drop(x) and x - drop(x) (and the
     mask's bits); the base product of x - drop(x) (the fused GEMMs at rank 0, forward and dX, on the weight
-    as it is), whose forward adds v in its epilogue (y = v + u); one pass forms dx from the two gradients
-    and the bits."""
+    as it is), whose forward adds v in its epilogue (y = v + u) and whose dX, run after the fused op's,
+    mixes the two gradients by the bits into dx in its epilogue."""
     fwd_path, dx_path = _paths(path)
     stages = [
         *_forward(norm_path, r, n, k, r, False),
@@ -568,8 +570,7 @@ def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_d
             _decode(fwd_path, n, k),
             _gemm("fwd", fwd_path, m, n, k, 0, False, residual=True),
             _decode(dx_path, n, k),
-            _gemm("dx", dx_path, m, n, k, 0, False),
-            [[("dora_drop_bwd", {}, {"m": m, "k": k})]],
+            _gemm("dx", dx_path, m, n, k, 0, False, blend=True),
         ]
     return [stage for stage in stages if stage]
 
@@ -591,6 +592,8 @@ def candidates(loops: list[Loop], role: str, sel: dict) -> list[Loop]:
         if bool(lp.constexprs.get("FUSED_XA")) != bool(sel.get("fused_xa")):
             continue
         if bool(lp.constexprs.get("HAS_RES")) != bool(sel.get("residual")):
+            continue
+        if bool(lp.constexprs.get("BLEND")) != bool(sel.get("blend")):
             continue
         out.append(lp)
     return out

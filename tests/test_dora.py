@@ -167,14 +167,22 @@ def test_gain_kernel_folds_g_into_scales_and_b(triton_backend):
 def test_folded_route_bf16_gpu(triton_backend):
     """bf16 takes the folded route (g in a double-quantized NF4 weight's row scales): with dropout and bias
     (drop split, the rank-0 second product adding v and the bias), and without either (the op's output as
-    it is); outputs and gradients against the float64 oracle within TOL."""
-    for p, bias in ((0.3, True), (0.0, False)):
+    it is), and with the mask drawn in the kernels (x's gradient from the second product's dX epilogue);
+    outputs and gradients against the float64 oracle within TOL."""
+    from fusedlora.kernels.dropout import dropout_mask
+    from fusedlora.ops.lora_triton import draw_seed
+
+    for p, bias, drawn in ((0.3, True, False), (0.0, False, False), (0.3, True, True)):
         layer = _layer("nf4", n=192, k=256, r=16, dropout=p, bias=bias, dtype=torch.bfloat16)
         x = torch.randn(64, layer.in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        mask = (torch.rand(x.shape, device=x.device) >= p) if p else None
+        mask = (torch.rand(x.shape, device=x.device) >= p) if p and not drawn else None
         mag = layer.lora_magnitude_vector
+        torch.manual_seed(321)
         y = dora_linear(x, layer.base_weight, layer.lora_A, layer.lora_B, layer.scaling, mag.weight,
                         mag.base_sq_norm(layer, x.dtype), layer.bias, p, True, mask)
+        if drawn:
+            torch.manual_seed(321)
+            mask = dropout_mask(draw_seed(x.device), x.shape, p, x.device)
         _check_with_oracle(layer, x, y, mask)
 
 
@@ -374,13 +382,19 @@ def test_kept_norm_is_computed_once_per_adapter_state(triton_backend, monkeypatc
     assert _rel(y3, uncached) < 1e-6 and _rel(y3, y1) > 1e-3
 
 
-@pytest.mark.parametrize("quant, dtype", [(None, torch.float32), ("nf4", torch.float16)])
-def test_dropout_drawn_in_the_kernel_equals_the_oracle_with_its_mask(triton_backend, quant, dtype):
+@pytest.mark.parametrize("quant, dtype", [(None, torch.float32), ("nf4", torch.float16), ("nf4", torch.float32)])
+def test_dropout_drawn_in_the_kernel_equals_the_oracle_with_its_mask(triton_backend, monkeypatch, quant, dtype):
     """Dropout without an explicit mask: drop(x) and x − drop(x) come from one kernel whose mask is drawn
     from a seed of torch's generator (kernels.dropout's scheme); re-drawing that seed and materializing the
-    mask gives the oracle the same drop. Outputs and every gradient within the file's tolerances."""
+    mask gives the oracle the same drop. Outputs and every gradient within the file's tolerances. On the
+    folded route (a 4-bit base in fp32) x's gradient comes from the last dX GEMM's epilogue: the pass that
+    mixes the two gradients otherwise never runs."""
+    from fusedlora.kernels import dora as kernels_dora
     from fusedlora.kernels.dropout import dropout_mask
     from fusedlora.ops.lora_triton import draw_seed
+
+    if quant and dtype == torch.float32:
+        monkeypatch.setattr(kernels_dora, "drop_split_bwd", lambda *a: pytest.fail("the mixing pass ran"))
 
     p = 0.3
     layer = _layer(quant, dropout=p, dtype=dtype)

@@ -306,6 +306,43 @@ def test_residual_added_once_across_k_slices(monkeypatch, kind):
     assert no_ticket_left()
 
 
+@pytest.mark.parametrize("kind,path,m", [("dense", None, 37), ("nf4-dq", "inloop", 37), ("int4", "dequant", 37),
+                                          ("nf4-dq", "inloop", 9)])
+def test_rank_zero_dx_blends_in_the_dropped_inputs_gradient(monkeypatch, kind, path, m):
+    """x went in as drop(x) and as c = x − drop(x): the rank-0 dX GEMM of c's product, given drop(x)'s
+    gradient and the keep bits, returns x's: dc + m·(dxd − dc)/(1 − p), dc = dY·W (on NaN-poisoned outputs;
+    at 9 tokens on the 4-bit path K is split over programs, each slice scaling its share, one adding dxd's)."""
+    from fusedlora.kernels import lora_fwd
+    from fusedlora.kernels.dora import drop_split
+    from fusedlora.kernels.dropout import dropout_mask
+    from fusedlora.ops.lora_triton import weight_args
+    from fusedlora.ops.paths import forced_path
+
+    monkeypatch.setitem(lora_fwd._SMS, torch.device("cpu"), 64)
+    k, n, p = 192, 512, 0.3
+    if m == 9:
+        assert lora_fwd.reduction_splits(m, k, n, 64) > 1
+    torch.manual_seed(5 + m)
+    weight, w64, wlow = make_weight(kind, n, k, torch.float32)
+    dy, dxd = torch.randn(m, n), torch.randn(m, k) * 3
+    seed = torch.tensor([1234])
+    _, _, bits = drop_split(torch.randn(m, k), seed, p)
+    kept = dropout_mask(seed, (m, k), p, "cpu")
+    w = weight_args(weight)
+    poison_new_tensors(monkeypatch)
+    with forced_path(path):
+        dx, _, _ = torch.ops.fusedlora.lora_bwd(dy, dxd, torch.empty(m, 0), bits, *w[:5], torch.empty(0, k),
+                                                torch.empty(n, 0), 0.0, 0.0, w[5], *w[6:], True, False, False,
+                                                dxd, p)
+
+    def blend(dc, dd):
+        return dc + kept.to(dc.dtype) * (dd - dc) / (1 - p)
+
+    assert torch.isfinite(dx).all() and 0.2 < 1 - kept.float().mean().item() < 0.4
+    assert_within(dx, blend(dy.double() @ w64, dxd.double()), blend(dy @ wlow, dxd), "dx", torch.float32)
+    assert no_ticket_left()
+
+
 def test_bad_residual_is_named():
     from fusedlora.ops.lora_triton import base_linear
 

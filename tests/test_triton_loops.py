@@ -231,15 +231,19 @@ def test_dora_layer_launches():
     assert roles.count("fwd") == 3 and roles.count("dx") == 2 and roles.count("dequant") == 2
     assert roles.count("torch") == 2 and roles.count("dora_add") == 0 and roles.count("g_db") == 1  # sums, dB
     # the second base product: rank 0 (no low-rank launches), on the weight as it is, no dropout anywhere;
-    # its forward adds v in the epilogue (y = v + u: no stream), reading [M, N] once more
+    # its forward adds v in the epilogue (y = v + u: no stream), reading [M, N] once more; its dX mixes in
+    # drop(x)'s gradient by the bits (no stream for dx), reading [M, K] and the bits once more
     second = [d for role, _, d in (s[0][0] for s in p1[3 + len(lora) + 2:]) if role in ("fwd", "dx")]
-    assert [(d["r"], d["wfmt"], d["residual"]) for d in second] == [(0, "nf4-dq", True), (0, "dense", False)]
+    assert [(d["r"], d["wfmt"], d["residual"], d["blend"]) for d in second] == [
+        (0, "nf4-dq", True, False), (0, "dense", False, True)]
     gemm = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16}
     plain, added = (tl_.work("fwd", gemm, {**second[0], "residual": res}, 132) for res in (False, True))
     assert added.bytes - plain.bytes == 2 * 4096 * 4096 and added.fma_per_iter == plain.fma_per_iter
+    plain, mixed = (tl_.work("dx", gemm, {**second[1], "blend": b}, 132) for b in (False, True))
+    assert mixed.bytes - plain.bytes == 2 * 4096 * 4096 + 4096 * 4096 / 8 and mixed.fma_per_iter == plain.fma_per_iter
     assert roles.count("lowrank") == 1  # the layer's (the norm's GEMM makes its xa itself)
     assert not any(d.get("dropout") for _, _, d in (s[0][0] for s in p1))
-    assert roles.count("dora_drop_fwd") == roles.count("dora_drop_bwd") == 1
+    assert roles.count("dora_drop_fwd") == 1 and roles.count("dora_drop_bwd") == 0
     drop = tl_.work("dora_drop_fwd", {"BLOCK_M": 16, "BLOCK_K": 128}, {"m": 4096, "k": 4096}, 132)
     mk = 4096 * 4096
     assert drop.bytes == 6 * mk + mk / 8 and drop.programs == 256 * 32  # bf16: x in, xd and c out, 1-bit mask
@@ -265,6 +269,8 @@ def test_dora_predictions_rows():
         *[_fake(f"{role}_{fmt}", role, gemm, count=300, mma="HGMMA", fmt=fmt)
           for role in ("fwd", "dx") for fmt in ("dense", "nf4", "nf4-dq")],
         *[_fake(f"fwd_{fmt}_res", "fwd", {**gemm, "HAS_RES": True}, count=300, mma="HGMMA", fmt=fmt)
+          for fmt in ("dense", "nf4-dq")],
+        *[_fake(f"dx_{fmt}_blend", "dx", {**gemm, "BLEND": True}, count=300, mma="HGMMA", fmt=fmt)
           for fmt in ("dense", "nf4-dq")],
         *[_fake(f"dora_{s}_bf16", f"dora_{s}", {"BLOCK_M": 32, "BLOCK_N": 128}) for s in ("add", "colsum")],
         _fake("dora_norm_bf16", "dora_norm", {"BLOCK_N": 64, "BLOCK_R": 16}),

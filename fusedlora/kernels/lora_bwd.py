@@ -29,6 +29,8 @@ may exceed, and fp32 for fp32.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import triton
 import triton.language as tl
@@ -69,15 +71,17 @@ def _lora_dx_kernel(
     sum_ptr, ticket_ptr,
     # with FUSE_DA: x [M, K] and the fp32 workspace of dA's partial sums [row tiles, R, K]
     x_ptr, da_ptr,
+    # with BLEND: the gradient of drop(x) [M, K] (laid out as dX), mixed in by the keep bits (``blend_dropped``)
+    blend_ptr,
     # sizes (M_BUCKET: M rounded up to a power of two, the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
     stride_dym, stride_dxm, stride_xm,
-    # s/(1-p); NF4's nested offset (DQ)
-    lora_scale, noff,
+    # s/(1-p); NF4's nested offset (DQ); BLEND's 1/(1-p)
+    lora_scale, noff, blend_scale,
     # meta-parameters
     WFMT: tl.constexpr, QBLOCK: tl.constexpr, DQ: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DROPOUT: tl.constexpr,
-    USE_ASM: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, FUSE_DA: tl.constexpr,
+    USE_ASM: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, FUSE_DA: tl.constexpr, BLEND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -119,6 +123,9 @@ def _lora_dx_kernel(
                                   BLOCK_M, BLOCK_K, BLOCK_R, True)
         offs = rm64[None, :] * stride_dxm + rk[:, None]
         mask = k_mask[:, None] & m_mask[None, :]
+        if BLEND:
+            acc_t = blend_dropped(acc_t, blend_ptr, bits_ptr, offs, mask, rm64, k0, m_mask, K, blend_scale,
+                                  BLOCK_M, BLOCK_K, True)
         if SPLIT:
             store_slice(acc_t, dx_ptr, M.to(tl.int64) * stride_dxm, offs, mask, ticket_ptr + tl.program_id(0),
                         sum_ptr)
@@ -141,8 +148,12 @@ def _lora_dx_kernel(
             acc = tl.dot(dyt, wt.to(dyt.dtype), acc)
         acc += dx_lora_term(g_ptr, a_ptr, bits_ptr, rm64, rk, k0, m_mask, k_mask, K, R, lora_scale, DROPOUT,
                             BLOCK_M, BLOCK_K, BLOCK_R)
-        tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & k_mask[None, :])
+        offs = rm64[:, None] * stride_dxm + rk[None, :]
+        mask = m_mask[:, None] & k_mask[None, :]
+        if BLEND:
+            acc = blend_dropped(acc, blend_ptr, bits_ptr, offs, mask, rm64, k0, m_mask, K, blend_scale, BLOCK_M,
+                                BLOCK_K)
+        tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
         if FUSE_DA:
             da_partial(g_ptr, x_ptr, bits_ptr, da_ptr, pid_m, rm64, rk, k0, m_mask, k_mask, K, R, stride_xm,
                        lora_scale, DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R)
@@ -178,6 +189,23 @@ def dx_lora_term(g_ptr, a_ptr, bits_ptr, rm64, rk, k0, m_mask, k_mask, K, R, lor
             kept = tl.trans(kept)
         lo = tl.where(kept, lo, 0.0)
     return lo
+
+
+@triton.jit
+def blend_dropped(acc, other_ptr, bits_ptr, offs, mask, rm64, k0, m_mask, K, keep_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """x's gradient where x went in twice, as drop(x) and as c = x − drop(x) (DoRA with dropout): ``acc`` is
+    c's gradient (this reduction slice's share of it), ``other_ptr`` drop(x)'s at ``offs``; with the keep bits
+    m and q = ``keep_scale`` = 1/(1-p), dx = acc + m·q·(other − acc). That is affine in acc: each slice of a
+    split scales its share by 1 − m·q, and the first adds m·q·other."""
+    kept = load_bits(bits_ptr, rm64, k0, (K + 7) // 8, m_mask, BLOCK_M, BLOCK_K)
+    if TRANSPOSED:
+        kept = tl.trans(kept)
+    w = tl.where(kept, keep_scale, 0.0)
+    out = acc * (1.0 - w)
+    if tl.program_id(1) == 0:
+        out += w * tl.load(other_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return out
 
 
 @triton.jit
@@ -367,10 +395,12 @@ FUSED_DA_MAX_RANK = 32
 
 
 def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nested=None,
-            x=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            x=None, blend=None, blend_p=0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dX, dA's job or None): with ``x`` given (M, K > 0, unit column stride) dA = s/(1-p)·(m ⊙ x)ᵀ·g comes
     from the same launch, each program writing its rows' share to a workspace row tile; the job
-    (workspace, row tiles, 1) is for ``sum_partials``."""
+    (workspace, row tiles, 1) is for ``sum_partials``. With ``blend`` (drop(x)'s gradient [M, K],
+    contiguous; ``bits`` then its keep bits, ``blend_p`` its drop probability) dX is mixed with it as
+    ``blend_dropped`` says."""
     m, n = dy.shape
     r, k = lora_A.shape
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
@@ -385,18 +415,21 @@ def lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nes
     out = dx if splits == 1 else torch.empty((splits, m, k), dtype=torch.float32, device=dy.device)
     tix = split_tickets("dx", wfmt == 0, aligned, m, k, dy.device) if splits > 1 else dummy
     fuse_da = x is not None
+    if blend is not None and (tuple(blend.shape) != (m, k) or not blend.is_contiguous()):
+        raise ValueError(f"blend: expected a contiguous [{m}, {k}] tensor, got {tuple(blend.shape)}")
     if fuse_da:
         smallest = min(c["BLOCK_M"] for c in gemm_configs("dx", wfmt == 0, aligned or wfmt == 0))
         da_ws = torch.empty((triton.cdiv(m, smallest), r, k), dtype=torch.float32, device=dy.device)
     kernel = gemm_kernel(_lora_dx_even_n, "dx", wfmt == 0, dy.device, aligned or wfmt == 0)
     kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), splits)](
         dy, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
-        table_tensor(wfmt, dy.dtype, dy.device), na, nc, g, lora_A, bits if p > 0 else dummy, out, dx, tix,
-        x if fuse_da else dy, da_ws if fuse_da else dummy,
+        table_tensor(wfmt, dy.dtype, dy.device), na, nc, g, lora_A,
+        bits if p > 0 or blend is not None else dummy, out, dx, tix,
+        x if fuse_da else dy, da_ws if fuse_da else dummy, blend if blend is not None else dy,
         m, n, k, r, m_bucket(m), dy.stride(0), dx.stride(0), x.stride(0) if fuse_da else 0,
-        float(scale) / (1.0 - p), float(noff),
+        float(scale) / (1.0 - p), float(noff), 1.0 / (1.0 - blend_p),
         WFMT=wfmt, QBLOCK=block if wfmt else 64, DQ=nested is not None, ROWS_ALIGNED=aligned, DROPOUT=p > 0,
-        USE_ASM=not interpreted(), SPLIT=splits > 1, FUSE_DA=fuse_da, BLOCK_R=block_r(r),
+        USE_ASM=not interpreted(), SPLIT=splits > 1, FUSE_DA=fuse_da, BLEND=blend is not None, BLOCK_R=block_r(r),
     )
     da = None
     if fuse_da:  # the row tiles of the config that ran (the autotuner's choice for this key)
@@ -456,9 +489,10 @@ def lora_backward(
     w: torch.Tensor, w_scales: torch.Tensor | None, w_zeros: torch.Tensor | None, fmt: str, block: int,
     lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, p: float,
     need_dx: bool = True, need_da: bool = True, need_db: bool = True, nested: tuple | None = None,
+    blend: torch.Tensor | None = None, blend_p: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dX in x's dtype, dA, dB in fp32) — each None when not needed. dY, x [M, *] with unit column stride;
-    ``bits`` the forward's dropout keep bits when p > 0."""
+    ``bits`` the forward's dropout keep bits when p > 0, or those of ``blend`` (``lora_dx``)."""
     m, k = x.shape
     fuse = need_dx and need_da and m > 0 and k > 0 and 0 < lora_A.shape[0] <= FUSED_DA_MAX_RANK
     # dB's partial sums wait for dA's (from dX's epilogue): one launch adds both
@@ -466,7 +500,7 @@ def lora_backward(
     dx = da = None
     if need_dx:
         dx, da = lora_dx(dy, g, w, w_scales, w_zeros, fmt, block, lora_A, scale, p, bits, nested,
-                         x if fuse else None)
+                         x if fuse else None, blend, blend_p)
     if fuse:
         da, db_sum = sum_partials(da, db)
         db = db_sum if need_db else None
@@ -506,13 +540,18 @@ def aot_specs() -> list[dict]:
     specs += gemm_specs("dx", _lora_dx_kernel, lambda dptr, fid, dq: {
         "dy_ptr": dptr, **weight_signature(fid, dptr, dq), "tab_ptr": "*i32", "na_ptr": "*fp32", "nc_ptr": "*fp32",
         "g_ptr": "*fp32", "a_ptr": dptr, "bits_ptr": "*u8", "dx_ptr": dptr, "sum_ptr": dptr, "ticket_ptr": "*i32",
-        "x_ptr": dptr, "da_ptr": "*fp32",
+        "x_ptr": dptr, "da_ptr": "*fp32", "blend_ptr": dptr,
         "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "stride_dym": "i32", "stride_dxm": "i32",
-        "stride_xm": "i32", "lora_scale": "fp32", "noff": "fp32"},
-        {"DROPOUT": True, "USE_ASM": True, "SPLIT": False, "EVEN_N": True, "FUSE_DA": True})
+        "stride_xm": "i32", "lora_scale": "fp32", "noff": "fp32", "blend_scale": "fp32"},
+        {"DROPOUT": True, "USE_ASM": True, "SPLIT": False, "EVEN_N": True, "FUSE_DA": True, "BLEND": False})
     # N not a multiple of BLOCK_N (every step masks its rows): once, on the large-M 4-bit config
     base = next(s for s in specs if s["name"] == "lora_dx_bf16_nf4-dq_128x128x64")
     ragged = dict(base, name=base["name"] + "_ragged_n", constexprs={**base["constexprs"], "EVEN_N": False})
     # dA by its own pass (ranks above FUSED_DA_MAX_RANK, rank 0, dX without dA): the same config
     no_da = dict(base, name=base["name"] + "_no_da", constexprs={**base["constexprs"], "FUSE_DA": False})
-    return specs + [ragged, no_da]
+    # the rank-0 dX of DoRA with dropout, mixing in drop(x)'s gradient (``blend_dropped``), on the bf16 configs
+    # the large-M dX picks from
+    blend = [dict(s, name=s["name"] + "_blend",
+                  constexprs={**s["constexprs"], "DROPOUT": False, "FUSE_DA": False, "BLEND": True})
+             for s in specs if re.fullmatch(r"lora_dx_bf16_(dense_128x64x128|nf4-dq_128x128x64)", s["name"])]
+    return specs + [ragged, no_da] + blend

@@ -27,10 +27,11 @@ with each row's block scales times g[n] (fp32 [N, K / block], a double-quantized
 launch makes them, g ⊙ B and 1 / m). The fused op then returns v = g ⊙ z itself, its backward gives dx, dA
 and dB with g applied (no dz = g ⊙ dy pass), and dm = Σ_rows dy ⊙ v / m needs only column sums. Without
 dropout or bias no stream runs at all; with dropout, the GEMM of u = (x − xd)·Wᵀ adds v and the bias in its
-epilogue, so y = v + u + b costs no stream either. The op saves the fp32 scales for its backward: at most
-1/8 of the 4-bit weight's bytes per layer. A magnitude that is exactly 0 is folded as 2^-64 (its outputs are then
-2^-64·z/‖·‖, not 0), so that z stays recoverable from v for its gradient; fp16's range cannot hold that,
-so fp16 keeps the z-and-streams route.
+epilogue, so y = v + u + b costs no stream either, and (drawn in the kernels: ``_FoldedDropout``) u's dX GEMM
+turns the two inputs' gradients into x's in its epilogue, so dx costs none. The op saves the fp32 scales
+for its backward: at most 1/8 of the 4-bit weight's bytes per layer. A magnitude that is exactly 0 is
+folded as 2^-64 (its outputs are then 2^-64·z/‖·‖, not 0), so that z stays recoverable from v for its
+gradient; fp16's range cannot hold that, so fp16 keeps the z-and-streams route.
 
 ``dora_linear_reference`` computes PEFT's formula literally (the dense weight, the full W + s·B·A) and is
 the oracle of the tests.
@@ -325,6 +326,60 @@ class _FoldedScale(torch.autograd.Function):
         return dy, dm, None, db, (dy if need_u and ctx.has_u else None)
 
 
+class _FoldedDropout(torch.autograd.Function):
+    """The folded route with dropout drawn in the kernels, as one node, so that its backward runs in the order
+    that lets x's gradient come out of a GEMM epilogue. Forward as ``_dora_folded``: drop(x), c = x − drop(x)
+    and the keep bits from one pass; v = the fused op on drop(x) and the folded tensors; y = c·Wᵀ + v + b from
+    the rank-0 GEMM. Backward: dm from the column sums of dy ⊙ v; drop(x)'s gradient, dA and g ⊙ B's from the
+    fused op's backward; then c's from the rank-0 dX GEMM, whose epilogue mixes the two by the bits into x's
+    gradient (``kernels.lora_bwd.blend_dropped``: no pass over [M, K] of its own)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, b_fold, magnitude, inv_m, folded, bias, weight, scale, p):
+        from ..kernels.dora import drop_split
+        from .lora_triton import draw_seed, weight_args
+
+        n, k = weight.shape
+        x2 = x.reshape(-1, k).contiguous()
+        xd, c, bits = drop_split(x2, draw_seed(x.device), p)
+        a, bf = lora_A.contiguous(), b_fold.contiguous()
+        wf = weight_args(with_scales(weight, folded))
+        v, xa, _ = torch.ops.fusedlora.lora_fwd(xd, *wf[:5], a, bf, None, None, scale, 0.0, wf[5], n, *wf[6:])
+        w = weight_args(weight)
+        y, _, _ = torch.ops.fusedlora.lora_fwd(c, *w[:5], c.new_empty((0, k)), c.new_empty((n, 0)),
+                                               None if bias is None else bias.contiguous(), None, 0.0, 0.0, w[5], n,
+                                               *w[6:], v)
+        ctx.save_for_backward(xd, xa, bits, v, inv_m, a, bf, folded)
+        ctx.weight, ctx.scale, ctx.p, ctx.m_dtype = weight, scale, p, magnitude.dtype
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ..kernels.dora import dora_scale_bwd
+        from .lora_triton import weight_args
+
+        xd, xa, bits, v, inv_m, a, bf, folded = ctx.saved_tensors
+        weight = ctx.weight
+        n, k = weight.shape
+        need_x, need_a, need_b, need_m, _, _, need_bias = ctx.needs_input_grad[:7]
+        dy2 = dy.reshape(-1, n).contiguous()
+        dm = dora_scale_bwd(dy2, v, None, inv_m)[1].to(ctx.m_dtype) if need_m else None
+        db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_bias else None
+        dx = da = dbf = None
+        if need_x or need_a or need_b:
+            wf = weight_args(with_scales(weight, folded))
+            dxd, da, dbf = torch.ops.fusedlora.lora_bwd(dy2, xd, xa, bits.new_empty((0,)), *wf[:5], a, bf,
+                                                        ctx.scale, 0.0, wf[5], *wf[6:], need_x, need_a, need_b)
+        if need_x:
+            w = weight_args(weight)
+            m = dy2.shape[0]
+            dx, _, _ = torch.ops.fusedlora.lora_bwd(dy2, xd, xa.new_empty((m, 0)), bits, *w[:5], a.new_empty((0, k)),
+                                                    bf.new_empty((n, 0)), 0.0, 0.0, w[5], *w[6:], True, False,
+                                                    False, dxd, ctx.p)
+            dx = dx.view(dy.shape[:-1] + (k,))
+        return (dx, da if need_a else None, dbf if need_b else None, dm, None, None, db, None, None, None)
+
+
 def _dora_folded(xd, c, weight, lora_A, lora_B, scale, magnitude, norm, bias):
     """``dora_linear_fused`` with g in the weight's row scales and in B (``_folds``): ``xd`` the input of the
     DoRA terms (drop(x), or x), ``c`` = x − drop(x) (None without dropout), whose base product's GEMM adds
@@ -350,6 +405,10 @@ def dora_linear_fused(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm,
     else:
         norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, None if folds else magnitude)
     xd, c = x, None
+    if folds and training and dropout_p > 0 and dropout_mask is None:
+        b_fold, _, inv_m, folded = _RowGain.apply(lora_B, magnitude, norm, *_scales(weight))
+        return _FoldedDropout.apply(x, lora_A, b_fold, magnitude, inv_m, folded, bias, weight, float(scale),
+                                    float(dropout_p))
     if training and dropout_p > 0:
         if dropout_mask is None:
             xd, c = _DropSplit.apply(x, dropout_p)

@@ -113,8 +113,10 @@ def lora_bwd(
     dy: Tensor, x: Tensor, xa: Tensor, bits: Tensor, w: Tensor, w_scales: Tensor | None,
     w_zeros: Tensor | None, nested_absmax: Tensor | None, nested_code: Tensor | None, lora_A: Tensor,
     lora_B: Tensor, scale: float, dropout_p: float, fmt: str, block: int, nested_offset: float,
-    need_dx: bool, need_da: bool, need_db: bool,
+    need_dx: bool, need_da: bool, need_db: bool, blend: Tensor | None = None, blend_p: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # blend: drop(x)'s gradient, mixed into dX by ``bits`` (kernels.lora_bwd.blend_dropped), where x went in
+    # as drop(x) and as x − drop(x) and this op's x is the latter (rank 0, no dropout of its own)
     from ..kernels.lora_bwd import lora_backward
 
     with device_guard(dy.device):
@@ -124,7 +126,7 @@ def lora_bwd(
                                                              nested_code, fmt, dy.shape[1], x.shape[1], block,
                                                              nested_offset, dy.dtype)
         dx, da, db = lora_backward(dy, x, xa, bits, w, w_scales, w_zeros, fmt, block, lora_A, lora_B, scale,
-                                   dropout_p, need_dx, need_da, need_db, nested)
+                                   dropout_p, need_dx, need_da, need_db, nested, blend, blend_p)
     empty = dy.new_empty(_EMPTY)
     return (
         dx if dx is not None else empty,
@@ -135,7 +137,7 @@ def lora_bwd(
 
 @lora_bwd.register_fake
 def _(dy, x, xa, bits, w, w_scales, w_zeros, nested_absmax, nested_code, lora_A, lora_B, scale, dropout_p,
-      fmt, block, nested_offset, need_dx, need_da, need_db):
+      fmt, block, nested_offset, need_dx, need_da, need_db, blend=None, blend_p=0.0):
     return (
         dy.new_empty((dy.shape[0], x.shape[1]) if need_dx else _EMPTY),
         lora_A.new_empty(lora_A.shape if need_da else _EMPTY),
