@@ -227,8 +227,9 @@ def test_kernel_limit_matches_the_cuda_source():
     for k, n in llama:
         assert decode.rows_reread_bytes(decode.wide_min_m(k, n) - 1, k, n, 16) <= decode.X_REREAD_BUDGET
         assert decode.x_reread_bytes(64, k, n) <= decode.X_REREAD_BUDGET < decode.rows_reread_bytes(64, k, n, 16)
-    # about one block per SM, at least 4 steps of 64 codes per split
-    assert [decode.wide_splits(n, k, 132) for k, n in llama] == [5, 2, 5]
+    # at most one block per SM (no second wave), at least 4 steps of 64 codes per split
+    assert [decode.wide_splits(n, k, 132) for k, n in llama] == [4, 1, 4]
+    assert decode.wide_splits(4096 * 8, 4096, 132) == 1  # more row blocks than SMs
     assert decode.wide_splits(4096, 256, 132) == 1
     assert decode.decode_max_m(256, 33) == decode.DECODE_KERNEL_MAX_M
     assert decode.decode_max_m(256, 33, tensor_cores=False) == decode.DECODE_GEMV_MAX_M

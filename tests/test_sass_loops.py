@@ -38,8 +38,8 @@ def test_decode_model_picks_the_kernel_the_dispatcher_runs():
     assert rows[9]["loop"].startswith("tensor-core") and rows[10]["loop"].startswith("128-row")
     assert rows[64]["tensor_us"] == rows[33]["tensor_us"] > 0  # 64 tokens of tiles either way
     assert rows[33]["tensor_us"] == 4 * rows[10]["tensor_us"]  # 64 tokens of tiles against 16
-    # 4096 -> 4096 splits K over 5 blocks per 128 rows: the partials' bytes go into the time
-    assert wide_splits(4096, 4096, 132) == 5
+    # 4096 -> 4096 splits K over 4 blocks per 128 rows: the partials' bytes go into the time
+    assert wide_splits(4096, 4096, 132) == 4
     split = sl.decode_row(loops, "H100-SXM", 4096, 4096, 64)
     assert split["ours_us"] > max(split["issue_us"], split["copy_us"], split["tensor_us"]) + 3.0
 

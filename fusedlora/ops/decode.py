@@ -84,9 +84,10 @@ def x_reread_bytes(m: int, k: int, n: int) -> int:
 
 
 def wide_splits(n: int, k: int, sms: int) -> int:
-    """Blocks the 128-row kernel splits K over: enough for one block per SM, each with at least 4 steps of
-    64 codes."""
-    return max(1, min(k // (4 * MMA_STEP), -(-sms // -(-n // WIDE_ROWS))))
+    """Blocks the 128-row kernel splits K over: as many as fit in one block per SM (it holds one per SM), each
+    with at least 4 steps of 64 codes. One more would start a second wave of blocks on few SMs: on 4096 rows
+    (32 row blocks, 132 SMs) 5 splits run 160 blocks of K / 5 in two waves, 4 run 128 of K / 4 in one."""
+    return max(1, min(k // (4 * MMA_STEP), sms // -(-n // WIDE_ROWS)))
 
 
 def decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training) -> bool:
