@@ -666,6 +666,23 @@ def test_opcheck(kind, p):
                               (dy, x_, xa, bits, w, ws, wz, na, nc, a, b, scale, p_, fmt, block, off, *need))
 
 
+def test_opcheck_rank_zero_dx_with_blend():
+    """lora_bwd's optional drop(x) gradient (``blend``) and its drop probability: schema, fake and real
+    agree."""
+    from fusedlora.kernels.dora import drop_split
+    from fusedlora.ops.lora_triton import weight_args
+
+    torch.manual_seed(10)
+    weight, _, _ = make_weight("nf4-dq", 24, 64, torch.float32)
+    w, ws, wz, na, nc, fmt, block, off = weight_args(weight)
+    m = 9
+    _, _, bits = drop_split(torch.randn(m, 64), torch.tensor([77]), 0.25)
+    dy, dxd = torch.randn(m, 24), torch.randn(m, 64)
+    torch.library.opcheck(torch.ops.fusedlora.lora_bwd.default,
+                          (dy, torch.randn(m, 64), torch.empty(m, 0), bits, w, ws, wz, na, nc, torch.empty(0, 64),
+                           torch.empty(24, 0), 0.0, 0.0, fmt, block, off, True, False, False, dxd, 0.25))
+
+
 def test_torch_compile_fullgraph():
     import fusedlora as fl
 
