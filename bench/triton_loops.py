@@ -575,6 +575,11 @@ def dora_layer_kernels(path, norm_path: str, m: int, n: int, k: int, r: int, p_d
     return [stage for stage in stages if stage]
 
 
+# the GEMM builds' optional work (constexpr: xa in the loop, a residual, a blended dX) and the selection key
+# that asks for it
+VARIANT_FLAGS = (("FUSED_XA", "fused_xa"), ("HAS_RES", "residual"), ("BLEND", "blend"))
+
+
 def candidates(loops: list[Loop], role: str, sel: dict) -> list[Loop]:
     """sm_90 specs of ``role`` in the layer's dtype, at its LoRA rank, matching ``sel``."""
     out = []
@@ -589,11 +594,7 @@ def candidates(loops: list[Loop], role: str, sel: dict) -> list[Loop]:
             continue
         if "dropout" in sel and "DROPOUT" in lp.constexprs and bool(lp.constexprs["DROPOUT"]) != sel["dropout"]:
             continue
-        if bool(lp.constexprs.get("FUSED_XA")) != bool(sel.get("fused_xa")):
-            continue
-        if bool(lp.constexprs.get("HAS_RES")) != bool(sel.get("residual")):
-            continue
-        if bool(lp.constexprs.get("BLEND")) != bool(sel.get("blend")):
+        if any(bool(lp.constexprs.get(flag)) != bool(sel.get(key)) for flag, key in VARIANT_FLAGS):
             continue
         out.append(lp)
     return out

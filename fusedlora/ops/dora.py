@@ -337,7 +337,7 @@ class _FoldedDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, b_fold, magnitude, inv_m, folded, bias, weight, scale, p):
         from ..kernels.dora import drop_split
-        from .lora_triton import draw_seed, weight_args
+        from .lora_triton import draw_seed, no_adapter, weight_args
 
         n, k = weight.shape
         x2 = x.reshape(-1, k).contiguous()
@@ -346,7 +346,7 @@ class _FoldedDropout(torch.autograd.Function):
         wf = weight_args(with_scales(weight, folded))
         v, xa, _ = torch.ops.fusedlora.lora_fwd(xd, *wf[:5], a, bf, None, None, scale, 0.0, wf[5], n, *wf[6:])
         w = weight_args(weight)
-        y, _, _ = torch.ops.fusedlora.lora_fwd(c, *w[:5], c.new_empty((0, k)), c.new_empty((n, 0)),
+        y, _, _ = torch.ops.fusedlora.lora_fwd(c, *w[:5], *no_adapter(c, n, k),
                                                None if bias is None else bias.contiguous(), None, 0.0, 0.0, w[5], n,
                                                *w[6:], v)
         ctx.save_for_backward(xd, xa, bits, v, inv_m, a, bf, folded)
@@ -356,7 +356,7 @@ class _FoldedDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         from ..kernels.dora import dora_scale_bwd
-        from .lora_triton import weight_args
+        from .lora_triton import no_adapter, weight_args
 
         xd, xa, bits, v, inv_m, a, bf, folded = ctx.saved_tensors
         weight = ctx.weight
@@ -373,18 +373,20 @@ class _FoldedDropout(torch.autograd.Function):
         if need_x:
             w = weight_args(weight)
             m = dy2.shape[0]
-            dx, _, _ = torch.ops.fusedlora.lora_bwd(dy2, xd, xa.new_empty((m, 0)), bits, *w[:5], a.new_empty((0, k)),
-                                                    bf.new_empty((n, 0)), 0.0, 0.0, w[5], *w[6:], True, False,
-                                                    False, dxd, ctx.p)
+            dx, _, _ = torch.ops.fusedlora.lora_bwd(dy2, xd, xa.new_empty((m, 0)), bits, *w[:5], *no_adapter(xd, n, k),
+                                                    0.0, 0.0, w[5], *w[6:], True, False, False, dxd, ctx.p)
             dx = dx.view(dy.shape[:-1] + (k,))
         return (dx, da if need_a else None, dbf if need_b else None, dm, None, None, db, None, None, None)
 
 
-def _dora_folded(xd, c, weight, lora_A, lora_B, scale, magnitude, norm, bias):
+def _dora_folded(xd, c, weight, lora_A, lora_B, scale, magnitude, norm, bias, drawn_p=0.0):
     """``dora_linear_fused`` with g in the weight's row scales and in B (``_folds``): ``xd`` the input of the
     DoRA terms (drop(x), or x), ``c`` = x − drop(x) (None without dropout), whose base product's GEMM adds
-    v and the bias in its epilogue (no stream over [M, N] for y = v + u + b)."""
+    v and the bias in its epilogue (no stream over [M, N] for y = v + u + b). With ``drawn_p`` > 0, ``xd``
+    is x and the dropout of that probability is drawn in the kernels (``_FoldedDropout``)."""
     b_fold, _, inv_m, folded = _RowGain.apply(lora_B, magnitude, norm, *_scales(weight))
+    if drawn_p:
+        return _FoldedDropout.apply(xd, lora_A, b_fold, magnitude, inv_m, folded, bias, weight, float(scale), drawn_p)
     v = lora_linear(xd, with_scales(weight, folded), lora_A, b_fold, scale)
     if c is None:
         return _FoldedScale.apply(v, magnitude, inv_m, bias, None)
@@ -406,9 +408,7 @@ def dora_linear_fused(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm,
         norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, None if folds else magnitude)
     xd, c = x, None
     if folds and training and dropout_p > 0 and dropout_mask is None:
-        b_fold, _, inv_m, folded = _RowGain.apply(lora_B, magnitude, norm, *_scales(weight))
-        return _FoldedDropout.apply(x, lora_A, b_fold, magnitude, inv_m, folded, bias, weight, float(scale),
-                                    float(dropout_p))
+        return _dora_folded(x, None, weight, lora_A, lora_B, scale, magnitude, norm, bias, float(dropout_p))
     if training and dropout_p > 0:
         if dropout_mask is None:
             xd, c = _DropSplit.apply(x, dropout_p)

@@ -250,7 +250,13 @@ def base_linear(x: Tensor, weight, residual: Tensor | None = None, bias: Tensor 
     if residual is not None and (residual.dtype != x.dtype or residual.device != x.device):
         raise ValueError(f"residual: expected {x.dtype} on {x.device} (x's), got {residual.dtype} on "
                          f"{residual.device}")
-    return _fused_linear(x, weight, x.new_empty((0, k)), x.new_empty((n, 0)), bias, 0.0, 0.0, residual)
+    return _fused_linear(x, weight, *no_adapter(x, n, k), bias, 0.0, 0.0, residual)
+
+
+def no_adapter(like: Tensor, n: int, k: int) -> tuple[Tensor, Tensor]:
+    """(A [0, K], B [N, 0]) in ``like``'s dtype and device: the rank-0 adapter with which the fused ops compute
+    the base product alone (no low-rank pre-kernel, no g pass)."""
+    return like.new_empty((0, k)), like.new_empty((n, 0))
 
 
 @register("lora_linear", "triton")
