@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+from worker_exit import leave_group
 
 import fusedlora as fl
 from fusedlora.formats.packed import check_packed
@@ -104,10 +105,7 @@ def main() -> None:
         if p.requires_grad:
             g = grads[name].grad.full_tensor()
             torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-    # every process finishes its collectives before any tears gloo down (a process leaving early aborts
-    # the other's pending gloo threads: "terminate called without an active exception")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group()
 
 
 if __name__ == "__main__":

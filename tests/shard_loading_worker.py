@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from worker_exit import leave_group
 
 import fusedlora as fl
 from fusedlora.shard_loading import load_sharded
@@ -49,9 +50,7 @@ def main(path: str, memory_only: bool = False) -> None:
           f"the checkpoint is {whole / 2**20:.1f} MiB", flush=True)
     assert growth < whole / 2, (growth, whole)
     if memory_only:
-        dist.barrier()
-        dist.destroy_process_group()
-        return
+        leave_group()
 
     ref = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     torch.manual_seed(0)
@@ -68,10 +67,7 @@ def main(path: str, memory_only: bool = False) -> None:
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
-    # every process finishes its collectives before any tears gloo down (a process leaving early aborts
-    # the other's pending gloo threads: "terminate called without an active exception")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group()
 
 
 if __name__ == "__main__":
