@@ -35,6 +35,10 @@ class TensorKeyedValue:
         self._refs: tuple = ()
 
     def get(self, tensors: Iterable[torch.Tensor | None], extra: tuple, compute: Callable[[], object]):
+        if torch.compiler.is_compiling():
+            # a traced graph cannot check that the tensors are unchanged (nor keep what it computes): the
+            # value is computed in the graph, at every call
+            return compute()
         held = [t for t in tensors if t is not None]
         key = extra + tuple((t.device, t.data_ptr(), t._version) for t in held)
         stale = self.value is None or key != self._key  # an equal key has one ref per tensor
@@ -79,8 +83,8 @@ class DoRAMagnitude(nn.Module):
         their version), s and the dtype are unchanged: an inference run or the micro-batches of one
         accumulated step decode W for it once. None where the reference op runs (it takes the norm of the
         whole W + s·B·A itself, as PEFT does)."""
-        if dtype == torch.float64 or backend(lora_A.device) == "reference":
-            return None
+        if dtype == torch.float64 or backend(lora_A.device) == "reference" or torch.compiler.is_compiling():
+            return None  # (compiled: the op takes the norm with g in its own launches, at every call)
         sq = self.base_sq_norm(layer, dtype)
         return self._norm.get([sq, layer.lora_A, layer.lora_B], (dtype, float(layer.scaling)),
                               lambda: dora_row_norm(base, lora_A, lora_B, layer.scaling, sq, dtype))

@@ -288,6 +288,80 @@ def test_base_norm_cache_follows_the_base():
     assert _rel(again, 4.0 * first) < 1e-12
 
 
+@pytest.mark.parametrize("quant", ["nf4", "int4"])
+def test_opcheck_of_the_dora_ops(triton_backend, quant):
+    """Each DoRA op's schema, fake impl and real outputs agree (torch.library.opcheck), with every optional
+    argument given and left out."""
+    from fusedlora.ops.dora import _scales
+    from fusedlora.ops.lora_triton import draw_seed, weight_args
+
+    ops = torch.ops.fusedlora
+    dev = _device()
+    layer = _layer(quant, n=40, k=128, r=4)
+    weight = layer.base_weight.packed
+    n, r, m = 40, 4, 9
+    wa, b, z, u = torch.randn(r, n, device=dev) / 8, torch.randn(n, r, device=dev), *torch.randn(2, m, n, device=dev)
+    aat, sq = torch.eye(r, device=dev) / 8, torch.rand(n, device=dev) + 1.0  # a norm² that stays above 0
+    mag, g, bias = torch.rand(n, device=dev) + 0.5, torch.rand(n, device=dev) + 0.5, torch.randn(n, device=dev)
+    x = torch.randn(m, 128, device=dev)
+    xd, c, bits = ops.dora_drop_split(x, draw_seed(x.device), 0.25)
+    scales, nested = _scales(weight)
+    cases = [
+        (ops.dora_norm, (wa, b, aat, sq, mag, 1.5)), (ops.dora_norm, (wa, b, aat, sq, None, 1.5)),
+        (ops.dora_gain, (mag, sq, b, scales, *(nested or (None, None, 0.0)), 2.0**-64)),
+        (ops.dora_scale_fwd, (z, g, u, bias)), (ops.dora_scale_fwd, (z, None, None, None)),
+        (ops.dora_scale_bwd, (u, z, g, None)), (ops.dora_scale_bwd, (u, z, None, g)),
+        (ops.dora_drop_split, (x, draw_seed(x.device), 0.25)),
+        (ops.dora_drop_split_bwd, (xd, c, bits, 0.25)),
+        (ops.weight_row_sq_norms, (*weight_args(weight)[:5], weight_args(weight)[5], n, 128,
+                                   *weight_args(weight)[6:], torch.float32)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op.default, args)
+    # the ops' outputs are the layer's: ‖W_n‖² as the dense weight gives it
+    torch.testing.assert_close(cases[-1][0](*cases[-1][1]), layer.dense_base_weight(torch.float32).square().sum(1),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("quant, p, bias, dtype", [
+    (None, 0.3, True, torch.float32),   # dense base: z, the dropout split and the scale streams
+    ("nf4", 0.0, False, torch.float32),  # folded, the fused op's output handed over as the layer's
+    ("nf4", 0.3, True, torch.float32),   # folded, dropout drawn in the kernels (one autograd node)
+    ("int4", 0.3, True, torch.float16),  # fp16 keeps the z-and-streams route on a 4-bit base
+])
+def test_torch_compile_fullgraph(triton_backend, quant, p, bias, dtype):
+    """A DoRA layer compiles with fullgraph (its kernels are torch.library ops) and gives eagerly's outputs and
+    gradients for the same seed, over two steps with an optimizer step between: the compiled graph takes the
+    norm of the current adapter (it cannot keep it), so a stale norm would show in the second step."""
+    torch._dynamo.reset()
+    layers = [_layer(quant, n=48, k=128, r=4, dropout=p, bias=bias, dtype=dtype, seed=3) for _ in range(2)]
+    for layer in layers:
+        layer.train()
+    x = torch.randn(2, 5, 128, device=_device(), dtype=dtype)
+    with torch.no_grad():
+        layers[1](x)  # an eager call first: the layer's kept norms exist when the graph is traced
+    runs = [layers[0], torch.compile(layers[1], fullgraph=True, backend="aot_eager")]
+    got = []
+    for layer, run in zip(layers, runs, strict=True):
+        params = [prm for prm in layer.parameters() if prm.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.5)
+        steps = []
+        for step in range(2):
+            xx = x.clone().requires_grad_(True)
+            torch.manual_seed(40 + step)  # the same dropout seed in both runs
+            y = run(xx)
+            y.float().square().mean().backward()
+            steps.append([y.detach(), xx.grad] + [prm.grad.clone() for prm in params])
+            opt.step()
+            opt.zero_grad()
+        got.append(steps)
+    assert got[0][0][0].shape == (2, 5, 48)
+    for eager, compiled in zip(*got, strict=True):
+        for e, c in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got[0][0][0], got[0][1][0])  # the step changed the layer
+
+
 def test_inject_and_state_dict():
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(32, 24), torch.nn.ReLU(), torch.nn.Linear(24, 16))

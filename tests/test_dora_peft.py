@@ -315,6 +315,26 @@ def test_accelerate_equals_peft_dora_and_restores(use_backend, backend, monkeypa
     assert len(log.calls) == 24
 
 
+def test_accelerated_peft_dora_model_compiles_fullgraph(use_backend):
+    """torch.compile(fullgraph=True) of a PEFT DoRA model run by ``fl.accelerate`` on the Triton kernels: the
+    graph holds the fused ops (no break), and its loss and gradients equal PEFT's own eager ones, also after
+    the base changed in place (the compiled graph takes ‖W_n‖² at every call)."""
+    use_backend("triton")
+    torch._dynamo.reset()
+    pm = dora_model(tiny_llama(), target_modules=["q_proj", "v_proj", "down_proj"]).train()
+    plain = copy.deepcopy(pm)
+    fl.accelerate(pm)
+    ids = token_ids()
+    loss_and_grads(pm, ids)  # an eager step first: the layers' kept ‖W_n‖² exist when the graph is traced
+    compiled = torch.compile(pm, fullgraph=True, backend="aot_eager")
+    unwrap = lambda name: name.removeprefix("_orig_mod.")  # noqa: E731  (the compiled module's names)
+    assert_same(loss_and_grads(compiled, ids, unwrap), loss_and_grads(plain, ids), **FP32_TOL)
+    for model in (pm, plain):
+        with torch.no_grad():
+            model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.mul_(1.5)
+    assert_same(loss_and_grads(compiled, ids, unwrap), loss_and_grads(plain, ids), **FP32_TOL)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_accelerate_dropout_with_the_same_masks_equals_peft(use_backend, backend, monkeypatch):
     """Dropout on: the masks PEFT's dropout modules draw (from a seeded generator) are handed, in the same
@@ -391,7 +411,7 @@ def test_twenty_training_steps_give_peft_loss_curve():
         params = [p for p in model.parameters() if p.requires_grad]
         mags = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
         start = [m.detach().clone() for m in mags]
-        opt = torch.optim.AdamW(params, lr=1e-2)
+        opt = torch.optim.AdamW(params, lr=3e-3)
         losses = []
         for _ in range(20):
             loss = model(input_ids=ids, labels=ids).loss
@@ -401,12 +421,14 @@ def test_twenty_training_steps_give_peft_loss_curve():
             losses.append(loss.item())
         runs[way] = torch.tensor(losses)
         moved[way] = max((m.detach() - s).abs().max().item() for m, s in zip(mags, start, strict=True))
-    # Same start, data and fp32 math up to the order of additions (~1e-6 relative per step); Adam
-    # normalizes its updates, so the differences grow slowly over 20 steps and stay far below 1e-4.
+    # Same start, data and fp32 math up to the order of additions (~1e-6 relative per step). Adam divides
+    # each update by the gradient's running size, so where the loss turns chaotic a rounding-sized difference
+    # becomes an lr-sized one: at lr = 1e-2 PEFT's own fp32 curve leaves its fp64 one by 1e-3 after 15 steps
+    # (and which CPU runs it decides where). At 3e-3 the curves differ by ~2e-6 over the 20 steps.
     for way in ("from_peft", "accelerate"):
         torch.testing.assert_close(runs[way], runs["peft"], rtol=1e-4, atol=1e-4)
         assert moved[way] > 1e-2  # the magnitudes were trained
-    assert runs["peft"][-1] < 0.9 * runs["peft"][0]
+    assert runs["peft"][-1] < 0.95 * runs["peft"][0]
 
 
 # ----------------------------------------------------------------------------------------- adapter files

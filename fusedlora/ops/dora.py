@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.packed import Packed4bit
+from . import dora_triton  # noqa: F401  (registers the torch.ops.fusedlora DoRA ops)
 from .backend import backend
 from .checks import check_tensor
 from .lora import check_lora_args, draw_dropout_mask_reference, lora_linear
@@ -58,25 +59,28 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _decoded(weight: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
-    """W [N, K] in ``dtype`` decoded by the backend of its device; on the GPU backends into the device's
-    shared scratch buffer (``ops.scratch``), so no weight-sized tensor is allocated for it."""
-    from .dequant import dequantize
-
-    if backend(weight.device) == "reference" or dtype == torch.float64:
-        return dequantize(weight, dtype)
-    from .lora_triton import decode_to_scratch, weight_args
-
-    w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
-    return decode_to_scratch(w, w_scales, w_zeros, nested_absmax, nested_code, fmt, *weight.shape, block,
-                             nested_offset, dtype)
-
-
 @torch.no_grad()
 def weight_row_sq_norms(weight, dtype: torch.dtype) -> torch.Tensor:
     """‖W_n‖² [N] of the base as the layer computes with it (decoded to ``dtype``), summed in fp32 (fp64
-    for fp64) over bands of rows."""
-    w = _decoded(weight, dtype) if isinstance(weight, Packed4bit) else weight
+    for fp64) over bands of rows. A 4-bit weight is decoded by the backend of its device: on the GPU
+    backends into the device's shared scratch buffer (``ops.scratch``, inside one op), so no weight-sized
+    tensor is allocated for it."""
+    if not isinstance(weight, Packed4bit):
+        return row_sq_norms(weight, dtype)
+    if backend(weight.device) == "reference" or dtype == torch.float64:
+        from .dequant import dequantize
+
+        return row_sq_norms(dequantize(weight, dtype), dtype)
+    from .lora_triton import weight_args
+
+    w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
+    return torch.ops.fusedlora.weight_row_sq_norms(w, w_scales, w_zeros, nested_absmax, nested_code, fmt,
+                                                   *weight.shape, block, nested_offset, dtype)
+
+
+def row_sq_norms(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """‖W_n‖² [N] of a dense [N, K] weight rounded to ``dtype``, summed in fp32 (fp64 for fp64) over bands of
+    rows."""
     acc = _acc(dtype)
     n, k = w.shape
     step = max(1, _ROW_CHUNK_ELEMENTS // max(k, 1))
@@ -138,24 +142,21 @@ class _DropSplit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p):
-        from ..kernels.dora import drop_split
         from .lora_triton import draw_seed
 
         shape = x.shape
-        xd, c, bits = drop_split(x.reshape(-1, shape[-1]).contiguous(), draw_seed(x.device), p)
+        xd, c, bits = torch.ops.fusedlora.dora_drop_split(x.reshape(-1, shape[-1]).contiguous(), draw_seed(x.device), p)
         ctx.save_for_backward(bits)
         ctx.p = p
         return xd.view(shape), c.view(shape)
 
     @staticmethod
     def backward(ctx, dxd, dc):
-        from ..kernels.dora import drop_split_bwd
-
         (bits,) = ctx.saved_tensors
         ref = dxd if dxd is not None else dc
         shape = ref.shape
         flat = lambda t: (torch.zeros_like(ref) if t is None else t).reshape(-1, shape[-1]).contiguous()  # noqa: E731
-        return drop_split_bwd(flat(dxd), flat(dc), bits, ctx.p).view(shape), None
+        return torch.ops.fusedlora.dora_drop_split_bwd(flat(dxd), flat(dc), bits, ctx.p).view(shape), None
 
 
 @register("dora_linear", "reference")
@@ -190,7 +191,6 @@ def _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, magnitud
     """(norm, g) of ``dora_weight_norm`` and g = m / norm (None without ``magnitude``) in three launches: the
     fused GEMM with A as its r rows (W·Aᵀ, and A·Aᵀ from its low-rank pre-kernel) and ``kernels.dora``'s
     norm kernel."""
-    from ..kernels.dora import dora_norm
     from .lora_triton import weight_args
 
     a, b = lora_A.detach().contiguous(), lora_B.detach().contiguous()
@@ -200,7 +200,8 @@ def _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, magnitud
         wa, aat, _ = torch.ops.fusedlora.lora_fwd(a, w, w_scales, w_zeros, nested_absmax, nested_code, a, b, None,
                                                   None, 0.0, 0.0, fmt, n, block, nested_offset)
         m = None if magnitude is None else magnitude.detach().float()
-        return dora_norm(wa, b, aat, base_sq_norm.float().contiguous(), m, scale)
+        norm, g = torch.ops.fusedlora.dora_norm(wa, b, aat, base_sq_norm.float().contiguous(), m, scale)
+        return norm, None if m is None else g
 
 
 def dora_row_norm(weight, lora_A, lora_B, scale: float, base_sq_norm, dtype: torch.dtype) -> torch.Tensor:
@@ -216,24 +217,20 @@ class _DoraScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, magnitude, norm, g, bias, u):
-        from ..kernels.dora import dora_scale_fwd
-
         shape = z.shape
         z2 = z.reshape(-1, shape[-1]).contiguous()
         u2 = None if u is None else u.reshape(-1, shape[-1]).contiguous()
-        y = dora_scale_fwd(z2, g, u2, bias)
+        y = torch.ops.fusedlora.dora_scale_fwd(z2, g, u2, bias)
         ctx.save_for_backward(z2, g, norm)
         ctx.m_dtype, ctx.has_u = magnitude.dtype, u is not None
         return y.reshape(shape)
 
     @staticmethod
     def backward(ctx, dy):
-        from ..kernels.dora import dora_scale_bwd
-
         z2, g, norm = ctx.saved_tensors
         shape = dy.shape
         dy2 = dy.reshape(-1, shape[-1]).contiguous()
-        dz, zsum = dora_scale_bwd(dy2, z2, g)
+        dz, zsum = torch.ops.fusedlora.dora_scale_bwd(dy2, z2, g, None)
         need_z, need_m, _, _, need_b, need_u = ctx.needs_input_grad
         dm = (zsum.to(norm.dtype) / norm).to(ctx.m_dtype) if need_m else None
         db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None
@@ -276,10 +273,10 @@ class _RowGain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lora_B, magnitude, norm, scales, nested):
-        from ..kernels.dora import dora_gain
-
-        g, inv_m, b_fold, folded = dora_gain(magnitude.detach(), norm, lora_B.detach().contiguous(), scales,
-                                             nested, _ZERO_MAGNITUDE)
+        na, nc, off = nested if nested is not None else (None, None, 0.0)
+        g, inv_m, b_fold, folded = torch.ops.fusedlora.dora_gain(magnitude.detach(), norm,
+                                                                 lora_B.detach().contiguous(), scales, na, nc,
+                                                                 off, _ZERO_MAGNITUDE)
         ctx.save_for_backward(g)
         ctx.mark_non_differentiable(g, inv_m, folded)
         ctx.set_materialize_grads(False)  # no zero tensors made for the outputs without gradients
@@ -298,8 +295,6 @@ class _FoldedScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, magnitude, inv_m, bias, u):
-        from ..kernels.dora import dora_scale_fwd
-
         shape = v.shape
         if u is None and bias is None:
             # v is the output: taken over (not a view of it, so the caller may still modify it in place;
@@ -307,7 +302,7 @@ class _FoldedScale(torch.autograd.Function):
             ctx.mark_dirty(v)
             y = v
         else:
-            y = dora_scale_fwd(v.reshape(-1, shape[-1]), None,
+            y = torch.ops.fusedlora.dora_scale_fwd(v.reshape(-1, shape[-1]), None,
                                None if u is None else u.reshape(-1, shape[-1]).contiguous(), bias).view(shape)
         ctx.save_for_backward(v, inv_m)
         ctx.m_dtype, ctx.has_u = magnitude.dtype, u is not None
@@ -315,13 +310,11 @@ class _FoldedScale(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from ..kernels.dora import dora_scale_bwd
-
         v, inv_m = ctx.saved_tensors
         v2 = v.reshape(-1, v.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         _, need_m, _, need_b, need_u = ctx.needs_input_grad
-        dm = dora_scale_bwd(dy2, v2, None, inv_m)[1].to(ctx.m_dtype) if need_m else None
+        dm = torch.ops.fusedlora.dora_scale_bwd(dy2, v2, None, inv_m)[1].to(ctx.m_dtype) if need_m else None
         db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None
         return dy, dm, None, db, (dy if need_u and ctx.has_u else None)
 
@@ -336,12 +329,11 @@ class _FoldedDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, b_fold, magnitude, inv_m, folded, bias, weight, scale, p):
-        from ..kernels.dora import drop_split
         from .lora_triton import draw_seed, no_adapter, weight_args
 
         n, k = weight.shape
         x2 = x.reshape(-1, k).contiguous()
-        xd, c, bits = drop_split(x2, draw_seed(x.device), p)
+        xd, c, bits = torch.ops.fusedlora.dora_drop_split(x2, draw_seed(x.device), p)
         a, bf = lora_A.contiguous(), b_fold.contiguous()
         wf = weight_args(with_scales(weight, folded))
         v, xa, _ = torch.ops.fusedlora.lora_fwd(xd, *wf[:5], a, bf, None, None, scale, 0.0, wf[5], n, *wf[6:])
@@ -355,7 +347,6 @@ class _FoldedDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from ..kernels.dora import dora_scale_bwd
         from .lora_triton import no_adapter, weight_args
 
         xd, xa, bits, v, inv_m, a, bf, folded = ctx.saved_tensors
@@ -363,7 +354,7 @@ class _FoldedDropout(torch.autograd.Function):
         n, k = weight.shape
         need_x, need_a, need_b, need_m, _, _, need_bias = ctx.needs_input_grad[:7]
         dy2 = dy.reshape(-1, n).contiguous()
-        dm = dora_scale_bwd(dy2, v, None, inv_m)[1].to(ctx.m_dtype) if need_m else None
+        dm = torch.ops.fusedlora.dora_scale_bwd(dy2, v, None, inv_m)[1].to(ctx.m_dtype) if need_m else None
         db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_bias else None
         dx = da = dbf = None
         if need_x or need_a or need_b:
