@@ -323,16 +323,20 @@ def test_opcheck_of_the_dora_ops(triton_backend, quant):
                                rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("quant, p, bias, dtype", [
-    (None, 0.3, True, torch.float32),   # dense base: z, the dropout split and the scale streams
-    ("nf4", 0.0, False, torch.float32),  # folded, the fused op's output handed over as the layer's
-    ("nf4", 0.3, True, torch.float32),   # folded, dropout drawn in the kernels (one autograd node)
-    ("int4", 0.3, True, torch.float16),  # fp16 keeps the z-and-streams route on a 4-bit base
+@pytest.mark.parametrize("quant, p, bias, dtype, backend", [
+    (None, 0.3, True, torch.float32, "aot_eager"),   # dense base: z, the dropout split and the scale streams
+    ("nf4", 0.0, False, torch.float32, "aot_eager"),  # folded, the fused op's output handed over as the layer's
+    ("nf4", 0.3, True, torch.float32, "aot_eager"),   # folded, dropout drawn in the kernels (one autograd node)
+    ("nf4", 0.3, True, torch.float32, "inductor"),
+    ("int4", 0.3, True, torch.float16, "aot_eager"),  # fp16 keeps the z-and-streams route on a 4-bit base
 ])
-def test_torch_compile_fullgraph(triton_backend, quant, p, bias, dtype):
+def test_torch_compile_fullgraph(triton_backend, quant, p, bias, dtype, backend):
     """A DoRA layer compiles with fullgraph (its kernels are torch.library ops) and gives eagerly's outputs and
     gradients for the same seed, over two steps with an optimizer step between: the compiled graph takes the
-    norm of the current adapter (it cannot keep it), so a stale norm would show in the second step."""
+    norm of the current adapter (it cannot keep it), so a stale norm would show in the second step. (Inductor
+    draws the dropout seed from its own random stream unless told to fall back to torch's.)"""
+    import torch._inductor.config
+
     torch._dynamo.reset()
     layers = [_layer(quant, n=48, k=128, r=4, dropout=p, bias=bias, dtype=dtype, seed=3) for _ in range(2)]
     for layer in layers:
@@ -340,7 +344,7 @@ def test_torch_compile_fullgraph(triton_backend, quant, p, bias, dtype):
     x = torch.randn(2, 5, 128, device=_device(), dtype=dtype)
     with torch.no_grad():
         layers[1](x)  # an eager call first: the layer's kept norms exist when the graph is traced
-    runs = [layers[0], torch.compile(layers[1], fullgraph=True, backend="aot_eager")]
+    runs = [layers[0], torch.compile(layers[1], fullgraph=True, backend=backend)]
     got = []
     for layer, run in zip(layers, runs, strict=True):
         params = [prm for prm in layer.parameters() if prm.requires_grad]
@@ -349,7 +353,8 @@ def test_torch_compile_fullgraph(triton_backend, quant, p, bias, dtype):
         for step in range(2):
             xx = x.clone().requires_grad_(True)
             torch.manual_seed(40 + step)  # the same dropout seed in both runs
-            y = run(xx)
+            with torch._inductor.config.patch(fallback_random=True):
+                y = run(xx)
             y.float().square().mean().backward()
             steps.append([y.detach(), xx.grad] + [prm.grad.clone() for prm in params])
             opt.step()
