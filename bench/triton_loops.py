@@ -227,6 +227,9 @@ def describe(name: str, constexprs: dict, report: dict) -> dict:
     elif m := re.match(r"dora_(fwd|bwd|add|colsum)_([a-z0-9]+)$", name):
         d.update(role="dora_" + m.group(1), dtype=m.group(2),
                  elements=c.get("BLOCK_M", 0) * c.get("BLOCK_N", 0) or None)
+    elif m := re.match(r"dora_sq_(nf4|int4)_([a-z0-9]+)$", name):
+        d.update(role="dora_sq", fmt=m.group(1), dtype=m.group(2),
+                 elements=c.get("BLOCK_N", 0) * c.get("BLOCK_K", 0) or None)
     elif m := re.match(r"dora_gain_([a-z0-9]+)$", name):
         d.update(role="dora_gain", dtype=m.group(1), elements=c.get("BLOCK_N", 0) * c.get("BLOCK_C", 0) or None)
     elif name.startswith("decode_absmax"):

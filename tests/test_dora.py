@@ -318,9 +318,30 @@ def test_opcheck_of_the_dora_ops(triton_backend, quant):
     ]
     for op, args in cases:
         torch.library.opcheck(op.default, args)
-    # the ops' outputs are the layer's: ‖W_n‖² as the dense weight gives it
-    torch.testing.assert_close(cases[-1][0](*cases[-1][1]), layer.dense_base_weight(torch.float32).square().sum(1),
-                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("quant, k, block_k", [("nf4", 192, 64), ("nf4", 200, 64), ("int4", 256, 64),
+                                               ("nf4", 192, 128), ("int4", 384, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_row_sq_norms_from_the_codes(triton_backend, monkeypatch, quant, k, block_k, dtype):
+    """‖W_n‖² of a 4-bit base read from its codes equals that of W decoded to the compute dtype (each element
+    rounded once, then squared and summed in fp32; float64 sums of the same values as the oracle), rows that
+    start inside an NF4 block (K = 200) and K steps wider than the blocks (each element's own scale, the last
+    step partial) included; the kernel's rows are poisoned first."""
+    from fusedlora.kernels import dora as kernels_dora
+
+    monkeypatch.setattr(kernels_dora, "_SQ_BLOCK_K", block_k)
+    layer = _layer(quant, n=37, k=k, r=4, seed=k)
+    real = torch.empty
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "empty", lambda *a, **kw: real(*a, **kw).fill_(float("nan")))
+        got = weight_row_sq_norms(layer.base_weight.packed, dtype)
+    want = layer.dense_base_weight(dtype).double().square().sum(1)
+    assert got.dtype == torch.float32 and got.shape == (37,)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    if dtype != torch.float32:  # the rounding is the compute dtype's, not fp32's
+        assert not torch.allclose(want, layer.dense_base_weight(torch.float32).double().square().sum(1),
+                                  rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("quant, p, bias, dtype, backend", [

@@ -15,6 +15,9 @@ returns (W·Aᵀ, and A·Aᵀ from its low-rank pre-kernel) and ‖W_n‖²:
 
 (fp32; B·A·Aᵀ formed in registers, r ≤ 512), instead of a dozen small torch launches on [N, r].
 
+``_row_sq_norms_kernel`` gives ‖W_n‖² of a 4-bit base from its codes (each element decoded in fp32 and
+rounded to the compute dtype, as the layer's GEMMs and ``dequantize`` give it), without writing W.
+
 With dropout, ``_drop_split_kernel`` makes both inputs of DoRA's two base products in one pass over x:
 xd = drop(x) and c = x − xd, the keep-mask drawn as the fused op's dropout draws it (``dropout.keep_bytes``,
 Philox from a seed tensor) and saved as bits; ``_drop_split_bwd_kernel`` gives dx = dc + keep·s·(dxd − dc)
@@ -36,6 +39,7 @@ from ..formats.packed import NESTED_BLOCKSIZE
 from . import device_guard, interpreted
 from .dropout import keep_bytes, load_bits, threshold, unpack_bits
 from .lora_fwd import nested_absmax
+from .weight_tile import FORMATS, load_w_tile
 
 
 @triton.jit
@@ -262,6 +266,57 @@ def drop_split_bwd(dxd: torch.Tensor, dc: torch.Tensor, bits: torch.Tensor, p: f
     return dx
 
 
+@triton.jit
+def _row_sq_norms_kernel(
+    # pointers
+    w_ptr, s_ptr, z_ptr, out_ptr,
+    # sizes
+    N, K,
+    # meta-parameters
+    WFMT: tl.constexpr, QBLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, ROUND: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rows < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        # entries past K or N decode to 0: their scale is loaded masked wherever a step can pass K (one
+        # scale per row and step only when the step lies inside one block, and K is whole blocks)
+        w = load_w_tile(w_ptr, s_ptr, z_ptr, rows[:, None], cols[None, :], k0, n_ok[:, None], (cols < K)[None, :],
+                        K, WFMT, QBLOCK, ROWS_ALIGNED, BLOCK_K)
+        # the value the layer computes with: decoded in fp32, rounded once to the compute dtype
+        if ROUND == 1:
+            w = w.to(tl.bfloat16).to(tl.float32)
+        elif ROUND == 2:
+            w = w.to(tl.float16).to(tl.float32)
+        acc += tl.sum(w * w, axis=1)
+    tl.store(out_ptr + rows, acc, mask=n_ok)
+
+
+_SQ_BLOCK_N, _SQ_BLOCK_K = 16, 64
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def row_sq_norms_4bit(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, fmt: str, n: int, k: int,
+                      block: int, dtype: torch.dtype) -> torch.Tensor:
+    """‖W_n‖² fp32 [N] of a 4-bit weight as decoded to ``dtype`` (fp32, bf16, fp16), read from its codes:
+    no [N, K] tensor. ``w``, ``scales`` (fp32: a double-quantized absmax decoded first), ``zeros`` (INT4) as
+    ``weight_args`` gives them."""
+    out = torch.empty(n, dtype=torch.float32, device=w.device)
+    if n and k:
+        wfmt = FORMATS[fmt]
+        with device_guard(w.device):
+            _row_sq_norms_kernel[(triton.cdiv(n, _SQ_BLOCK_N),)](
+                w, scales, scales if zeros is None else zeros, out, n, k, WFMT=wfmt, QBLOCK=block,
+                ROWS_ALIGNED=k % block == 0, ROUND=_ROUND[dtype], BLOCK_N=_SQ_BLOCK_N, BLOCK_K=_SQ_BLOCK_K,
+                num_warps=NUM_WARPS)
+    else:
+        out.zero_()
+    return out
+
+
 # 32 x 128 tiles, 4 warps: 32 elements per thread per band (16-byte loads of 16-bit rows).
 BLOCK_M, BLOCK_N, NUM_WARPS = 32, 128, 4
 _INTERPRET_BLOCK_M, _INTERPRET_BLOCK_N = 16, 32
@@ -401,6 +456,17 @@ def aot_specs() -> list[dict]:
                 "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
                 "divisible_by_16": ["z_ptr", "g_ptr", "u_ptr", "bias_ptr", "y_ptr", "N"],
             })
+        # ‖W_n‖² of an aligned NF4 base (bnb's 64-blocks, fp32 absmax) rounded to the compute dtype
+        specs.append({
+            "name": f"dora_sq_nf4_{t}", "fn": _row_sq_norms_kernel,
+            "signature": {"w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32",
+                          "K": "i32", "WFMT": "constexpr", "QBLOCK": "constexpr", "ROWS_ALIGNED": "constexpr",
+                          "ROUND": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+            "constexprs": {"WFMT": FORMATS["nf4"], "QBLOCK": 64, "ROWS_ALIGNED": True, "ROUND": _ROUND[_DTYPES[t]],
+                           "BLOCK_N": _SQ_BLOCK_N, "BLOCK_K": _SQ_BLOCK_K},
+            "num_warps": NUM_WARPS, "num_stages": 1, "large_m_gemm": False,
+            "divisible_by_16": ["w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K"],
+        })
         for name, store in (("dora_bwd", True), ("dora_colsum", False)):
             specs.append({
                 "name": f"{name}_{t}", "fn": _dora_scale_bwd_kernel,

@@ -62,9 +62,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 @torch.no_grad()
 def weight_row_sq_norms(weight, dtype: torch.dtype) -> torch.Tensor:
     """‖W_n‖² [N] of the base as the layer computes with it (decoded to ``dtype``), summed in fp32 (fp64
-    for fp64) over bands of rows. A 4-bit weight is decoded by the backend of its device: on the GPU
-    backends into the device's shared scratch buffer (``ops.scratch``, inside one op), so no weight-sized
-    tensor is allocated for it."""
+    for fp64) over bands of rows. On the Triton backends a 4-bit weight's norms come from its codes
+    (``kernels.dora.row_sq_norms_4bit``, one pass over the 4-bit bytes): no weight-sized tensor."""
     if not isinstance(weight, Packed4bit):
         return row_sq_norms(weight, dtype)
     if backend(weight.device) == "reference" or dtype == torch.float64:

@@ -9,7 +9,7 @@ as it traces the fused LoRA op: each op runs its launcher, and its fake impl giv
     torch.ops.fusedlora.dora_drop_split(x, seed, p) -> (drop(x), x − drop(x), keep bits)
     torch.ops.fusedlora.dora_drop_split_bwd(dxd, dc, bits, p) -> dx
     torch.ops.fusedlora.weight_row_sq_norms(w, w_scales?, w_zeros?, nested_absmax?, nested_code?, fmt, n, k,
-                                            block, nested_offset, dtype) -> ‖W_n‖² [n]
+                                            block, nested_offset, dtype) -> ‖W_n‖² [n]   (a 4-bit W, fp32)
 
 Arguments and outputs as the launchers of ``kernels.dora`` (looked up at call time); an output a launcher
 leaves out (None) is an empty tensor here, as an op returns tensors only. The ops have no autograd of their
@@ -110,15 +110,14 @@ def _(dxd, dc, bits, p):
 def weight_row_sq_norms(w: Tensor, w_scales: Tensor | None, w_zeros: Tensor | None, nested_absmax: Tensor | None,
                         nested_code: Tensor | None, fmt: str, n: int, k: int, block: int, nested_offset: float,
                         dtype: torch.dtype) -> Tensor:
-    from .dora import row_sq_norms
-    from .lora_triton import decode_to_scratch
+    from ..kernels.lora_fwd import decode_absmax
 
     with kernels.device_guard(w.device):
-        dense = decode_to_scratch(w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n, k, block,
-                                  nested_offset, dtype)
-        return row_sq_norms(dense, dtype)
+        if nested_absmax is not None:
+            w_scales = decode_absmax(w_scales, nested_code, nested_absmax, nested_offset)
+        return _kd().row_sq_norms_4bit(w, w_scales, w_zeros, fmt, n, k, block, dtype)
 
 
 @weight_row_sq_norms.register_fake
 def _(w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n, k, block, nested_offset, dtype):
-    return w.new_empty((n,), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return w.new_empty((n,), dtype=torch.float32)
