@@ -313,7 +313,7 @@ def test_opcheck_of_the_dora_ops(triton_backend, quant):
         (ops.dora_scale_bwd, (u, z, g, None)), (ops.dora_scale_bwd, (u, z, None, g)),
         (ops.dora_drop_split, (x, draw_seed(x.device), 0.25)),
         (ops.dora_drop_split_bwd, (xd, c, bits, 0.25)),
-        (ops.weight_row_sq_norms, (*weight_args(weight)[:5], weight_args(weight)[5], n, 128,
+        (ops.row_sq_norms_4bit, (*weight_args(weight)[:5], weight_args(weight)[5], n, 128,
                                    *weight_args(weight)[6:], torch.float32)),
     ]
     for op, args in cases:

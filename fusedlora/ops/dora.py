@@ -73,7 +73,7 @@ def weight_row_sq_norms(weight, dtype: torch.dtype) -> torch.Tensor:
     from .lora_triton import weight_args
 
     w, w_scales, w_zeros, nested_absmax, nested_code, fmt, block, nested_offset = weight_args(weight)
-    return torch.ops.fusedlora.weight_row_sq_norms(w, w_scales, w_zeros, nested_absmax, nested_code, fmt,
+    return torch.ops.fusedlora.row_sq_norms_4bit(w, w_scales, w_zeros, nested_absmax, nested_code, fmt,
                                                    *weight.shape, block, nested_offset, dtype)
 
 

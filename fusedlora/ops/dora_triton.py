@@ -8,8 +8,8 @@ as it traces the fused LoRA op: each op runs its launcher, and its fake impl giv
     torch.ops.fusedlora.dora_scale_bwd(dy, z, g?, factor?) -> (dz, column sums)   dz: [0] without g
     torch.ops.fusedlora.dora_drop_split(x, seed, p) -> (drop(x), x − drop(x), keep bits)
     torch.ops.fusedlora.dora_drop_split_bwd(dxd, dc, bits, p) -> dx
-    torch.ops.fusedlora.weight_row_sq_norms(w, w_scales?, w_zeros?, nested_absmax?, nested_code?, fmt, n, k,
-                                            block, nested_offset, dtype) -> ‖W_n‖² [n]   (a 4-bit W, fp32)
+    torch.ops.fusedlora.row_sq_norms_4bit(w, w_scales?, w_zeros?, nested_absmax?, nested_code?, fmt, n, k,
+                                          block, nested_offset, dtype) -> ‖W_n‖² [n]   (a 4-bit W, fp32)
 
 Arguments and outputs as the launchers of ``kernels.dora`` (looked up at call time); an output a launcher
 leaves out (None) is an empty tensor here, as an op returns tensors only. The ops have no autograd of their
@@ -106,10 +106,10 @@ def _(dxd, dc, bits, p):
     return torch.empty_like(dc)
 
 
-@torch.library.custom_op("fusedlora::weight_row_sq_norms", mutates_args=())
-def weight_row_sq_norms(w: Tensor, w_scales: Tensor | None, w_zeros: Tensor | None, nested_absmax: Tensor | None,
-                        nested_code: Tensor | None, fmt: str, n: int, k: int, block: int, nested_offset: float,
-                        dtype: torch.dtype) -> Tensor:
+@torch.library.custom_op("fusedlora::row_sq_norms_4bit", mutates_args=())
+def row_sq_norms_4bit(w: Tensor, w_scales: Tensor | None, w_zeros: Tensor | None, nested_absmax: Tensor | None,
+                      nested_code: Tensor | None, fmt: str, n: int, k: int, block: int, nested_offset: float,
+                      dtype: torch.dtype) -> Tensor:
     from ..kernels.lora_fwd import decode_absmax
 
     with kernels.device_guard(w.device):
@@ -118,6 +118,6 @@ def weight_row_sq_norms(w: Tensor, w_scales: Tensor | None, w_zeros: Tensor | No
         return _kd().row_sq_norms_4bit(w, w_scales, w_zeros, fmt, n, k, block, dtype)
 
 
-@weight_row_sq_norms.register_fake
+@row_sq_norms_4bit.register_fake
 def _(w, w_scales, w_zeros, nested_absmax, nested_code, fmt, n, k, block, nested_offset, dtype):
     return w.new_empty((n,), dtype=torch.float32)
