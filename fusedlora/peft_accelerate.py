@@ -125,6 +125,15 @@ def _nf4_view(param) -> QuantizedWeight | None:
     if state is None or getattr(state, "packing_format_for_cpu", False):
         return None
     hit = getattr(state, _VIEW_ATTR, None)
+    if torch.compiler.is_compiling():
+        # a traced graph can neither compare data pointers nor build a view (its checks go through
+        # bitsandbytes' JSON state): it takes the one built eagerly, by fl.accelerate or a forward
+        if hit is None:
+            raise RuntimeError(
+                "fusedlora.accelerate: a 4-bit base has no view of its NF4 state to compile with (its "
+                "weight was replaced or quantized after fl.accelerate); call fl.accelerate again, or run one "
+                "forward without torch.compile, before compiling")
+        return hit[1]
     if hit is not None and hit[0] == param.data_ptr():
         return hit[1]
     view = QuantizedWeight.from_bnb(param)
@@ -244,6 +253,8 @@ def accelerate(peft_model, enable: bool = True):
                 layer.__dict__[MARK] = kind
                 layer.forward = _fused_forward.__get__(layer)
                 adapter, reason = _adapter(layer)
+                if kind == "nf4":
+                    _nf4_view(layer.get_base_layer().weight)  # built now, for a torch.compile to take
         if reason is None:
             fused += 1
             dora += adapter is not None and is_dora(layer, adapter)

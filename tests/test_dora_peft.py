@@ -438,6 +438,32 @@ def peft_load(base, adapter_dir):
     return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
 
 
+def test_accelerated_bnb_nf4_dora_model_compiles_fullgraph(nf4_checkpoint, use_backend):
+    """PEFT's DoRA over bitsandbytes' Linear4bit, run by ``fl.accelerate`` and compiled with fullgraph: the
+    graph takes the NF4 views built by ``fl.accelerate`` (it cannot build them itself: their checks go
+    through bitsandbytes' JSON state), and equals PEFT's eager loss and gradients. A base whose view is gone
+    is a clear error, not a graph break."""
+    use_backend("triton")
+    torch._dynamo.reset()
+    _, bnb_model, _ = nf4_checkpoint
+    pm = dora_model(bnb_model, target_modules=["q_proj", "down_proj"]).train()
+    plain = copy.deepcopy(pm)
+    fl.accelerate(pm)
+    ids = token_ids()
+    compiled = torch.compile(pm, fullgraph=True, backend="aot_eager")
+    unwrap = lambda name: name.removeprefix("_orig_mod.")  # noqa: E731
+    assert_same(loss_and_grads(compiled, ids, unwrap), loss_and_grads(plain, ids), **FP32_TOL)
+
+    torch._dynamo.reset()
+    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    del q.base_layer.weight.quant_state.__dict__["_fusedlora_view"]
+    with pytest.raises(Exception, match="has no view of its NF4 state"):
+        torch.compile(pm, fullgraph=True, backend="aot_eager")(input_ids=ids)
+    fl.accelerate(pm)  # builds it again
+    assert_same(loss_and_grads(torch.compile(pm, fullgraph=True, backend="aot_eager"), ids, unwrap),
+                loss_and_grads(plain, ids), **FP32_TOL)
+
+
 def test_peft_dora_adapter_loads_here_and_ours_loads_in_peft(tmp_path):
     base = tiny_llama()
     ids = token_ids()

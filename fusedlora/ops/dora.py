@@ -62,7 +62,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 @torch.no_grad()
 def weight_row_sq_norms(weight, dtype: torch.dtype) -> torch.Tensor:
     """‖W_n‖² [N] of the base as the layer computes with it (decoded to ``dtype``), summed in fp32 (fp64
-    for fp64) over bands of rows. On the Triton backends a 4-bit weight's norms come from its codes
+    for fp64). On the Triton backends a 4-bit weight's norms come from its codes
     (``kernels.dora.row_sq_norms_4bit``, one pass over the 4-bit bytes): no weight-sized tensor."""
     if not isinstance(weight, Packed4bit):
         return row_sq_norms(weight, dtype)
@@ -144,7 +144,8 @@ class _DropSplit(torch.autograd.Function):
         from .lora_triton import draw_seed
 
         shape = x.shape
-        xd, c, bits = torch.ops.fusedlora.dora_drop_split(x.reshape(-1, shape[-1]).contiguous(), draw_seed(x.device), p)
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        xd, c, bits = torch.ops.fusedlora.dora_drop_split(x2, draw_seed(x.device), p)
         ctx.save_for_backward(bits)
         ctx.p = p
         return xd.view(shape), c.view(shape)
