@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .ops.backend import backend
-from .ops.dora import dora_row_norm, dora_weight_norm, weight_row_sq_norms
+from .ops.dora import dora_fold, dora_row_norm, dora_weight_norm, folds, weight_row_sq_norms
 
 
 class TensorKeyedValue:
@@ -58,6 +58,41 @@ class RowSqNormCache(TensorKeyedValue):
         return super().get(tensors, (dtype,), lambda: weight_row_sq_norms(base(), dtype))
 
 
+class DoRAKept:
+    """What a DoRA layer keeps between calls (ours, or a PEFT layer that ``fusedlora.accelerate`` runs), each
+    value until a tensor it was computed from changes: ‖W_n‖² of the base, the norm ‖W + s·B·A‖ of the
+    current adapter, and, for calls without gradients on the folded route, g folded into B and into the
+    base's block scales (``ops.dora.dora_fold``), so that an inference run launches neither the norm's
+    GEMM nor the fold per token."""
+
+    def __init__(self):
+        self.sq = RowSqNormCache()
+        self._norm = TensorKeyedValue()
+        self._fold = TensorKeyedValue()
+
+    def norm(self, sq: torch.Tensor, params: list, base, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+             dtype: torch.dtype) -> torch.Tensor | None:
+        """‖W + s·B·A‖ [N] (detached, fp32) of ``base``, ``lora_A``, ``lora_B`` as the op takes them (in
+        ``dtype``), kept while ``sq`` (‖W_n‖²), ``params`` (the adapter's A and B Parameters: an optimizer
+        step changes their version), s and the dtype are unchanged: an inference run or the micro-batches of
+        one accumulated step decode W for it once. None where the op takes the norm itself: the reference
+        backend (the norm of the whole W + s·B·A, as PEFT does), and while compiling (at every call)."""
+        if dtype == torch.float64 or backend(lora_A.device) == "reference" or torch.compiler.is_compiling():
+            return None
+        return self._norm.get([sq, *params], (dtype, float(scale)),
+                              lambda: dora_row_norm(base, lora_A, lora_B, scale, sq, dtype))
+
+    def fold(self, norm: torch.Tensor | None, params: list, base, lora_B: torch.Tensor, magnitude: torch.Tensor,
+             dtype: torch.dtype) -> tuple | None:
+        """``dora_fold`` of the kept ``norm`` for a call without gradients on the folded route (a 4-bit base in
+        bf16 or fp32), kept while the norm, ``params`` (B's Parameter) and the magnitude are unchanged; None
+        otherwise (with gradients the op folds g itself, so that B gets its gradient)."""
+        if norm is None or torch.is_grad_enabled() or not folds(base, dtype):
+            return None
+        return self._fold.get([norm, *params, magnitude], (dtype,),
+                              lambda: dora_fold(base, lora_B, magnitude, norm))
+
+
 class DoRAMagnitude(nn.Module):
     """m [N] (``weight``) of a DoRA layer; ``merged_factor`` is m / ‖W + s·B·A‖ while the layer is merged."""
 
@@ -65,29 +100,28 @@ class DoRAMagnitude(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(magnitude)
         self.merged_factor: torch.Tensor | None = None
-        self._sq = RowSqNormCache()
-        self._norm = TensorKeyedValue()
+        self.kept = DoRAKept()
 
     def base_sq_norm(self, layer, dtype: torch.dtype) -> torch.Tensor:
         """‖W_n‖² [N] of ``layer``'s base decoded to ``dtype`` (kept until the base's tensors change)."""
         if layer.quantized:
             fields = ("data", "absmax", "nested_absmax", "nested_code", "scales", "zeros", "offset")
-            return self._sq.get([getattr(layer, f"quant_{f}") for f in fields], dtype,
-                                lambda: layer.base_weight.packed)
-        return self._sq.get([layer.weight], dtype, lambda: layer.weight)
+            return self.kept.sq.get([getattr(layer, f"quant_{f}") for f in fields], dtype,
+                                    lambda: layer.base_weight.packed)
+        return self.kept.sq.get([layer.weight], dtype, lambda: layer.weight)
 
     def kept_norm(self, layer, base, lora_A: torch.Tensor, lora_B: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor | None:
-        """‖W + s·B·A‖ [N] (detached, fp32) for the forward: ``base``, ``lora_A``, ``lora_B`` as the op takes
-        them (in ``dtype``). Kept while ‖W_n‖², the layer's A and B Parameters (an optimizer step changes
-        their version), s and the dtype are unchanged: an inference run or the micro-batches of one
-        accumulated step decode W for it once. None where the reference op runs (it takes the norm of the
-        whole W + s·B·A itself, as PEFT does)."""
-        if dtype == torch.float64 or backend(lora_A.device) == "reference" or torch.compiler.is_compiling():
-            return None  # (compiled: the op takes the norm with g in its own launches, at every call)
-        sq = self.base_sq_norm(layer, dtype)
-        return self._norm.get([sq, layer.lora_A, layer.lora_B], (dtype, float(layer.scaling)),
-                              lambda: dora_row_norm(base, lora_A, lora_B, layer.scaling, sq, dtype))
+        """``DoRAKept.norm`` of ``layer``'s adapter: ``base``, ``lora_A``, ``lora_B`` as the op takes them."""
+        if dtype == torch.float64 or backend(lora_A.device) == "reference":
+            return None  # (no ‖W_n‖² needed either)
+        return self.kept.norm(self.base_sq_norm(layer, dtype), [layer.lora_A, layer.lora_B], base, lora_A, lora_B,
+                              layer.scaling, dtype)
+
+    def kept_fold(self, layer, base, lora_B: torch.Tensor, norm: torch.Tensor | None,
+                  dtype: torch.dtype) -> tuple | None:
+        """``DoRAKept.fold`` of ``layer``'s adapter for a call without gradients (``norm``: ``kept_norm``'s)."""
+        return self.kept.fold(norm, [layer.lora_B], base, lora_B, self.weight, dtype)
 
     def weight_norm(self, layer, dtype: torch.dtype) -> torch.Tensor:
         """‖W + s·B·A‖ per row (detached), W decoded to ``dtype``; fp32, fp64 for fp64."""

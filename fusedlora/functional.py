@@ -43,16 +43,19 @@ def dora_linear(
     training: bool = False,
     dropout_mask: torch.Tensor | None = None,
     weight_norm: torch.Tensor | None = None,
+    fold: tuple | None = None,
 ) -> torch.Tensor:
     """DoRA (PEFT's semantics): y = x·Wᵀ + b + (g − 1) ⊙ drop(x)·Wᵀ + g ⊙ s·(drop(x)·Aᵀ)·Bᵀ,
     g = magnitude / ‖W + s·B·A‖ (row norms, detached), autograd-aware.
 
     ``base_sq_norm``: ‖W_n‖² [N] of W as decoded to x's dtype (``fusedlora.ops.dora.weight_row_sq_norms``;
     a constant of the frozen base that the caller keeps). ``weight_norm``: ‖W + s·B·A‖ [N] when the caller
-    kept it for these tensors (``fusedlora.ops.dora.dora_row_norm``), else computed. Other arguments as
+    kept it for these tensors (``fusedlora.ops.dora.dora_row_norm``), else computed. ``fold``: what
+    ``fusedlora.ops.dora.dora_fold`` gave for these tensors and that norm, when the caller kept it for calls
+    without gradients (a 4-bit base in bf16 or fp32: no gain launch per call). Other arguments as
     ``lora_linear``.
     """
     if isinstance(weight, QuantizedWeight):
         weight = weight.packed
     return ops.dora_linear(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias, dropout_p, training,
-                           dropout_mask, weight_norm)
+                           dropout_mask, weight_norm, fold)

@@ -488,9 +488,10 @@ class LoRALinear(nn.Module):
             mag = self.lora_magnitude_vector
             a, b = _cast(self.lora_A, x.dtype), _cast(self.lora_B, x.dtype)
             op_weight = weight.packed if isinstance(weight, QuantizedWeight) else weight
+            norm = mag.kept_norm(self, op_weight, a, b, x.dtype)
             return dora_linear(x, weight, a, b, self.scaling, mag.weight, mag.base_sq_norm(self, x.dtype), bias,
-                               self.dropout, self.training,
-                               weight_norm=mag.kept_norm(self, op_weight, a, b, x.dtype))
+                               self.dropout, self.training, weight_norm=norm,
+                               fold=mag.kept_fold(self, op_weight, b, norm, x.dtype))
         return lora_linear(
             x,
             weight,

@@ -5,8 +5,9 @@ dense ``nn.Linear`` or a bitsandbytes NF4 ``Linear4bit`` becomes a function that
 ``fusedlora.lora_linear`` on PEFT's own tensors — the base weight (a 4-bit one read through
 ``QuantizedWeight.from_bnb``, its bytes shared, never copied or requantized), the active adapter's
 ``lora_A`` / ``lora_B`` weights, its ``scaling`` and its dropout probability. A DoRA adapter runs
-``fusedlora.dora_linear`` on the same tensors and its ``lora_magnitude_vector`` weight, with ‖W_n‖² of the
-base computed once per layer and kept (again when the base's tensors or the compute dtype change).
+``fusedlora.dora_linear`` on the same tensors and its ``lora_magnitude_vector`` weight, keeping what our own
+DoRA layer keeps (``fusedlora.dora.DoRAKept``): ‖W_n‖² of the base, the norm of the current adapter, and
+g's fold for calls without gradients, each again when a tensor it came from or the compute dtype changes.
 Modules, parameters, their names, the state dict, ``save_pretrained`` / ``from_pretrained``,
 ``set_adapter``, ``disable_adapter()``, ``merge_and_unload()`` and ``modules_to_save`` are PEFT's, untouched.
 
@@ -43,7 +44,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .dora import RowSqNormCache
+from .dora import DoRAKept
 from .functional import dora_linear, lora_linear
 from .peft import _tuner_of, is_dora
 from .quantized import QuantizedWeight
@@ -58,8 +59,8 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Attribute of a bitsandbytes QuantState holding (data_ptr of its packed bytes, the QuantizedWeight over
 # them): the view goes with the state (a moved or repacked weight gets a new state or a changed pointer).
 _VIEW_ATTR = "_fusedlora_view"
-# Attribute of a PEFT DoRA magnitude module holding the RowSqNormCache of its layer's base.
-_SQ_ATTR = "_fusedlora_sq"
+# Attribute of a PEFT DoRA magnitude module holding what its layer keeps between calls (a DoRAKept).
+_KEPT_ATTR = "_fusedlora_kept"
 
 
 def _bnb_linear_classes():
@@ -190,19 +191,30 @@ def _fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         scale, bias = float(layer.scaling[adapter]), cast(base.bias)
         if is_dora(layer, adapter):
             magnitude = layer.lora_magnitude_vector[adapter]
+            kept = _kept(magnitude)
+            sq = _base_sq_norm(kept, base, weight, dtype)
+            op_weight = weight.packed if isinstance(weight, QuantizedWeight) else weight
+            a_param, b_param = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            norm = kept.norm(sq, [a_param, b_param], op_weight, lora_a, lora_b, scale, dtype)
             # PEFT's DoRA forward drops x only in training mode (both the layer's and the dropout's)
-            return dora_linear(x, weight, lora_a, lora_b, scale, magnitude.weight,
-                               _base_sq_norm(magnitude, base, weight, dtype), bias, dropout_p=float(p),
-                               training=layer.training and drop.training)
+            return dora_linear(x, weight, lora_a, lora_b, scale, magnitude.weight, sq, bias, dropout_p=float(p),
+                               training=layer.training and drop.training, weight_norm=norm,
+                               fold=kept.fold(norm, [b_param], op_weight, lora_b, magnitude.weight, dtype))
         return lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p=float(p), training=drop.training)
 
 
-def _base_sq_norm(magnitude: nn.Module, base: nn.Module, weight, dtype: torch.dtype) -> torch.Tensor:
-    """‖W_n‖² of the base as the op decodes it in ``dtype``, kept on PEFT's magnitude module until the base's
-    tensors change (``weight``: the dense weight, or the QuantizedWeight over the 4-bit one)."""
-    cache = magnitude.__dict__.get(_SQ_ATTR)
-    if cache is None:
-        cache = magnitude.__dict__[_SQ_ATTR] = RowSqNormCache()
+def _kept(magnitude: nn.Module) -> DoRAKept:
+    """The DoRAKept held on PEFT's magnitude module (made at its layer's first call)."""
+    kept = magnitude.__dict__.get(_KEPT_ATTR)
+    if kept is None:
+        kept = magnitude.__dict__[_KEPT_ATTR] = DoRAKept()
+    return kept
+
+
+def _base_sq_norm(kept: DoRAKept, base: nn.Module, weight, dtype: torch.dtype) -> torch.Tensor:
+    """‖W_n‖² of the base as the op decodes it in ``dtype``, kept until the base's tensors change
+    (``weight``: the dense weight, or the QuantizedWeight over the 4-bit one)."""
+    cache = kept.sq
     if isinstance(weight, QuantizedWeight):
         p = weight.packed
         return cache.get([base.weight, p.data, p.absmax, p.nested_absmax, p.nested_code], dtype, lambda: p)
@@ -235,7 +247,7 @@ def accelerate(peft_model, enable: bool = True):
                 layer.__dict__.pop("_fusedlora_logged", None)
                 restored += 1
             for magnitude in getattr(layer, "lora_magnitude_vector", {}).values():
-                magnitude.__dict__.pop(_SQ_ATTR, None)
+                magnitude.__dict__.pop(_KEPT_ATTR, None)
         if hasattr(peft_model, NOT_ACCELERATED_ATTR):
             delattr(peft_model, NOT_ACCELERATED_ATTR)
         logger.info("fusedlora.accelerate: PEFT's forward restored in %d LoRA layers", restored)

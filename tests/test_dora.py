@@ -482,6 +482,58 @@ def test_kept_norm_is_computed_once_per_adapter_state(triton_backend, monkeypatc
     assert _rel(y3, uncached) < 1e-6 and _rel(y3, y1) > 1e-3
 
 
+def test_inference_keeps_the_fold_until_b_or_m_changes(triton_backend, monkeypatch):
+    """Without gradients (inference, generation) a folded layer keeps g ⊙ B, 1 / m and the folded block scales
+    with the norm: its calls launch neither the norm's GEMM nor the gain kernel again until B or m changes;
+    with gradients it folds at every call (B's gradient goes through the fold). Outputs equal an uncached
+    call each time; a kept fold given where it cannot serve is an error naming ``fold``."""
+    from fusedlora.kernels import dora as kernels_dora
+    from fusedlora.ops import dora as ops_dora
+
+    layer = _layer("nf4", n=64, k=128, r=4)
+    layer.eval()
+    gains, norms = [], []
+    real_gain, real_norm = kernels_dora.dora_gain, ops_dora._norm_and_scale_triton
+    monkeypatch.setattr(kernels_dora, "dora_gain", lambda *a: gains.append(1) or real_gain(*a))
+    monkeypatch.setattr(ops_dora, "_norm_and_scale_triton", lambda *a: norms.append(1) or real_norm(*a))
+    x = torch.randn(3, layer.in_features, device=_device())
+    mag = layer.lora_magnitude_vector
+
+    def uncached():
+        with torch.no_grad():
+            return dora_linear(x, layer.base_weight, layer.lora_A, layer.lora_B, layer.scaling, mag.weight,
+                               mag.base_sq_norm(layer, x.dtype), layer.bias)
+
+    with torch.no_grad():
+        y1, y2 = layer(x), layer(x)
+    assert (len(norms), len(gains)) == (1, 1) and torch.equal(y1, y2)
+    with torch.no_grad():
+        mag.weight.mul_(1.5)  # m changed: folded again, the norm kept
+        y3 = layer(x)
+    assert (len(norms), len(gains)) == (1, 2) and _rel(y3, y1) > 1e-3
+    assert _rel(y3, uncached()) < 1e-6
+    with torch.no_grad():
+        layer.lora_B.add_(0.25)  # B changed: the norm and the fold again
+        y4 = layer(x)
+    assert len(gains) == 4 and _rel(y4, uncached()) < 1e-6 and _rel(y4, y3) > 1e-3
+    before = len(gains)
+    layer(x).sum().backward()
+    layer(x).sum().backward()
+    assert len(gains) == before + 2 and layer.lora_B.grad.abs().max() > 0  # with gradients: every call
+
+    with torch.no_grad():
+        norm = mag.kept_norm(layer, layer.base_weight.packed, layer.lora_A, layer.lora_B, x.dtype)
+        fold = mag.kept_fold(layer, layer.base_weight.packed, layer.lora_B, norm, x.dtype)
+    args = (x, layer.base_weight, layer.lora_A, layer.lora_B, layer.scaling, mag.weight,
+            mag.base_sq_norm(layer, x.dtype))
+    with pytest.raises(ValueError, match="fold: serves calls without gradients"):
+        dora_linear(*args, weight_norm=norm, fold=fold)
+    with torch.no_grad(), pytest.raises(ValueError, match="fold: given without the weight_norm"):
+        dora_linear(*args, fold=fold)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"fold\[2\]: expected shape"):
+        dora_linear(*args, weight_norm=norm, fold=(fold[0], fold[1], fold[2][:, :1]))
+
+
 @pytest.mark.parametrize("quant, dtype", [(None, torch.float32), ("nf4", torch.float16), ("nf4", torch.float32)])
 def test_dropout_drawn_in_the_kernel_equals_the_oracle_with_its_mask(triton_backend, monkeypatch, quant, dtype):
     """Dropout without an explicit mask: drop(x) and x − drop(x) come from one kernel whose mask is drawn

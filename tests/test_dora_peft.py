@@ -310,7 +310,7 @@ def test_accelerate_equals_peft_dora_and_restores(use_backend, backend, monkeypa
 
     assert fl.accelerate(pm, enable=False) is pm
     assert not any("forward" in m.__dict__ for m in pm.modules())
-    assert not any(accel._SQ_ATTR in m.__dict__ for m in pm.modules())
+    assert not any(accel._KEPT_ATTR in m.__dict__ for m in pm.modules())
     torch.testing.assert_close(outputs(pm, ids), outputs(plain, ids), atol=0, rtol=0)  # PEFT's own forward
     assert len(log.calls) == 24
 
@@ -436,6 +436,36 @@ def peft_load(base, adapter_dir):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
+
+
+def test_accelerated_bnb_nf4_dora_inference_keeps_norm_and_fold(nf4_checkpoint, use_backend, monkeypatch):
+    """Calls without gradients through ``fl.accelerate`` (generation with a DoRA policy, evaluation) keep each
+    layer's norm and g's fold, as our own layer does: a second pass launches neither the norm's GEMM nor the
+    gain kernel, a changed magnitude folds again, and the outputs stay PEFT's."""
+    from fusedlora.kernels import dora as kernels_dora
+    from fusedlora.ops import dora as ops_dora
+
+    use_backend("triton")
+    _, bnb_model, _ = nf4_checkpoint
+    pm = dora_model(bnb_model, target_modules=["q_proj", "down_proj"]).train()  # (bnb repacks in eval on CPU)
+    plain = copy.deepcopy(pm)
+    fl.accelerate(pm)
+    gains, norms = [], []
+    real_gain, real_norm = kernels_dora.dora_gain, ops_dora._norm_and_scale_triton
+    monkeypatch.setattr(kernels_dora, "dora_gain", lambda *a: gains.append(1) or real_gain(*a))
+    monkeypatch.setattr(ops_dora, "_norm_and_scale_triton", lambda *a: norms.append(1) or real_norm(*a))
+    ids = token_ids()
+    with torch.no_grad():
+        first, second = outputs(pm, ids), outputs(pm, ids)
+        assert (len(norms), len(gains)) == (4, 4)  # 2 layers x 2 modules, once each
+        torch.testing.assert_close(first, outputs(plain, ids), **FP32_TOL)
+        assert torch.equal(first, second)
+        for model in (pm, plain):
+            model.base_model.model.model.layers[1].mlp.down_proj.lora_magnitude_vector["default"].weight.mul_(1.5)
+        changed = outputs(pm, ids)
+    assert (len(norms), len(gains)) == (4, 5)
+    torch.testing.assert_close(changed, outputs(plain, ids), **FP32_TOL)
+    assert (changed - first).abs().max() > 1e-3
 
 
 def test_accelerated_bnb_nf4_dora_model_compiles_fullgraph(nf4_checkpoint, use_backend):

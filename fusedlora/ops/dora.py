@@ -119,20 +119,41 @@ def check_dora_args(x, weight, magnitude, base_sq_norm) -> None:
 
 
 def dora_linear(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias=None, dropout_p=0.0,
-                training=False, dropout_mask=None, weight_norm=None) -> torch.Tensor:
+                training=False, dropout_mask=None, weight_norm=None, fold=None) -> torch.Tensor:
     """Autograd-aware DoRA linear; ``weight`` dense or ``Packed4bit``; ``base_sq_norm`` = ‖W_n‖² [N] of W
     decoded to x's dtype (``weight_row_sq_norms``); ``dropout_mask`` (bool, x's shape) fixes the draw;
     ``weight_norm``: ‖W + s·B·A‖ [N] of these tensors when the caller kept it (``dora_row_norm``), else
-    computed here."""
+    computed here; ``fold``: ``dora_fold`` of these tensors and that norm when the caller kept it, for a call
+    without gradients on the folded route (``folds``)."""
     check_lora_args(x, weight, lora_A, lora_B, scale, bias, dropout_p, dropout_mask)
     check_dora_args(x, weight, magnitude, base_sq_norm)
     if weight_norm is not None:
         check_tensor("weight_norm", weight_norm, shape=(weight.shape[0],), device=x.device)
+    if fold is not None:
+        _check_fold(fold, x, weight, lora_B, weight_norm)
     if dropout_mask is not None and not (training and dropout_p > 0):
         raise ValueError("dropout_mask: given, but dropout is off (needs training=True and dropout_p > 0)")
     _, impl = select("dora_linear", x.device, x.dtype)
     return impl(x, weight, lora_A, lora_B, float(scale), magnitude, base_sq_norm, bias, float(dropout_p),
-                bool(training), dropout_mask, weight_norm)
+                bool(training), dropout_mask, weight_norm, fold)
+
+
+def _check_fold(fold, x, weight, lora_B, weight_norm) -> None:
+    if not folds(weight, x.dtype):
+        raise ValueError("fold: only the folded route takes one (a 4-bit base with K a multiple of its block "
+                         f"size, in bf16 or fp32), got a {type(weight).__name__} base and {x.dtype}")
+    if weight_norm is None:
+        raise ValueError("fold: given without the weight_norm it was folded from")
+    if torch.is_grad_enabled() and lora_B.requires_grad:
+        raise ValueError("fold: serves calls without gradients (B's gradient goes through the fold), got a "
+                         "lora_B that requires grad with grad mode on")
+    if not (isinstance(fold, tuple) and len(fold) == 3):
+        raise TypeError(f"fold: expected dora_fold's (g ⊙ B, 1 / m, block scales), got {type(fold).__name__}")
+    n, k = weight.shape
+    b_fold, inv_m, scales = fold
+    check_tensor("fold[0]", b_fold, shape=tuple(lora_B.shape), device=x.device)
+    check_tensor("fold[1]", inv_m, shape=(n,), device=x.device)
+    check_tensor("fold[2]", scales, shape=(n, k // weight.block), device=x.device)
 
 
 class _DropSplit(torch.autograd.Function):
@@ -161,7 +182,7 @@ class _DropSplit(torch.autograd.Function):
 
 @register("dora_linear", "reference")
 def dora_linear_reference(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias, dropout_p, training,
-                          dropout_mask, weight_norm=None):
+                          dropout_mask, weight_norm=None, fold=None):
     """PEFT's DoRA formula on the dense weight, in fp32 (fp64 for fp64), autograd for the backward; the norm
     from the whole W + s·B·A unless ``weight_norm`` is given."""
     acc = _acc(x.dtype)
@@ -242,7 +263,7 @@ class _DoraScale(torch.autograd.Function):
 _ZERO_MAGNITUDE = 2.0**-64
 
 
-def _folds(weight, dtype: torch.dtype) -> bool:
+def folds(weight, dtype: torch.dtype) -> bool:
     """Whether g goes into the weight's row scales: a 4-bit weight with K a multiple of its block size
     (every block inside one row), in bf16 or fp32."""
     return (isinstance(weight, Packed4bit) and weight.shape[1] % weight.block == 0
@@ -287,6 +308,14 @@ class _RowGain(torch.autograd.Function):
         (g,) = ctx.saved_tensors
         db = None if d_b_fold is None else torch.mul(d_b_fold, g[:, None]).to(d_b_fold.dtype)
         return db, None, None, None, None
+
+
+def dora_fold(weight: Packed4bit, lora_B, magnitude, norm) -> tuple:
+    """(g ⊙ B, 1 / m fp32 [N], the weight's block scales times g fp32 [N, K / block]) for g = m / ``norm``, by
+    one gain launch (a zero m folded as 2^-64): the folded route's inputs. Kept by the caller, it serves only
+    calls without gradients (B's gradient goes through it otherwise)."""
+    b_fold, _, inv_m, folded = _RowGain.apply(lora_B, magnitude, norm, *_scales(weight))
+    return b_fold, inv_m, folded
 
 
 class _FoldedScale(torch.autograd.Function):
@@ -370,12 +399,13 @@ class _FoldedDropout(torch.autograd.Function):
         return (dx, da if need_a else None, dbf if need_b else None, dm, None, None, db, None, None, None)
 
 
-def _dora_folded(xd, c, weight, lora_A, lora_B, scale, magnitude, norm, bias, drawn_p=0.0):
-    """``dora_linear_fused`` with g in the weight's row scales and in B (``_folds``): ``xd`` the input of the
+def _dora_folded(xd, c, weight, lora_A, lora_B, scale, magnitude, norm, bias, drawn_p=0.0, fold=None):
+    """``dora_linear_fused`` with g in the weight's row scales and in B (``folds``): ``xd`` the input of the
     DoRA terms (drop(x), or x), ``c`` = x − drop(x) (None without dropout), whose base product's GEMM adds
     v and the bias in its epilogue (no stream over [M, N] for y = v + u + b). With ``drawn_p`` > 0, ``xd``
-    is x and the dropout of that probability is drawn in the kernels (``_FoldedDropout``)."""
-    b_fold, _, inv_m, folded = _RowGain.apply(lora_B, magnitude, norm, *_scales(weight))
+    is x and the dropout of that probability is drawn in the kernels (``_FoldedDropout``). ``fold``: a kept
+    ``dora_fold`` of these tensors (calls without gradients), else folded here."""
+    b_fold, inv_m, folded = fold if fold is not None else dora_fold(weight, lora_B, magnitude, norm)
     if drawn_p:
         return _FoldedDropout.apply(xd, lora_A, b_fold, magnitude, inv_m, folded, bias, weight, float(scale), drawn_p)
     v = lora_linear(xd, with_scales(weight, folded), lora_A, b_fold, scale)
@@ -388,26 +418,26 @@ def _dora_folded(xd, c, weight, lora_A, lora_B, scale, magnitude, norm, bias, dr
 
 @register("dora_linear", "triton")
 def dora_linear_fused(x, weight, lora_A, lora_B, scale, magnitude, base_sq_norm, bias, dropout_p, training,
-                      dropout_mask, weight_norm=None):
+                      dropout_mask, weight_norm=None, fold=None):
     """The fused LoRA op for the GEMMs, ``kernels.dora`` for the norm, the dropout split and the column scaling
     (fp64 never comes here: the op table gives it the reference)."""
-    folds = _folds(weight, x.dtype)
+    folded = folds(weight, x.dtype)
     if weight_norm is not None:
         norm = weight_norm.detach()
-        g = None if folds else magnitude.detach().to(norm.dtype) / norm
+        g = None if folded else magnitude.detach().to(norm.dtype) / norm
     else:
-        norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, None if folds else magnitude)
+        norm, g = _norm_and_scale_triton(weight, lora_A, lora_B, scale, base_sq_norm, None if folded else magnitude)
     xd, c = x, None
-    if folds and training and dropout_p > 0 and dropout_mask is None:
-        return _dora_folded(x, None, weight, lora_A, lora_B, scale, magnitude, norm, bias, float(dropout_p))
+    if folded and training and dropout_p > 0 and dropout_mask is None:
+        return _dora_folded(x, None, weight, lora_A, lora_B, scale, magnitude, norm, bias, float(dropout_p), fold)
     if training and dropout_p > 0:
         if dropout_mask is None:
             xd, c = _DropSplit.apply(x, dropout_p)
         else:
             xd = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
             c = x - xd
-    if folds:
-        return _dora_folded(xd, c, weight, lora_A, lora_B, scale, magnitude, norm, bias)
+    if folded:
+        return _dora_folded(xd, c, weight, lora_A, lora_B, scale, magnitude, norm, bias, fold=fold)
     from .lora_triton import base_linear
 
     z = lora_linear(xd, weight, lora_A, lora_B, scale)
