@@ -26,7 +26,8 @@ class TensorKeyedValue:
     A tensor counts as unchanged while it is the same object (held weakly, so a new tensor at a freed
     address is not taken for the old one) with the same device, data pointer and version counter: a load,
     a move, a replaced tensor or an in-place change (an optimizer step included) computes the value again.
-    A write that bypasses the version counter (through ``.data``) is not seen.
+    A write that bypasses the version counter (through ``.data``) is not seen. Tensors made under
+    ``torch.inference_mode`` have no version counter: with one of them the value is computed, not kept.
     """
 
     def __init__(self):
@@ -40,10 +41,15 @@ class TensorKeyedValue:
             # value is computed in the graph, at every call
             return compute()
         held = [t for t in tensors if t is not None]
+        if any(t.is_inference() for t in held):
+            return compute()  # (made under torch.inference_mode: no version counter to key on)
         key = extra + tuple((t.device, t.data_ptr(), t._version) for t in held)
         stale = self.value is None or key != self._key  # an equal key has one ref per tensor
         if stale or any(r() is not t for r, t in zip(self._refs, held, strict=True)):
-            self.value = compute()
+            # made as normal tensors inside torch.inference_mode too, so that a later call with gradients
+            # may use (and save) what was kept
+            with torch.inference_mode(False):
+                self.value = compute()
             self._key, self._refs = key, tuple(weakref.ref(t) for t in held)
         return self.value
 

@@ -137,7 +137,8 @@ def _nf4_view(param) -> QuantizedWeight | None:
         return hit[1]
     if hit is not None and hit[0] == param.data_ptr():
         return hit[1]
-    view = QuantizedWeight.from_bnb(param)
+    with torch.inference_mode(False):  # kept: normal tensors, which a later call with gradients may save
+        view = QuantizedWeight.from_bnb(param)
     setattr(state, _VIEW_ATTR, (param.data_ptr(), view))
     return view
 

@@ -534,6 +534,26 @@ def test_inference_keeps_the_fold_until_b_or_m_changes(triton_backend, monkeypat
         dora_linear(*args, weight_norm=norm, fold=(fold[0], fold[1], fold[2][:, :1]))
 
 
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_inference_mode_then_training(triton_backend, quant):
+    """Calls under torch.inference_mode keep what they compute as normal tensors (inference tensors have no
+    version counter to key on, and cannot be saved for backward), so a training step after them works and
+    equals that of a layer never run in inference mode."""
+    layers = [_layer(quant, n=48, k=128, r=4) for _ in range(2)]
+    x = torch.randn(3, layers[0].in_features, device=_device())
+    with torch.inference_mode():
+        y_inf = layers[0](x)
+        assert torch.equal(layers[0](x), y_inf)
+    got = []
+    for layer in layers:
+        y = layer(x)
+        y.square().sum().backward()
+        got.append([y.detach(), layer.lora_A.grad, layer.lora_B.grad, layer.lora_magnitude_vector.weight.grad])
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_inf, got[1][0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("quant, dtype", [(None, torch.float32), ("nf4", torch.float16), ("nf4", torch.float32)])
 def test_dropout_drawn_in_the_kernel_equals_the_oracle_with_its_mask(triton_backend, monkeypatch, quant, dtype):
     """Dropout without an explicit mask: drop(x) and x − drop(x) come from one kernel whose mask is drawn

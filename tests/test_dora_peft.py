@@ -439,9 +439,10 @@ def peft_load(base, adapter_dir):
 
 
 def test_accelerated_bnb_nf4_dora_inference_keeps_norm_and_fold(nf4_checkpoint, use_backend, monkeypatch):
-    """Calls without gradients through ``fl.accelerate`` (generation with a DoRA policy, evaluation) keep each
-    layer's norm and g's fold, as our own layer does: a second pass launches neither the norm's GEMM nor the
-    gain kernel, a changed magnitude folds again, and the outputs stay PEFT's."""
+    """Calls without gradients through ``fl.accelerate`` (generation with a DoRA policy, evaluation; here under
+    torch.inference_mode) keep each layer's norm and g's fold, as our own layer does: a second pass launches
+    neither the norm's GEMM nor the gain kernel, a changed magnitude folds again, the outputs stay PEFT's,
+    and a training step afterwards too."""
     from fusedlora.kernels import dora as kernels_dora
     from fusedlora.ops import dora as ops_dora
 
@@ -455,7 +456,7 @@ def test_accelerated_bnb_nf4_dora_inference_keeps_norm_and_fold(nf4_checkpoint, 
     monkeypatch.setattr(kernels_dora, "dora_gain", lambda *a: gains.append(1) or real_gain(*a))
     monkeypatch.setattr(ops_dora, "_norm_and_scale_triton", lambda *a: norms.append(1) or real_norm(*a))
     ids = token_ids()
-    with torch.no_grad():
+    with torch.inference_mode():
         first, second = outputs(pm, ids), outputs(pm, ids)
         assert (len(norms), len(gains)) == (4, 4)  # 2 layers x 2 modules, once each
         torch.testing.assert_close(first, outputs(plain, ids), **FP32_TOL)
@@ -466,6 +467,8 @@ def test_accelerated_bnb_nf4_dora_inference_keeps_norm_and_fold(nf4_checkpoint, 
     assert (len(norms), len(gains)) == (4, 5)
     torch.testing.assert_close(changed, outputs(plain, ids), **FP32_TOL)
     assert (changed - first).abs().max() > 1e-3
+    # what the inference-mode calls kept are normal tensors: a training step after them is PEFT's
+    assert_same(loss_and_grads(pm, ids), loss_and_grads(plain, ids), **FP32_TOL)
 
 
 def test_accelerated_bnb_nf4_dora_model_compiles_fullgraph(nf4_checkpoint, use_backend):
