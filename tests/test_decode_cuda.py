@@ -67,23 +67,17 @@ DECODE_SHAPES = [
 ]
 
 
-@pytest.mark.skipif(not fl.extension_loaded(), reason="the CUDA extension fusedlora._C is not built")
-@pytest.mark.parametrize("quant,m", [("nf4", 3), ("nf4-dq", 3), ("int4", 3), ("nf4-dq", 20)])
-def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant, m):
-    # No GPU needed: a CPU implementation of fusedlora::decode_lora_cuda, registered for this test only,
-    # takes its arguments by the schema's names, rebuilds the weight from them and computes the op in
-    # float64. The op's Python side (decode_lora_linear) calling it on CPU tensors must then give the
-    # reference result: an argument in the wrong slot breaks the rebuild or the numbers.
-    from fusedlora.formats import Packed4bit, nf4_code
-    from fusedlora.ops import decode
-
-    seen = {}
+def _decode_lora_cpu(seen: dict):
+    """A CPU implementation of fusedlora::decode_lora_cuda for tests without a GPU: it takes its arguments by
+    the schema's names (recording some in ``seen``), rebuilds the weight from them and computes the op in
+    float64."""
+    from fusedlora.formats import Packed4bit
 
     def decode_lora_cpu(x, w, absmax, absmax_q, nested_absmax, nested_code, nested_offset, code, scales, zeros,
                         scheme, block, n, k, lora_A, lora_B, bias, scale, mma_min_m, tickets=None, splits=1,
                         wide_min_m=17):  # torch leaves out trailing arguments equal to their defaults
         seen.update(scheme=scheme, mma_min_m=mma_min_m, code=code, tickets=tickets, splits=splits,
-                    wide_min_m=wide_min_m)
+                    wide_min_m=wide_min_m, calls=seen.get("calls", 0) + 1)
         # the binding's contracts: fp32 absmax or uint8 absmax_q (+ nested), uint8 codes, fp32 scales
         assert w.dtype == torch.uint8 and x.shape == (x.shape[0], k)
         if scheme == 0:
@@ -102,9 +96,74 @@ def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant, m):
             y = y + bias.double()
         return y.to(x.dtype)
 
+    return decode_lora_cpu
+
+
+@pytest.mark.skipif(not fl.extension_loaded(), reason="the CUDA extension fusedlora._C is not built")
+def test_decode_dispatch_compiles_fullgraph(use_backend, monkeypatch):
+    """Under torch.compile the decode call is one op (fusedlora::decode_lora) whose body takes the pointer
+    checks when it runs, which a traced graph cannot: fullgraph compiles, gives the eager result (the CPU
+    stand-in of the kernel above), and codes that start off a 16-byte boundary take the Triton path inside
+    it, eagerly and compiled alike."""
+    from dataclasses import replace
+
+    from fusedlora.ops import decode
+
+    use_backend("triton")  # (the Triton path below runs under the interpreter without a GPU)
+    seen, triton_calls = {}, []
+    real_triton = decode._triton
+    monkeypatch.setattr(decode, "_triton", lambda *a, **kw: triton_calls.append(1) or real_triton(*a, **kw))
+    torch.manual_seed(12)
+    k, n, r = 256, 40, 8
+    packed = fl.quantize(torch.randn(n, k), scheme="nf4", blocksize=64, double_quant=True).packed
+    x = torch.randn(3, k, dtype=torch.float16)
+    A = torch.randn(r, k, dtype=torch.float16) / 16
+    B = torch.randn(n, r, dtype=torch.float16)
+    bias = torch.randn(n, dtype=torch.float16)
+    wd = dequantize_reference(packed, torch.float64)
+    exact = x.double() @ wd.T + 1.5 * (x.double() @ A.double().T) @ B.double().T + bias.double()
+    shifted = torch.empty(packed.data.numel() + 1, dtype=torch.uint8)[1:].view(-1, 1)
+    shifted.copy_(packed.data)
+    assert shifted.data_ptr() % 16 and packed.data.data_ptr() % 16 == 0
     lib = torch.library.Library("fusedlora", "IMPL")
     try:
-        lib.impl("decode_lora_cuda", decode_lora_cpu, "CPU")
+        lib.impl("decode_lora_cuda", _decode_lora_cpu(seen), "CPU")
+        for weight, kernel in ((packed, True), (replace(packed, data=shifted), False)):
+            def layer(x, A, B, bias, weight=weight):
+                return decode.lora_linear_cuda(x, weight, A, B, 1.5, bias, 0.0, False, None)
+
+            torch._dynamo.reset()
+            seen.clear()
+            triton_calls.clear()
+            with torch.no_grad():
+                eager = layer(x, A, B, bias)
+                compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, A, B, bias)
+            assert (seen.get("calls", 0), len(triton_calls)) == ((2, 0) if kernel else (0, 2))
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+            # the stand-in rounds the float64 result once; the Triton path in fp16, within 2^-9 of the scale
+            assert (eager.double() - exact).abs().max() <= 2.0**-9 * exact.abs().max()
+            w = weight
+            torch.library.opcheck(torch.ops.fusedlora.decode_lora.default,
+                                  (x, w.data, w.absmax, w.nested_absmax, w.nested_code, w.nested_offset, w.scales,
+                                   w.zeros, w.scheme, w.block, n, k, A, B, bias, 1.5))
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.skipif(not fl.extension_loaded(), reason="the CUDA extension fusedlora._C is not built")
+@pytest.mark.parametrize("quant,m", [("nf4", 3), ("nf4-dq", 3), ("int4", 3), ("nf4-dq", 20)])
+def test_decode_glue_passes_each_argument_where_the_schema_names_it(quant, m):
+    # No GPU needed: a CPU implementation of fusedlora::decode_lora_cuda, registered for this test only,
+    # takes its arguments by the schema's names, rebuilds the weight from them and computes the op in
+    # float64. The op's Python side (decode_lora_linear) calling it on CPU tensors must then give the
+    # reference result: an argument in the wrong slot breaks the rebuild or the numbers.
+    from fusedlora.formats import nf4_code
+    from fusedlora.ops import decode
+
+    seen = {}
+    lib = torch.library.Library("fusedlora", "IMPL")
+    try:
+        lib.impl("decode_lora_cuda", _decode_lora_cpu(seen), "CPU")
         torch.manual_seed(11)
         k, n, r = (256 if m < 17 else 1024), 40, 8
         w = torch.randn(n, k)

@@ -100,7 +100,8 @@ def decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training) -> bool
     n, k = weight.shape
     m = x.numel() // k
     tensor_cores = m >= DECODE_MMA_MIN_M and k % MMA_STEP == 0 and weight.block % MMA_STEP == 0
-    return k % 32 == 0 and 1 <= m <= decode_max_m(k, n, tensor_cores) and weight.data.data_ptr() % 16 == 0
+    # (the codes' alignment is checked where the call runs: ``_decode_or_triton``)
+    return k % 32 == 0 and 1 <= m <= decode_max_m(k, n, tensor_cores)
 
 
 _CODE_CACHE: dict[torch.device, torch.Tensor] = {}
@@ -143,12 +144,48 @@ def decode_lora_linear(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
     return y.reshape(*x.shape[:-1], n)
 
 
+def _triton(x, weight, lora_A, lora_B, scale, bias, dropout_p=0.0, training=False, dropout_mask=None):
+    return implementation("lora_linear", "triton")(x, weight, lora_A, lora_B, scale, bias, dropout_p, training,
+                                                   dropout_mask)
+
+
+def _decode_or_triton(x, weight: Packed4bit, lora_A, lora_B, scale, bias):
+    """The decode kernels where the weight's codes start on a 16-byte boundary (their loads), else the Triton
+    path (codes viewed from inside a larger buffer)."""
+    if weight.data.data_ptr() % 16:
+        return _triton(x, weight, lora_A, lora_B, scale, bias)
+    return decode_lora_linear(x, weight, lora_A, lora_B, scale, bias)
+
+
+@torch.library.custom_op("fusedlora::decode_lora", mutates_args=())
+def decode_lora_op(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor | None,
+                   nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, nested_offset: float,
+                   scales: torch.Tensor | None, zeros: torch.Tensor | None, scheme: str, block: int, n: int, k: int,
+                   lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+    """``_decode_or_triton`` as one op, for torch.compile: the pointer checks (the codes', x's and A's
+    alignment) and the launch sizes are taken when the call runs, which a traced graph cannot do."""
+    weight = Packed4bit(scheme, data, (n, k), block, absmax, nested_absmax, nested_code, nested_offset, scales,
+                        zeros)
+    return _decode_or_triton(x, weight, lora_A, lora_B, scale, bias)
+
+
+@decode_lora_op.register_fake
+def _(x, data, absmax, nested_absmax, nested_code, nested_offset, scales, zeros, scheme, block, n, k, lora_A,
+      lora_B, bias, scale):
+    return x.new_empty((*x.shape[:-1], n))
+
+
 @register("lora_linear", "cuda")
 def lora_linear_cuda(x, weight, lora_A, lora_B, scale, bias, dropout_p, training, dropout_mask):
-    if decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training):
-        return decode_lora_linear(x, weight, lora_A, lora_B, scale, bias)
-    triton_impl = implementation("lora_linear", "triton")
-    return triton_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, training, dropout_mask)
+    if not decode_applies(x, weight, lora_A, lora_B, bias, dropout_p, training):
+        return _triton(x, weight, lora_A, lora_B, scale, bias, dropout_p, training, dropout_mask)
+    if torch.compiler.is_compiling():
+        w = weight
+        return decode_lora_op(x, w.data, w.absmax, w.nested_absmax, w.nested_code, float(w.nested_offset), w.scales,
+                              w.zeros, w.scheme, w.block, *w.shape, lora_A, lora_B, bias, float(scale))
+    # eagerly without the op's dispatch: at one token a layer's decode takes a few microseconds
+    return _decode_or_triton(x, weight, lora_A, lora_B, scale, bias)
 
 
 if extension_loaded() and hasattr(torch.ops.fusedlora, "decode_lora_cuda"):
