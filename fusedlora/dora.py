@@ -116,19 +116,6 @@ class DoRAMagnitude(nn.Module):
                                     lambda: layer.base_weight.packed)
         return self.kept.sq.get([layer.weight], dtype, lambda: layer.weight)
 
-    def kept_norm(self, layer, base, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                  dtype: torch.dtype) -> torch.Tensor | None:
-        """``DoRAKept.norm`` of ``layer``'s adapter: ``base``, ``lora_A``, ``lora_B`` as the op takes them."""
-        if dtype == torch.float64 or backend(lora_A.device) == "reference":
-            return None  # (no ‖W_n‖² needed either)
-        return self.kept.norm(self.base_sq_norm(layer, dtype), [layer.lora_A, layer.lora_B], base, lora_A, lora_B,
-                              layer.scaling, dtype)
-
-    def kept_fold(self, layer, base, lora_B: torch.Tensor, norm: torch.Tensor | None,
-                  dtype: torch.dtype) -> tuple | None:
-        """``DoRAKept.fold`` of ``layer``'s adapter for a call without gradients (``norm``: ``kept_norm``'s)."""
-        return self.kept.fold(norm, [layer.lora_B], base, lora_B, self.weight, dtype)
-
     def weight_norm(self, layer, dtype: torch.dtype) -> torch.Tensor:
         """‖W + s·B·A‖ per row (detached), W decoded to ``dtype``; fp32, fp64 for fp64."""
         base = layer.base_weight.packed if layer.quantized else layer.weight.detach().to(dtype)

@@ -488,10 +488,11 @@ class LoRALinear(nn.Module):
             mag = self.lora_magnitude_vector
             a, b = _cast(self.lora_A, x.dtype), _cast(self.lora_B, x.dtype)
             op_weight = weight.packed if isinstance(weight, QuantizedWeight) else weight
-            norm = mag.kept_norm(self, op_weight, a, b, x.dtype)
-            return dora_linear(x, weight, a, b, self.scaling, mag.weight, mag.base_sq_norm(self, x.dtype), bias,
-                               self.dropout, self.training, weight_norm=norm,
-                               fold=mag.kept_fold(self, op_weight, b, norm, x.dtype))
+            sq = mag.base_sq_norm(self, x.dtype)
+            norm = mag.kept.norm(sq, [self.lora_A, self.lora_B], op_weight, a, b, self.scaling, x.dtype)
+            return dora_linear(x, weight, a, b, self.scaling, mag.weight, sq, bias, self.dropout, self.training,
+                               weight_norm=norm, fold=mag.kept.fold(norm, [self.lora_B], op_weight, b, mag.weight,
+                                                                    x.dtype))
         return lora_linear(
             x,
             weight,

@@ -522,8 +522,10 @@ def test_inference_keeps_the_fold_until_b_or_m_changes(triton_backend, monkeypat
     assert len(gains) == before + 2 and layer.lora_B.grad.abs().max() > 0  # with gradients: every call
 
     with torch.no_grad():
-        norm = mag.kept_norm(layer, layer.base_weight.packed, layer.lora_A, layer.lora_B, x.dtype)
-        fold = mag.kept_fold(layer, layer.base_weight.packed, layer.lora_B, norm, x.dtype)
+        packed, sq = layer.base_weight.packed, mag.base_sq_norm(layer, x.dtype)
+        norm = mag.kept.norm(sq, [layer.lora_A, layer.lora_B], packed, layer.lora_A, layer.lora_B, layer.scaling,
+                             x.dtype)
+        fold = mag.kept.fold(norm, [layer.lora_B], packed, layer.lora_B, mag.weight, x.dtype)
     args = (x, layer.base_weight, layer.lora_A, layer.lora_B, layer.scaling, mag.weight,
             mag.base_sq_norm(layer, x.dtype))
     with pytest.raises(ValueError, match="fold: serves calls without gradients"):
