@@ -390,8 +390,11 @@ def readme_block(loops: list[Loop], rows: list[dict], chips: dict, nvcc: str, cu
         block.append("  " + reach_line(mine, triton_loops.MODEL["launch_us"]))
     for chip in chips:
         block += ["", f"{chip}:", ""] + prediction_table(rows, chip)
+    from fusedlora.kernels.lora_fwd import FUSED_XA_MAX_M
+
     block += ["", f"{CUTOVER_HEAD} (triton {triton_version}, sm_90; same model and chips; the Triton forward "
-              "is the low-rank pre-kernel without dropout + the fused forward GEMM (up to M = 64 the GEMM alone, "
+              "is the low-rank pre-kernel without dropout + the fused forward GEMM (up to "
+              f"M = {FUSED_XA_MAX_M} the GEMM alone, "
               "making xa itself), split partials added inside each; TARGET MISSED where the first Triton M is "
               "slower per call than the last decode M):", ""]
     block += [f"- {miss}" for miss in cutover_misses(cut)] or ["- no cliff: every first Triton M is predicted no "

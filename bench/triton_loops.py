@@ -101,6 +101,8 @@ CHIPS = {
     "H100-SXM": {"sms": 132, "ghz": 1.83, "fma_per_clk": 2048, "issue_per_clk": 4, "copy_tbs": 3.0, "hbm_tbs": 3.35},
     "H200": {"sms": 132, "ghz": 1.83, "fma_per_clk": 2048, "issue_per_clk": 4, "copy_tbs": 4.3, "hbm_tbs": 4.8},
 }
+# the launch stages are built once for every chip, on this SM count (the chips above share it)
+CHIP_SMS = min(c["sms"] for c in CHIPS.values())
 MODEL = {
     "launch_us": 3.0,  # per launch: launch latency, ramp and drain of a short kernel
     # the tensor rate a pipelined GEMM sustains, for cuBLAS and for our loops' tensor term alike: ~790 of
@@ -503,7 +505,7 @@ def _forward(p: str, m: int, n: int, k: int, r: int, drops: bool, fmt: str = "nf
 
     pre = ("lowrank", {"dropout": drops}, {"m": m, "k": k, "r": r})
     plain = _gemm("fwd", p, m, n, k, r, drops, fmt)[0][0]
-    if p == "inloop" and fuses_xa(m, r, 0.1 if drops else 0.0, True):
+    if p == "inloop" and fuses_xa(m, n, r, 0.1 if drops else 0.0, True, CHIP_SMS):
         return [[_gemm("fwd", p, m, n, k, r, drops, fmt, fused_xa=True)[0], [pre, plain]]]
     return [[[pre]], _decode(p, n, k, fmt), [[plain]]]
 

@@ -211,8 +211,27 @@ def test_matches_reference(dtype, kind, path, m, k, n, r, bias):
               dtype)
 
 
+def test_fused_xa_rule(monkeypatch):
+    # the forward makes xa itself without dropout up to 64 tokens at any N, up to 128 where 64-row tiles over
+    # N fit in one wave, never for ranks above one slice or unaligned weights; its configs leave out the
+    # 128 x 128 tile (which spills with xa's accumulator), the plain forward's keep it
+    from fusedlora.kernels import lora_fwd
+
+    r, sms = 16, 132
+    assert lora_fwd.fuses_xa(64, 14336, r, 0.0, True, sms) and not lora_fwd.fuses_xa(65, 14336, r, 0.0, True, sms)
+    assert lora_fwd.fuses_xa(128, 4096, r, 0.0, True, sms) and not lora_fwd.fuses_xa(129, 4096, r, 0.0, True, sms)
+    assert lora_fwd.fuses_xa(100, 64 * sms, r, 0.0, True, sms) and not lora_fwd.fuses_xa(100, 64 * sms + 1, r, 0.0,
+                                                                                        True, sms)
+    assert not lora_fwd.fuses_xa(9, 4096, lora_fwd.RANK_SLICE + 1, 0.0, True, sms)
+    assert not lora_fwd.fuses_xa(9, 4096, r, 0.0, False, sms) and not lora_fwd.fuses_xa(9, 4096, r, 0.0, True, sms,
+                                                                                       hopper=False)
+    monkeypatch.setattr(lora_fwd, "interpreted", lambda: False)
+    tiles = lambda **kw: {(c["BLOCK_M"], c["BLOCK_N"]) for c in lora_fwd.gemm_configs("fwd", False, **kw)}  # noqa: E731
+    assert tiles(fused_xa=True) == tiles() - {(128, 128)} and (128, 128) in tiles()
+
+
 @pytest.mark.parametrize("kind", ["nf4-dq", "int4"])
-@pytest.mark.parametrize("m,sms", [(9, 64), (40, 1)])
+@pytest.mark.parametrize("m,sms", [(9, 64), (40, 1), (128, 64)])
 def test_forward_makes_xa_at_few_tokens(monkeypatch, kind, m, sms):
     # up to FUSED_XA_MAX_M tokens without dropout the 4-bit forward makes xa = x·Aᵀ in its own K loop (no
     # pre-kernel launched), each K slice adding the LoRA term of its own share; y, the xa it keeps for the
@@ -226,7 +245,8 @@ def test_forward_makes_xa_at_few_tokens(monkeypatch, kind, m, sms):
 
     monkeypatch.setitem(lora_fwd._SMS, torch.device("cpu"), sms)
     k, n, r = 512, 96, 16
-    assert lora_fwd.fuses_xa(m, r, 0.0, True) and not lora_fwd.fuses_xa(m, r, 0.1, True)
+    assert lora_fwd.fuses_xa(m, n, r, 0.0, True, sms) and not lora_fwd.fuses_xa(m, n, r, 0.1, True, sms)
+    assert not lora_fwd.fuses_xa(lora_fwd.FUSED_XA_MAX_M + 1, n, r, 0.0, True, sms)
     assert (lora_fwd.reduction_splits(m, n, k, sms) > 1) == (sms == 64)
     torch.manual_seed(m + sms)
     weight, w64, wlow = make_weight(kind, n, k, torch.float32)
@@ -733,17 +753,17 @@ def _check_bf16_gpu(kind, m, k, n, r, scale, dropouts, seed_after):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("p", [0.1, 0.0])
-def test_split_reductions_gpu(p):
+@pytest.mark.parametrize("m,p", [(9, 0.1), (9, 0.0), (100, 0.0)])
+def test_split_reductions_gpu(m, p):
     # few tokens on the GPU's own SM count: the NF4 forward slices K (with dropout the pre-kernel too;
-    # without, the forward makes xa itself), dX slices N, g/dB slices its columns, and in each the last
-    # slice of a tile to finish (an atomic ticket taken across SMs) adds the partials; twice in a row, as
-    # the tickets must be back at 0 after each launch
+    # without, the forward makes xa itself: M = 100 on the 128-token tiles), dX slices N, g/dB slices its
+    # columns, and in each the last slice of a tile to finish (an atomic ticket taken across SMs) adds the
+    # partials; twice in a row, as the tickets must be back at 0 after each launch
     from fusedlora.kernels import lora_fwd
 
-    m, k, n, r = 9, 4096, 4096, 16
-    assert lora_fwd.fuses_xa(m, r, p, True) == (p == 0)
+    k, n, r = 4096, 4096, 16
     sms = lora_fwd.sm_count(torch.device("cuda"))
+    assert lora_fwd.fuses_xa(m, n, r, p, True, sms) == (p == 0)
     assert lora_fwd.reduction_splits(m, n, k, sms) > 1 and lora_fwd.reduction_splits(m, k, n, sms) > 1
     torch.manual_seed(5)
     _check_bf16_gpu("nf4-dq", m, k, n, r, 2.0, (p, p), 78)

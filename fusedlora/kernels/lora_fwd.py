@@ -335,6 +335,9 @@ INLOOP_DX_CONFIGS = [
 # Configs that spill without wgmma's register operand (sm_80's mma.sync keeps both operands in registers
 # differently): launches on GPUs before sm_90 leave them out.
 HOPPER_ONLY = ({"BLOCK_M": 256, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 128})
+# Configs the forward leaves out where it makes xa itself (``fuses_xa``): beside its 128-register accumulator
+# the 128 x 128 tile then holds xa's, and spills in the sm_90 build of triton 3.8.
+NOT_FUSED_XA = ({"BLOCK_M": 128, "BLOCK_N": 128},)
 # 4-bit weights whose rows do not start on a byte or whose scale blocks cross K tiles (K % blocksize != 0,
 # no real layer): every element gathers its own byte and scale, which needs small tiles not to spill.
 UNALIGNED_CONFIGS = [_cfg(32, 32, 64, 4, 2)]
@@ -379,13 +382,19 @@ def block_r(r: int) -> int:
 _CONFIG_OVERRIDE: list[dict] | None = None
 
 
+def _matches(cfg: dict, tiles: tuple) -> bool:
+    return any(all(cfg[k] == v for k, v in t.items()) for t in tiles)
+
+
 def hopper_only(cfg: dict, dense: bool) -> bool:
-    return not dense and any(all(cfg[k] == v for k, v in h.items()) for h in HOPPER_ONLY)
+    return not dense and _matches(cfg, HOPPER_ONLY)
 
 
-def gemm_configs(role: str, dense: bool, aligned: bool = True, hopper: bool = True) -> list[dict]:
+def gemm_configs(role: str, dense: bool, aligned: bool = True, hopper: bool = True,
+                 fused_xa: bool = False) -> list[dict]:
     """Launch configs of a fused GEMM: ``role`` "fwd" or "dx", over a dense or a 4-bit weight (``aligned``:
-    K a multiple of its block size), on an sm_90+ GPU or (``hopper`` False) an older one."""
+    K a multiple of its block size), on an sm_90+ GPU or (``hopper`` False) an older one; ``fused_xa``: the
+    forward making xa itself."""
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
     if interpreted():
@@ -394,7 +403,8 @@ def gemm_configs(role: str, dense: bool, aligned: bool = True, hopper: bool = Tr
         if not aligned:
             return UNALIGNED_CONFIGS
         configs = INLOOP_FWD_CONFIGS if role == "fwd" else INLOOP_DX_CONFIGS
-        return [c for c in configs if hopper or not hopper_only(c, dense)]
+        return [c for c in configs if (hopper or not hopper_only(c, dense))
+                and not (fused_xa and _matches(c, NOT_FUSED_XA))]
     return DENSE_FWD_CONFIGS if role == "fwd" else DENSE_DX_CONFIGS
 
 
@@ -436,14 +446,15 @@ def autotuned(kernel, configs: list[dict]):
 _AUTOTUNED: dict = {}
 
 
-def gemm_kernel(kernel, role: str, dense: bool, device: torch.device, aligned: bool = True):
-    """``kernel`` (a fused GEMM) autotuned over ``gemm_configs(role, dense, aligned)``, one autotuner per
-    device (the best config of one GPU says nothing about another)."""
+def gemm_kernel(kernel, role: str, dense: bool, device: torch.device, aligned: bool = True,
+                fused_xa: bool = False):
+    """``kernel`` (a fused GEMM) autotuned over ``gemm_configs(role, dense, aligned, fused_xa=fused_xa)``,
+    one autotuner per device (the best config of one GPU says nothing about another)."""
     device = torch.device(device)
-    key = (kernel, role, dense, aligned, device)
+    key = (kernel, role, dense, aligned, device, fused_xa)
     if key not in _AUTOTUNED:
         hopper = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
-        _AUTOTUNED[key] = autotuned(kernel, gemm_configs(role, dense, aligned, hopper))
+        _AUTOTUNED[key] = autotuned(kernel, gemm_configs(role, dense, aligned, hopper, fused_xa))
     return _AUTOTUNED[key]
 
 
@@ -488,17 +499,25 @@ def split_tickets(role: str, dense: bool, aligned: bool, rows: int, cols: int, d
                                for c in gemm_configs(role, dense, aligned or dense)))
 
 
-# The forward takes xa = x·Aᵀ into its own K loop (FUSED_XA) up to this many tokens, without dropout, for
-# ranks of one slice: one launch instead of two where launches are most of the time. Every column tile
-# repeats the r-row product (r / BLOCK_N more tensor work), which is free only while the loop is bound by
-# issuing its decode, not by the tensor cores.
-FUSED_XA_MAX_M = 64
+# The forward takes xa = x·Aᵀ into its own K loop (FUSED_XA) without dropout, for ranks of one slice: one
+# launch instead of two where launches are most of the time. Every column tile repeats the r-row product
+# (r / BLOCK_N more tensor work), which is free only while the loop is bound by issuing its decode, not by
+# the tensor cores. The static report (sm_90, Llama-3-8B projections) has the single launch faster up to
+# 64 tokens everywhere, and up to 128 where 64-row tiles over N (the widest the fused forward keeps:
+# NOT_FUSED_XA) fit in one wave: 0.78-0.98x the two launches' time on 4096 -> 4096 and 14336 -> 4096 at
+# M = 65-128, but 1.07x on 4096 -> 14336, whose plain 128 x 128 tiles fill the chip in one wave.
+FUSED_XA_MAX_M = 128
+FUSED_XA_ANY_N_MAX_M = 64
+FUSED_XA_TILE_N = 64
 
 
-def fuses_xa(m: int, r: int, p: float, aligned: bool, hopper: bool = True) -> bool:
-    """Whether the 4-bit in-loop forward makes xa itself (``FUSED_XA_MAX_M``); sm_90+ only (``hopper``):
-    before it the 64 x 128 config then spills (sm_80 build)."""
-    return hopper and aligned and p == 0.0 and 0 < r <= RANK_SLICE and m <= FUSED_XA_MAX_M
+def fuses_xa(m: int, n: int, r: int, p: float, aligned: bool, sms: int, hopper: bool = True) -> bool:
+    """Whether the 4-bit in-loop forward over M tokens and N weight rows makes xa itself on a GPU of ``sms``
+    SMs (``FUSED_XA_MAX_M``); sm_90+ only (``hopper``): before it the 64 x 128 config then spills (sm_80
+    build)."""
+    if not (hopper and aligned and p == 0.0 and 0 < r <= RANK_SLICE):
+        return False
+    return m <= FUSED_XA_ANY_N_MAX_M or (m <= FUSED_XA_MAX_M and triton.cdiv(n, FUSED_XA_TILE_N) <= sms)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -571,7 +590,7 @@ def lora_forward(
     wfmt = FORMATS[fmt]
     aligned = wfmt != 0 and k % block == 0
     hopper = x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] >= 9
-    fused_xa = m > 0 and n > 0 and fuses_xa(m, r, p, aligned, hopper)
+    fused_xa = m > 0 and n > 0 and fuses_xa(m, n, r, p, aligned, sm_count(x.device), hopper)
     if fused_xa:  # written by the GEMM below
         xa = torch.empty((m, r), dtype=torch.float32, device=x.device)
         bits = torch.empty((0,), dtype=torch.uint8, device=x.device)
@@ -587,7 +606,7 @@ def lora_forward(
     out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     tix = split_tickets("fwd", wfmt == 0, aligned, m, n, x.device) if splits > 1 else dummy
     xa_ws = torch.empty((splits, m, r), dtype=torch.float32, device=x.device) if fused_xa and splits > 1 else dummy
-    kernel = gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device, aligned or wfmt == 0)
+    kernel = gemm_kernel(_lora_fwd_kernel, "fwd", wfmt == 0, x.device, aligned or wfmt == 0, fused_xa)
     kernel[_grid_2d(m, n, "BLOCK_M", "BLOCK_N", splits)](
         x, w, w_scales if w_scales is not None else dummy, w_zeros if w_zeros is not None else dummy,
         table_tensor(wfmt, x.dtype, x.device), na, nc, xa_in, b_in, bias if bias is not None else dummy, out,
@@ -688,11 +707,13 @@ def aot_specs() -> list[dict]:
         "R": "i32", "M_BUCKET": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "scale": "fp32",
         "noff": "fp32"},
         {"HAS_BIAS": True, "HAS_RES": False, "USE_ASM": True, "SPLIT": False, "FUSED_XA": False})
-    # xa from the GEMM's own loop (FUSED_XA_MAX_M): the configs that serve so few tokens, with the K slices
-    # they run in there
-    fused = [dict(base, name=base["name"] + "_fused_xa", targets=(90,),
+    # xa from the GEMM's own loop (FUSED_XA_MAX_M): every config the autotuner may try there, with the K
+    # slices they run in; none of them serves large M, so none must keep a wgmma in flight
+    fused_tiles = {(c["BLOCK_M"], c["BLOCK_N"]) for c in gemm_configs("fwd", False, fused_xa=True)}
+    fused = [dict(base, name=base["name"] + "_fused_xa", targets=(90,), large_m_gemm=False,
                   constexprs={**base["constexprs"], "SPLIT": True, "FUSED_XA": True})
-             for base in gemms if re.fullmatch(r"lora_fwd_(bf16|fp16)_nf4-dq_(32x64|64x128)x64", base["name"])]
+             for base in gemms if re.fullmatch(r"lora_fwd_(bf16|fp16)_nf4-dq_\d+x\d+x64", base["name"])
+             and (base["constexprs"]["BLOCK_M"], base["constexprs"]["BLOCK_N"]) in fused_tiles]
     # a residual added in the epilogue (DoRA with dropout: the second base product adds the first's output), on
     # the bf16 configs the large-M forward picks from
     res = [dict(base, name=base["name"] + "_res", constexprs={**base["constexprs"], "HAS_RES": True})
