@@ -82,8 +82,10 @@ def fma_bf16(a: int, b: int, c: int) -> int:
     return round_bf16(exact, bool(neg_zero))
 
 
-def run_ptx(text: str, operands: dict[str, int]) -> dict[str, int]:
-    """Executes the straight-line PTX ``text`` over 32-bit registers; ``operands`` maps "$i" to values."""
+def run_ptx(text: str, operands: dict[str, int], memory: dict[int, int] | None = None) -> dict[str, int]:
+    """Executes the straight-line PTX ``text`` over 32- and 64-bit registers; ``operands`` maps "$i" (and
+    special registers such as "%laneid") to values, ``memory`` byte addresses to the 32-bit words stored
+    there (a read anywhere else fails)."""
     regs = dict(operands)
 
     def val(tok: str) -> int:
@@ -101,8 +103,22 @@ def run_ptx(text: str, operands: dict[str, int]) -> dict[str, int]:
         if not stmt or stmt.startswith(".reg"):
             continue
         op, args = stmt.split(None, 1)
+        if op == "ld.global.nc.v4.b32":  # {d0, d1, d2, d3}, [address]: four words, 16-byte aligned
+            dsts, address = re.fullmatch(r"\{(.*)\},\s*\[(\S+)\]", args.strip()).groups()
+            base = regs[address]
+            assert base % 16 == 0, f"v4 load from {base:#x}, not 16-byte aligned"
+            for i, d in enumerate(t.strip() for t in dsts.split(",")):
+                regs[d] = memory[base + 4 * i]
+            continue
         dst, *srcs = [a.strip() for a in args.split(",")]
-        if op == "and.b32":
+        width = M32
+        if op == "mul.wide.u32":
+            res, width = val(srcs[0]) * val(srcs[1]), (1 << 64) - 1
+        elif op == "add.u64":
+            res, width = regs[srcs[0]] + regs[srcs[1]], (1 << 64) - 1
+        elif op == "mov.u32":
+            res = val(srcs[0])
+        elif op == "and.b32":
             res = val(srcs[0]) & val(srcs[1])
         elif op == "shr.b32":
             res = val(srcs[0]) >> val(srcs[1])
@@ -117,7 +133,7 @@ def run_ptx(text: str, operands: dict[str, int]) -> dict[str, int]:
             res = fma_bf16(a & 0xFFFF, b & 0xFFFF, c & 0xFFFF) | (fma_bf16(a >> 16, b >> 16, c >> 16) << 16)
         else:
             raise NotImplementedError(f"instruction {op!r} is not modelled")
-        regs[dst] = res & M32
+        regs[dst] = res & width
     return regs
 
 
@@ -149,6 +165,25 @@ def test_byte_permute_program_gives_the_table(fmt, dtype):
         lo = [table[c & 0xF] for c in codes]
         assert regs["$0"] == hi[0] | (hi[1] << 16) and regs["$1"] == hi[2] | (hi[3] << 16), hex(word)
         assert regs["$2"] == lo[0] | (lo[1] << 16) and regs["$3"] == lo[2] | (lo[3] << 16), hex(word)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["nf4", "int4"])
+def test_each_lane_loads_the_register_words(fmt, dtype):
+    # the program's table words come from the lane's own 16 bytes of ``table_tensor`` (so no two lanes read
+    # one address): every lane of a warp gets L0, L2, H0, H2, reading nothing outside the tensor
+    from fusedlora.kernels.code_lookup import LANES, WORDS_PTX, register_words, table_tensor
+    from fusedlora.kernels.weight_tile import FORMATS
+
+    fid = FORMATS[fmt]
+    table = table_tensor(fid, dtype, torch.device("cpu"))
+    assert table.shape == (LANES, 4) and table.dtype == torch.int32
+    base = 0x7F3A_0000_1200  # 256-byte aligned, as torch's allocations are
+    memory = {base + 4 * i: w & M32 for i, w in enumerate(table.flatten().tolist())}
+    want = [w & M32 for w in register_words(fid, dtype)]
+    for lane in range(LANES):
+        regs = run_ptx(WORDS_PTX, {"$4": base, "%laneid": lane}, memory)
+        assert [regs[f"${i}"] for i in range(4)] == want, lane
 
 
 def test_interpreter_semantics():

@@ -17,8 +17,11 @@ first four codes (PRMT reads the low 16 bits), r >> 16 that of the other four. P
     out_lo = PRMT(L, H, 0x6240)         the values of lo0, lo1
 
 25 instructions for 8 codes, no memory access; the select tree it replaces took ~24 per code. Words L0,
-L2, H0 and H2 come in registers (loaded once per program from ``table_words``: an immediate there would be
-copied into a register at every use), L1, L3, H1, H3 as immediates (the PRMT form has one immediate slot).
+L2, H0 and H2 come in registers, L1, L3, H1, H3 as immediates (the PRMT form has one immediate slot; an
+immediate in the register slot is copied into a register at every use). The register words are loaded once
+per program by ``WORDS_PTX``, each lane from its own copy in ``table_tensor``: loaded from one address,
+ptxas proves them uniform and, where registers are short (the 128-token tiles, 255 registers), parks them
+in uniform registers and copies each back at every use, about one more instruction per weight element.
 
 Under TRITON_INTERPRET=1 (no PTX) ``code_pairs`` computes the same table values with selects.
 """
@@ -92,19 +95,27 @@ def register_words(fmt: int, dtype: torch.dtype) -> list[int]:
     return [w - (1 << 32) if w >= 1 << 31 else w for w in (lw[0], lw[2], hw[0], hw[2])]
 
 
+# The register words of one lane: 16 bytes at table + 16 · laneid ($4: the table's address).
+WORDS_PTX = """{ .reg .u32 l; .reg .u64 a;
+    mov.u32 l, %laneid;
+    mul.wide.u32 a, l, 16;
+    add.u64 a, a, $4;
+    ld.global.nc.v4.b32 {$0, $1, $2, $3}, [a]; }"""
+LANES = 32
 _TABLES: dict = {}
 
 
 def table_tensor(fmt: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """int32 [4] on ``device``: ``register_words`` for a kernel to load once per program."""
+    """int32 [LANES, 4] on ``device``: ``register_words`` once per lane of a warp, for ``WORDS_PTX``."""
     key = (fmt, dtype, torch.device(device))
     if key not in _TABLES:
         words = register_words(fmt, dtype) if dtype in _DTYPES else [0, 0, 0, 0]
-        _TABLES[key] = torch.tensor(words, dtype=torch.int32, device=device)
+        _TABLES[key] = torch.tensor([words] * LANES, dtype=torch.int32, device=device)
     return _TABLES[key]
 
 
 _ASM = {(fmt, name): lookup_asm(fmt, dt) for fmt in (NF4, INT4) for dt, name in _DTYPES.items()}
+ASM_WORDS = tl.constexpr(WORDS_PTX)
 ASM_NF4_BF16 = tl.constexpr(_ASM[(NF4, "bf16")])
 ASM_NF4_FP16 = tl.constexpr(_ASM[(NF4, "fp16")])
 ASM_INT4_BF16 = tl.constexpr(_ASM[(INT4, "bf16")])
@@ -113,10 +124,9 @@ ASM_INT4_FP16 = tl.constexpr(_ASM[(INT4, "fp16")])
 
 @triton.jit
 def _asm_pairs(byte, words, ASM: tl.constexpr, BF16: tl.constexpr):
-    w0 = tl.full(byte.shape, 0, tl.int32) + tl.load(words)
-    w1 = tl.full(byte.shape, 0, tl.int32) + tl.load(words + 1)
-    w2 = tl.full(byte.shape, 0, tl.int32) + tl.load(words + 2)
-    w3 = tl.full(byte.shape, 0, tl.int32) + tl.load(words + 3)
+    # one load per thread: the calls are pure and alike, so the compiler keeps one, out of the loop
+    w0, w1, w2, w3 = tl.inline_asm_elementwise(ASM_WORDS, "=r,=r,=r,=r,l", [words + tl.zeros(byte.shape, tl.int32)],
+                                               dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     if BF16:
         return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r" + ",r" * 16, [byte, w0, w1, w2, w3],
                                          dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
