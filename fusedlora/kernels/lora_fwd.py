@@ -315,13 +315,13 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
 # of it: one scale per row per K step. In the forward BLOCK_N is the weight rows (the register operand of
 # wgmma, 64 per warpgroup) and BLOCK_M the tokens; in dX, BLOCK_K is the weight columns (the output width,
 # held to 64 by the scale blocks), BLOCK_N the reduction step. The decode costs a fixed number of
-# instructions per weight element (sm_90, bf16: ~7-12 forward, ~10-11 dX), the tensor work BLOCK_M MMAs per weight
+# instructions per weight element (sm_90, bf16: ~7-11 forward, ~9-11 dX), the tensor work BLOCK_M MMAs per weight
 # element: 256-token tiles hide the decode under the tensor cores (~16 instructions per element fit at
 # 2048 FMA/clk per SM), 64- and 32-token tiles serve mid and small M.
 INLOOP_FWD_CONFIGS = [
     _cfg(256, 128, 64, 8, 3),  # large M: two warpgroups of 64 weight rows x 256 tokens
     # mid M: one warpgroup, 128 weight rows x 128 tokens, each weight element scaled in the loop; the
-    # tensor time per step (640 clocks) covers its ~620 instructions in bf16 (sm_90), one wave at M = 512
+    # tensor time per step (640 clocks) covers its ~520 instructions in bf16 (sm_90), one wave at M = 512
     _cfg(128, 128, 64, 4, 3),
     _cfg(128, 64, 64, 4, 3),   # the same with 64 weight rows: twice the programs over N
     _cfg(64, 128, 64, 4, 4),   # mid M, 64-token tiles: twice the programs where 128-token ones fill no wave

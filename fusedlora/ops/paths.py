@@ -14,12 +14,12 @@ The rule (from the sm_90 SASS counts of ``bench/triton_loops.py``; H100: 2048 bf
 against 4 issued instructions, so a loop with T tokens per tile hides up to T / 16 instructions per weight
 element under the tensor cores):
 
-- forward: in-loop at every M. Its decode costs ~7-12 instructions per weight element (sm_90, bf16; 64-,
+- forward: in-loop at every M. Its decode costs ~7-11 instructions per weight element (sm_90, bf16; 64-,
   128- and 256-token tiles), under the tensor time of the tiles that serve each M (T / 16), so a dequant
   pass (~17 µs per 4096² weight on an H100) would only add time.
 - dX, NF4: in-loop at every M as well. Its decode scales each element along the reduction (one packed
   bf16 FMA pair per two elements) and, with N a multiple of the step, keeps only loop-invariant masks:
-  ~9.9 instructions per element at 128 tokens per tile (634 per step against 640 clocks of tensor work),
+  ~8.8 instructions per element at 128 tokens per tile (566 per step against 640 clocks of tensor work),
   so the loop is tensor-bound and the dequant pass would again only add time (report: 4096² at M = 4096
   on an H100, in-loop 182 µs for dX against 17 + 182 on the dequant path).
 - dX, INT4: in-loop up to 2048 tokens, then dequant. Its zero point and scale cost ~12 instructions per
