@@ -335,9 +335,10 @@ INLOOP_DX_CONFIGS = [
 # Configs that spill without wgmma's register operand (sm_80's mma.sync keeps both operands in registers
 # differently): launches on GPUs before sm_90 leave them out.
 HOPPER_ONLY = ({"BLOCK_M": 256, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 128})
-# Configs the forward leaves out where it makes xa itself (``fuses_xa``): beside its 128-register accumulator
-# the 128 x 128 tile then holds xa's, and spills in the sm_90 build of triton 3.8.
-NOT_FUSED_XA = ({"BLOCK_M": 128, "BLOCK_N": 128},)
+# Configs the forward leaves out where it makes xa itself (``fuses_xa``, at most FUSED_XA_MAX_M tokens): beside
+# their 128-register accumulators the 128 x 128 and 256 x 128 tiles then hold xa's, and spill in the sm_90
+# builds of triton 3.8 (INT4: both; NF4: the first), while 256-token tiles are mostly empty there anyway.
+NOT_FUSED_XA = ({"BLOCK_M": 128, "BLOCK_N": 128}, {"BLOCK_M": 256, "BLOCK_N": 128})
 # 4-bit weights whose rows do not start on a byte or whose scale blocks cross K tiles (K % blocksize != 0,
 # no real layer): every element gathers its own byte and scale, which needs small tiles not to spill.
 UNALIGNED_CONFIGS = [_cfg(32, 32, 64, 4, 2)]
@@ -712,7 +713,7 @@ def aot_specs() -> list[dict]:
     fused_tiles = {(c["BLOCK_M"], c["BLOCK_N"]) for c in gemm_configs("fwd", False, fused_xa=True)}
     fused = [dict(base, name=base["name"] + "_fused_xa", targets=(90,), large_m_gemm=False,
                   constexprs={**base["constexprs"], "SPLIT": True, "FUSED_XA": True})
-             for base in gemms if re.fullmatch(r"lora_fwd_(bf16|fp16)_nf4-dq_\d+x\d+x64", base["name"])
+             for base in gemms if re.fullmatch(r"lora_fwd_(bf16|fp16)_(nf4|nf4-dq|int4)_\d+x\d+x64", base["name"])
              and (base["constexprs"]["BLOCK_M"], base["constexprs"]["BLOCK_N"]) in fused_tiles]
     # a residual added in the epilogue (DoRA with dropout: the second base product adds the first's output), on
     # the bf16 configs the large-M forward picks from
