@@ -1,4 +1,5 @@
-"""Decode bench (GPU): 4-bit + LoRA at M = 1..64 against bf16 cuBLAS and bitsandbytes, % of copy bandwidth.
+"""Decode bench (GPU): 4-bit + LoRA at M = 1..64 and the first M past the decode's cut-over against bf16
+cuBLAS and bitsandbytes, % of copy bandwidth.
 
     python bench/bench_decode.py [--quick] --out decode.json
 """

@@ -231,3 +231,17 @@ def test_dora_matrix():
     assert dora_matrix(True, False) == [((256, 384), 64, "nf4-dq", 0.0), ((256, 384), 64, "nf4-dq", 0.1)]
     assert dora_matrix(True, True) == [((4096, 4096), 4096, "nf4-dq", p) for p in (0.0, 0.1)]
     assert {c[0] for c in dora_matrix(False, True)} == {(4096, 4096), (4096, 14336), (14336, 4096)}
+
+
+def test_decode_bench_times_the_first_m_past_the_cut_over(monkeypatch):
+    # the decode bench's M list per shape: its own list and the first M the decode leaves to the Triton
+    # forward (the cliff the cut-over may cost), wherever the rule puts it: M = 65 on 4096 -> 4096 (the
+    # decode's build limit), M = 19 on 8192 -> 28672 (its re-reads of x), M = 17 with no re-reads allowed
+    from fusedlora.bench.decode import DECODE_MS, shape_ms
+    from fusedlora.ops import decode
+
+    assert shape_ms(4096, 4096) == DECODE_MS + [65] and decode.DECODE_KERNEL_MAX_M == 64
+    assert shape_ms(8192, 28672) == sorted(DECODE_MS + [19])
+    assert shape_ms(4096, 4096, [1, 8]) == [1, 8, 65]
+    monkeypatch.setattr(decode, "X_REREAD_BUDGET", 0)
+    assert shape_ms(4096, 4096, [1, 64]) == [1, decode.DECODE_GEMV_MAX_M + 1, 64]

@@ -31,9 +31,18 @@ def decode_bytes(m, k, n, r, quant, block) -> int:
     return weight + scales + 2 * (m * k + r * k + n * r + m * n)
 
 
+def shape_ms(k: int, n: int, ms=DECODE_MS) -> list[int]:
+    """``ms`` and the first M past the decode's cut-over for a K -> N layer (``ops.decode.decode_max_m``): the
+    Triton forward there, next to the decode at the cut-over, shows whether the switch costs a cliff."""
+    from ..ops.decode import decode_max_m
+
+    return sorted(set(ms) | {decode_max_m(k, n) + 1})
+
+
 def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *, r=16, ceilings=None,
                progress=None, budget_s=None):
-    """Rows for every (shape, quant, M); stops starting a new (shape, quant) once ``budget_s`` is spent."""
+    """Rows for every (shape, quant, M) of ``shape_ms``; stops starting a new (shape, quant) once ``budget_s``
+    is spent."""
     if not torch.cuda.is_available():
         raise RuntimeError("the decode bench needs a CUDA GPU")
     dtype, rows = torch.bfloat16, []
@@ -54,7 +63,7 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
             bnb_state = None
             if bnb is not None and quant.startswith("nf4"):  # bitsandbytes reads our very bytes
                 bnb_state = bnb_quant_state(bnb.functional, qw.packed, dtype)
-            for m in ms:
+            for m in shape_ms(k, n, ms):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 with torch.no_grad():
                     ours = time_ms(lambda: lora_linear(x, qw, A, B, 2.0))  # noqa: B023
