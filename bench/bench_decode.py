@@ -18,15 +18,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget", type=float, default=40.0, help="stop starting new shapes after this many seconds")
+    ap.add_argument("--budget", type=float, default=40.0, help="stop starting new rows after this many seconds")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_decode: needs a CUDA GPU (none visible)", file=sys.stderr)
         return 2
     ceil = ceilings()
     shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
-    rows = run_decode(shapes, DECODE_MS, ceilings=ceil, budget_s=args.budget)
     env = {**results.environment(), "ceilings": ceil}
+    rows = run_decode(shapes, DECODE_MS, ceilings=ceil, budget_s=args.budget, out_path=args.out, env=env)
     results.save(rows, args.out, env)
     print(f"bench_decode: {len(rows)} rows -> {args.out}")
     return 0

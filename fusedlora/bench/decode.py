@@ -11,7 +11,7 @@ from ..functional import lora_linear
 from ..ops.backend import forced
 from ..quantized import quantize
 from .baselines import bitsandbytes, bnb_lora, bnb_quant_state
-from .results import make_row
+from .results import make_row, save
 from .timing import time_ms
 
 # Llama-3-8B projections and the 70B-class MLP input (K -> N).
@@ -40,21 +40,27 @@ def shape_ms(k: int, n: int, ms=DECODE_MS) -> list[int]:
 
 
 def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *, r=16, ceilings=None,
-               progress=None, budget_s=None):
-    """Rows for every (shape, quant, M) of ``shape_ms``; stops starting a new (shape, quant) once ``budget_s``
-    is spent."""
+               progress=None, budget_s=None, out_path=None, env=None):
+    """Rows for every (shape, quant, M) of ``shape_ms``; stops starting an M once ``budget_s`` is spent and
+    rewrites ``out_path`` (with ``env``) after every M, so a timeout still leaves the rows so far."""
     if not torch.cuda.is_available():
         raise RuntimeError("the decode bench needs a CUDA GPU")
     dtype, rows = torch.bfloat16, []
     bnb = bitsandbytes()
     t0 = time.perf_counter()
+
+    def spent(what: str) -> bool:
+        over = budget_s is not None and time.perf_counter() - t0 > budget_s
+        if over:
+            print(f"budget of {budget_s:.0f} s spent: stopping before {what}", flush=True)
+        return over
+
     for k, n in shapes:
         dense = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
         A = torch.randn(r, k, device="cuda", dtype=dtype) * k**-0.5
         B = torch.randn(n, r, device="cuda", dtype=dtype) * r**-0.5
         for quant in quants:
-            if budget_s is not None and time.perf_counter() - t0 > budget_s:
-                print(f"budget of {budget_s:.0f} s spent: stopping before {k}->{n} {quant}")
+            if spent(f"{k}->{n} {quant}"):  # before quantizing a weight no row would use
                 return rows
             if quant == "int4":
                 qw, block = quantize(dense, scheme="int4", group_size=128), 128
@@ -64,6 +70,8 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
             if bnb is not None and quant.startswith("nf4"):  # bitsandbytes reads our very bytes
                 bnb_state = bnb_quant_state(bnb.functional, qw.packed, dtype)
             for m in shape_ms(k, n, ms):
+                if spent(f"{k}->{n} {quant} M={m}"):
+                    return rows
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 with torch.no_grad():
                     ours = time_ms(lambda: lora_linear(x, qw, A, B, 2.0))  # noqa: B023
@@ -81,7 +89,9 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
                 # Not schema baselines: the same call on each path (CUDA cores, tensor cores, Triton), to place
                 # the cut-overs in M.
                 paths = " ".join(f"{name} {ms:.4f}" for name, ms in path_times_ms(x, qw, A, B).items())
-                print(f"cutover {k}->{n} {quant} M={m}: default {ours:.4f} ms | {paths}")
+                print(f"cutover {k}->{n} {quant} M={m}: default {ours:.4f} ms | {paths}", flush=True)
+                if out_path is not None:
+                    save(rows, out_path, env)
                 if progress is not None:
                     progress.update(1)
     return rows
