@@ -26,11 +26,12 @@ def main() -> int:
     from fusedlora.bench.timing import ceilings as measure_ceilings
 
     ceilings = measure_ceilings()
+    env = {**results.environment(), "ceilings": ceilings}
     rows = run(SHAPES[:1] if args.quick else SHAPES, args.dtype, ceilings, with_int4=not args.quick,
-               budget_s=args.budget)
+               budget_s=args.budget, out_path=args.out, env=env)
     print(table(rows, ceilings))
     if args.out:
-        results.save(rows, args.out, {**results.environment(), "ceilings": ceilings})
+        results.save(rows, args.out, env)
         print(f"bench_dequant: {len(rows)} rows -> {args.out}")
     return 0
 

@@ -245,3 +245,20 @@ def test_decode_bench_times_the_first_m_past_the_cut_over(monkeypatch):
     assert shape_ms(4096, 4096, [1, 8]) == [1, 8, 65]
     monkeypatch.setattr(decode, "X_REREAD_BUDGET", 0)
     assert shape_ms(4096, 4096, [1, 64]) == [1, decode.DECODE_GEMV_MAX_M + 1, 64]
+
+
+def test_dequant_bench_rows_are_schema_rows(tmp_path):
+    # the dequant bench's rows pass the results schema (the implementation timed is the row's variant) and
+    # are written after each format, so the device check's time limit cannot leave its file empty; run here
+    # on the CPU families, one small weight, no INT4 (whose baseline compiles with inductor)
+    from fusedlora.bench.dequant import run, table
+
+    out = tmp_path / "dequant.json"
+    ceilings = {"copy_gbs": 100.0}
+    rows = run([(64, 128)], "bf16", ceilings, with_int4=False, device="cpu", out_path=str(out),
+               env={**results.environment(), "note": "test"})
+    assert [r["quant"] for r in rows] == ["nf4", "nf4-dq"] * (len(rows) // 2) and rows
+    assert all(r["variant"] in ("cuda", "triton", "reference") and r["ours_ms"] > 0 for r in rows)
+    saved = results.load(str(out))
+    assert saved["note"] == "test" and saved["rows"] == json.loads(json.dumps(rows))
+    assert "nf4-dq" in table(rows, ceilings)

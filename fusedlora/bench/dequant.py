@@ -5,7 +5,8 @@ Bytes counted = bytes read (packed codes, absmax or its 8-bit codes + nested sta
 the same run (target >= 85%). Each call takes the next of several weight copies whose total exceeds L2,
 so no weight is read from cache. Baseline: bitsandbytes' dequantize_4bit when it is installed, else the
 plain reference under torch.compile. Rows follow DESIGN.md's results schema ("bench": "dequant",
-"m": 0), with extra fields "ours" (the implementation: cuda or triton) and "gbs".
+"m": 0), the implementation timed (cuda or triton) as the row's "variant"; GB/s is pct_roofline of the
+run's copy bandwidth.
 """
 
 import dataclasses
@@ -51,8 +52,10 @@ def rotating(make, copies: int):
 
 
 def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device: str = "cuda",
-        budget_s: float = float("inf")) -> list[dict]:
-    """Rows for each shape; shapes not started within ``budget_s`` seconds are skipped (and said so)."""
+        budget_s: float = float("inf"), out_path: str | None = None, env: dict | None = None) -> list[dict]:
+    """Rows for each shape and format; those not started within ``budget_s`` seconds are skipped (and said
+    so). ``out_path`` is rewritten (with ``env``) after each format, so a timeout (the INT4 baseline compiles
+    with inductor) still leaves the rows so far."""
     dtype = DTYPES[dtype_name]
     families = [f for f in ("cuda", "triton") if why_not(f, torch.device(device)) is None]
     bnb = bitsandbytes()
@@ -69,6 +72,9 @@ def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device:
         if with_int4:
             cases.append(("int4", dict(scheme="int4", group_size=128)))
         for quant, kwargs in cases:
+            if time.perf_counter() - t0 > budget_s:
+                print(f"bench_dequant: time budget of {budget_s:.0f} s spent; skipped W [{n}, {k}] {quant} and after")
+                return rows
             qw = quantize(w, **kwargs)  # the reference quantizer runs on the GPU tensors
             moved = packed_bytes(qw.packed) + n * k * torch.finfo(dtype).bits // 8
             copies = max(2, -(-L2_BYTES // moved) + 1)
@@ -80,13 +86,13 @@ def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device:
                 with forced(fam):
                     ms = time_ms(rotating(lambda i, ws=weights: dequantize(ws[i].packed, dtype), copies))
                 gbs = moved / (ms * 1e-3) / 1e9
-                row = results.make_row(
+                rows.append(results.make_row(
                     bench="dequant", shape=(k, n), m=0, r=0, dropout=0.0, dtype=dtype_name, quant=quant,
                     ours_ms=ms, baseline=baseline, baseline_ms=base_ms, pct_roofline=100 * gbs / ceilings["copy_gbs"],
-                )
-                row["ours"] = fam
-                row["gbs"] = gbs
-                rows.append(row)
+                    variant=fam,
+                ))
+            if out_path is not None:
+                results.save(rows, out_path, env)
     return rows
 
 
@@ -107,6 +113,7 @@ def table(rows, ceilings) -> str:
              f"{'base ms':>8} {'speedup':>8}"]
     for r in rows:
         k, n = r["shape"]
-        lines.append(f"{f'{n}x{k}':>14} {r['quant']:>7} {r['ours']:>7} {r['ours_ms']:8.4f} {r['gbs']:7.0f} "
+        gbs = r["pct_roofline"] * ceilings["copy_gbs"] / 100
+        lines.append(f"{f'{n}x{k}':>14} {r['quant']:>7} {r['variant']:>7} {r['ours_ms']:8.4f} {gbs:7.0f} "
                      f"{r['pct_roofline']:6.1f}% {r['baseline']:>14} {r['baseline_ms']:8.4f} {r['speedup']:7.2f}x")
     return "\n".join(lines)
