@@ -19,9 +19,10 @@ first four codes (PRMT reads the low 16 bits), r >> 16 that of the other four. P
 25 instructions for 8 codes, no memory access; the select tree it replaces took ~24 per code. Words L0,
 L2, H0 and H2 come in registers, L1, L3, H1, H3 as immediates (the PRMT form has one immediate slot; an
 immediate in the register slot is copied into a register at every use). The register words are loaded once
-per program by ``WORDS_PTX``, each lane from its own copy in ``table_tensor``: loaded from one address,
-ptxas proves them uniform and, where registers are short (the 128-token tiles, 255 registers), parks them
-in uniform registers and copies each back at every use, about one more instruction per weight element.
+per program by ``WORDS_PTX``, each lane from its own copy in ``table_tensor``. Words that every lane loads
+from one address are provably uniform, and where registers are short (the 128-token tiles, 255 registers)
+ptxas parks those in uniform registers and copies each back at every use: about one more instruction per
+weight element.
 
 Under TRITON_INTERPRET=1 (no PTX) ``code_pairs`` computes the same table values with selects.
 """
