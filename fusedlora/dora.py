@@ -18,6 +18,7 @@ from torch import nn
 
 from .ops.backend import backend
 from .ops.dora import dora_fold, dora_row_norm, dora_weight_norm, folds, weight_row_sq_norms
+from .quantized import QuantizedWeight
 
 
 class TensorKeyedValue:
@@ -97,6 +98,16 @@ class DoRAKept:
             return None
         return self._fold.get([norm, *params, magnitude], (dtype,),
                               lambda: dora_fold(base, lora_B, magnitude, norm))
+
+    def call_args(self, sq: torch.Tensor, params: tuple, weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  scale: float, magnitude: torch.Tensor, dtype: torch.dtype) -> dict:
+        """``dora_linear``'s ``weight_norm`` and ``fold`` as kept for a call on ``weight`` (dense, or a
+        QuantizedWeight), ``lora_A`` and ``lora_B`` as the op takes them; ``params``: the adapter's (A, B)
+        Parameters. The fold comes from the norm, and depends on B's Parameter alone."""
+        base = weight.packed if isinstance(weight, QuantizedWeight) else weight
+        a_param, b_param = params
+        norm = self.norm(sq, [a_param, b_param], base, lora_A, lora_B, scale, dtype)
+        return {"weight_norm": norm, "fold": self.fold(norm, [b_param], base, lora_B, magnitude, dtype)}
 
 
 class DoRAMagnitude(nn.Module):

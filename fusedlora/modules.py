@@ -487,12 +487,9 @@ class LoRALinear(nn.Module):
         if self.dora:
             mag = self.lora_magnitude_vector
             a, b = _cast(self.lora_A, x.dtype), _cast(self.lora_B, x.dtype)
-            op_weight = weight.packed if isinstance(weight, QuantizedWeight) else weight
             sq = mag.base_sq_norm(self, x.dtype)
-            norm = mag.kept.norm(sq, [self.lora_A, self.lora_B], op_weight, a, b, self.scaling, x.dtype)
-            return dora_linear(x, weight, a, b, self.scaling, mag.weight, sq, bias, self.dropout, self.training,
-                               weight_norm=norm, fold=mag.kept.fold(norm, [self.lora_B], op_weight, b, mag.weight,
-                                                                    x.dtype))
+            kept = mag.kept.call_args(sq, (self.lora_A, self.lora_B), weight, a, b, self.scaling, mag.weight, x.dtype)
+            return dora_linear(x, weight, a, b, self.scaling, mag.weight, sq, bias, self.dropout, self.training, **kept)
         return lora_linear(
             x,
             weight,

@@ -194,13 +194,11 @@ def _fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             magnitude = layer.lora_magnitude_vector[adapter]
             kept = _kept(magnitude)
             sq = _base_sq_norm(kept, base, weight, dtype)
-            op_weight = weight.packed if isinstance(weight, QuantizedWeight) else weight
-            a_param, b_param = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-            norm = kept.norm(sq, [a_param, b_param], op_weight, lora_a, lora_b, scale, dtype)
+            params = (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
             # PEFT's DoRA forward drops x only in training mode (both the layer's and the dropout's)
             return dora_linear(x, weight, lora_a, lora_b, scale, magnitude.weight, sq, bias, dropout_p=float(p),
-                               training=layer.training and drop.training, weight_norm=norm,
-                               fold=kept.fold(norm, [b_param], op_weight, lora_b, magnitude.weight, dtype))
+                               training=layer.training and drop.training,
+                               **kept.call_args(sq, params, weight, lora_a, lora_b, scale, magnitude.weight, dtype))
         return lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p=float(p), training=drop.training)
 
 
