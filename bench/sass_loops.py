@@ -36,7 +36,7 @@ the loop, e.g. a 64-bit division; sm_80 leaves loops with a CALL to the instruct
 branch, which is not one), or, in the tensor-core kernel, has no HMMA; and, on sm_90, when the generated
 block of bench/README.md differs from the one computed here (--write-readme regenerates it).
 
-    python bench/sass_loops.py [--arch 90] [--check] [--write-readme] [--triton-from DIR]
+    python bench/sass_loops.py [--arch 90] [--check] [--write-readme] [--triton-from DIR] [--objects-from DIR]
 """
 
 from __future__ import annotations
@@ -94,12 +94,25 @@ def tool(name: str) -> str:
     raise SystemExit(f"{name}: not found under CUDA_HOME={cuda_home}, in the triton wheel, or on PATH")
 
 
-def disassemble(source: Path, arch: str, workdir: Path) -> str:
-    cubin = workdir / (source.stem + ".cubin")
-    subprocess.run([tool("nvcc"), "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin",
-                    "-o", str(cubin), f"-I{source.parent}", str(source)], check=True)
-    return subprocess.run([tool("cuobjdump"), "-sass", str(cubin)], check=True, capture_output=True,
+def disassemble(source: Path, arch: str, workdir: Path, objects: Path | None = None) -> str:
+    """SASS of ``source`` for sm_``arch``: compiled here (nvcc -cubin -O3), or read from the object the
+    standalone CMake build under ``objects`` made of it (the same SASS: -O3, and -lineinfo changes no code),
+    so CI compiles each kernel once."""
+    if objects is not None:
+        found = sorted(Path(objects).rglob(f"{source.name}.o"))
+        if len(found) != 1:
+            raise SystemExit(f"--objects-from {objects}: expected one {source.name}.o under it, found {len(found)} "
+                             "(build it first: cmake -S . -B build/cmake && cmake --build build/cmake)")
+        binary, select = found[0], ["-arch", f"sm_{arch}"]
+    else:
+        binary, select = workdir / (source.stem + ".cubin"), []
+        subprocess.run([tool("nvcc"), "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                        "-cubin", "-o", str(binary), f"-I{source.parent}", str(source)], check=True)
+    text = subprocess.run([tool("cuobjdump"), "-sass", *select, str(binary)], check=True, capture_output=True,
                           text=True).stdout
+    if f"sm_{arch}" not in text and objects is not None:
+        raise SystemExit(f"{binary}: holds no sm_{arch} code (CMAKE_CUDA_ARCHITECTURES must include {arch})")
+    return text
 
 
 def kernel_label(mangled: str) -> str | None:
@@ -454,12 +467,15 @@ def main() -> int:
     parser.add_argument("--write-readme", action="store_true", help="regenerate the decode block of bench/README.md")
     parser.add_argument("--triton-from", type=Path, help="read the Triton forward's sm_90 builds saved by "
                         ".ci/aot_compile.py --save instead of compiling them")
+    parser.add_argument("--objects-from", type=Path, help="read the decode kernels from the standalone CMake "
+                        "build in this folder (cmake -B DIR) instead of compiling them")
     args = parser.parse_args()
     loops, problems = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for src in SOURCES:
-            print(f"compiling csrc/{src} for sm_{args.arch} ...", file=sys.stderr, flush=True)
-            got, bad = report(disassemble(ROOT / "csrc" / src, args.arch, Path(tmp)))
+            verb = f"reading {src}.o from {args.objects_from}" if args.objects_from else f"compiling csrc/{src}"
+            print(f"{verb} for sm_{args.arch} ...", file=sys.stderr, flush=True)
+            got, bad = report(disassemble(ROOT / "csrc" / src, args.arch, Path(tmp), args.objects_from))
             loops += got
             problems += bad
     if not loops:
