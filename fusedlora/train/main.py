@@ -47,12 +47,28 @@ def run(args: argparse.Namespace) -> int:
     """The command: train, report, and leave the process group a multi-process launch joined (a process that
     exits inside one can abort in its communication threads, and its peers with it)."""
     try:
-        return _run(args)
-    finally:
-        import torch.distributed as dist
+        code = _run(args)
+    except BaseException:
+        _leave_process_group(wait_for_peers=False)  # the peers may never get to the end
+        raise
+    _leave_process_group(wait_for_peers=code == 0)  # a process that failed leaves at once, as on a raise
+    return code
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+
+def _leave_process_group(wait_for_peers: bool) -> None:
+    """Destroy the process group, after every process got to the end when ``wait_for_peers``: rank 0 still
+    writes its summary and plot when the others are done, and a process tearing its group down while a peer
+    is still connected was seen to abort (SIGABRT in gloo's threads at exit)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_peers:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer left without getting here: nothing to wait for
+            pass
+    dist.destroy_process_group()
 
 
 def _run(args: argparse.Namespace) -> int:
