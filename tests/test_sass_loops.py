@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import sass_loops as sl  # noqa: E402
 
@@ -52,3 +54,16 @@ def test_reach_line_counts_cases_no_kernel_can_meet():
     assert "% of copy 50-80" in line and "speedup 2.33-3.33" in line
     assert line.endswith("out of any kernel's reach in 1 of 2")
     assert sl.reach_line(rows[1:], 3.0).endswith("every case can meet both targets")
+
+
+def test_objects_from_names_the_missing_object(tmp_path):
+    """--objects-from reads the CMake build's object of each .cu; a folder without exactly one says which
+    object it looked for, how many it found and how to build them, before running any tool."""
+    source = Path(sl.ROOT) / "csrc" / "decode_lora.cu"
+    with pytest.raises(SystemExit, match=r"expected one decode_lora\.cu\.o under it, found 0 .*cmake --build"):
+        sl.disassemble(source, "90", tmp_path, objects=tmp_path)
+    for sub in ("a", "b"):  # two builds under one folder: ambiguous
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "decode_lora.cu.o").write_bytes(b"")
+    with pytest.raises(SystemExit, match="found 2"):
+        sl.disassemble(source, "90", tmp_path, objects=tmp_path)
