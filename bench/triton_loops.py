@@ -299,10 +299,9 @@ def analyse(build: triton_build.Build, sass: str, usage: str) -> Loop:
 def disassemble(build: triton_build.Build, workdir: Path) -> tuple[str, str]:
     cubin = workdir / f"{build.name}.sm{build.cc}.cubin"
     cubin.write_bytes(build.cubin)
-    # one run for both listings (the resource usage first, then the SASS: each parser reads its own lines)
-    text = subprocess.run([tool("cuobjdump"), "-res-usage", "-sass", str(cubin)], check=True, capture_output=True,
-                          text=True).stdout
-    return text, text
+    run = lambda *a: subprocess.run([tool("cuobjdump"), *a, str(cubin)], check=True, capture_output=True,  # noqa: E731
+                                    text=True).stdout
+    return run("-sass"), run("-res-usage")
 
 
 # ---------------------------------------------------------------------------------------------------------
