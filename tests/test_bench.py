@@ -1,6 +1,7 @@
 """The bench harness: results schema, rendering, and that every baseline claiming our function computes it."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -262,3 +263,14 @@ def test_dequant_bench_rows_are_schema_rows(tmp_path):
     saved = results.load(str(out))
     assert saved["note"] == "test" and saved["rows"] == json.loads(json.dumps(rows))
     assert "nf4-dq" in table(rows, ceilings)
+
+
+def test_budget_stops_starting_work_once_spent_and_says_before_what():
+    from fusedlora.bench.timing import Budget
+
+    said = []
+    assert not Budget(None, said.append).spent("a") and not Budget(1e9, said.append).spent("b")
+    over = Budget(0.0, said.append)
+    while time.perf_counter() == over.start:  # some time must pass, however little
+        pass
+    assert over.spent("4096->4096 M=65") and said == ["budget of 0 s spent: stopping before 4096->4096 M=65"]

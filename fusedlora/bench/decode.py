@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +10,7 @@ from ..ops.backend import forced
 from ..quantized import quantize
 from .baselines import bitsandbytes, bnb_lora, bnb_quant_state
 from .results import make_row, save
-from .timing import time_ms
+from .timing import Budget, time_ms
 
 # Llama-3-8B projections and the 70B-class MLP input (K -> N).
 DECODE_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
@@ -47,20 +45,13 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
         raise RuntimeError("the decode bench needs a CUDA GPU")
     dtype, rows = torch.bfloat16, []
     bnb = bitsandbytes()
-    t0 = time.perf_counter()
-
-    def spent(what: str) -> bool:
-        over = budget_s is not None and time.perf_counter() - t0 > budget_s
-        if over:
-            print(f"budget of {budget_s:.0f} s spent: stopping before {what}", flush=True)
-        return over
-
+    budget = Budget(budget_s, lambda line: print(line, flush=True))
     for k, n in shapes:
         dense = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
         A = torch.randn(r, k, device="cuda", dtype=dtype) * k**-0.5
         B = torch.randn(n, r, device="cuda", dtype=dtype) * r**-0.5
         for quant in quants:
-            if spent(f"{k}->{n} {quant}"):  # before quantizing a weight no row would use
+            if budget.spent(f"{k}->{n} {quant}"):  # before quantizing a weight no row would use
                 return rows
             if quant == "int4":
                 qw, block = quantize(dense, scheme="int4", group_size=128), 128
@@ -70,7 +61,7 @@ def run_decode(shapes=DECODE_SHAPES, ms=DECODE_MS, quants=("nf4-dq", "int4"), *,
             if bnb is not None and quant.startswith("nf4"):  # bitsandbytes reads our very bytes
                 bnb_state = bnb_quant_state(bnb.functional, qw.packed, dtype)
             for m in shape_ms(k, n, ms):
-                if spent(f"{k}->{n} {quant} M={m}"):
+                if budget.spent(f"{k}->{n} {quant} M={m}"):
                     return rows
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 with torch.no_grad():

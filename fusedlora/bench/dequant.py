@@ -10,7 +10,6 @@ run's copy bandwidth.
 """
 
 import dataclasses
-import time
 
 import torch
 
@@ -20,7 +19,7 @@ from ..ops.backend import forced, why_not
 from ..quantized import QuantizedWeight, quantize
 from . import results
 from .baselines import bitsandbytes, bnb_quant_state
-from .timing import time_ms
+from .timing import Budget, time_ms
 
 # Llama-3-8B projections, W [N, K]; the results schema records [K, N].
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
@@ -61,7 +60,7 @@ def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device:
     bnb = bitsandbytes()
     bnbf = None if bnb is None else bnb.functional
     rows = []
-    t0 = time.perf_counter()
+    budget = Budget(budget_s)
     for n, k in shapes:
         w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
         cases = [("nf4", dict(scheme="nf4", blocksize=64, double_quant=False)),
@@ -69,8 +68,7 @@ def run(shapes, dtype_name: str, ceilings: dict, with_int4: bool = True, device:
         if with_int4:
             cases.append(("int4", dict(scheme="int4", group_size=128)))
         for quant, kwargs in cases:
-            if time.perf_counter() - t0 > budget_s:
-                print(f"bench_dequant: time budget of {budget_s:.0f} s spent; skipped W [{n}, {k}] {quant} and after")
+            if budget.spent(f"W [{n}, {k}] {quant}"):
                 return rows
             qw = quantize(w, **kwargs)  # the reference quantizer runs on the GPU tensors
             moved = packed_bytes(qw.packed) + n * k * torch.finfo(dtype).bits // 8

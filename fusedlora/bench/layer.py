@@ -29,7 +29,7 @@ from ..ops.lora import lora_linear_reference
 from ..quantized import QuantizedWeight, quantize
 from . import baselines
 from .results import baseline_label, make_row, save
-from .timing import measure, peak_memory_bytes
+from .timing import Budget, measure, peak_memory_bytes
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 LAYER_BASELINES = ("cublas_bf16_dense", "dequant_cublas_lora", "peft_bnb", "peft_bf16", "torch_compile")
@@ -162,12 +162,11 @@ def run_layer(cases, *, r=16, dropout_p=0.1, dtype=torch.bfloat16, baseline_name
         baseline_names = DORA_BASELINES if dora else LAYER_BASELINES
     compiled_ref = torch.compile(lora_linear_reference, dynamic=True) if gpu else None
     variant = "dora" if dora else None
-    t0, rows = time.perf_counter(), list(rows or [])
+    budget, rows = Budget(budget_s, log), list(rows or [])
     for (k, n), m, quant, *case_p in cases:
         p = case_p[0] if case_p else dropout_p
         what = f"{k}->{n} M={m} {quant}" + (f" DoRA p={p:g}" if dora else "")
-        if budget_s is not None and time.perf_counter() - t0 > budget_s:
-            log(f"budget of {budget_s:.0f} s spent: stopping before {what}")
+        if budget.spent(what):
             break
         case = LayerCase(m, k, n, r, dtype, quant, p, device, bnb=bnb, copies=3 if gpu else 1, dora=dora)
         ours = case.ours_dora() if dora else case.ours()
@@ -189,7 +188,7 @@ def run_layer(cases, *, r=16, dropout_p=0.1, dtype=torch.bfloat16, baseline_name
                 baseline_peak_mem=peak_memory_bytes(fn), ours_iqr_ms=ours_t.iqr, baseline_iqr_ms=base_t.iqr,
                 variant=variant))
             log(f"{what}: ours {ours_t.ms:.3f} ms, {label} {base_t.ms:.3f} ms "
-                f"({base_t.ms / ours_t.ms:.2f}x)  [{time.perf_counter() - t0:.0f} s]")
+                f"({base_t.ms / ours_t.ms:.2f}x)  [{time.perf_counter() - budget.start:.0f} s]")
             if out_path is not None:
                 save(rows, out_path, env)
         del case

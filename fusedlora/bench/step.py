@@ -60,8 +60,8 @@ from ..modules import LoRALinear
 from . import baselines
 from .layer import DTYPE_NAMES, layer_flops
 from .results import baseline_label, make_row, save
+from .timing import Budget, peak_memory_bytes
 from .timing import measure as measure_time
-from .timing import peak_memory_bytes
 
 STEP_BASELINES = ("peft_bnb", "peft_bf16")
 # DESIGN.md's targets: ours' tokens/s at least this many times the baseline's (and peak memory ≤ peft_bnb's)
@@ -328,7 +328,7 @@ def run_step(case: StepCase, *, baseline_names=STEP_BASELINES, ceilings=None, bu
     """Rows of ``case``: ours, then each available baseline in order, one row per baseline whose outputs
     match ours (compare). Stops starting baselines once ``budget_s`` is spent; rewrites ``out_path`` after
     every row. Returns (rows, failed baseline names)."""
-    t0, rows, failed = time.perf_counter(), [], []
+    budget, rows, failed = Budget(budget_s, log), [], []
     c = case.config
     shape = (c.hidden_size, c.num_hidden_layers)
 
@@ -339,7 +339,7 @@ def run_step(case: StepCase, *, baseline_names=STEP_BASELINES, ceilings=None, bu
             text += f", peak {res['peak'] / 2**20:,.0f} MiB"
         if res["left"]:  # what the freed model left allocated (0 when nothing leaks into the next variant)
             text += f", {res['left'] / 2**20:,.0f} MiB still allocated after freeing it"
-        return text + f"  [{time.perf_counter() - t0:.0f} s]"
+        return text + f"  [{time.perf_counter() - budget.start:.0f} s]"
 
     ours = measure(case, "ours", rep_ms=rep_ms, cpu_reps=cpu_reps)
     pct = None
@@ -352,8 +352,7 @@ def run_step(case: StepCase, *, baseline_names=STEP_BASELINES, ceilings=None, bu
         if not case.available(name):
             log(f"{name}: skipped (needs {'bitsandbytes and a GPU' if name == 'peft_bnb' else 'peft'})")
             continue
-        if budget_s is not None and time.perf_counter() - t0 > budget_s:
-            log(f"budget of {budget_s:.0f} s spent: stopping before {name}")
+        if budget.spent(name):
             break
         res = measure(case, name, rep_ms=rep_ms, cpu_reps=cpu_reps)
         log(line(name, res))

@@ -65,6 +65,21 @@ def measure(fn: Callable[[], object], *, rep_ms: int = 100, cpu_reps: int = 9) -
     return Timing.of(samples)
 
 
+class Budget:
+    """Wall-clock seconds a bench may go on starting work (None: no limit), counted from its creation; the
+    device check's per-stage timeouts kill a bench that outlasts them, so each stops starting rows first."""
+
+    def __init__(self, seconds: float | None, log: Callable[[str], object] = print):
+        self.seconds, self.log, self.start = seconds, log, time.perf_counter()
+
+    def spent(self, before: str) -> bool:
+        """True once the budget is spent, said through ``log``: the caller stops before ``before``."""
+        if self.seconds is None or time.perf_counter() - self.start <= self.seconds:
+            return False
+        self.log(f"budget of {self.seconds:.0f} s spent: stopping before {before}")
+        return True
+
+
 def time_ms(fn: Callable[[], object], *, rep_ms: int = 100, cpu_reps: int = 9) -> float:
     """Median milliseconds of ``fn`` (``measure``)."""
     return measure(fn, rep_ms=rep_ms, cpu_reps=cpu_reps).ms
