@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -27,6 +29,14 @@ def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
         fl.backend("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert fl.backend("cpu") == "triton"
+
+
+def test_forcing_triton_without_triton_installed_is_an_error(monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(importlib.import_module("fusedlora.ops.backend"), "_TRITON_FOUND", False)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        fl.backend("cpu")
 
 
 def test_unknown_backend_name(monkeypatch):

@@ -30,8 +30,9 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Asked once, at import: whether triton can be imported does not change while the process runs, and
+# torch.compile (dynamo, torch 2.11 among others) refuses to trace importlib's find_spec in a forward.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
 def _resolve_device(device) -> torch.device:
@@ -85,7 +86,7 @@ def why_not(family: str, device: torch.device) -> str | None:
     if family == "reference":
         return None
     if family == "triton":
-        if not _triton_available():
+        if not _TRITON_FOUND:
             return "triton is not installed"
         if device.type == "cuda":
             return None
