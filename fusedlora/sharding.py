@@ -41,6 +41,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from .formats.packed import check_packed, field_names
 from .modules import _QUANT_FIELDS, LoRALinear
@@ -74,12 +75,46 @@ def _storage_shape(layer: LoRALinear, field: str, t: torch.Tensor) -> torch.Tens
     return t.reshape(-1, per_block)
 
 
+def _frozen_unless_floating(data=None, requires_grad=True) -> nn.Parameter:
+    """``nn.Parameter``, created frozen when ``data`` has an integer dtype (which cannot require grad)."""
+    if data is not None and not (data.is_floating_point() or data.is_complex()):
+        requires_grad = False
+    return nn.Parameter(data, requires_grad)
+
+
+class _NNForFSDP2:
+    """``torch.nn`` as FSDP2's parameter module sees it on torch < 2.12: its ``Parameter`` creates integer
+    tensors frozen (``_let_fsdp2_hold_integer_parameters``); everything else is torch.nn's own."""
+
+    Parameter = staticmethod(_frozen_unless_floating)
+
+    def __getattr__(self, name):
+        return getattr(nn, name)
+
+
+def _let_fsdp2_hold_integer_parameters() -> None:
+    """FSDP2 before torch 2.12 creates each sharded parameter as ``nn.Parameter(t)`` and sets its
+    requires_grad only afterwards; for an integer tensor, such as our uint8 codes, the first step raises
+    "only Tensors of floating point dtype can require gradients" (pytorch/pytorch#177844, fixed in 2.12,
+    where the parameter is created with the original's requires_grad). On those versions FSDP2's parameter
+    module gets a ``torch.nn`` whose ``Parameter`` creates integer tensors frozen, which is what 2.12 does;
+    floating tensors are created exactly as before, so no other model's sharding changes. Idempotent."""
+    if TorchVersion(torch.__version__) >= "2.12":
+        return
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    if not isinstance(_fsdp_param.nn, _NNForFSDP2):
+        _fsdp_param.nn = _NNForFSDP2()
+
+
 def hold_as_parameters(layer: LoRALinear) -> None:
     """Re-register a 4-bit layer's storage tensors (codes, scales, double-quant state) as frozen parameters
-    under the same names, so that FSDP2 shards them. The metadata buffers stay buffers. Idempotent."""
+    under the same names, so that FSDP2 shards them (on torch < 2.12, after letting FSDP2 hold integer
+    parameters: ``_let_fsdp2_hold_integer_parameters``). The metadata buffers stay buffers. Idempotent."""
     if not layer.quantized:
         raise ValueError("hold_as_parameters: the layer has a dense base (already a parameter)")
     check_packed(layer.base_weight.packed, field_names("weight."))
+    _let_fsdp2_hold_integer_parameters()
     for field in _QUANT_FIELDS:
         name = f"quant_{field}"
         t = layer._buffers.get(name)

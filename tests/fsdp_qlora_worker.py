@@ -2,7 +2,9 @@
 4-bit ``LoRALinear`` layers, against the same model unsharded in this process. Exits non-zero on a failed
 check. Argument: the scheme (nf4 = NF4 with double quantization, block 64; int4 = group 64). With
 FSDP_WORKER_DEVICE=cuda the processes run on their GPUs over NCCL (the device check's smoke run); with
-FSDP_WORKER_DORA=1 the layers are DoRA (their magnitudes sharded like the adapters)."""
+FSDP_WORKER_DORA=1 the layers are DoRA (their magnitudes sharded like the adapters); FSDP_WORKER_RESHARD=n
+passes reshard_after_forward=n (after its forward a unit keeps its tensors sharded over n processes, which
+the backward gathers from)."""
 
 import copy
 import math
@@ -72,7 +74,8 @@ def main() -> None:
         check_packed(w)
         seen.append(not isinstance(layer.quant_data, DTensor) and w.data.numel() == math.ceil(w.numel / 2))
 
-    fl.fully_shard(model, units=[Block])
+    reshard = os.environ.get("FSDP_WORKER_RESHARD")
+    fl.fully_shard(model, units=[Block], **({"reshard_after_forward": int(reshard)} if reshard else {}))
     for layer in quantized_layers(model):
         layer.register_forward_pre_hook(gathered)
     assert sorted(model.state_dict()) == sorted(keys), "state-dict keys changed"

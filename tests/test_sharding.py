@@ -57,8 +57,10 @@ def test_fully_shard_a_4bit_model(scheme, backend, nproc):
     layer sees whole tensors at its forward, the state-dict keys are unchanged, and the output rows and the
     whole LoRA gradients equal the unsharded model's (fp32; the gradients differ only by the order of the sum
     over processes: 1e-4 is far above that and far below a wrong weight's effect). NF4 (double quantization)
-    runs the fused Triton kernels under the interpreter; with 4 processes each holds 1/4."""
-    env = _env(FUSEDLORA_BACKEND=backend, TRITON_INTERPRET="1")
+    runs the fused Triton kernels under the interpreter; with 4 processes each holds 1/4, and after its
+    forward a unit stays sharded over 2 (reshard_after_forward=2: FSDP2 makes other parameters of the 4-bit
+    storage there, and the backward gathers from them)."""
+    env = _env(FUSEDLORA_BACKEND=backend, TRITON_INTERPRET="1", **({"FSDP_WORKER_RESHARD": "2"} if nproc == 4 else {}))
     _torchrun(WORKER, scheme, env=env, nproc=nproc)
 
 
@@ -179,6 +181,34 @@ def test_held_as_parameters_keeps_keys_values_and_dtypes():
 
 
 @pytest.mark.slow
+def test_fsdp2_before_torch_2_12_creates_integer_parameters_frozen(monkeypatch):
+    """FSDP2 before torch 2.12 creates each sharded parameter as nn.Parameter(t), which raises for integer
+    tensors (the codes). Holding a 4-bit layer as parameters gives FSDP2's parameter module, on those
+    versions only and once, a torch.nn whose Parameter creates integer tensors frozen and floating ones as
+    before. (test_fully_shard_a_4bit_model shards through it when the installed torch is older.)"""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    import fusedlora as fl
+    from fusedlora.sharding import _NNForFSDP2, hold_as_parameters
+
+    monkeypatch.setattr(_fsdp_param, "nn", torch.nn)  # put back after the test
+    layer = fl.LoRALinear.from_linear(torch.nn.Linear(128, 64), r=4, quantize="nf4")
+    monkeypatch.setattr(torch, "__version__", "2.12.0")
+    hold_as_parameters(layer)
+    assert _fsdp_param.nn is torch.nn  # a fixed torch is left as it is
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    hold_as_parameters(layer)
+    seen = _fsdp_param.nn
+    hold_as_parameters(layer)
+    assert isinstance(seen, _NNForFSDP2) and _fsdp_param.nn is seen and seen.Module is torch.nn.Module
+    with pytest.raises(RuntimeError, match="floating point"):  # what FSDP2 < 2.12 calls
+        torch.nn.Parameter(layer.quant_data.detach())
+    codes = seen.Parameter(layer.quant_data.detach())
+    assert type(codes) is torch.nn.Parameter and codes.dtype == torch.uint8 and not codes.requires_grad
+    scales = seen.Parameter(torch.randn(4))
+    assert type(scales) is torch.nn.Parameter and scales.requires_grad
+
+
 def test_cpu_offload_gives_the_same_run(nf4_runs, tmp_path):
     """--cpu-offload (FSDP2's CPUOffloadPolicy) changes where the shards, their gradients and AdamW's state
     are kept, not what is computed: the same all-gathers, reduce-scatters and per-shard AdamW steps in the
