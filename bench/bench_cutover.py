@@ -5,10 +5,13 @@ dequant path, measured.
 
 For NF4 with double quantization and INT4 (bf16, r = 16, dropout 0.1) on Llama-3-8B projections, times the
 forward and the backward of one layer with each GEMM forced onto each path (``fusedlora.ops.paths``), over
-M = 256..8192. A GEMM's measured cut-over is the smallest M of the grid from which its dequant path was
-faster at every larger M on every shape timed (null: never). Writes {"gpu", "date", "commit", "<fmt>-<gemm>":
-M or null, ..., "rows": [...]}: the device check copies it to fusedlora/ops/cutovers.json, which the
-dispatcher reads; rows keep the times the decision came from.
+M = 8192 down to 256, every shape at one M before the next M. A GEMM's measured cut-over is the smallest M
+from which its dequant path was faster at every larger M on every shape (null: never). Only the M that
+were timed on every shape decide: when the budget runs out, the M it cut short is left out, and a format
+with no such M gets no key (the dispatcher keeps its arithmetic rule there); the summary says down to
+which M each format was measured. Writes {"gpu", "date", "commit", "<fmt>-<gemm>": M or null, ...,
+"rows": [...]}: the device check copies it to fusedlora/ops/cutovers.json, which the dispatcher reads;
+rows keep the times the decisions came from.
 """
 
 import argparse
@@ -40,17 +43,40 @@ def time_gemms(case, path: str) -> dict:
     return {"fwd": fwd, "dx": bwd}
 
 
-def cutover(rows: list[dict], fmt: str, gemm: str):
-    """Smallest M from which the dequant path was faster at every larger M, on every shape; None: never."""
-    ms = sorted({r["m"] for r in rows if r["quant"] == fmt})
-    faster = {m: all(r["dequant"][gemm] < r["inloop"][gemm] for r in rows if r["quant"] == fmt and r["m"] == m)
-              for m in ms}
+def complete_ms(rows: list[dict], fmt: str, shapes=SHAPES) -> list[int]:
+    """The M (ascending) at which format ``fmt`` was timed on every one of ``shapes``."""
+    timed: dict[int, set] = {}
+    for r in rows:
+        if r["quant"] == fmt:
+            timed.setdefault(r["m"], set()).add(tuple(r["shape"]))
+    return sorted(m for m, got in timed.items() if got >= set(map(tuple, shapes)))
+
+
+def cutover(rows: list[dict], fmt: str, gemm: str, shapes=SHAPES):
+    """Smallest M from which the dequant path was faster at every larger M, on every one of ``shapes``, among
+    the M timed on all of them; None: never (or no such M: ``decide`` then writes no key)."""
+    ms = complete_ms(rows, fmt, shapes)
     cut = None
     for m in reversed(ms):
-        if not faster[m]:
+        if not all(r["dequant"][gemm] < r["inloop"][gemm] for r in rows if r["quant"] == fmt and r["m"] == m):
             break
         cut = m
     return cut
+
+
+def decide(rows: list[dict], shapes=SHAPES) -> dict:
+    """The cut-over keys ("<fmt>-<gemm>": M or None) of every format with at least one M timed on every shape,
+    and "measured_down_to" ({fmt: the smallest such M})."""
+    doc, down_to = {}, {}
+    for fmt in FORMATS:
+        ms = complete_ms(rows, fmt, shapes)
+        if not ms:
+            continue
+        down_to[fmt] = ms[0]
+        for gemm in ("fwd", "dx"):
+            doc[f"{fmt.split('-')[0]}-{gemm}"] = cutover(rows, fmt, gemm, shapes)
+    doc["measured_down_to"] = down_to
+    return doc
 
 
 def main() -> int:
@@ -65,8 +91,9 @@ def main() -> int:
         sys.exit("bench_cutover: needs a CUDA GPU; none found")
     t0, rows = time.perf_counter(), []
     doc = results.environment()
-    # M descending within each shape: the large-M decisions (the ones that matter most) come first
-    cases = [(fmt, s, m) for fmt in FORMATS for s in SHAPES for m in reversed(TOKENS)]
+    # M descending, every shape at one M before the next: the large-M decisions (the ones that matter most)
+    # come first, and a budget cut leaves at most one M partly timed
+    cases = [(fmt, s, m) for fmt in FORMATS for m in reversed(TOKENS) for s in SHAPES]
     for fmt, (k, n), m in cases:
         if time.perf_counter() - t0 > args.budget:
             print(f"budget of {args.budget:.0f} s spent; cut-overs from the rows so far", flush=True)
@@ -78,14 +105,14 @@ def main() -> int:
               f"{row['dequant']['fwd']:.3f} ms; bwd in-loop {row['inloop']['dx']:.3f} / dequant "
               f"{row['dequant']['dx']:.3f} ms", flush=True)
         del case
-    for fmt in FORMATS:
-        for gemm in ("fwd", "dx"):
-            if any(r["quant"] == fmt for r in rows):
-                doc[f"{fmt.split('-')[0]}-{gemm}"] = cutover(rows, fmt, gemm)
+    decided = decide(rows)
+    doc.update(decided)
     doc["rows"] = rows
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
-    print("cutovers:", {k: v for k, v in doc.items() if k.endswith(("-fwd", "-dx"))}, flush=True)
+    print("cutovers:", {k: v for k, v in decided.items() if k.endswith(("-fwd", "-dx"))},
+          "| measured on every shape down to M =", decided["measured_down_to"] or "none (no key written)",
+          flush=True)
     return 0
 
 
