@@ -12,6 +12,8 @@ LOGS=$(mktemp -d)  # per-stage files; only a few come back (the device returns a
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+# fusedlora is built in place, not installed: `python bench/X.py` puts bench/ first on the path, not the root
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 t0=$(date +%s)
 stage() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
 status=0
