@@ -35,7 +35,11 @@ $PY -m fusedlora.cli info | tee "$OUT/info.txt"
 stage "gpu tests (none may be skipped)"
 # Several workers: most of this stage is Triton compiling kernels, one CPU core per compile.
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-FUSEDLORA_REQUIRE_GPU=1 timeout 60 $PY -m pytest -q -m gpu -rs -p no:cacheprovider $XDIST tests >"$OUT/gpu_tests.log" 2>&1
+# A test stuck on the GPU (a kernel that never ends) is stopped after 30 s with its stack in the log, where
+# pytest-timeout is installed, instead of taking the stage down with it unnamed.
+PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 30 --timeout-method thread")
+FUSEDLORA_REQUIRE_GPU=1 timeout 60 $PY -m pytest -q -m gpu -rfEs -p no:cacheprovider $XDIST $PER_TEST tests \
+  >"$OUT/gpu_tests.log" 2>&1
 rc=$?
 tail -25 "$OUT/gpu_tests.log"
 if [ $rc -ne 0 ]; then echo "GPU TESTS FAILED (rc=$rc)"; status=1; fi
