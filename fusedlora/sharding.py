@@ -101,9 +101,11 @@ def _let_fsdp2_hold_integer_parameters() -> None:
     floating tensors are created exactly as before, so no other model's sharding changes. Idempotent."""
     if TorchVersion(torch.__version__) >= "2.12":
         return
-    from torch.distributed.fsdp._fully_shard import _fsdp_param
-
-    if not isinstance(_fsdp_param.nn, _NNForFSDP2):
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+    except ImportError:  # FSDP2 laid out otherwise: left as it is (it raises its own error, if any)
+        return
+    if not isinstance(getattr(_fsdp_param, "nn", None), _NNForFSDP2):
         _fsdp_param.nn = _NNForFSDP2()
 
 
