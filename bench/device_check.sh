@@ -31,6 +31,7 @@ fi
 grep -i "spill" "$LOGS/build.log" | grep -v " 0 bytes spill" | head -5
 $PY -c "import fusedlora, sys; sys.exit(0 if fusedlora.extension_loaded() else 'fusedlora._C did not load: ' + str(fusedlora._ext.EXTENSION_ERROR))" || exit 1
 $PY -m fusedlora.cli info | tee "$OUT/info.txt"
+$PY -c "from fusedlora.bench.results import commit; print('results will name commit', commit())" | tee -a "$OUT/info.txt"
 
 stage "gpu tests (none may be skipped)"
 # Several workers: most of this stage is Triton compiling kernels, one CPU core per compile.

@@ -274,3 +274,18 @@ def test_budget_stops_starting_work_once_spent_and_says_before_what():
     while time.perf_counter() == over.start:  # some time must pass, however little
         pass
     assert over.spent("4096->4096 M=65") and said == ["budget of 0 s spent: stopping before 4096->4096 M=65"]
+
+
+def test_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
+    """A copy of the tree without .git (the GPU machine's): FUSEDLORA_COMMIT names the commit, and an unset or
+    empty one (a `$(git rev-parse HEAD)` run where there is no checkout) reads "unknown", never ""."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git looks no further up than the copy
+    monkeypatch.setenv("FUSEDLORA_COMMIT", "0123abc")
+    assert results.commit(str(tmp_path)) == "0123abc"
+    for value in ("", "  "):
+        monkeypatch.setenv("FUSEDLORA_COMMIT", value)
+        assert results.commit(str(tmp_path)) == "unknown"
+    monkeypatch.delenv("FUSEDLORA_COMMIT")
+    assert results.commit(str(tmp_path)) == "unknown"
+    head = results.commit()  # this checkout
+    assert len(head.removesuffix("-dirty")) == 40

@@ -51,7 +51,8 @@ def is_speed_of_light(label: str) -> bool:
 
 
 def commit(root: str | None = None) -> str:
-    """HEAD, with "-dirty" when the tree differs from it; FUSEDLORA_COMMIT when there is no git checkout."""
+    """HEAD, with "-dirty" when the tree differs from it; FUSEDLORA_COMMIT when there is no git checkout (a
+    copy of the tree on another machine), "unknown" when that is unset or empty."""
     root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
@@ -59,7 +60,7 @@ def commit(root: str | None = None) -> str:
                                capture_output=True, text=True, check=True)
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FUSEDLORA_COMMIT", "unknown")
+        return os.environ.get("FUSEDLORA_COMMIT", "").strip() or "unknown"
 
 
 def environment() -> dict:
