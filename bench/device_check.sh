@@ -29,9 +29,10 @@ if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 90 $PY setup.py build_ext --in
   cp "$LOGS/build.log" "$OUT/"; tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1
 fi
 grep -i "spill" "$LOGS/build.log" | grep -v " 0 bytes spill" | head -5
-$PY -c "import fusedlora, sys; sys.exit(0 if fusedlora.extension_loaded() else 'fusedlora._C did not load: ' + str(fusedlora._ext.EXTENSION_ERROR))" || exit 1
 $PY -m fusedlora.cli info | tee "$OUT/info.txt"
-$PY -c "from fusedlora.bench.results import commit; print('results will name commit', commit())" | tee -a "$OUT/info.txt"
+# one interpreter (torch imported once): the commit the results will name, then whether the extension loaded
+$PY -c "import fusedlora, sys; from fusedlora.bench.results import commit; print('results will name commit', commit()); sys.exit(0 if fusedlora.extension_loaded() else 'fusedlora._C did not load: ' + str(fusedlora._ext.EXTENSION_ERROR))" | tee -a "$OUT/info.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
 
 stage "gpu tests (none may be skipped)"
 # Several workers: most of this stage is Triton compiling kernels, one CPU core per compile.
